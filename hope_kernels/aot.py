@@ -1,0 +1,30 @@
+"""Ahead-of-time compile descriptions of every Triton kernel (no GPU needed to use them).
+
+Each kernel module exposes `compile_specs() -> list[KernelSpec]`: the raw `@triton.jit`
+function, a representative signature and constexprs, and every config it can be autotuned
+over (the first config is the default, the one the interpreter and HOPE_KERNELS_AUTOTUNE=0
+use). `hope_kernels.compile_check` compiles them for sm_80 / sm_90 and reads registers,
+spills and shared memory off the cubin; tests/test_compile.py and
+`python -m benchmarks.compile_report` are built on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+
+@dataclass
+class KernelConfig:
+    meta: Dict[str, Any]            # constexpr values chosen by the config (block sizes, ...)
+    num_warps: int = 4
+    num_stages: int = 2
+    default: bool = False
+
+
+@dataclass
+class KernelSpec:
+    name: str                        # e.g. "linear_attention.fwd_chunk[K=64,V=64,bf16]"
+    fn: Any                          # the raw triton.JITFunction (unwrap autotune/heuristics)
+    signature: Dict[str, str]        # arg name -> "*fp32", "*bf16", "i32", "i64", "fp32", "constexpr"
+    constexprs: Dict[str, Any]       # constexpr values fixed by the shape (K, V, flags, ...)
+    configs: List[KernelConfig] = field(default_factory=list)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install hope-kernels and what it needs into the current Python (set PYTHON to choose one).
+# A torch that is already installed is kept; where none is, HOPE_TORCH_SPEC picks the one to
+# install (default: the CPU build this project is tested with).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_quiet() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "[install] torch not found: installing ${HOPE_TORCH_SPEC:-torch==2.13.0}"
+    pip_quiet "${HOPE_TORCH_SPEC:-torch==2.13.0}"
+fi
+if ! "$PY" -c "import hope_kernels, hope, pytest, xdist, pytest_benchmark, matplotlib, yaml, tqdm" >/dev/null 2>&1 \
+   || [ "$("$PY" -c 'import hope_kernels,os;print(os.path.dirname(os.path.dirname(os.path.abspath(hope_kernels.__file__))))' 2>/dev/null)" != "$PWD" ]; then
+    echo "[install] pip install -e .[test,bench]"
+    pip_quiet -e ".[test,bench]"
+fi
