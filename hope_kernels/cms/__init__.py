@@ -1,0 +1,3 @@
+from .ops import cms_scan, cms_step
+
+__all__ = ["cms_scan", "cms_step"]

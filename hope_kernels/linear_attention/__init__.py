@@ -1,0 +1,3 @@
+from .ops import linear_attention, linear_attention_step
+
+__all__ = ["linear_attention", "linear_attention_step"]
