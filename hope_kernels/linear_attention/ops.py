@@ -1,13 +1,154 @@
-# PLACEHOLDER until the kernels land: delegates to the references (replaced by the linear-attention work).
-from .. import reference
+"""Public linear-attention ops: input checks, backend choice, autocast, then the Triton or torch path.
+
+    causal:     S_t = S_0 + sum_{s<=t} k_s v_s^T,  o_t = scale * q_t S_t
+    non-causal: S   = S_0 + sum_{all s} k_s v_s^T, o_t = scale * q_t S
+    normalize:  z_t = z_0 + sum_{s<=t} k_s (all s when non-causal),
+                o_t = (scale * q_t S_t) / (scale * q_t . z_t + eps)
+
+Normalisation runs the same scan on values augmented with a column of ones: the state
+[S | z] gives numerator and denominator in one pass (kept in float32), and the division
+happens outside the kernels, under autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import utils
+from .torch_chunked import linear_attention_step_torch, linear_attention_torch
+
+State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _triton():
+    from . import triton_kernels  # imported lazily: the torch backend works without Triton
+    return triton_kernels
+
+
+def _check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    return chunk_size
+
+
+def _check_state(name: str, state, normalize: bool, N: int, H: int, K: int, V: int, device) -> Optional[State]:
+    """S: [N, H, K, V], or the pair (S, z) with z: [N, H, K] when normalize."""
+    if state is None:
+        return None
+    if normalize:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError(f"{name} must be a pair (S [N, H, K, V], z [N, H, K]) when normalize=True, "
+                            f"got {type(state).__name__}")
+        S, z = state
+        utils.check_state(f"{name}[0]", S, (N, H, K, V), device, "[N, H, K, V]")
+        utils.check_state(f"{name}[1]", z, (N, H, K), device, "[N, H, K]")
+        return S, z
+    if isinstance(state, (tuple, list)):
+        raise TypeError(f"{name} must be a tensor [N, H, K, V] when normalize=False, got a {type(state).__name__}")
+    return utils.check_state(name, state, (N, H, K, V), device, "[N, H, K, V]")
+
+
+def _common_dtype(*tensors) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1e-6, initial_state=None,
                      output_final_state=False, cu_seqlens=None, chunk_size=64, backend=None):
-    return reference.linear_attention(q, k, v, scale, causal=causal, normalize=normalize, eps=eps,
-                                      initial_state=initial_state, output_final_state=output_final_state,
-                                      cu_seqlens=cu_seqlens)
+    """Linear attention over a sequence (see the module docstring for the math).
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V] (float32, float16 or bfloat16).
+        scale: multiplies q; defaults to K ** -0.5.
+        initial_state: S_0 [N, H, K, V] float32, or (S_0, z_0 [N, H, K]) with normalize.
+        cu_seqlens: int32/int64 [N + 1] offsets of N sequences packed into one batch row (B == 1).
+        chunk_size: tokens per chunk (a power of two >= 16); a tuning knob, the result does not depend on it.
+    Returns:
+        o [B, T, H, V] in the input dtype, and the final state (float32, same structure as
+        initial_state) when output_final_state, else None. Differentiable in q, k, v and initial_state.
+    """
+    utils.check_tensor("q", q, 4, layout="[B, T, H, K]")
+    B, T, H, K = q.shape
+    utils.check_tensor("k", k, 4, shape=(B, T, H, K), layout="[B, T, H, K] like q")
+    utils.check_tensor("v", v, 4, shape=(B, T, H, None), layout="[B, T, H, V] like q")
+    V = v.shape[-1]
+    device = utils.check_same_device(q=q, k=k, v=v)
+    chunk_size = _check_chunk_size(chunk_size)
+    cu = utils.check_cu_seqlens(cu_seqlens, B, T, device)
+    N = B if cu is None else cu.numel() - 1
+    initial_state = _check_state("initial_state", initial_state, normalize, N, H, K, V, device)
+    scale = utils.resolve_scale(scale, K)
+    backend = utils.resolve_backend(backend, device)
+    q, k, v = utils.autocast_inputs(device, q, k, v)
+    dtype = _common_dtype(q, k, v)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    sd = utils.state_dtype(dtype)
+    if dtype == torch.float64:  # the kernels accumulate in float32; float64 (gradchecks) runs in torch
+        backend = "torch"
+
+    with torch.autocast(device.type, enabled=False):
+        h0 = initial_state
+        if normalize:
+            v = torch.cat([v, v.new_ones(B, T, H, 1)], -1)
+            if initial_state is not None:
+                S0, z0 = initial_state
+                h0 = torch.cat([S0.to(sd), z0.to(sd)[..., None]], -1)
+        if h0 is not None:
+            h0 = h0.to(sd)
+        out_dtype = sd if normalize else dtype
+        if backend == "triton":
+            q, k, v, h0 = utils.contiguous(q, k, v, h0)
+            o, ht = _triton().LinearAttentionFunction.apply(q, k, v, h0, scale, causal, output_final_state, cu,
+                                                            chunk_size, out_dtype)
+        else:
+            o, ht = linear_attention_torch(q, k, v, scale, causal, h0, cu, chunk_size, sd)
+            o = o.to(out_dtype)
+        if normalize:
+            o = (o[..., :V] / (o[..., V:] + eps)).to(dtype)
+            if ht is not None:
+                ht = (ht[..., :V].contiguous(), ht[..., V].contiguous())
+    return o, (ht if output_final_state else None)
 
 
 def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e-6, backend=None):
-    return reference.linear_attention_step(q, k, v, state, scale, normalize=normalize, eps=eps)
+    """One causal token for generation: S += k v^T (z += k), o = scale q S (/ (scale q.z + eps)).
+
+    q, k: [B, H, K]; v: [B, H, V]; state: S [B, H, K, V] (or (S, z), z [B, H, K], with normalize),
+    float32, updated in place and returned. o: [B, H, V] in the input dtype. A loop of steps equals
+    the causal scan. Not differentiable (inference).
+    """
+    utils.check_tensor("q", q, 3, layout="[B, H, K]")
+    B, H, K = q.shape
+    utils.check_tensor("k", k, 3, shape=(B, H, K), layout="[B, H, K] like q")
+    utils.check_tensor("v", v, 3, shape=(B, H, None), layout="[B, H, V] like q")
+    V = v.shape[-1]
+    device = utils.check_same_device(q=q, k=k, v=v)
+    if state is None:
+        raise TypeError("state must be given: S [B, H, K, V] (or (S, z) with normalize=True)")
+    S, z = _check_state("state", state, normalize, B, H, K, V, device) if normalize else \
+        (_check_state("state", state, normalize, B, H, K, V, device), None)
+    scale = utils.resolve_scale(scale, K)
+    backend = utils.resolve_backend(backend, device)
+    q, k, v = utils.autocast_inputs(device, q, k, v)
+    dtype = _common_dtype(q, k, v)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if dtype == torch.float64 or S.dtype == torch.float64:
+        backend = "torch"
+
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        if backend == "torch":
+            o = linear_attention_step_torch(q, k, v, S, scale, z, eps)
+            return o.to(dtype), state
+        q, k, v = utils.contiguous(q, k, v)
+        S_c, z_c = utils.contiguous(S, z)
+        o = _triton().linear_attention_step_triton(q, k, v, S_c, z_c, scale, eps, dtype)
+        if S_c is not S:  # the kernel updated a contiguous copy: write it back in place
+            S.copy_(S_c)
+        if z_c is not z:
+            z.copy_(z_c)
+    return o, state
