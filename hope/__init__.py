@@ -1,0 +1,19 @@
+"""hope: the HOPE model stack (Nested Learning) on the hope_kernels ops.
+
+Layers take `backend=` (None | "triton" | "torch" | "reference") so the same weights run on the
+Triton kernels, the chunked PyTorch path or the token-by-token references.
+"""
+from .attention import LinearAttention, SoftmaxAttention
+from .block import HOPEBlock
+from .cms import CMSLayer, default_taus
+from .config import HOPEConfig
+from .generation import HOPECache
+from .layers import MLP, Embeddings, RMSNorm, RotaryEmbedding
+from .memory import AssociativeMemory
+from .model import HOPE
+from .ops import get_op
+
+__all__ = [
+    "HOPE", "HOPEConfig", "HOPEBlock", "HOPECache", "SoftmaxAttention", "LinearAttention", "CMSLayer",
+    "MLP", "RMSNorm", "RotaryEmbedding", "Embeddings", "AssociativeMemory", "default_taus", "get_op",
+]

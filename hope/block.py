@@ -1,0 +1,46 @@
+"""The HOPE block: the frequency spectrum, each part pre-norm residual.
+
+    x = x + attn(norm_1(x))   # infinite frequency: a context-wide memory (softmax or linear attention)
+    x = x + cms(norm_2(x))    # the Continuum Memory System: M timescales (if use_cms)
+    x = x + mlp(norm_3(x))    # zero frequency: static weights
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .attention import LinearAttention, SoftmaxAttention
+from .cms import CMSLayer
+from .config import HOPEConfig
+from .layers import MLP, RMSNorm
+
+
+class HOPEBlock(nn.Module):
+    def __init__(self, config: HOPEConfig):
+        super().__init__()
+        c = config
+        if c.attention == "softmax":
+            self.attn = SoftmaxAttention(c.dim, c.num_heads, c.head_dim, bias=c.bias, dropout=c.dropout,
+                                         position=c.position, rope_base=c.rope_base, backend=c.backend)
+        else:
+            self.attn = LinearAttention(c.dim, c.num_heads, c.head_dim, normalize=c.linear_normalize,
+                                        bias=c.bias, dropout=c.dropout, backend=c.backend)
+        self.norm_attn = RMSNorm(c.dim, c.norm_eps)
+        self.cms = None
+        if c.use_cms:
+            self.norm_cms = RMSNorm(c.dim, c.norm_eps)
+            self.cms = CMSLayer(c.dim, c.num_heads, c.num_memory_modules, c.head_dim, tau_min=c.cms_tau_min,
+                                tau_max=c.cms_tau_max, learn_tau=c.cms_learn_tau,
+                                per_head_tau=c.cms_per_head_tau, data_dependent_mix=c.cms_data_dependent_mix,
+                                bias=c.bias, dropout=c.dropout, backend=c.backend)
+        self.norm_mlp = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = MLP(c.dim, int(c.mlp_ratio * c.dim), bias=c.bias, dropout=c.dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        """x: [B, T, dim]. `cache` (generation): {"attn": {...}, "cms": {...}}, updated in place."""
+        x = x + self.attn(self.norm_attn(x), None if cache is None else cache.setdefault("attn", {}))
+        if self.cms is not None:
+            x = x + self.cms(self.norm_cms(x), None if cache is None else cache.setdefault("cms", {}))
+        return x + self.mlp(self.norm_mlp(x))

@@ -1,0 +1,102 @@
+"""The CMS layer: a Continuum Memory System of M associative memories, one timescale each.
+
+Per head, M memories read the same q, k, v (through `hope_kernels.cms_scan`):
+
+    S_{m,t} = tau_m S_{m,t-1} + (1 - tau_m) k_t v_t^T,    o_t = sum_m g_{t,m} scale q_t S_{m,t}
+
+tau_m near 1 is a slow memory (horizon ~ 1 / (1 - tau_m) tokens), near 0 a fast one. The default
+timescales are log-spaced in 1 - tau from 1 - tau_min to 1 - tau_max, i.e. the horizons
+1/(1 - tau) form a geometric series covering the spectrum evenly on a log scale
+(M=5 with 0.01..0.99: tau = 0.01, 0.686, 0.900, 0.969, 0.99).
+tau is learnable when `learn_tau` (tau = sigmoid(logit), per head when `per_head_tau`); the gates
+g_t = softmax_m(x_t W_g + b_g) per head are data dependent ([B, T, H, M]), or static learned logits.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .attention import _head_dim
+from .layers import split_heads
+from .ops import check_backend, get_op
+
+# tau = sigmoid(logit) is kept inside [1e-3, 1 - 1e-4], where the kernels are numerically safe.
+LOGIT_MIN, LOGIT_MAX = math.log(1e-3 / (1 - 1e-3)), math.log((1 - 1e-4) / 1e-4)
+
+
+def default_taus(num_memory_modules: int, tau_min: float = 0.01, tau_max: float = 0.99) -> torch.Tensor:
+    """M timescales with 1 - tau log-spaced from 1 - tau_min down to 1 - tau_max (float64, [M])."""
+    if not 0.0 < tau_min <= tau_max < 1.0:
+        raise ValueError(f"need 0 < tau_min <= tau_max < 1, got tau_min={tau_min}, tau_max={tau_max}")
+    if num_memory_modules == 1:
+        return torch.tensor([1.0 - math.sqrt((1.0 - tau_min) * (1.0 - tau_max))], dtype=torch.float64)
+    lo, hi = math.log(1.0 - tau_max), math.log(1.0 - tau_min)
+    return 1.0 - torch.exp(torch.linspace(hi, lo, num_memory_modules, dtype=torch.float64))
+
+
+class CMSLayer(nn.Module):
+    """Multi-timescale associative memory over the sequence. x: [B, T, dim] -> [B, T, dim].
+
+    The cache (generation) holds the memories S: [B, H, M, K, V]; a new token then costs one
+    `cms_step`, O(1) in the sequence length.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_memory_modules: int, head_dim: Optional[int] = None, *,
+                 tau_min: float = 0.01, tau_max: float = 0.99, learn_tau: bool = True,
+                 per_head_tau: bool = True, data_dependent_mix: bool = True, bias: bool = False,
+                 dropout: float = 0.0, backend: Optional[str] = None):
+        super().__init__()
+        if num_memory_modules <= 0:
+            raise ValueError(f"num_memory_modules must be positive, got {num_memory_modules}")
+        self.num_heads, self.num_memories = num_heads, num_memory_modules
+        self.head_dim = _head_dim(dim, num_heads, head_dim)
+        inner = num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
+        self.proj = nn.Linear(inner, dim, bias=bias)
+        self.proj.residual_branch = True
+        tau = default_taus(num_memory_modules, tau_min, tau_max)
+        logit = torch.log(tau / (1 - tau)).float()
+        if per_head_tau:
+            logit = logit.expand(num_heads, -1).clone()
+        if learn_tau:
+            self.tau_logit = nn.Parameter(logit)
+        else:
+            self.register_buffer("tau_logit", logit)
+        if data_dependent_mix:
+            self.gate = nn.Linear(dim, num_heads * num_memory_modules, bias=True)
+            self.mix_logit = None
+        else:
+            self.gate = None
+            self.mix_logit = nn.Parameter(torch.zeros(num_heads, num_memory_modules))
+        self.resid_dropout = nn.Dropout(dropout)
+        self.backend = check_backend(backend)
+
+    def decay(self) -> torch.Tensor:
+        """tau: [M] or [H, M] (float32), in [1e-3, 1 - 1e-4]."""
+        return torch.sigmoid(self.tau_logit.float().clamp(LOGIT_MIN, LOGIT_MAX))
+
+    def mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """Gates summing to 1 over the memories: [B, T, H, M] (data dependent) or [H, M]."""
+        if self.gate is None:
+            return torch.softmax(self.mix_logit.float(), dim=-1)
+        B, T, _ = x.shape
+        return torch.softmax(self.gate(x).view(B, T, self.num_heads, -1).float(), dim=-1)
+
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        decay, mix = self.decay(), self.mixing(x).to(q.dtype)
+        state = cache.get("state") if cache is not None else None
+        if state is not None and T == 1:
+            step = get_op("cms_step", self.backend)
+            o, state = step(q[:, 0], k[:, 0], v[:, 0], decay, state, mix if mix.dim() == 2 else mix[:, 0])
+            o = o[:, None]
+        else:
+            scan = get_op("cms_scan", self.backend)
+            o, state = scan(q, k, v, decay, mix, initial_state=state, output_final_state=cache is not None)
+        if cache is not None:
+            cache["state"] = state
+        return self.resid_dropout(self.proj(o.reshape(B, T, -1)))

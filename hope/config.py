@@ -1,0 +1,137 @@
+"""HOPEConfig: every knob of the HOPE language model, validated, with YAML load/save."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from .ops import BACKENDS
+
+ATTENTIONS = ("softmax", "linear")
+POSITIONS = ("rotary", "learned", "none")
+
+
+def check_keys(cls, data: Mapping[str, Any], where: str) -> None:
+    """Unknown keys are an error that names them and lists the known ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {where} key(s) {unknown}; known keys: {sorted(known)}")
+
+
+def check_positive(obj, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ValueError(f"{n} must be a positive number, got {v!r}")
+
+
+def check_int(obj, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{n} must be an integer, got {v!r}")
+
+
+def check_choice(obj, name: str, choices) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        raise ValueError(f"{name}={v!r}: expected one of {tuple(choices)}")
+
+
+@dataclass
+class HOPEConfig:
+    """The HOPE language model. Each block: x += attn(norm(x)); x += cms(norm(x)); x += mlp(norm(x))."""
+
+    vocab_size: int = 256                 # 256 = the byte-level tokenizer
+    dim: int = 512
+    num_layers: int = 12
+    num_heads: int = 8
+    head_dim: Optional[int] = None        # None: dim // num_heads
+    mlp_ratio: float = 4.0                # MLP hidden size = mlp_ratio * dim
+    max_seq_len: int = 1024               # training context (and the learned-position table size)
+    attention: str = "softmax"            # "softmax" (SDPA) or "linear" (hope_kernels.linear_attention)
+    position: str = "rotary"              # "rotary" | "learned" | "none" (rotary applies to softmax attention)
+    rope_base: float = 10000.0
+    linear_normalize: bool = True         # linear attention divides by q . sum(k)
+    use_cms: bool = True
+    num_memory_modules: int = 4           # CMS timescales per head
+    cms_tau_min: float = 0.01
+    cms_tau_max: float = 0.99
+    cms_learn_tau: bool = True
+    cms_per_head_tau: bool = True
+    cms_data_dependent_mix: bool = True
+    dropout: float = 0.0
+    bias: bool = False
+    tie_weights: bool = True              # output head shares the token embedding
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    backend: Optional[str] = None         # None | "triton" | "torch" | "reference"
+
+    def __post_init__(self):
+        check_int(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "num_memory_modules")
+        check_positive(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len",
+                       "num_memory_modules", "mlp_ratio", "rope_base", "norm_eps", "init_std")
+        if self.head_dim is None:
+            if self.dim % self.num_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads} "
+                                 "(set head_dim explicitly to decouple them)")
+        else:
+            check_int(self, "head_dim")
+            check_positive(self, "head_dim")
+        check_choice(self, "attention", ATTENTIONS)
+        check_choice(self, "position", POSITIONS)
+        check_choice(self, "backend", BACKENDS)
+        if self.position == "rotary" and self.attention == "softmax" and self.resolved_head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
+        if not 0.0 < self.cms_tau_min <= self.cms_tau_max < 1.0:
+            raise ValueError(f"need 0 < cms_tau_min <= cms_tau_max < 1, got "
+                             f"{self.cms_tau_min}, {self.cms_tau_max}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.num_heads
+
+    # ------------------------------------------------------------------ dict / YAML
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HOPEConfig":
+        check_keys(cls, data, "HOPEConfig")
+        return cls(**data)
+
+    def to_yaml(self, path: Optional[str] = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str) -> "HOPEConfig":
+        """A YAML file (or YAML text) holding the fields, or a training config with a `model:` section."""
+        data = load_yaml(path_or_text)
+        if "model" in data and isinstance(data["model"], Mapping):
+            data = data["model"]
+        return cls.from_dict(data)
+
+
+def load_yaml(path_or_text: str) -> dict:
+    import os
+    if os.path.exists(path_or_text):
+        with open(path_or_text, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    elif "\n" in path_or_text or ":" in path_or_text and not path_or_text.endswith((".yaml", ".yml")):
+        data = yaml.safe_load(path_or_text)
+    else:
+        raise FileNotFoundError(f"config file not found: {path_or_text}")
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config must be a YAML mapping, got {type(data).__name__}")
+    return dict(data)
