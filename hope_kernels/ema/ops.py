@@ -1,6 +1,281 @@
-# PLACEHOLDER until the kernels land: delegates to the reference (replaced by the EMA work).
-from .. import reference
+"""`ema_update_`: fused multi-timescale exponential moving average of tensors, in place.
+
+    states[m] <- tau_m * states[m] + (1 - tau_m) * update[m or shared],   m = 0 .. M-1
+
+Used for CMS memory buffers that consolidate across batches and for multi-timescale momentum
+buffers in the optimizers. The op is not differentiable: it updates buffers as under
+`torch.no_grad()` (and bumps their autograd version counters, so a graph that saved them
+notices the change).
+
+Forms accepted:
+- states: one tensor `[M, *shape]` (any strides; slices that are not contiguous go through a
+  contiguous copy that is written back) or a list/tuple of M tensors of one shape and dtype.
+  A list whose members are evenly spaced views of one buffer (e.g. `buf.unbind(0)`) runs as
+  that buffer; any other list runs through a device table of data pointers, still one launch.
+- update: `[*shape]` (shared by all modules) or `[M, *shape]` or a list of M `[*shape]` tensors.
+- decay: `[M]` tau values in [0, 1], a tensor (any floating dtype) or a sequence of floats.
+  tau = 1 leaves a module unchanged (frozen), tau = 0 replaces it by the update; both are
+  sound EMAs (unlike `cms_scan`, nothing here takes log(tau)), so the closed interval is
+  allowed. Values outside [0, 1] (or NaN) raise ValueError; the tensor check costs one host
+  sync and is skipped while compiling / capturing a CUDA graph.
+
+dtypes: states float32 / float16 / bfloat16 (float64 too), update any floating dtype; the
+math is float32 (float64 for float64 states) and the result is rounded once to the state dtype.
+The update must not overlap the states.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..utils import check_same_device, check_tensor, resolve_backend, skip_host_checks
+
+Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
+_STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def ema_update_(states, update, decay, *, backend=None):
-    return reference.ema_update_(states, update, decay)
+def ema_update_(states: Tensors, update: Tensors, decay, *, backend: Optional[str] = None) -> Tensors:
+    """states[m] = tau_m * states[m] + (1 - tau_m) * update[m or shared], in place, for every m.
+
+    states: [M, *shape] or a list of M tensors of `shape`; update: [*shape], [M, *shape] or a
+    list of M tensors; decay: [M] with values in [0, 1]. Returns `states` (the same object).
+    """
+    p = _plan(states, update, decay)
+    if p.M == 0 or p.N == 0:
+        return states
+    backend = resolve_backend(backend, p.device)
+    with torch.no_grad():
+        if backend == "triton":
+            _run_triton(p)
+            for t in p.state_tensors():
+                torch.autograd.graph.increment_version(t)
+        else:
+            _run_torch(p)
+    return states
+
+
+# --------------------------------------------------------------------------- input checks
+@dataclass
+class _Plan:
+    s: Optional[torch.Tensor]          # stacked states [M, *shape] (possibly a view of a list)
+    s_list: Optional[List[torch.Tensor]]
+    u: Optional[torch.Tensor]          # [*shape] when shared, else [M, *shape]
+    u_list: Optional[List[torch.Tensor]]
+    shared: bool
+    tau: torch.Tensor                  # [M] on the states' device
+    M: int
+    shape: Tuple[int, ...]
+    N: int
+    device: torch.device
+
+    def state_tensors(self) -> List[torch.Tensor]:
+        return [self.s] if self.s is not None else self.s_list
+
+
+def _plan(states, update, decay) -> _Plan:
+    if isinstance(states, torch.Tensor):
+        check_tensor("states", states, layout="[M, *shape]")
+        if states.dim() == 0:
+            raise ValueError("states must have shape [M, *shape] (at least 1 dimension), got a 0-d tensor")
+        s, s_list = states, None
+        M, shape, dtype = states.shape[0], tuple(states.shape[1:]), states.dtype
+    elif isinstance(states, (list, tuple)):
+        s_list = _check_list("states", states, None)
+        M = len(s_list)
+        shape, dtype = (tuple(s_list[0].shape), s_list[0].dtype) if M else ((), torch.float32)
+        if len({t.data_ptr() for t in s_list}) < M:
+            raise ValueError("states lists the same tensor more than once: each module must be its own buffer")
+        s = _as_stack(s_list)
+    else:
+        raise TypeError(f"states must be a tensor [M, *shape] or a list of M tensors, got {type(states).__name__}")
+    if dtype not in _STATE_DTYPES:
+        raise TypeError(f"states must be float32, float16 or bfloat16, got {dtype}")
+    first = s if s is not None else (s_list[0] if s_list else None)
+    device = first.device if first is not None else torch.device("cpu")
+
+    u_list = None
+    if isinstance(update, torch.Tensor):
+        check_tensor("update", update)
+        if tuple(update.shape) == shape:
+            u, shared = update, True
+        elif tuple(update.shape) == (M, *shape):
+            u, shared = update, False
+        else:
+            raise ValueError(f"update must have shape {shape} (shared) or {(M, *shape)} (one per module) "
+                             f"to match states [M={M}, *shape={shape}], got {tuple(update.shape)}")
+    elif isinstance(update, (list, tuple)):
+        if len(update) != M:
+            raise ValueError(f"update is a list of {len(update)} tensors but there are M = {M} states")
+        u_list = _check_list("update", update, shape)
+        u, shared = _as_stack(u_list), False
+    else:
+        raise TypeError(f"update must be a tensor or a list of M tensors, got {type(update).__name__}")
+
+    tau = _check_decay(decay, M, device, dtype)
+    if first is not None:
+        others = {"update": u if u is not None else (u_list[0] if u_list else None), "decay": tau}
+        if s_list:
+            others.update({f"states[{i}]": t for i, t in enumerate(s_list)})
+        if u_list:
+            others.update({f"update[{i}]": t for i, t in enumerate(u_list)})
+        check_same_device(states=first, **others)
+    if s is not None and any(st == 0 and n > 1 for st, n in zip(s.stride(), s.shape)):
+        raise ValueError("states has overlapping memory (a stride of 0, e.g. from expand): "
+                         "an in-place update would write one element several times")
+    N = 1
+    for d in shape:
+        N *= d
+    return _Plan(s, s_list, u, u_list, shared, tau, M, shape, N, device)
+
+
+def _check_list(name: str, tensors, shape) -> List[torch.Tensor]:
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        check_tensor(f"{name}[{i}]", t)
+        want = shape if shape is not None else tuple(tensors[0].shape)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but {name} must all have shape {want}")
+        if t.dtype != tensors[0].dtype:
+            raise TypeError(f"{name}[{i}] is {t.dtype} but {name}[0] is {tensors[0].dtype}: "
+                            f"the tensors of {name} must share one dtype")
+    return tensors
+
+
+def _check_decay(decay, M: int, device: torch.device, state_dt: torch.dtype) -> torch.Tensor:
+    if isinstance(decay, torch.Tensor):
+        check_tensor("decay", decay, 1, shape=(M,), layout="[M]")
+        if not skip_host_checks():
+            bad = ~((decay >= 0) & (decay <= 1))
+            if bool(bad.any()):
+                raise ValueError(f"decay values must lie in [0, 1], got {decay[bad].tolist()[:4]} "
+                                 f"at indices {bad.nonzero().flatten().tolist()[:4]}")
+        return decay
+    if isinstance(decay, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                               for x in decay):
+        if len(decay) != M:
+            raise ValueError(f"decay must hold M = {M} values (one per module), got {len(decay)}")
+        bad = [x for x in decay if not 0.0 <= x <= 1.0]
+        if bad:
+            raise ValueError(f"decay values must lie in [0, 1], got {bad[:4]}")
+        return torch.tensor(decay, dtype=torch.float64 if state_dt == torch.float64 else torch.float32,
+                            device=device)
+    raise TypeError(f"decay must be a floating tensor [M] or a sequence of M floats, got {type(decay).__name__}")
+
+
+def _as_stack(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A [M, *shape] view over list members that are evenly spaced contiguous slices of one buffer."""
+    if not tensors or not all(t.is_contiguous() for t in tensors):
+        return None
+    t0 = tensors[0]
+    if len(tensors) == 1:
+        return t0.unsqueeze(0)
+    size = t0.element_size()
+    base = t0.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() != base for t in tensors):
+        return None
+    step_bytes = tensors[1].data_ptr() - t0.data_ptr()
+    if step_bytes <= 0 or step_bytes % size or step_bytes // size < t0.numel():
+        return None
+    if any(t.data_ptr() - t0.data_ptr() != i * step_bytes for i, t in enumerate(tensors)):
+        return None
+    return t0.as_strided((len(tensors), *t0.shape), (step_bytes // size, *t0.stride()), t0.storage_offset())
+
+
+def _slices_contiguous(x: torch.Tensor) -> bool:
+    """Every x[m] is contiguous (the module stride is free)."""
+    return x.shape[0] == 0 or x[0].is_contiguous()
+
+
+# --------------------------------------------------------------------------- triton backend
+_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+
+def _pointer_table(tensors: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """int64 data pointers of `tensors` on `device`, cached (optimizers call with the same buffers)."""
+    key = (str(device), tuple(t.data_ptr() for t in tensors))
+    table = _TABLES.get(key)
+    if table is None:
+        table = torch.tensor(key[1], dtype=torch.int64).to(device)
+        _TABLES[key] = table
+        if len(_TABLES) > 256:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table
+
+
+def _tableable(tensors: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """Members the kernel can address (contiguous, 16-byte aligned), with (original, copy) pairs."""
+    out, copies = [], []
+    for t in tensors:
+        if t.is_contiguous() and t.data_ptr() % 16 == 0:
+            out.append(t)
+        else:
+            c = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+            out.append(c)
+            copies.append((t, c))
+    return out, copies
+
+
+def _run_triton(p: _Plan) -> None:
+    from . import triton_kernels
+
+    write_back = []
+    s_table = None
+    if p.s is not None:
+        s = p.s
+        if not _slices_contiguous(s) or (p.M > 1 and s.stride(0) < p.N):
+            s = s.contiguous()
+            write_back.append((p.s, s))
+        stride_sm = s.stride(0)
+    else:
+        members, copies = _tableable(p.s_list)
+        write_back += copies
+        s, stride_sm = members[0], 0
+        s_table = _pointer_table(members, p.device)
+
+    u_table = None
+    if p.u is not None:
+        u = p.u
+        if p.shared:
+            u, stride_um = u.contiguous(), 0
+        else:
+            if not _slices_contiguous(u):
+                u = u.contiguous()
+            stride_um = u.stride(0)
+    else:
+        members, _ = _tableable(p.u_list)
+        u, stride_um = members[0], 0
+        u_table = _pointer_table(members, p.device)
+
+    triton_kernels.ema_update(s, u, p.tau.contiguous(), M=p.M, N=p.N, stride_sm=stride_sm,
+                              stride_um=stride_um, s_table=s_table, u_table=u_table, shared=p.shared)
+    for orig, work in write_back:
+        orig.copy_(work)
+
+
+# --------------------------------------------------------------------------- torch backend
+def _run_torch(p: _Plan) -> None:
+    """Vectorised torch: lerp on the stacked view, torch._foreach_lerp_ over a list."""
+    dtype = p.state_tensors()[0].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (1 - p.tau.to(acc)).view(p.M, *([1] * len(p.shape)))  # lerp weight: s + w (u - s)
+    if p.u is None:
+        u = torch.stack(p.u_list)
+    else:
+        u = p.u
+    if p.s is not None:
+        if dtype == acc:
+            p.s.lerp_(u.to(acc), w)
+        else:
+            p.s.copy_(torch.lerp(p.s.to(acc), u.to(acc), w))
+        return
+    if dtype == acc:
+        us = [u.to(acc)] * p.M if p.shared else list(u.to(acc).unbind(0))
+        torch._foreach_lerp_(p.s_list, us, list(w.expand(p.M, *p.shape).unbind(0)))
+    else:
+        s = torch.lerp(torch.stack(p.s_list).to(acc), u.to(acc), w)
+        torch._foreach_copy_(p.s_list, list(s.unbind(0)))
