@@ -1,12 +1,119 @@
-# PLACEHOLDER until the kernels land: delegates to the references (replaced by the CMS work).
-from .. import reference
+"""Public entry points of the fused multi-timescale CMS memory: input checks and backend dispatch.
+
+    S_{m,t} = tau_m S_{m,t-1} + (1 - tau_m) k_t v_t^T,    o_{m,t} = scale q_t S_{m,t}
+
+M memories (one timescale tau_m each, shared by heads for decay [M], per head for [H, M]) read
+the same q, k, v. mix=None returns every memory's read-out o [B, T, H, M, V]; mix of shape [M],
+[H, M] or [B, T, H, M] returns o_t = sum_m mix_m o_{m,t}, [B, T, H, V]. States [N, H, M, K, V]
+are float32. See DESIGN.md ("cms_scan").
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import utils
+from .torch_chunked import cms_scan_torch, cms_step_torch
+
+
+def _check_decay(decay, H: int, device) -> torch.Tensor:
+    """decay [M] or [H, M] with values in (0, 1); returns it broadcast to [H, M] (autograd-safe)."""
+    utils.check_tensor("decay", decay, layout="[M] or [H, M]")
+    if decay.dim() not in (1, 2) or decay.shape[-1] < 1 or (decay.dim() == 2 and decay.shape[0] != H):
+        raise ValueError(f"decay must have shape [M] or [H, M] with H = {H}, got {tuple(decay.shape)}")
+    if decay.device != device:
+        raise ValueError(f"decay is on {decay.device} but the inputs are on {device}")
+    if not utils.skip_host_checks():
+        ok = bool(((decay > 0) & (decay < 1)).all())   # one host sync; NaN fails too
+        if not ok:
+            raise ValueError("decay (tau) must lie strictly inside (0, 1); got values in "
+                             f"[{decay.min().item():.6g}, {decay.max().item():.6g}]")
+    return decay.expand(H, decay.shape[-1]) if decay.dim() == 1 else decay
+
+
+def _check_mix(mix, lead: tuple, H: int, M: int, device, layout: str):
+    """mix [M], [H, M] or [*lead, H, M] (lead = (B, T) for the scan, (B,) for the step).
+
+    Returns None, an [H, M] view (static mixes) or the per-token tensor itself."""
+    if mix is None:
+        return None
+    utils.check_tensor("mix", mix, layout=layout)
+    shapes = [(M,), (H, M), (*lead, H, M)]
+    if tuple(mix.shape) not in shapes:
+        raise ValueError(f"mix must have shape {layout} = one of {shapes}, got {tuple(mix.shape)}")
+    if mix.device != device:
+        raise ValueError(f"mix is on {mix.device} but the inputs are on {device}")
+    return mix.expand(H, M) if mix.dim() == 1 else mix
+
+
+def _check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
 
 
 def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output_final_state=False,
              cu_seqlens=None, chunk_size=64, backend=None):
-    return reference.cms_scan(q, k, v, decay, mix, scale, initial_state=initial_state,
-                              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    """Fused multi-timescale scan.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; decay: [M] or [H, M] in (0, 1);
+    mix: None, [M], [H, M] or [B, T, H, M]; initial_state: [N, H, M, K, V] (N = B, or the
+    number of sequences with cu_seqlens). Returns (o, final_state or None).
+    """
+    utils.check_tensor("q", q, 4, layout="[B, T, H, K]")
+    B, T, H, K = q.shape
+    utils.check_tensor("k", k, 4, shape=(B, T, H, K), layout="[B, T, H, K]")
+    utils.check_tensor("v", v, 4, shape=(B, T, H, None), layout="[B, T, H, V]")
+    V = v.shape[-1]
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    device = utils.check_same_device(q=q, k=k, v=v)
+    tau = _check_decay(decay, H, device)
+    M = tau.shape[-1]
+    mix = _check_mix(mix, (B, T), H, M, device, "[M], [H, M] or [B, T, H, M]")
+    cu = utils.check_cu_seqlens(cu_seqlens, B, T, device)
+    N = B if cu is None else cu.numel() - 1
+    utils.check_state("initial_state", initial_state, (N, H, M, K, V), device, "[N, H, M, K, V]")
+    chunk_size = _check_chunk_size(chunk_size)
+    scale = utils.resolve_scale(scale, K)
+    backend = utils.resolve_backend(backend, device)
+
+    # decay and states are never autocast: tau = 0.9999 rounds to 1 in half precision.
+    q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
+    q, k, v = utils.contiguous(q, k, v)
+    if backend == "torch" or q.dtype == torch.float64:
+        # float64 (references, gradchecks) stays exact on the chunked PyTorch path.
+        return cms_scan_torch(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size)
+    from .fused import cms_scan_triton
+    return cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size)
 
 
 def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
-    return reference.cms_step(q, k, v, decay, state, mix, scale)
+    """One token of cms_scan, updating `state` [B, H, M, K, V] (float32) in place.
+
+    q, k: [B, H, K]; v: [B, H, V]; mix: None, [M], [H, M] or [B, H, M].
+    Returns (o, state): o [B, H, V] with mix, [B, H, M, V] without.
+    """
+    utils.check_tensor("q", q, 3, layout="[B, H, K]")
+    B, H, K = q.shape
+    utils.check_tensor("k", k, 3, shape=(B, H, K), layout="[B, H, K]")
+    utils.check_tensor("v", v, 3, shape=(B, H, None), layout="[B, H, V]")
+    V = v.shape[-1]
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    device = utils.check_same_device(q=q, k=k, v=v)
+    tau = _check_decay(decay, H, device)
+    M = tau.shape[-1]
+    if state is None:
+        raise ValueError("state must be a [B, H, M, K, V] float32 tensor (cms_step updates it in place)")
+    utils.check_state("state", state, (B, H, M, K, V), device, "[B, H, M, K, V]")
+    if state.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"state must be float32 (recurrent states are float32), got {state.dtype}")
+    mix = _check_mix(mix, (B,), H, M, device, "[M], [H, M] or [B, H, M]")
+    scale = utils.resolve_scale(scale, K)
+    backend = utils.resolve_backend(backend, device)
+
+    q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
+    if backend == "torch" or state.dtype == torch.float64 or not state.is_contiguous():
+        return cms_step_torch(q, k, v, tau, state, mix, scale)
+    from .fused import cms_step_triton
+    return cms_step_triton(q, k, v, tau, state, mix, scale)

@@ -1,0 +1,297 @@
+"""Triton kernels of the fused multi-timescale CMS memory (forward, backward, one-token step).
+
+Chunked form, per memory m with g = log(tau_m), chunk length L, local positions i, j = 1..L:
+
+    o_{m,i} = tau^i scale q_i S_prev + sum_{j<=i} tau^{i-j} (1 - tau) (scale q_i . k_j) v_j
+    S_end   = tau^L S_prev + sum_j tau^{L-j} (1 - tau) k_j v_j^T
+
+Every power of tau is exp(n g) with n >= 0; the causal mask is applied to the exponent before
+exp, and no power of tau is ever divided by, so tau in [1e-3, 1 - 1e-4] is safe for any T.
+
+Layout of the work: one program per (sequence, head, V-block) walks its chunks in order; per
+chunk it loads q, k, v once, computes q k^T once, and then loops over the M memories, for which
+only the decay mask and the state differ. The M states [K, V-block] live in float32 in the
+final-state buffer (a workspace owned by the program, so no other program touches it): M
+states of K x V floats do not fit in registers next to the chunk tiles for realistic M, K, V,
+while reloading a slice the program itself just wrote hits L1/L2. A barrier after each state
+store makes the write visible to every thread of the program before the next chunk reads it.
+The same walk handles cu_seqlens: a program just reads its sequence's bounds.
+
+The backward kernel (one program per (sequence, head), full K and V, chunks in reverse) reuses
+the chunk-start states saved by the forward and carries dS per memory in the initial-state
+gradient buffer. Decay gradient, with k' = (1 - tau) k and G_i = i g (i = position in the
+sequence): dL/dG_i = q_i . dq_{m,i} - k'_i . dk'_{m,i}, dL/dg = sum_i i dL/dG_i and
+dL/dtau = (dL/dg) / tau - sum_i k_i . dk'_{m,i}. The kernel evaluates dL/dg chunk by chunk with
+each exponent's own weight (i - j for a pair, i for tau^i, L - j, L): the same sum, but without the
+large diagonal terms that cancel in the position-weighted form, so tau = 1e-3 keeps fp32 accuracy.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .. import utils
+from ..aot import KernelConfig, KernelSpec
+
+# ----------------------------------------------------------------------------- configs
+FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (32, 4, 2))
+               for bv in (32, 64) for w in (4, 8) for s in (1, 2)]
+BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1))
+               for w in (4, 8) for s in (1, 2)]
+STEP_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
+                for bv in (16, 32, 64) for w in (2, 4)]
+
+
+def _triton_configs(configs):
+    default = next(c for c in configs if c.default)
+    as_triton = lambda c: triton.Config(dict(c.meta), num_warps=c.num_warps, num_stages=c.num_stages)
+    return utils.autotune_configs([as_triton(c) for c in configs], as_triton(default))
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(first row, length, index of the first chunk in the chunk-state buffer) of sequence i_n."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+        return bos, (eos - bos).to(tl.int32), boc
+    else:
+        return i_n.to(tl.int64) * T, T, i_n.to(tl.int64) * tl.cdiv(T, BT)
+
+
+@triton.jit
+def _decay_factors(g, L, o_t, BT: tl.constexpr):
+    """Causal decay mask tau^{i-j} (i >= j, j < L), tau^i and tau^{L-j}, all from exponents <= 0."""
+    m_t = o_t < L
+    causal = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
+    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    b_D = tl.where(causal, tl.exp(tl.where(causal, diff * g, 0.0)), 0.0)
+    e_q = tl.where(m_t, tl.exp((o_t + 1).to(tl.float32) * g), 0.0)
+    e_k = tl.where(m_t, tl.exp(tl.where(m_t, (L - 1 - o_t).to(tl.float32) * g, 0.0)), 0.0)
+    return b_D, e_q, e_k
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.heuristics({
+    "USE_INITIAL_STATE": lambda a: a["h0"] is not None,
+    "STORE_CHUNK_STATES": lambda a: a["hs"] is not None,
+    "HAS_MIX": lambda a: a["mix"] is not None,
+    "IS_VARLEN": lambda a: a["cu_seqlens"] is not None,
+})
+@triton.autotune(configs=_triton_configs(FWD_CONFIGS), key=["H", "M", "K", "V", "BT", "MIX_PER_TOKEN"])
+@triton.jit(do_not_specialize=["T"])
+def cms_fwd_kernel(q, k, v, decay, mix, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
+                   H: tl.constexpr, M: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MIX_PER_TOKEN: tl.constexpr,
+                   USE_INITIAL_STATE: tl.constexpr, STORE_CHUNK_STATES: tl.constexpr,
+                   HAS_MIX: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """o (mixed [rows, H, V] or per memory [rows, H, M, V]); ht [N, H, M, K, V] ends as the final
+    state; hs [chunks, H, M, K, V] receives every chunk's starting state (for the backward)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    off_kv = o_k[:, None] * V + o_v[None, :]
+    p_ht = ht + i_nh.to(tl.int64) * M * K * V
+
+    for i_m in range(M):
+        if USE_INITIAL_STATE:
+            b_h = tl.load(h0 + i_nh.to(tl.int64) * M * K * V + i_m * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
+        else:
+            b_h = tl.zeros([BK, BV], dtype=tl.float32)
+        tl.store(p_ht + i_m * K * V + off_kv, b_h, mask=m_kv)
+    tl.debug_barrier()
+
+    for i_c in range(0, tl.cdiv(T_seq, BT)):
+        L = tl.minimum(T_seq - i_c * BT, BT)
+        m_t = o_t < L
+        rows = bos + i_c * BT + o_t
+        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_q = b_q * scale
+        b_A = tl.dot(b_q, tl.trans(b_k))                 # scale q k^T, shared by all M memories
+        b_o = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_m in range(M):
+            tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
+            g = tl.log(tau)
+            b_D, e_q, e_k = _decay_factors(g, L, o_t, BT)
+            p_h = p_ht + i_m * K * V + off_kv
+            b_h = tl.load(p_h, mask=m_kv, other=0.)
+            if STORE_CHUNK_STATES:
+                tl.store(hs + (((boc + i_c) * H + i_h) * M + i_m) * K * V + off_kv, b_h, mask=m_kv)
+            b_om = tl.dot(b_A * b_D * (1 - tau), b_v) + tl.dot(b_q * e_q[:, None], b_h)
+            if HAS_MIX:
+                if MIX_PER_TOKEN:
+                    b_mx = tl.load(mix + (rows * H + i_h) * M + i_m, mask=m_t, other=0.).to(tl.float32)
+                    b_o += b_om * b_mx[:, None]
+                else:
+                    b_o += b_om * tl.load(mix + i_h * M + i_m).to(tl.float32)
+            else:
+                tl.store(o + ((rows[:, None] * H + i_h) * M + i_m) * V + o_v[None, :],
+                         b_om.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+            b_kd = b_k * (e_k * (1 - tau))[:, None]
+            b_h = tl.exp(L.to(tl.float32) * g) * b_h + tl.dot(tl.trans(b_kd), b_v)
+            tl.store(p_h, b_h, mask=m_kv)
+            tl.debug_barrier()
+        if HAS_MIX:
+            tl.store(o + (rows[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.heuristics({
+    "USE_FINAL_GRAD": lambda a: a["dht"] is not None,
+    "HAS_MIX": lambda a: a["mix"] is not None,
+    "COMPUTE_DDECAY": lambda a: a["dgs"] is not None,
+    "IS_VARLEN": lambda a: a["cu_seqlens"] is not None,
+})
+@triton.autotune(configs=_triton_configs(BWD_CONFIGS), key=["H", "M", "K", "V", "BT", "MIX_PER_TOKEN"])
+@triton.jit(do_not_specialize=["T"])
+def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs, cu_seqlens, chunk_offsets,
+                   scale, T, H: tl.constexpr, M: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+                   MIX_PER_TOKEN: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, HAS_MIX: tl.constexpr,
+                   COMPUTE_DDECAY: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Gradients of one (sequence, head): dq, dk, dv (input layout, float32), dmix per token
+    [rows, H, M] (mixed only), dh0 [N, H, M, K, V] (carries dS, ends as the initial-state
+    gradient), dgs [N, H, M, 2] = (dL/dg, sum_i k_i . dk'_i) (decay gradient only)."""
+    i_nh = tl.program_id(0)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_m = tl.arange(0, BM)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    off_kv = o_k[:, None] * V + o_v[None, :]
+    p_dh = dh0 + i_nh.to(tl.int64) * M * K * V
+
+    for i_m in range(M):
+        if USE_FINAL_GRAD:
+            b_dh = tl.load(dht + i_nh.to(tl.int64) * M * K * V + i_m * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
+        else:
+            b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+        tl.store(p_dh + i_m * K * V + off_kv, b_dh, mask=m_kv)
+    tl.debug_barrier()
+
+    acc_g = tl.zeros([BM], dtype=tl.float32)
+    acc_kdk = tl.zeros([BM], dtype=tl.float32)
+    NC = tl.cdiv(T_seq, BT)
+    for i_r in range(0, NC):
+        i_c = NC - 1 - i_r
+        L = tl.minimum(T_seq - i_c * BT, BT)
+        m_t = o_t < L
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        rows = bos + i_c * BT + o_t
+        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32) * scale
+        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_A = tl.dot(b_q, tl.trans(b_k))
+        if HAS_MIX:
+            b_do = tl.load(do + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+            b_dPs = tl.dot(b_do, tl.trans(b_v))            # dO_i . v_j, shared by all M memories
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_m in range(M):
+            tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
+            g = tl.log(tau)
+            b_D, e_q, e_k = _decay_factors(g, L, o_t, BT)
+            b_h = tl.load(hs + (((boc + i_c) * H + i_h) * M + i_m) * K * V + off_kv, mask=m_kv, other=0.)
+            p_dhm = p_dh + i_m * K * V + off_kv
+            b_dh = tl.load(p_dhm, mask=m_kv, other=0.)
+            if HAS_MIX:
+                if MIX_PER_TOKEN:
+                    b_mx = tl.load(mix + (rows * H + i_h) * M + i_m, mask=m_t, other=0.).to(tl.float32)
+                else:
+                    b_mx = tl.zeros([BT], dtype=tl.float32) + tl.load(mix + i_h * M + i_m).to(tl.float32)
+                b_dom = b_do * b_mx[:, None]
+                b_dP = b_dPs * b_mx[:, None]
+            else:
+                b_dom = tl.load(do + ((rows[:, None] * H + i_h) * M + i_m) * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+                b_dP = tl.dot(b_dom, tl.trans(b_v))
+            b_kp = b_k * (1 - tau)
+            b_qe = b_q * e_q[:, None]
+            b_dPD = b_dP * b_D
+            b_W = b_A * b_D * (1 - tau)
+            # gradients wrt the (scaled) q and k' = (1 - tau) k of this memory: intra-chunk + state terms
+            b_dq_s = tl.dot(b_dom, tl.trans(b_h)) * e_q[:, None]
+            b_dk_s = tl.dot(b_v, tl.trans(b_dh)) * e_k[:, None]
+            b_dqm = tl.dot(b_dPD, b_kp) + b_dq_s
+            b_dkm = tl.dot(tl.trans(b_dPD), b_q) + b_dk_s
+            b_dv += tl.dot(tl.trans(b_W), b_dom) + tl.dot(b_kp * e_k[:, None], b_dh)
+            b_dq += b_dqm
+            b_dk += b_dkm * (1 - tau)
+            if HAS_MIX:
+                b_om = tl.dot(b_W, b_v) + tl.dot(b_qe, b_h)
+                tl.store(dmix + (rows * H + i_h) * M + i_m, tl.sum(b_om * b_do, axis=1), mask=m_t)
+            if COMPUTE_DDECAY:
+                # dL/dg of this chunk, every exponent's weight written out (pair (i, j): i - j; tau^i: i;
+                # tau^{L-j}: L - j; tau^L: L), so diagonal terms never cancel and small tau stays exact.
+                p_i = (o_t + 1).to(tl.float32)
+                diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+                d_g = tl.sum(tl.sum(diff * b_dP * b_W, axis=1), axis=0)
+                d_g += tl.sum(p_i * tl.sum(b_q * b_dq_s, axis=1), axis=0)
+                d_g += tl.sum(tl.where(m_t, L - p_i, 0.) * tl.sum(b_kp * b_dk_s, axis=1), axis=0)
+                d_g += L.to(tl.float32) * tl.exp(L.to(tl.float32) * g) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
+                acc_g = tl.where(o_m == i_m, acc_g + d_g, acc_g)
+                acc_kdk = tl.where(o_m == i_m, acc_kdk + tl.sum(tl.sum(b_k * b_dkm, axis=1), axis=0), acc_kdk)
+            b_dh = tl.exp(L.to(tl.float32) * g) * b_dh + tl.dot(tl.trans(b_qe), b_dom)
+            tl.store(p_dhm, b_dh, mask=m_kv)
+            tl.debug_barrier()
+        tl.store(dq + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dq * scale, mask=m_tk)
+        tl.store(dk + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dk, mask=m_tk)
+        tl.store(dv + (rows[:, None] * H + i_h) * V + o_v[None, :], b_dv, mask=m_tv)
+    if COMPUTE_DDECAY:
+        p_g = dgs + (i_nh.to(tl.int64) * M + o_m) * 2
+        tl.store(p_g, acc_g, mask=o_m < M)
+        tl.store(p_g + 1, acc_kdk, mask=o_m < M)
+
+
+# ----------------------------------------------------------------------------- one-token step
+@triton.heuristics({
+    "HAS_MIX": lambda a: a["mix"] is not None,
+})
+@triton.autotune(configs=_triton_configs(STEP_CONFIGS), key=["H", "M", "K", "V", "MIX_PER_BATCH"])
+@triton.jit
+def cms_step_kernel(q, k, v, decay, mix, state, o, scale, H: tl.constexpr, M: tl.constexpr,
+                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    MIX_PER_BATCH: tl.constexpr, HAS_MIX: tl.constexpr):
+    """state[b, h, m] = tau S + (1 - tau) k v^T for all m in place; o = scale q S_m (mixed or per m)."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_h = i_bh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    b_q = tl.load(q + i_bh.to(tl.int64) * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+    b_k = tl.load(k + i_bh.to(tl.int64) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_v = tl.load(v + i_bh.to(tl.int64) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+    b_kv = b_k[:, None] * b_v[None, :]
+    b_o = tl.zeros([BV], dtype=tl.float32)
+    for i_m in range(M):
+        tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
+        p_s = state + (i_bh.to(tl.int64) * M + i_m) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_s = tau * tl.load(p_s, mask=m_kv, other=0.) + (1 - tau) * b_kv
+        tl.store(p_s, b_s, mask=m_kv)
+        b_om = tl.sum(b_q[:, None] * b_s, axis=0)
+        if HAS_MIX:
+            if MIX_PER_BATCH:
+                b_o += b_om * tl.load(mix + i_bh.to(tl.int64) * M + i_m).to(tl.float32)
+            else:
+                b_o += b_om * tl.load(mix + i_h * M + i_m).to(tl.float32)
+        else:
+            tl.store(o + (i_bh.to(tl.int64) * M + i_m) * V + o_v, b_om.to(o.dtype.element_ty), mask=m_v)
+    if HAS_MIX:
+        tl.store(o + i_bh.to(tl.int64) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
