@@ -1,0 +1,227 @@
+"""What is benchmarked: each op's inputs, each provider's call, and the float64 ground truth.
+
+An op case builds its inputs for a `Shape`, runs them through a provider and returns one output
+tensor (differentiable for the scans). Providers:
+
+- "triton":    the hope_kernels Triton kernels (`backend="triton"`: CUDA, or TRITON_INTERPRET=1).
+- "torch":     the chunked PyTorch backend (`backend="torch"`).
+- "reference": `hope_kernels.reference`, the token-by-token recurrences (slow on purpose).
+- "sdpa":      softmax attention, `torch.nn.functional.scaled_dot_product_attention`, at the same
+               shape (causal or not); for the step op, one query against a T-token KV cache.
+- "fla":       flash-linear-attention's `chunk_linear_attn` (linear attention) and
+               `chunk_simple_gla` (cms_scan as H*M decayed heads), only when `fla` imports (GPU).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import hope_kernels
+from hope_kernels import reference
+
+from .roofline import Shape, ema_numel
+
+PROVIDERS = ("triton", "torch", "reference", "sdpa", "fla")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+# --------------------------------------------------------------------------- inputs
+def _randn(*shape, dtype, device, grad=False, scale=1.0):
+    t = (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def cms_decay(H: int, M: int, device) -> torch.Tensor:
+    """Timescales spread log-uniformly over 1 - tau in [0.01, 0.99] per memory, shifted per head."""
+    base = 1.0 - torch.logspace(math.log10(0.99), math.log10(0.01), M, dtype=torch.float32)
+    shift = torch.linspace(0.0, 0.5, H, dtype=torch.float32)[:, None] * (1.0 - base)[None] * 0.1
+    return (base[None] + shift).clamp(0.005, 0.995).to(device)
+
+
+@dataclass
+class Inputs:
+    """Tensors of one case; `grads` are the leaves gradients are taken for, `args` feed the call."""
+    args: Dict[str, torch.Tensor]
+    grads: List[str] = field(default_factory=list)
+
+    def leaves(self) -> List[torch.Tensor]:
+        return [self.args[n] for n in self.grads]
+
+    def as_float64(self) -> "Inputs":
+        """The same (already rounded) values in float64, as fresh leaves, for the ground truth."""
+        args = {n: (t.detach().double().requires_grad_(n in self.grads) if t.is_floating_point() else t)
+                for n, t in self.args.items()}
+        return Inputs(args, list(self.grads))
+
+    def clone(self) -> "Inputs":
+        """Fresh copies of in-place targets (states) so a call cannot change the next one's inputs."""
+        return Inputs({n: (t if t.requires_grad else t.clone()) for n, t in self.args.items()}, list(self.grads))
+
+
+# --------------------------------------------------------------------------- op cases
+@dataclass
+class Case:
+    name: str
+    modes: Tuple[str, ...]
+    providers: Tuple[str, ...]
+    make: Callable[[Shape, torch.dtype, torch.device, bool], Inputs]
+    call: Callable[[str, Dict[str, torch.Tensor]], torch.Tensor]
+    long_reference: bool = True  # False: the reference loops per token, keep it to small T
+    inplace: bool = False
+
+
+def _hk(op: str, provider: str):
+    """The hope_kernels op (with its backend bound) or its reference."""
+    if provider == "reference":
+        return getattr(reference, op)
+    fn = getattr(hope_kernels, op)
+    return lambda *a, **kw: fn(*a, backend=provider, **kw)
+
+
+def _fla_kwargs(fn) -> dict:
+    params = inspect.signature(fn).parameters
+    return {"head_first": False} if "head_first" in params else {}
+
+
+def _sdpa(q, k, v, causal: bool):
+    """[B, T, H, D] in and out, through SDPA's [B, H, T, D] layout."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+    return o.transpose(1, 2)
+
+
+# linear_attention (causal / non-causal)
+def _make_la(s: Shape, dtype, device, grad):
+    return Inputs({"q": _randn(s.B, s.T, s.H, s.K, dtype=dtype, device=device, grad=grad),
+                   "k": _randn(s.B, s.T, s.H, s.K, dtype=dtype, device=device, grad=grad),
+                   "v": _randn(s.B, s.T, s.H, s.V, dtype=dtype, device=device, grad=grad)},
+                  ["q", "k", "v"] if grad else [])
+
+
+def _call_la(causal: bool):
+    def call(provider, a):
+        if provider == "sdpa":
+            return _sdpa(a["q"], a["k"], a["v"], causal)
+        if provider == "fla":
+            from fla.ops.linear_attn import chunk_linear_attn
+            return chunk_linear_attn(a["q"], a["k"], a["v"], normalize=False, **_fla_kwargs(chunk_linear_attn))[0]
+        return _hk("linear_attention", provider)(a["q"], a["k"], a["v"], causal=causal)[0]
+    return call
+
+
+# cms_scan (without / with data-dependent mix gates)
+def _make_cms(mix: bool):
+    def make(s: Shape, dtype, device, grad):
+        inp = _make_la(s, dtype, device, grad)
+        inp.args["decay"] = cms_decay(s.H, s.M, device)
+        if mix:
+            inp.args["mix"] = torch.softmax(torch.randn(s.B, s.T, s.H, s.M, device=device), -1).to(dtype)
+            inp.args["mix"].requires_grad_(grad)
+            if grad:
+                inp.grads.append("mix")
+        return inp
+    return make
+
+
+def _fla_cms(q, k, v, decay, mix):
+    """cms_scan as chunk_simple_gla over H*M heads: k scaled by (1 - tau), log-decay log(tau)."""
+    from fla.ops.simple_gla import chunk_simple_gla
+    B, T, H, K = q.shape
+    M = decay.shape[-1]
+    tau = decay.to(torch.float32)                                     # [H, M]
+    qm = q[:, :, :, None].expand(B, T, H, M, K).reshape(B, T, H * M, K)
+    km = (k[:, :, :, None] * (1 - tau)[..., None].to(k.dtype)).reshape(B, T, H * M, K)
+    vm = v[:, :, :, None].expand(B, T, H, M, v.shape[-1]).reshape(B, T, H * M, -1)
+    g = tau.log().reshape(1, 1, H * M).expand(B, T, H * M).contiguous()
+    o = chunk_simple_gla(qm, km, vm, g=g, scale=K ** -0.5, **_fla_kwargs(chunk_simple_gla))[0]
+    o = o.reshape(B, T, H, M, -1)
+    return o if mix is None else (o * mix[..., None]).sum(-2)
+
+
+def _call_cms(provider, a):
+    mix = a.get("mix")
+    if provider == "fla":
+        return _fla_cms(a["q"], a["k"], a["v"], a["decay"], mix)
+    return _hk("cms_scan", provider)(a["q"], a["k"], a["v"], a["decay"], mix)[0]
+
+
+# linear_attention_step (SDPA: one query against a T-token KV cache)
+def _make_la_step(s: Shape, dtype, device, grad):
+    args = {"q": _randn(s.B, s.H, s.K, dtype=dtype, device=device),
+            "k": _randn(s.B, s.H, s.K, dtype=dtype, device=device),
+            "v": _randn(s.B, s.H, s.V, dtype=dtype, device=device),
+            "state": _randn(s.B, s.H, s.K, s.V, dtype=torch.float32, device=device)}
+    args["k_cache"] = _randn(s.B, s.H, s.T, s.K, dtype=dtype, device=device)
+    args["v_cache"] = _randn(s.B, s.H, s.T, s.V, dtype=dtype, device=device)
+    return Inputs(args)
+
+
+def _call_la_step(provider, a):
+    if provider == "sdpa":
+        return F.scaled_dot_product_attention(a["q"][:, :, None], a["k_cache"], a["v_cache"])[:, :, 0]
+    return _hk("linear_attention_step", provider)(a["q"], a["k"], a["v"], a["state"])[0]
+
+
+# cms_step (data-dependent gates [B, H, M])
+def _make_cms_step(s: Shape, dtype, device, grad):
+    args = {"q": _randn(s.B, s.H, s.K, dtype=dtype, device=device),
+            "k": _randn(s.B, s.H, s.K, dtype=dtype, device=device),
+            "v": _randn(s.B, s.H, s.V, dtype=dtype, device=device),
+            "decay": cms_decay(s.H, s.M, device),
+            "state": _randn(s.B, s.H, s.M, s.K, s.V, dtype=torch.float32, device=device),
+            "mix": torch.softmax(torch.randn(s.B, s.H, s.M, device=device), -1).to(dtype)}
+    return Inputs(args)
+
+
+def _call_cms_step(provider, a):
+    return _hk("cms_step", provider)(a["q"], a["k"], a["v"], a["decay"], a["state"], a["mix"])[0]
+
+
+# ema_update_ (float32 buffers [M, N], a shared update [N] in the benchmark dtype)
+def _make_ema(s: Shape, dtype, device, grad):
+    n = ema_numel(s)
+    return Inputs({"states": _randn(s.M, n, dtype=torch.float32, device=device),
+                   "update": _randn(n, dtype=dtype, device=device),
+                   "decay": cms_decay(1, s.M, device)[0]})
+
+
+def _call_ema(provider, a):
+    return _hk("ema_update_", provider)(a["states"], a["update"], a["decay"])
+
+
+_SCAN_PROVIDERS = ("triton", "torch", "reference")
+CASES: Dict[str, Case] = {c.name: c for c in [
+    Case("linear_attention", MODES, _SCAN_PROVIDERS + ("sdpa", "fla"), _make_la, _call_la(True), False),
+    Case("linear_attention_noncausal", MODES, _SCAN_PROVIDERS + ("sdpa",), _make_la, _call_la(False), False),
+    Case("cms_scan", MODES, _SCAN_PROVIDERS + ("fla",), _make_cms(False), _call_cms, False),
+    Case("cms_scan_mix", MODES, _SCAN_PROVIDERS + ("fla",), _make_cms(True), _call_cms, False),
+    Case("linear_attention_step", ("fwd",), _SCAN_PROVIDERS + ("sdpa",), _make_la_step, _call_la_step, True, True),
+    Case("cms_step", ("fwd",), _SCAN_PROVIDERS, _make_cms_step, _call_cms_step, True, True),
+    Case("ema_update_", ("fwd",), _SCAN_PROVIDERS, _make_ema, _call_ema, True, True),
+]}
+OPS = tuple(CASES)
+
+
+def provider_unavailable(provider: str, device: torch.device) -> Optional[str]:
+    """Why `provider` cannot run on `device` (None when it can)."""
+    if provider == "triton":
+        from hope_kernels.utils import triton_unavailable_reason
+        return triton_unavailable_reason(device)
+    if provider == "fla":
+        if device.type != "cuda":
+            return "flash-linear-attention needs CUDA"
+        try:
+            import fla.ops.linear_attn  # noqa: F401
+            import fla.ops.simple_gla  # noqa: F401
+        except Exception as exc:  # not installed, or an incompatible build
+            return f"flash-linear-attention not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def exact(case: Case, provider: str) -> bool:
+    """Whether the provider computes the op's exact math (SDPA is a different model: no rel. error)."""
+    return provider != "sdpa"

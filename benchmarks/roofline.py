@@ -1,0 +1,158 @@
+"""Roofline model: the bytes each benchmarked kernel must move and the FLOPs it must do.
+
+Every formula of the suite lives here, so a claim such as "60 % of HBM bandwidth" can be traced
+to one line. Notation (see DESIGN.md): B batch, T tokens, H heads, K key dim, V value dim,
+M CMS memories, C chunk size (64), e bytes per input element, 4 bytes per float32 state element.
+
+Bytes are the compulsory traffic: every input read once, every output written once, a recurrent
+state read and written once per call. Tensors a kernel may re-read (chunk states, recomputation)
+are not counted, so the achieved bandwidth fraction is a lower bound on what the card delivered.
+
+FLOPs (one multiply-add = 2 FLOPs) are those of the chunked algorithm at chunk size C:
+
+- linear_attention, causal, forward: 4 T K V (chunk states k^T v, inter-chunk q S)
+  + 2 T C (K + V) (intra-chunk q k^T and (q k^T) v, full C x C blocks as the kernels compute them);
+  non-causal: 4 T K V (S = sum k v^T, then q S); all times B H.
+- cms_scan, forward: the intra-chunk q k^T is shared by the M memories, the rest is per memory:
+  B H [2 T C K + M (2 T C V + 4 T K V)], plus 2 B T H M V for the mix when given.
+- backward of the scans: 2 x forward (each forward product has two gradient products).
+- softmax attention (SDPA) at the same shape, head dim D = K: 4 B H T^2 D forward (halved when
+  causal), backward 2.5 x forward (the recomputation convention of FlashAttention).
+- step kernels: 4 B H K V for linear_attention_step; cms_step B H (K V + 5 M K V) (outer product
+  once, then decay-update and read-out per memory); SDPA decode over a T-token KV cache 4 B H T D.
+- ema_update_: 3 M N with N the elements of one buffer; bytes 2 x 4 M N (float32 buffers read and
+  written) + e N (the shared update).
+
+`measure_peaks` measures the card's copy bandwidth and matmul throughput in the same run, the
+denominators of the achieved fractions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+
+CHUNK = 64
+STATE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    M: int = 1
+
+
+def _la_fwd_flops(s: Shape, causal: bool) -> float:
+    C = min(CHUNK, s.T)
+    inter = 4.0 * s.T * s.K * s.V
+    intra = 2.0 * s.T * C * (s.K + s.V) if causal else 0.0
+    return s.B * s.H * (inter + intra)
+
+
+def _cms_fwd_flops(s: Shape, mix: bool) -> float:
+    C = min(CHUNK, s.T)
+    per_head = 2.0 * s.T * C * s.K + s.M * (2.0 * s.T * C * s.V + 4.0 * s.T * s.K * s.V)
+    return s.B * s.H * per_head + (2.0 * s.B * s.T * s.H * s.M * s.V if mix else 0.0)
+
+
+def _sdpa_fwd_flops(s: Shape, causal: bool) -> float:
+    return 4.0 * s.B * s.H * s.T * s.T * s.K * (0.5 if causal else 1.0)
+
+
+# (fwd bytes, bwd bytes, fwd flops, bwd flops) per (op, provider family); e = bytes per element
+def _linear_attention(s: Shape, e: int, causal: bool, softmax: bool):
+    n = s.B * s.T * s.H
+    fwd_b, bwd_b = e * n * (2 * s.K + 2 * s.V), e * n * (4 * s.K + 3 * s.V)
+    if softmax:
+        f = _sdpa_fwd_flops(s, causal)
+        return fwd_b, bwd_b, f, 2.5 * f
+    f = _la_fwd_flops(s, causal)
+    return fwd_b, bwd_b, f, 2.0 * f
+
+
+def _cms(s: Shape, e: int, mix: bool):
+    n = s.B * s.T * s.H
+    if mix:
+        fwd_b, bwd_b = e * n * (2 * s.K + 2 * s.V + s.M), e * n * (4 * s.K + 3 * s.V + 2 * s.M)
+    else:
+        fwd_b, bwd_b = e * n * (2 * s.K + s.V + s.M * s.V), e * n * (4 * s.K + 2 * s.V + s.M * s.V)
+    f = _cms_fwd_flops(s, mix)
+    return fwd_b, bwd_b, f, 2.0 * f
+
+
+def _la_step(s: Shape, e: int, softmax: bool):
+    bh = s.B * s.H
+    if softmax:  # one query against a T-token KV cache
+        return e * bh * (s.K + s.V + s.T * (s.K + s.V)), 0.0, 4.0 * bh * s.T * s.K, 0.0
+    return 2 * STATE_BYTES * bh * s.K * s.V + e * bh * (2 * s.K + 2 * s.V), 0.0, 4.0 * bh * s.K * s.V, 0.0
+
+
+def _cms_step(s: Shape, e: int):
+    bh = s.B * s.H
+    state = 2 * STATE_BYTES * bh * s.M * s.K * s.V
+    io = e * bh * (2 * s.K + s.V + s.V + s.M)  # q, k, v, o (mixed) and the [B, H, M] gates
+    flops = bh * (s.K * s.V + 5.0 * s.M * s.K * s.V) + 2.0 * bh * s.M * s.V
+    return state + io, 0.0, flops, 0.0
+
+
+def ema_numel(s: Shape) -> int:
+    """Elements of one EMA buffer in the sweep: a [B, T, H, K] tensor (T sets the size)."""
+    return s.B * s.T * s.H * s.K
+
+
+def _ema(s: Shape, e: int):
+    n = ema_numel(s)
+    return 2 * STATE_BYTES * s.M * n + e * n, 0.0, 3.0 * s.M * n, 0.0
+
+
+def _cost(op: str, provider: str, s: Shape, e: int) -> Tuple[float, float, float, float]:
+    softmax = provider == "sdpa"
+    table: Dict[str, Callable[[], Tuple[float, float, float, float]]] = {
+        "linear_attention": lambda: _linear_attention(s, e, True, softmax),
+        "linear_attention_noncausal": lambda: _linear_attention(s, e, False, softmax),
+        "cms_scan": lambda: _cms(s, e, False),
+        "cms_scan_mix": lambda: _cms(s, e, True),
+        "linear_attention_step": lambda: _la_step(s, e, softmax),
+        "cms_step": lambda: _cms_step(s, e),
+        "ema_update_": lambda: _ema(s, e),
+    }
+    if op not in table:
+        raise ValueError(f"no roofline formula for op {op!r}")
+    return table[op]()
+
+
+def cost(op: str, provider: str, mode: str, s: Shape, dtype: torch.dtype) -> Tuple[float, float]:
+    """(bytes, flops) that `op` must move / do in `mode` ("fwd", "bwd" or "fwd+bwd")."""
+    e = torch.empty((), dtype=dtype).element_size()
+    fb, bb, ff, bf = _cost(op, provider, s, e)
+    return {"fwd": (fb, ff), "bwd": (bb, bf), "fwd+bwd": (fb + bb, ff + bf)}[mode]
+
+
+# --------------------------------------------------------------------------- card peaks
+def measure_peaks(device: torch.device, timer) -> Dict[str, float]:
+    """Copy bandwidth (bytes/s) and matmul throughput (FLOP/s) measured now with `timer`.
+
+    GPU: a 1 GiB device-to-device copy (read + write counted) and an 8192^3 bf16 matmul.
+    CPU: a 64 MiB copy and a 1024^3 float32 matmul (bf16 matmuls are not a CPU fast path).
+    `timer(fn) -> (p50, p20, p80)` in milliseconds.
+    """
+    cuda = device.type == "cuda"
+    n_bytes = (1 << 30) if cuda else (64 << 20)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    t_copy = timer(lambda: dst.copy_(src))[0] * 1e-3
+    del src, dst
+    n, mm_dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=mm_dtype)
+    b = torch.randn(n, n, device=device, dtype=mm_dtype)
+    t_mm = timer(lambda: a @ b)[0] * 1e-3
+    return {
+        "peak_bw": 2.0 * n_bytes / t_copy,
+        "peak_flops": 2.0 * n ** 3 / t_mm,
+        "peak_flops_dtype": str(mm_dtype).replace("torch.", ""),
+    }

@@ -1,0 +1,240 @@
+"""The sweep: every (op, provider, mode, T) timed, its peak memory taken, its numerics checked.
+
+Each measurement gives two rows, metric "time" (ms, p50/p20/p80) and metric "peak_mem" (MB), both
+carrying the roofline columns (bytes, flops, achieved fractions) and the relative error against
+the float64 reference. The relative error is measured once per (op, provider) at the smallest T
+of the sweep (batch capped at 2, the reference loops per token) and reported on those rows:
+outputs for "fwd", the worst input gradient for "bwd", the worse of both for "fwd+bwd".
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import roofline
+from .cases import CASES, Case, Inputs, exact, provider_unavailable
+from .roofline import Shape
+from .timing import make_timer, peak_memory, pin_malloc_mmap_threshold
+
+REL_ERR_MAX_BATCH = 2
+
+
+@dataclass
+class Config:
+    ops: Sequence[str]
+    providers: Sequence[str]
+    modes: Sequence[str]
+    seq_lens: Sequence[int]
+    batch: int
+    heads: int
+    head_dim: int
+    value_dim: int
+    memories: int
+    dtype: torch.dtype
+    device: torch.device
+    reference_max_t: int = 256     # the token-by-token reference scans only run up to this T
+    max_call_s: float = 5.0        # a provider slower than this per call skips the larger T
+    budget_s: float = 0.25         # CPU timer: time spent repeating one measurement
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    rows: List[dict]
+    meta: dict
+    notes: List[str] = field(default_factory=list)
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # triton missing or broken: the torch paths still run
+        triton_version = None
+    import hope_kernels
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return {
+        "device": device.type,
+        "device_name": name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch_version": torch.__version__,
+        "triton_version": triton_version,
+        "hope_kernels_version": hope_kernels.__version__,
+        "python_version": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
+# --------------------------------------------------------------------------- numerics
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    return (out64 - ref64).norm().item() / max(ref64.norm().item(), 1e-30)
+
+
+def _run_with_grads(case: Case, provider: str, inp: Inputs, do: Optional[torch.Tensor]):
+    inp = inp.clone()
+    for t in inp.leaves():
+        t.grad = None
+    out = case.call(provider, inp.args)
+    grads = None
+    if do is not None and inp.grads:
+        out.backward(do.to(out.dtype))
+        grads = [t.grad for t in inp.leaves()]
+    return out, grads
+
+
+def rel_errors(case: Case, providers: Sequence[str], shape: Shape, cfg: Config) -> Dict[str, Dict[str, float]]:
+    """{provider: {"fwd": err, "bwd": err, "fwd+bwd": err}} against the float64 reference."""
+    torch.manual_seed(cfg.seed + 1)
+    differentiable = len(case.modes) > 1
+    inp = case.make(shape, cfg.dtype, cfg.device, differentiable)
+    ref_out, _ = _run_with_grads(case, "reference", inp.as_float64(), None)
+    do = torch.randn_like(ref_out) if differentiable else None
+    ref_out, ref_grads = _run_with_grads(case, "reference", inp.as_float64(), do)
+    errs = {}
+    for provider in providers:
+        if not exact(case, provider):
+            continue
+        out, grads = _run_with_grads(case, provider, inp, do)
+        e_fwd = _rel(out, ref_out)
+        e_bwd = max(_rel(g, r) for g, r in zip(grads, ref_grads)) if grads else float("nan")
+        errs[provider] = {"fwd": e_fwd, "bwd": e_bwd, "fwd+bwd": max(e_fwd, e_bwd)}
+    return errs
+
+
+# --------------------------------------------------------------------------- timing one case
+def _timed_fn(case: Case, provider: str, mode: str, inp: Inputs) -> Callable[[], object]:
+    leaves = inp.leaves()
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    fwd = lambda: case.call(provider, inp.args)  # noqa: E731
+    if mode == "fwd":
+        return fwd
+    out = fwd()
+    do = torch.randn_like(out)
+    if mode == "bwd":
+        def bwd():
+            clear()
+            out.backward(do, retain_graph=True)
+        return bwd
+
+    def fwd_bwd():
+        clear()
+        fwd().backward(do)
+    return fwd_bwd
+
+
+def measure(case: Case, provider: str, mode: str, shape: Shape, cfg: Config, timer) -> Tuple[Tuple[float, float, float], Optional[int]]:
+    torch.manual_seed(cfg.seed)
+    inp = case.make(shape, cfg.dtype, cfg.device, len(case.modes) > 1)
+    fn = _timed_fn(case, provider, mode, inp)
+    times = timer(fn)
+    mem = peak_memory(fn, cfg.device)
+    return times, mem
+
+
+# --------------------------------------------------------------------------- the sweep
+def _row(base: dict, case: str, provider: str, mode: str, s: Shape, cfg: Config, metric: str,
+         unit: str, q: Tuple[float, float, float], rel: Optional[float], peaks: dict) -> dict:
+    nbytes, flops = roofline.cost(case, provider, mode, s, cfg.dtype)
+    p50_s = q[0] * 1e-3 if metric == "time" else None
+    gbps = nbytes / p50_s / 1e9 if p50_s else None
+    tflops = flops / p50_s / 1e12 if p50_s else None
+    return {
+        "op": case, "provider": provider, "mode": mode,
+        "B": s.B, "T": s.T, "H": s.H, "K": s.K, "V": s.V, "M": s.M,
+        "dtype": base["dtype"], "metric": metric, "unit": unit,
+        "p50": q[0], "p20": q[1], "p80": q[2],
+        "rel_err": rel,
+        "bytes": nbytes, "flops": flops,
+        "achieved_GBps": gbps, "achieved_TFLOPs": tflops,
+        "bw_frac": gbps * 1e9 / peaks["peak_bw"] if gbps is not None else None,
+        "flops_frac": tflops * 1e12 / peaks["peak_flops"] if tflops is not None else None,
+        "device": base["device"], "device_name": base["device_name"],
+        "torch_version": base["torch_version"], "triton_version": base["triton_version"],
+        "timestamp": base["timestamp"],
+    }
+
+
+def run(cfg: Config, log: Callable[[str], None] = print) -> Result:
+    torch.manual_seed(cfg.seed)
+    if cfg.device.type == "cpu":
+        pin_malloc_mmap_threshold()
+    timer = make_timer(cfg.device, cfg.budget_s)
+    base = environment(cfg.device, cfg.dtype)
+    t0 = time.perf_counter()
+    peaks = roofline.measure_peaks(cfg.device, timer)
+    base.update(peaks)
+    log(f"[bench] {base['device_name']}: copy {peaks['peak_bw'] / 1e9:.1f} GB/s, "
+        f"{peaks['peak_flops_dtype']} matmul {peaks['peak_flops'] / 1e12:.2f} TFLOP/s (measured now)")
+    rows: List[dict] = []
+    notes: List[str] = []
+    seq_lens = sorted(set(cfg.seq_lens))
+    for op in cfg.ops:
+        case = CASES[op]
+        providers = []
+        for p in cfg.providers:
+            if p not in case.providers:
+                continue
+            why = provider_unavailable(p, cfg.device)
+            if why:
+                notes.append(f"{op}: provider {p} skipped: {why}")
+            else:
+                providers.append(p)
+        shapes = [Shape(cfg.batch, t, cfg.heads, cfg.head_dim, cfg.value_dim, cfg.memories) for t in seq_lens]
+        s0 = shapes[0]
+        err_shape = Shape(min(s0.B, REL_ERR_MAX_BATCH), s0.T, s0.H, s0.K, s0.V, s0.M)
+        try:
+            errs = rel_errors(case, providers, err_shape, cfg)
+        except Exception as exc:  # a broken provider must not hide the others' timings
+            notes.append(f"{op}: relative errors failed: {type(exc).__name__}: {exc}")
+            errs = {}
+        for provider in providers:
+            for mode in (m for m in cfg.modes if m in case.modes):
+                for s in shapes:
+                    if provider == "reference" and not case.long_reference and s.T > cfg.reference_max_t:
+                        notes.append(f"{op}/{mode}: reference skipped for T > {cfg.reference_max_t} (token loop)")
+                        break
+                    try:
+                        q, mem = measure(case, provider, mode, s, cfg, timer)
+                    except Exception as exc:
+                        notes.append(f"{op}/{provider}/{mode} T={s.T}: failed: {type(exc).__name__}: {exc}")
+                        break
+                    rel = errs.get(provider, {}).get(mode) if s.T == s0.T else None
+                    rows.append(_row(base, op, provider, mode, s, cfg, "time", "ms", q, rel, peaks))
+                    mb = None if mem is None else mem / 2**20
+                    rows.append(_row(base, op, provider, mode, s, cfg, "peak_mem", "MB", (mb, mb, mb), rel, peaks))
+                    log(f"[bench] {op:27s} {provider:9s} {mode:7s} T={s.T:<6d} {q[0]:10.3f} ms")
+                    if q[0] * 1e-3 > cfg.max_call_s and s is not shapes[-1]:
+                        notes.append(f"{op}/{provider}/{mode}: larger T skipped ({q[0] / 1e3:.1f} s per call "
+                                     f"at T={s.T} > --max-call-s {cfg.max_call_s})")
+                        break
+    base["wall_s"] = time.perf_counter() - t0
+    base["config"] = {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v)
+                      for k, v in asdict(cfg).items()}
+    base["argv"] = sys.argv
+    return Result(rows, base, list(dict.fromkeys(notes)))
