@@ -13,12 +13,23 @@ ATTENTIONS = ("softmax", "linear")
 POSITIONS = ("rotary", "learned", "none")
 
 
-def check_keys(cls, data: Mapping[str, Any], where: str) -> None:
-    """Unknown keys are an error that names them and lists the known ones."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+def check_keys(cls, data: Mapping[str, Any], where: str) -> dict:
+    """Unknown keys are an error that names them and lists the known ones.
+
+    Returns a copy where strings given for float fields are parsed (YAML reads `3e-4` as a string).
+    """
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"unknown {where} key(s) {unknown}; known keys: {sorted(known)}")
+    out = dict(data)
+    for k, v in data.items():
+        if isinstance(v, str) and "float" in str(known[k].type):
+            try:
+                out[k] = float(v)
+            except ValueError:
+                raise ValueError(f"{where}.{k} must be a number, got {v!r}") from None
+    return out
 
 
 def check_positive(obj, *names: str) -> None:
@@ -102,8 +113,7 @@ class HOPEConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HOPEConfig":
-        check_keys(cls, data, "HOPEConfig")
-        return cls(**data)
+        return cls(**check_keys(cls, data, "HOPEConfig"))
 
     def to_yaml(self, path: Optional[str] = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
