@@ -39,7 +39,7 @@ def _dense(q, k, v, scale: float, causal: bool, S0: Optional[torch.Tensor], chun
     qc, kc, vc = (x.view(B, C, BT, H, x.shape[-1]).transpose(2, 3) for x in (q, k, v))  # [B, C, H, BT, D]
     kv = kc.transpose(-1, -2) @ vc                                                         # [B, C, H, K, V]
     S_incl = kv.cumsum(1)
-    S_prev = S_incl - kv
+    S_prev = torch.cat([torch.zeros_like(kv[:, :1]), S_incl[:, :-1]], 1)   # exclusive, no cancellation
     if S0 is not None:
         S_prev = S_prev + S0[:, None]
     mask = torch.ones(BT, BT, dtype=torch.bool, device=q.device).tril()
