@@ -28,3 +28,6 @@ class KernelSpec:
     signature: Dict[str, str]        # arg name -> "*fp32", "*bf16", "i32", "i64", "fp32", "constexpr"
     constexprs: Dict[str, Any]       # constexpr values fixed by the shape (K, V, flags, ...)
     configs: List[KernelConfig] = field(default_factory=list)
+    # integer args a typical call passes as multiples of 16 (the JIT then specialises them, which
+    # enables vectorised loads); pointer args are always taken as 16-byte aligned.
+    divisible_by_16: List[str] = field(default_factory=list)

@@ -131,5 +131,6 @@ def compile_specs() -> List[KernelSpec]:
         constexprs = {"S_FROM_TABLE": table, "U_FROM_TABLE": False, "U_SHARED": shared, "F64": False}
         # The list form always runs the default config (see ema_update): only that one is listed.
         cfgs = [c for c in configs if c.default] if table else configs
-        specs.append(KernelSpec(f"ema.update[{name}]", _ema_update_kernel, signature, constexprs, cfgs))
+        specs.append(KernelSpec(f"ema.update[{name}]", _ema_update_kernel, signature, constexprs, cfgs,
+                                divisible_by_16=["N", "stride_sm", "stride_um"]))
     return specs

@@ -1,0 +1,53 @@
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 (no GPU needed).
+
+One test per (kernel spec, arch), so pytest-xdist spreads the compiles. Each prints its rows of
+the compile report (`pytest -s` shows them): registers, local-memory spills, shared memory,
+occupancy, tensor-core instructions. A default config must not spill and must fit the
+shared-memory limit of the arch; every compiled config must compile.
+
+To keep CI fast on 2 cores, non-default configs are compiled for sm_90 only and for one spec
+per kernel function; HOPE_KERNELS_COMPILE_ALL=1 compiles every config of every spec on both.
+"""
+import pytest
+
+from hope_kernels import compile_check as cc
+
+SPECS, PROBLEMS = cc.collect_specs(cc.KERNEL_MODULES, strict=False)
+
+
+def test_every_kernel_module_has_compile_specs():
+    """A listed kernel module that is missing, fails to import or lists no kernels is a failure."""
+    assert not PROBLEMS, "\n".join(PROBLEMS)
+
+
+@pytest.mark.parametrize("arch", cc.ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_compiles(spec, arch):
+    configs = cc.configs_for(spec, arch, SPECS)
+    results = [cc.compile_config(spec, c, arch, sass=c.default) for c in configs]
+    print("\n" + cc.format_table(results))
+    failed = [f"{r.config}: {r.error}" for r in results if r.error]
+    assert not failed, f"{spec.name} does not compile for sm_{arch}:\n" + "\n".join(failed)
+    (default,) = [r for r in results if r.default]
+    limit = cc.LIMITS[arch].smem_per_block
+    assert default.spill_bytes == 0, (
+        f"{spec.name} default config {default.config} spills on sm_{arch}: {default.spill_bytes} bytes of "
+        f"local memory per thread ({default.spill_stores} bytes of spill stores), {default.registers} registers")
+    assert default.fits_shared, (
+        f"{spec.name} default config {default.config} needs {default.shared_bytes} bytes of shared memory, "
+        f"more than the {limit} of sm_{arch}")
+
+
+def test_occupancy_model():
+    """The occupancy estimate against hand-computed cases of the CUDA occupancy rules."""
+    # 32 registers, 4 warps, no shared memory: 64 warps (the warp limit).
+    assert cc.occupancy(32, 0, 4, 90) == (64, "warps")
+    # 128 registers: 4096 per warp, 16 warps fit the 65536-register file.
+    assert cc.occupancy(128, 0, 4, 90) == (16, "regs")
+    # 255 registers round up to 256 per thread: 8 warps.
+    assert cc.occupancy(255, 0, 4, 80) == (8, "regs")
+    # 100 KiB of shared memory per block: one block of 4 warps on sm_80, two on sm_90.
+    assert cc.occupancy(32, 100 * 1024, 4, 80) == (4, "smem")
+    assert cc.occupancy(32, 100 * 1024, 4, 90) == (8, "smem")
+    # Over the opt-in per-block limit: no block fits.
+    assert cc.occupancy(32, cc.LIMITS[80].smem_per_block + 1, 4, 80) == (0, "smem")
