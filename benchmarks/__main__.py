@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-call-s", type=float, default=5.0,
                    help="a provider slower than this per call skips the larger T (default 5 s)")
     p.add_argument("--budget-s", type=float, default=0.25, help="CPU timer: seconds spent per measurement")
+    p.add_argument("--min-reps", type=int, default=3, help="CPU timer: timed calls at least (default 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: all cores; 1 is steadier on a busy machine)")
     p.add_argument("--model", action="store_true", help="also run the model-level benchmark (benchmarks.model, tiny)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--list", action="store_true", help="list the ops and providers and exit")
@@ -70,6 +73,8 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from . import report, suite
     from .cases import MODES, OPS, PROVIDERS
 
@@ -102,6 +107,7 @@ def main(argv=None) -> int:
         reference_max_t=args.reference_max_t,
         max_call_s=args.max_call_s,
         budget_s=args.budget_s,
+        min_reps=args.min_reps,
     )
     if not gpu:
         print("[bench] no CUDA device: running the CPU providers at small sizes. GPU timings (Triton "

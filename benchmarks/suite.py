@@ -41,6 +41,7 @@ class Config:
     reference_max_t: int = 256     # the token-by-token reference scans only run up to this T
     max_call_s: float = 5.0        # a provider slower than this per call skips the larger T
     budget_s: float = 0.25         # CPU timer: time spent repeating one measurement
+    min_reps: int = 3              # CPU timer: timed calls at least
     seed: int = 0
 
 
@@ -180,11 +181,12 @@ def _row(base: dict, case: str, provider: str, mode: str, s: Shape, cfg: Config,
     }
 
 
-def run(cfg: Config, log: Callable[[str], None] = print) -> Result:
+def run(cfg: Config, log: Callable[[str], None] = None) -> Result:
+    log = log or (lambda msg: print(msg, flush=True))
     torch.manual_seed(cfg.seed)
     if cfg.device.type == "cpu":
         pin_malloc_mmap_threshold()
-    timer = make_timer(cfg.device, cfg.budget_s)
+    timer = make_timer(cfg.device, cfg.budget_s, cfg.min_reps)
     base = environment(cfg.device, cfg.dtype)
     t0 = time.perf_counter()
     peaks = roofline.measure_peaks(cfg.device, timer)

@@ -54,10 +54,10 @@ def cuda_timer(fn: Callable[[], object], *, grad_to_none: Optional[Sequence[torc
     return float(p50), float(p20), float(p80)
 
 
-def make_timer(device: torch.device, budget_s: float = 0.25) -> Callable[..., Quantiles]:
+def make_timer(device: torch.device, budget_s: float = 0.25, min_reps: int = 3) -> Callable[..., Quantiles]:
     if device.type == "cuda":
         return lambda fn, grad_to_none=None: cuda_timer(fn, grad_to_none=grad_to_none)
-    return lambda fn, grad_to_none=None: cpu_timer(fn, budget_s=budget_s)
+    return lambda fn, grad_to_none=None: cpu_timer(fn, budget_s=budget_s, min_reps=max(1, min_reps))
 
 
 # --------------------------------------------------------------------------- peak memory

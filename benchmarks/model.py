@@ -1,0 +1,284 @@
+"""`python -m benchmarks.model`: the HOPE language model end to end, per backend and attention type.
+
+Measures, for attention in {softmax, linear} and each backend (triton on GPU, torch, reference):
+- training tokens/s: forward + backward + AdamW step on random byte tokens [B, T];
+- generation tokens/s: `HOPE.generate` (greedy, KV / recurrent caches) from a short prompt;
+- latency per generated token vs prefix length P: one cached decode step after a P-token prefill
+  (flat in P for the linear path, whose caches are fixed-size states; growing for softmax, whose
+  KV cache grows), and one uncached step, i.e. a forward over the whole prefix (what generation
+  without caches pays per token: growing with P for both).
+
+Writes model_results.csv / model_results.json and model_latency.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .timing import quantile
+
+
+@dataclass
+class ModelBenchConfig:
+    dim: int
+    num_layers: int
+    num_heads: int
+    num_memory_modules: int
+    batch: int
+    seq_len: int                       # training context
+    prompt_len: int                    # generation tokens/s: prompt length
+    new_tokens: int                    # generation tokens/s: tokens generated
+    prefixes: Sequence[int]            # latency per token vs prefix length
+    backends: Sequence[str]
+    attentions: Sequence[str] = ("softmax", "linear")
+    train_steps: int = 3
+    latency_reps: int = 5
+    dtype: str = "float32"             # autocast dtype on GPU ("bfloat16"); float32 runs without autocast
+
+
+def default_config(gpu: bool, quick: bool = False) -> ModelBenchConfig:
+    if gpu:
+        return ModelBenchConfig(dim=512, num_layers=6, num_heads=8, num_memory_modules=4, batch=8,
+                                seq_len=1024 if not quick else 512, prompt_len=64, new_tokens=64 if not quick else 32,
+                                prefixes=(128, 512, 2048, 8192) if not quick else (128, 512, 2048),
+                                backends=("triton", "torch"), dtype="bfloat16")
+    if quick:
+        return ModelBenchConfig(dim=32, num_layers=1, num_heads=2, num_memory_modules=2, batch=1, seq_len=32,
+                                prompt_len=4, new_tokens=4, prefixes=(8, 32, 128), backends=("torch",),
+                                train_steps=2, latency_reps=3)
+    return ModelBenchConfig(dim=128, num_layers=2, num_heads=4, num_memory_modules=4, batch=4, seq_len=256,
+                            prompt_len=16, new_tokens=32, prefixes=(32, 128, 512, 1024), backends=("torch", "reference"))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device, dtype: str):
+    if dtype == "float32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def _build(cfg: ModelBenchConfig, attention: str, backend: str, device, max_len: int):
+    from hope import HOPE
+    torch.manual_seed(0)
+    return HOPE(vocab_size=256, dim=cfg.dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                num_memory_modules=cfg.num_memory_modules, use_cms=True, attention=attention,
+                max_seq_len=max_len, backend=backend).to(device)
+
+
+def train_tokens_per_s(model, cfg: ModelBenchConfig, device) -> float:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 256, (cfg.batch, cfg.seq_len + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        with _autocast(device, cfg.dtype):
+            loss = model(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up (Triton compilation, allocator)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg.train_steps):
+        step()
+    _sync(device)
+    return cfg.batch * cfg.seq_len * cfg.train_steps / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def generate_tokens_per_s(model, cfg: ModelBenchConfig, device) -> float:
+    prompt = torch.randint(0, 256, (cfg.batch, cfg.prompt_len), device=device)
+    with _autocast(device, cfg.dtype):
+        model.generate(prompt, max_new_tokens=2, temperature=0.0)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=cfg.new_tokens, temperature=0.0)
+        _sync(device)
+    return cfg.batch * cfg.new_tokens / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def latency_per_token(model, cfg: ModelBenchConfig, device, prefix: int, cached: bool) -> List[float]:
+    """Milliseconds for one more token after `prefix` tokens, with or without caches (reps of it)."""
+    model.eval()
+    seq = torch.randint(0, 256, (1, prefix + 1), device=device)
+    times = []
+    with _autocast(device, cfg.dtype):
+        for _ in range(cfg.latency_reps + 1):
+            if cached:
+                cache = model.new_cache()
+                model(seq[:, :prefix], cache=cache)  # prefill (not timed)
+                _sync(device)
+                t0 = time.perf_counter()
+                model(seq[:, prefix:], cache=cache)
+            else:
+                _sync(device)
+                t0 = time.perf_counter()
+                model(seq)
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times[1:]  # first rep is a warm-up
+
+
+def hope_unavailable() -> Optional[str]:
+    try:
+        from hope import HOPE  # noqa: F401
+    except Exception as exc:
+        return f"hope.HOPE is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def run(cfg: ModelBenchConfig, device: torch.device, out_dir: Optional[str] = None, log=None) -> Dict:
+    """All measurements as {"config", "throughput": [...], "latency": [...], "skipped"}; writes files."""
+    log = log or (lambda msg: print(msg, flush=True))
+    why = hope_unavailable()
+    if why:
+        log(f"[model] skipped: {why}")
+        return {"skipped": why}
+    from hope_kernels.utils import triton_unavailable_reason
+    result = {"config": asdict(cfg), "device": device.type, "throughput": [], "latency": [], "notes": []}
+    max_len = max(cfg.seq_len, cfg.prompt_len + cfg.new_tokens, max(cfg.prefixes) + 1)
+    for backend in cfg.backends:
+        if backend == "triton" and triton_unavailable_reason(device):
+            result["notes"].append(f"backend triton skipped: {triton_unavailable_reason(device)}")
+            continue
+        for attention in cfg.attentions:
+            try:
+                model = _build(cfg, attention, backend, device, max_len)
+                train = train_tokens_per_s(model, cfg, device)
+                gen = generate_tokens_per_s(model, cfg, device)
+            except Exception as exc:
+                result["notes"].append(f"{attention}/{backend}: failed: {type(exc).__name__}: {exc}")
+                continue
+            result["throughput"].append({"attention": attention, "backend": backend,
+                                         "train_tokens_per_s": train, "generate_tokens_per_s": gen})
+            log(f"[model] {attention:7s} {backend:9s} train {train:10.1f} tok/s   generate {gen:8.1f} tok/s")
+    # latency vs prefix: the fastest backend available (first in the list)
+    backend = next((b for b in cfg.backends if b != "triton" or not triton_unavailable_reason(device)), None)
+    for attention in cfg.attentions if backend else ():
+        model = _build(cfg, attention, backend, device, max_len)
+        for cached in (True, False):
+            for prefix in cfg.prefixes:
+                ts = latency_per_token(model, cfg, device, prefix, cached)
+                result["latency"].append({"attention": attention, "backend": backend, "cache": cached,
+                                          "prefix": prefix, "p50_ms": quantile(ts, 0.5),
+                                          "p20_ms": quantile(ts, 0.2), "p80_ms": quantile(ts, 0.8)})
+                log(f"[model] latency {attention:7s} cache={str(cached):5s} prefix={prefix:<6d} "
+                    f"{quantile(ts, 0.5):9.3f} ms/token")
+    if out_dir:
+        write(result, out_dir)
+    return result
+
+
+def table(result: Dict) -> str:
+    if "skipped" in result:
+        return f"model benchmark skipped: {result['skipped']}"
+    c = result["config"]
+    lines = [f"HOPE dim={c['dim']} layers={c['num_layers']} heads={c['num_heads']} M={c['num_memory_modules']} "
+             f"B={c['batch']} T={c['seq_len']} ({c['dtype']}, {result['device']})",
+             f"{'attention':9s} {'backend':9s} {'train tok/s':>12s} {'generate tok/s':>15s}"]
+    for r in result["throughput"]:
+        lines.append(f"{r['attention']:9s} {r['backend']:9s} {r['train_tokens_per_s']:12.1f} "
+                     f"{r['generate_tokens_per_s']:15.1f}")
+    if result["latency"]:
+        prefixes = sorted({r["prefix"] for r in result["latency"]})
+        lines += ["", "ms per generated token vs prefix length (batch 1):",
+                  f"{'attention':9s} {'cache':6s} " + " ".join(f"{p:>9d}" for p in prefixes)]
+        series: Dict = {}
+        for r in result["latency"]:
+            series.setdefault((r["attention"], r["cache"]), {})[r["prefix"]] = r["p50_ms"]
+        for (att, cached), vals in series.items():
+            lines.append(f"{att:9s} {('yes' if cached else 'no'):6s} " +
+                         " ".join(f"{vals.get(p, float('nan')):9.3f}" for p in prefixes))
+    lines += [f"note: {n}" for n in result.get("notes", [])]
+    return "\n".join(lines)
+
+
+def write(result: Dict, out_dir: str) -> List[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "model_results.json"), os.path.join(out_dir, "model_results.csv")]
+    with open(paths[0], "w") as f:
+        json.dump(result, f, indent=1)
+    with open(paths[1], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["kind", "attention", "backend", "cache", "prefix", "value", "unit", "p20", "p80"])
+        for r in result["throughput"]:
+            w.writerow(["train", r["attention"], r["backend"], "", "", r["train_tokens_per_s"], "tokens/s", "", ""])
+            w.writerow(["generate", r["attention"], r["backend"], "yes", "", r["generate_tokens_per_s"], "tokens/s", "", ""])
+        for r in result["latency"]:
+            w.writerow(["latency", r["attention"], r["backend"], "yes" if r["cache"] else "no", r["prefix"],
+                        r["p50_ms"], "ms/token", r["p20_ms"], r["p80_ms"]])
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return paths
+    if result["latency"]:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        series: Dict = {}
+        for r in result["latency"]:
+            series.setdefault((r["attention"], r["cache"]), []).append((r["prefix"], r["p50_ms"]))
+        for (att, cached), pts in series.items():
+            pts.sort()
+            ax.plot([p for p, _ in pts], [t for _, t in pts], marker="o",
+                    linestyle="-" if cached else "--", label=f"{att}, {'cached' if cached else 'no cache'}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("prefix length")
+        ax.set_ylabel("ms per generated token (p50)")
+        ax.set_title(f"HOPE generation latency ({result['device']})", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "model_latency.png"))
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="a tiny model (seconds)")
+    p.add_argument("--backends", default=None, help="comma list of triton,torch,reference")
+    p.add_argument("--attentions", default="softmax,linear")
+    p.add_argument("--prefixes", default=None, help="comma list of prefix lengths for the latency curve")
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = default_config(device.type == "cuda", args.quick)
+    if args.backends:
+        cfg.backends = tuple(args.backends.split(","))
+    cfg.attentions = tuple(args.attentions.split(","))
+    if args.prefixes:
+        cfg.prefixes = tuple(int(x) for x in args.prefixes.split(","))
+    for name, field in (("dim", "dim"), ("layers", "num_layers"), ("batch", "batch"), ("seq_len", "seq_len")):
+        if getattr(args, name) is not None:
+            setattr(cfg, field, getattr(args, name))
+    result = run(cfg, device, args.out)
+    print()
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
