@@ -48,9 +48,21 @@ def _empty(*shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def tile_sizes(K: int, V: int):
-    """State tile [BK, BV]: powers of two in [16, 64] (tl.dot needs every dimension >= 16)."""
-    return (max(16, min(triton.next_power_of_2(K), 64)), max(16, min(triton.next_power_of_2(V), 64)))
+# Largest tiles (BT, BK, BV) per kernel: the float32 state tile, the q/k/v chunk tiles and the
+# [BT, BT] score tile all live in registers; these keep the default configs free of spills on
+# sm_80 and sm_90 (the backward holds twice as many tiles as the forward).
+FWD_TILES = (64, 64, 32)
+BWD_TILES = (32, 32, 32)
+
+
+def tile_sizes(K: int, V: int, chunk_size: int, limits=FWD_TILES):
+    """(BT, BK, BV): powers of two in [16, limit] (tl.dot needs every dimension >= 16).
+
+    BT is the chunk size capped at the limit: the chunk only tiles the work, the result does not depend on it.
+    """
+    bt, bk, bv = limits
+    return (max(16, min(chunk_size, bt)), max(16, min(triton.next_power_of_2(K), bk)),
+            max(16, min(triton.next_power_of_2(V), bv)))
 
 
 # --------------------------------------------------------------------------- forward
@@ -289,14 +301,14 @@ def linear_attention_fwd(q, k, v, scale, causal, h0, output_final_state, cu_seql
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BK, BV = tile_sizes(K, V)
+    BT, BK, BV = tile_sizes(K, V, chunk_size, FWD_TILES)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     o = _empty(NK, B, T, H, V, dtype=out_dtype if NK == 1 else torch.float32, device=q.device)
     ht = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     if N * H > 0:
         linear_attention_fwd_kernel[(N * H, NV, NK)](
             q, k, v, o, h0, ht, cu_seqlens, scale, T, B * T,
-            H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, CAUSAL=causal)
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, CAUSAL=causal)
     o = o[0] if NK == 1 else o.sum(0).to(out_dtype)
     return o, ht
 
@@ -306,7 +318,7 @@ def linear_attention_bwd(q, k, v, do, scale, causal, h0, dht, cu_seqlens, chunk_
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BK, BV = tile_sizes(K, V)
+    BT, BK, BV = tile_sizes(K, V, chunk_size, BWD_TILES)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     dq = _empty(NV, B, T, H, K, dtype=q.dtype if NV == 1 else torch.float32, device=q.device)
     dk = _empty(NV, B, T, H, K, dtype=k.dtype if NV == 1 else torch.float32, device=q.device)
@@ -315,7 +327,7 @@ def linear_attention_bwd(q, k, v, do, scale, causal, h0, dht, cu_seqlens, chunk_
     if N * H > 0:
         linear_attention_bwd_kernel[(N * H, NV, NK)](
             q, k, v, do, dq, dk, dv, h0, dht, dh0, cu_seqlens, scale, T, B * T,
-            H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, CAUSAL=causal)
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, CAUSAL=causal)
     dq = dq[0] if NV == 1 else dq.sum(0).to(q.dtype)
     dk = dk[0] if NV == 1 else dk.sum(0).to(k.dtype)
     dv = dv[0] if NK == 1 else dv.sum(0).to(v.dtype)
@@ -345,12 +357,17 @@ class LinearAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, dh0, None, None, None, None, None, None
 
 
+def _step_tiles(K: int, V: int):
+    """The whole key dimension in one tile, V in tiles of up to 64 (32 when K > 128)."""
+    BK = max(16, triton.next_power_of_2(K))
+    return BK, max(16, min(triton.next_power_of_2(V), 64 if BK <= 128 else 32))
+
+
 def linear_attention_step_triton(q, k, v, S, z, scale, eps, out_dtype):
     """q, k: [B, H, K], v: [B, H, V] contiguous; S: [B, H, K, V], z: [B, H, K] or None, updated in place."""
     B, H, K = q.shape
     V = v.shape[-1]
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(triton.next_power_of_2(V), 64 if BK <= 128 else 32))
+    BK, BV = _step_tiles(K, V)
     NV = 1 if z is not None else triton.cdiv(V, BV)
     o = _empty(B, H, V, dtype=out_dtype, device=q.device)
     if B * H > 0:
@@ -369,43 +386,39 @@ def _kernel_configs(pairs):
     return [KernelConfig(meta={}, num_warps=w, num_stages=s, default=(i == 0)) for i, (w, s) in enumerate(pairs)]
 
 
+def _scan_spec(kind, fn, D, dt, causal, flags, extra_sig):
+    BT, BK, BV = tile_sizes(D, D, 64, FWD_TILES if kind == "fwd" else BWD_TILES)
+    constexprs = dict(H=4, K=D, V=D, BT=BT, BK=BK, BV=BV, CAUSAL=causal, IS_VARLEN=True, **flags)
+    return KernelSpec(
+        name=f"linear_attention.{kind}[K={D},V={D},{dt},{'causal' if causal else 'noncausal'}]",
+        fn=_unwrap(fn),
+        signature={**extra_sig, "cu_seqlens": "*i64", "scale": "fp32", "T": "i32", "NT": "i32",
+                   **{n: "constexpr" for n in constexprs}},
+        constexprs=constexprs,
+        configs=_kernel_configs(_SCAN_CONFIGS))
+
+
 def compile_specs():
-    """Every kernel at representative signatures (bf16, K = V = 64 and 128), every autotune config."""
+    """Every kernel at representative signatures (bf16 inputs; K = V = 64 and 128), every autotune config."""
     specs = []
-    for D in (64, 128):
-        for dt in ("bf16", "fp32"):
-            BK, BV = tile_sizes(D, D)
-            for causal in (True, False):
-                common = dict(H=4, K=D, V=D, BT=64, BK=BK, BV=BV, CAUSAL=causal,
-                              USE_INITIAL_STATE=True, IS_VARLEN=True)
-                tag = f"K={D},V={D},{dt},{'causal' if causal else 'noncausal'}"
-                specs.append(KernelSpec(
-                    name=f"linear_attention.fwd[{tag}]",
-                    fn=_unwrap(linear_attention_fwd_kernel),
-                    signature={"q": f"*{dt}", "k": f"*{dt}", "v": f"*{dt}", "o": f"*{dt}", "h0": "*fp32",
-                               "ht": "*fp32", "cu_seqlens": "*i64", "scale": "fp32", "T": "i32", "NT": "i32",
-                               **{n: "constexpr" for n in common}, "STORE_FINAL_STATE": "constexpr"},
-                    constexprs={**common, "STORE_FINAL_STATE": True},
-                    configs=_kernel_configs(_SCAN_CONFIGS)))
-                specs.append(KernelSpec(
-                    name=f"linear_attention.bwd[{tag}]",
-                    fn=_unwrap(linear_attention_bwd_kernel),
-                    signature={"q": f"*{dt}", "k": f"*{dt}", "v": f"*{dt}", "do": f"*{dt}", "dq": "*fp32",
-                               "dk": "*fp32", "dv": "*fp32", "h0": "*fp32", "dht": "*fp32", "dh0": "*fp32",
-                               "cu_seqlens": "*i64", "scale": "fp32", "T": "i32", "NT": "i32",
-                               **{n: "constexpr" for n in common},
-                               "USE_FINAL_STATE_GRADIENT": "constexpr", "STORE_INITIAL_STATE_GRADIENT": "constexpr"},
-                    constexprs={**common, "USE_FINAL_STATE_GRADIENT": True, "STORE_INITIAL_STATE_GRADIENT": True},
-                    configs=_kernel_configs(_SCAN_CONFIGS)))
-            for normalize in (False, True):
-                BK = triton.next_power_of_2(D)
-                BV = min(triton.next_power_of_2(D), 64 if BK <= 128 else 32)
-                c = dict(K=D, V=D, BK=BK, BV=BV, NORMALIZE=normalize)
-                specs.append(KernelSpec(
-                    name=f"linear_attention.step[K={D},V={D},{dt},{'normalize' if normalize else 'plain'}]",
-                    fn=_unwrap(linear_attention_step_kernel),
-                    signature={"q": f"*{dt}", "k": f"*{dt}", "v": f"*{dt}", "o": f"*{dt}", "S": "*fp32",
-                               "z": "*fp32", "scale": "fp32", "eps": "fp32", **{n: "constexpr" for n in c}},
-                    constexprs=c,
-                    configs=_kernel_configs(_STEP_CONFIGS)))
+    for D, dt, causal in ((64, "bf16", True), (128, "bf16", True), (64, "bf16", False)):
+        x = f"*{dt}"
+        specs.append(_scan_spec("fwd", linear_attention_fwd_kernel, D, dt, causal,
+                                dict(USE_INITIAL_STATE=True, STORE_FINAL_STATE=True),
+                                {"q": x, "k": x, "v": x, "o": x, "h0": "*fp32", "ht": "*fp32"}))
+        specs.append(_scan_spec("bwd", linear_attention_bwd_kernel, D, dt, causal,
+                                dict(USE_INITIAL_STATE=True, USE_FINAL_STATE_GRADIENT=True,
+                                     STORE_INITIAL_STATE_GRADIENT=True),
+                                {"q": x, "k": x, "v": x, "do": x, "dq": "*fp32", "dk": "*fp32", "dv": "*fp32",
+                                 "h0": "*fp32", "dht": "*fp32", "dh0": "*fp32"}))
+    for D, normalize in ((64, False), (64, True), (128, False)):
+        BK, BV = _step_tiles(D, D)
+        c = dict(K=D, V=D, BK=BK, BV=BV, NORMALIZE=normalize)
+        specs.append(KernelSpec(
+            name=f"linear_attention.step[K={D},V={D},bf16,{'normalize' if normalize else 'plain'}]",
+            fn=_unwrap(linear_attention_step_kernel),
+            signature={"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "S": "*fp32", "z": "*fp32",
+                       "scale": "fp32", "eps": "fp32", **{n: "constexpr" for n in c}},
+            constexprs=c,
+            configs=_kernel_configs(_STEP_CONFIGS)))
     return specs
