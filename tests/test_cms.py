@@ -1,0 +1,383 @@
+"""cms_scan / cms_step: both backends against the float64 reference (values and every gradient),
+timescales from 1e-3 to 1 - 1e-4, long sequences, M = 1 as decayed linear attention,
+split-and-resume, step loops, packed sequences, NaN-poisoned buffers and bad inputs."""
+import pytest
+import torch
+
+from hope_kernels import cms_scan, cms_step, reference
+from helpers import as_ref, assert_close, randn
+
+BACKENDS = ["triton", "torch"]
+TAUS = [1e-3, 0.01, 0.5, 0.99, 0.9999]
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every floating torch.empty comes back NaN-filled: a buffer element a kernel forgets to
+    write (output, gradient, state) shows up as NaN in the comparison."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _decay(M, H=None, device="cpu", requires_grad=False, taus=TAUS):
+    """Timescales spread over the whole range (per head: each head a different permutation)."""
+    base = torch.tensor([taus[i % len(taus)] for i in range(M)], dtype=torch.float32)
+    tau = base if H is None else torch.stack([base.roll(h) for h in range(H)])
+    return tau.to(device).requires_grad_(requires_grad)
+
+
+def _mix(kind, B, T, H, M, dtype, device):
+    shape = {None: None, "M": (M,), "HM": (H, M), "BTHM": (B, T, H, M)}[kind]
+    return None if shape is None else randn(*shape, dtype=dtype, device=device, requires_grad=True)
+
+
+def _inputs(B, T, H, K, V, M, dtype, device, mix=None, per_head=False, h0=True, N=None):
+    q = randn(B, T, H, K, dtype=dtype, device=device, requires_grad=True)
+    k = randn(B, T, H, K, dtype=dtype, device=device, requires_grad=True)
+    v = randn(B, T, H, V, dtype=dtype, device=device, requires_grad=True)
+    decay = _decay(M, H if per_head else None, device, requires_grad=True)
+    state = randn(N or B, H, M, K, V, device=device, requires_grad=True) if h0 else None
+    return q, k, v, decay, _mix(mix, B, T, H, M, dtype, device), state
+
+
+def _grads(outputs, inputs, seed=1):
+    """Gradients of a random linear functional of `outputs` (same cotangents for every caller)."""
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
+               for o in outputs)
+    live = [x for x in inputs if x is not None and x.requires_grad]
+    return dict(zip([id(x) for x in live], torch.autograd.grad(loss, live, allow_unused=True, materialize_grads=True)))
+
+
+def _check_scan(backend, device, dtype, B, T, H, K, V, M, mix=None, per_head=False, h0=True,
+                chunk_size=16, grad=True):
+    """Forward, final state and every gradient against the float64 reference; returns the errors."""
+    q, k, v, decay, mx, s0 = _inputs(B, T, H, K, V, M, dtype, device, mix, per_head, h0)
+    o, st = cms_scan(q, k, v, decay, mx, initial_state=s0, output_final_state=True,
+                     chunk_size=chunk_size, backend=backend)
+    args = [as_ref(x) for x in (q, k, v, decay, mx, s0)]
+    rq, rk, rv, rd, rm, rs = [None if a is None else a.cpu() for a in args]
+    ro, rst = reference.cms_scan(rq, rk, rv, rd, rm, initial_state=rs, output_final_state=True)
+    assert o.dtype == dtype and st.dtype == torch.float32
+    errs = {"o": assert_close("o", o, ro, dtype, device), "state": assert_close("state", st, rst, dtype, device)}
+    if grad:
+        names = ["q", "k", "v", "decay", "mix", "initial_state"]
+        ours, refs = (q, k, v, decay, mx, s0), (rq, rk, rv, rd, rm, rs)
+        g, rg = _grads([o, st], ours), _grads([ro, rst], refs)
+        for name, x, r in zip(names, ours, refs):
+            if x is not None:
+                errs["d" + name] = assert_close("d" + name, g[id(x)], rg[id(r)], dtype, device, grad=True)
+    return errs
+
+
+# ----------------------------------------------------------------------------- scan vs reference
+# Representative rather than Cartesian: every mix form, both decay forms, with and without an
+# initial state, every dtype; K, V not powers of two and T not a multiple of the chunk.
+CASES = [
+    # dtype,         mix,    per_head, h0
+    (torch.float32, None, False, True),
+    (torch.float32, "M", False, False),
+    (torch.float32, "HM", True, True),
+    (torch.float32, "BTHM", True, True),
+    (torch.float16, "BTHM", False, True),
+    (torch.float16, None, True, False),
+    (torch.bfloat16, None, False, True),
+    (torch.bfloat16, "HM", True, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,mix,per_head,h0", CASES)
+def test_scan_matches_reference(backend, device, poison_empty, dtype, mix, per_head, h0):
+    _check_scan(backend, device, dtype, B=2, T=37, H=2, K=12, V=20, M=3, mix=mix, per_head=per_head, h0=h0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_all_timescales_T256(backend, device):
+    """tau = 1e-3 .. 0.9999 in one call, T = 256 over 4 chunks, decay gradient included."""
+    _check_scan(backend, device, torch.float32, B=1, T=256, H=1, K=16, V=16, M=5, mix="HM", chunk_size=64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tau", TAUS)
+def test_scan_single_timescale(backend, device, tau):
+    """Each tau on its own (M = 1), gradients included: no over/underflow to NaN, tight errors."""
+    q, k, v, _, _, s0 = _inputs(1, 40, 1, 16, 16, 1, torch.float32, device)
+    decay = torch.tensor([tau], device=device, requires_grad=True)
+    o, st = cms_scan(q, k, v, decay, initial_state=s0, output_final_state=True, chunk_size=16, backend=backend)
+    ref = [as_ref(x).cpu() for x in (q, k, v, decay, s0)]
+    ro, rst = reference.cms_scan(*ref[:4], initial_state=ref[4], output_final_state=True)
+    assert_close("o", o, ro, torch.float32, device)
+    assert_close("state", st, rst, torch.float32, device)
+    g, rg = _grads([o, st], (q, k, v, decay, s0)), _grads([ro, rst], ref)
+    for name, x, r in zip("q k v decay h0".split(), (q, k, v, decay, s0), ref):
+        assert_close("d" + name, g[id(x)], rg[id(r)], torch.float32, device, grad=True)
+
+
+def test_long_sequence_torch_backend():
+    """T = 4096 on the torch backend: finite everywhere, values equal to the float64 reference,
+    gradients equal to the float64 chunked path (the token-by-token reference's autograd is
+    quadratic in T; that path is itself checked against the reference above)."""
+    q, k, v, decay, mx, s0 = _inputs(1, 4096, 1, 8, 8, 5, torch.float32, "cpu", "HM")
+    o, st = cms_scan(q, k, v, decay, mx, initial_state=s0, output_final_state=True, backend="torch")
+    ref = [as_ref(x) for x in (q, k, v, decay, mx, s0)]
+    with torch.no_grad():
+        ro, rst = reference.cms_scan(*ref[:5], initial_state=ref[5], output_final_state=True)
+    assert_close("o", o, ro, torch.float32, "cpu")
+    assert_close("state", st, rst, torch.float32, "cpu")
+    o64, st64 = cms_scan(*ref[:5], initial_state=ref[5], output_final_state=True, backend="torch")
+    assert_close("o (float64 path)", o64, ro, torch.float64, "cpu")
+    g, rg = _grads([o, st], (q, k, v, decay, mx, s0)), _grads([o64, st64], ref)
+    for name, x, r in zip("q k v decay mix h0".split(), (q, k, v, decay, mx, s0), ref):
+        assert torch.isfinite(g[id(x)]).all(), f"d{name} not finite"
+        assert_close("d" + name, g[id(x)], rg[id(r)], torch.float32, "cpu", grad=True)
+
+
+def test_long_sequence_torch_split_and_resume_8192():
+    """T = 8192: one call equals two resumed halves (and stays finite)."""
+    q, k, v, decay, mx, s0 = _inputs(1, 8192, 1, 8, 8, 5, torch.float32, "cpu", "BTHM")
+    with torch.no_grad():
+        o, st = cms_scan(q, k, v, decay, mx, initial_state=s0, output_final_state=True, backend="torch")
+        t = 3001
+        o1, s1 = cms_scan(q[:, :t], k[:, :t], v[:, :t], decay, mx[:, :t], initial_state=s0,
+                          output_final_state=True, backend="torch")
+        o2, s2 = cms_scan(q[:, t:], k[:, t:], v[:, t:], decay, mx[:, t:], initial_state=s1,
+                          output_final_state=True, backend="torch")
+    assert torch.isfinite(o).all() and torch.isfinite(st).all()
+    assert_close("o", torch.cat([o1, o2], 1), o.double(), torch.float32, "cpu")
+    assert_close("state", s2, st.double(), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_memory_is_decayed_linear_attention(backend, device):
+    """M = 1 is linear attention with k scaled by (1 - tau) and a state decaying by tau per step:
+    o = scale * ((q k'^T) * tau^(t - s) causal) v, written here as one masked matrix product."""
+    B, T, H, K, V, tau = 2, 30, 2, 8, 12, 0.8
+    q, k, v = (randn(B, T, H, d, device=device) for d in (K, K, V))
+    o, _ = cms_scan(q, k, v, torch.tensor([tau], device=device), backend=backend)
+    t = torch.arange(T, dtype=torch.float64)
+    decay = torch.where(t[:, None] >= t[None, :], tau ** (t[:, None] - t[None, :]).clamp(min=0), 0.)
+    q64, k64, v64 = (x.double().cpu() for x in (q, k, v))
+    scores = torch.einsum("bthk,bshk->bhts", q64 * K ** -0.5, (1 - tau) * k64) * decay
+    expected = torch.einsum("bhts,bshv->bthv", scores, v64)
+    assert_close("o", o[..., 0, :], expected, torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_tau_reads_only_the_current_token(backend, device):
+    """tau -> 0: the memory holds (1 - tau) k_t v_t^T plus O(tau) history."""
+    q, k, v = (randn(1, 20, 2, 16, device=device) for _ in range(3))
+    tau = 1e-3
+    o, st = cms_scan(q, k, v, torch.tensor([tau], device=device), output_final_state=True, backend=backend)
+    now = (q * k).sum(-1, keepdim=True) * 16 ** -0.5 * v
+    rel = ((o[..., 0, :] - now).norm() / now.norm()).item()
+    assert 1e-6 < rel < 20 * tau, rel
+    assert torch.allclose(st[0, :, 0], k[0, -1, :, :, None] * v[0, -1, :, None, :], rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_and_resume(backend, device):
+    """Two calls chained through the state equal one call, in values and in gradients."""
+    B, T, H, K, V, M, t = 1, 40, 2, 8, 16, 3, 23
+    q, k, v, decay, mx, s0 = _inputs(B, T, H, K, V, M, torch.float32, device, "BTHM", per_head=True)
+    o, st = cms_scan(q, k, v, decay, mx, initial_state=s0, output_final_state=True, chunk_size=16, backend=backend)
+    o1, s1 = cms_scan(q[:, :t], k[:, :t], v[:, :t], decay, mx[:, :t], initial_state=s0,
+                      output_final_state=True, chunk_size=16, backend=backend)
+    o2, s2 = cms_scan(q[:, t:], k[:, t:], v[:, t:], decay, mx[:, t:], initial_state=s1,
+                      output_final_state=True, chunk_size=16, backend=backend)
+    assert_close("o", torch.cat([o1, o2], 1), o.double(), torch.float32, device)
+    assert_close("state", s2, st.double(), torch.float32, device)
+    leaves = (q, k, v, decay, mx, s0)
+    g_one, g_split = _grads([o, st], leaves), _grads([torch.cat([o1, o2], 1), s2], leaves)
+    for name, x in zip("q k v decay mix h0".split(), leaves):
+        assert_close("d" + name, g_split[id(x)], g_one[id(x)].double(), torch.float32, device, grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64])
+def test_packed_sequences_equal_a_loop(backend, device, poison_empty, offsets_dtype):
+    """cu_seqlens (one sequence empty, one longer than a chunk) equals one call per sequence."""
+    lens = [5, 0, 21, 9]
+    cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(offsets_dtype).to(device)
+    T, H, K, V, M = sum(lens), 2, 8, 12, 3
+    q, k, v, decay, mx, s0 = _inputs(1, T, H, K, V, M, torch.float32, device, "BTHM", per_head=True, N=len(lens))
+    o, st = cms_scan(q, k, v, decay, mx, initial_state=s0, output_final_state=True, cu_seqlens=cu,
+                     chunk_size=16, backend=backend)
+    outs, finals = [], []
+    for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        o_n, s_n = reference.cms_scan(q[:, a:b], k[:, a:b], v[:, a:b], decay, mx[:, a:b],
+                                      initial_state=s0[n:n + 1], output_final_state=True)
+        outs.append(o_n)
+        finals.append(s_n)
+    loop_o, loop_st = torch.cat(outs, 1), torch.cat(finals)
+    assert_close("o", o, loop_o.double(), torch.float32, device)
+    assert_close("state", st, loop_st.double(), torch.float32, device)
+    assert torch.equal(st[1], s0[1].detach().float()), "an empty sequence keeps its initial state"
+    leaves = (q, k, v, decay, mx, s0)
+    g, g_loop = _grads([o, st], leaves), _grads([loop_o, loop_st], leaves)
+    for name, x in zip("q k v decay mix h0".split(), leaves):
+        assert_close("d" + name, g[id(x)], g_loop[id(x)].double(), torch.float32, device, grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_final_state_only_gradient(backend, device):
+    """A loss on the final state alone (no output gradient) still reaches every input."""
+    q, k, v, decay, _, s0 = _inputs(1, 20, 1, 8, 8, 2, torch.float32, device)
+    _, st = cms_scan(q, k, v, decay, initial_state=s0, output_final_state=True, chunk_size=16, backend=backend)
+    ref = [as_ref(x).cpu() for x in (q, k, v, decay, s0)]
+    _, rst = reference.cms_scan(*ref[:4], initial_state=ref[4], output_final_state=True)
+    g, rg = _grads([st], (q, k, v, decay, s0)), _grads([rst], ref)
+    for name, x, r in zip("q k v decay h0".split(), (q, k, v, decay, s0), ref):
+        assert_close("d" + name, g[id(x)], rg[id(r)], torch.float32, device, grad=True)
+
+
+# ----------------------------------------------------------------------------- step
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,mix", [(torch.float32, None), (torch.float32, "M"),
+                                       (torch.float16, "HM"), (torch.bfloat16, "BHM")])
+def test_step_loop_equals_scan(backend, device, poison_empty, dtype, mix):
+    B, T, H, K, V, M = 2, 9, 2, 12, 40, 3
+    q, k, v, decay, _, s0 = _inputs(B, T, H, K, V, M, dtype, device, per_head=True)
+    mixes = {None: (None, None), "M": (randn(M, dtype=dtype, device=device),) * 2,
+             "HM": (randn(H, M, dtype=dtype, device=device),) * 2}
+    if mix == "BHM":
+        per_token = randn(B, T, H, M, dtype=dtype, device=device)
+        mixes["BHM"] = (per_token, None)
+    scan_mix, step_mix = mixes[mix]
+    with torch.no_grad():
+        o_scan, st_scan = cms_scan(q, k, v, decay, scan_mix, initial_state=s0, output_final_state=True,
+                                   backend=backend)
+        state = s0.detach().clone()
+        outs = []
+        for t in range(T):
+            m_t = per_token[:, t] if mix == "BHM" else step_mix
+            o_t, ret = cms_step(q[:, t], k[:, t], v[:, t], decay, state, m_t, backend=backend)
+            assert ret is state
+            outs.append(o_t)
+    o_steps = torch.stack(outs, 1)
+    assert o_steps.dtype == dtype and o_steps.shape == o_scan.shape
+    assert_close("o", o_steps, o_scan.double(), dtype, device)
+    assert_close("state", state, st_scan.double(), dtype, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_matches_reference(backend, device):
+    B, H, K, V, M = 3, 2, 20, 24, 5
+    q, k, v = randn(B, H, K, device=device), randn(B, H, K, device=device), randn(B, H, V, device=device)
+    decay, mix = _decay(M, device=device), randn(B, H, M, device=device)
+    state = randn(B, H, M, K, V, device=device)
+    ref_state = state.double().cpu()
+    o, _ = cms_step(q, k, v, decay, state, mix, scale=0.3, backend=backend)
+    ro, _ = reference.cms_step(q.double().cpu(), k.double().cpu(), v.double().cpu(), decay.double().cpu(),
+                               ref_state, mix.double().cpu(), scale=0.3)
+    assert_close("o", o, ro, torch.float32, device)
+    assert_close("state", state, ref_state, torch.float32, device)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def _ok(device, **over):
+    B, T, H, K, V, M = 1, 6, 2, 4, 4, 3
+    args = dict(q=randn(B, T, H, K, device=device), k=randn(B, T, H, K, device=device),
+                v=randn(B, T, H, V, device=device), decay=_decay(M, device=device))
+    args.update(over)
+    return args
+
+
+BAD_SCAN = [
+    ("decay", dict(decay=torch.tensor([0.5, 1.0, 0.2])), ValueError, "decay"),
+    ("decay", dict(decay=torch.tensor([0.5, 0.0, 0.2])), ValueError, "decay"),
+    ("decay", dict(decay=torch.tensor([0.5, -0.1, 0.2])), ValueError, "decay"),
+    ("decay", dict(decay=torch.tensor([0.5, float("nan"), 0.2])), ValueError, "decay"),
+    ("decay", dict(decay=torch.full((3, 3), 0.5)), ValueError, "decay"),
+    ("decay", dict(decay=torch.full((1, 2, 3), 0.5)), ValueError, "decay"),
+    ("decay", dict(decay=torch.tensor([1, 2])), TypeError, "decay"),
+    ("mix", dict(mix=torch.randn(4)), ValueError, "mix"),
+    ("mix", dict(mix=torch.randn(1, 5, 2, 3)), ValueError, "mix"),
+    ("q", dict(q=torch.randn(6, 2, 4)), ValueError, "q"),
+    ("k", dict(k=torch.randn(1, 6, 2, 5)), ValueError, "k"),
+    ("v", dict(v=torch.randn(1, 7, 2, 4)), ValueError, "v"),
+    ("k", dict(k=torch.randn(1, 6, 2, 4, dtype=torch.float16)), TypeError, "dtype"),
+    ("q", dict(q=torch.ones(1, 6, 2, 4, dtype=torch.int64)), TypeError, "q"),
+    ("initial_state", dict(initial_state=torch.randn(1, 2, 3, 4, 5)), ValueError, "initial_state"),
+    ("initial_state", dict(initial_state=torch.randn(2, 2, 3, 4, 4)), ValueError, "initial_state"),
+    ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 2, 5])), ValueError, "cu_seqlens"),
+    ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 4, 2, 6])), ValueError, "cu_seqlens"),
+    ("cu_seqlens", dict(cu_seqlens=torch.tensor([0.0, 6.0])), TypeError, "cu_seqlens"),
+    ("chunk_size", dict(chunk_size=0), ValueError, "chunk_size"),
+    ("backend", dict(backend="cuda"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("what,over,exc,word", BAD_SCAN, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_SCAN)])
+def test_scan_rejects_bad_input(what, over, exc, word):
+    args = _ok("cpu", **over)
+    with pytest.raises(exc, match=word):
+        cms_scan(**args)
+
+
+def test_scan_rejects_cu_seqlens_with_batch():
+    args = _ok("cpu", q=randn(2, 6, 2, 4), k=randn(2, 6, 2, 4), v=randn(2, 6, 2, 4))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        cms_scan(**args, cu_seqlens=torch.tensor([0, 6]))
+
+
+BAD_STEP = [
+    (dict(decay=torch.tensor([0.5, 1.5, 0.2])), ValueError, "decay"),
+    (dict(state=None), ValueError, "state"),
+    (dict(state=torch.randn(2, 2, 2, 4, 4)), ValueError, "state"),
+    (dict(state=torch.randn(2, 2, 3, 4, 4, dtype=torch.float16)), TypeError, "state"),
+    (dict(mix=torch.randn(2, 2, 2)), ValueError, "mix"),
+    (dict(q=torch.randn(2, 2, 4, 1)), ValueError, "q"),
+    (dict(v=torch.randn(3, 2, 4)), ValueError, "v"),
+]
+
+
+@pytest.mark.parametrize("over,exc,word", BAD_STEP)
+def test_step_rejects_bad_input(over, exc, word):
+    B, H, K, V, M = 2, 2, 4, 4, 3
+    args = dict(q=randn(B, H, K), k=randn(B, H, K), v=randn(B, H, V), decay=_decay(M),
+                state=randn(B, H, M, K, V))
+    args.update(over)
+    with pytest.raises(exc, match=word):
+        cms_step(**args)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix", [None, "BTHM"])
+def test_scan_gpu_realistic(dtype, mix):
+    _check_scan("triton", "cuda", dtype, B=2, T=1000, H=4, K=64, V=64, M=4, mix=mix, chunk_size=64)
+
+
+@pytest.mark.gpu
+def test_scan_gpu_wide_heads_packed():
+    """K = V = 128 (the 32-row tile) with packed sequences, against a per-sequence loop."""
+    lens = [300, 0, 513, 64]
+    cu = torch.tensor([0] + lens).cumsum(0).cuda()
+    q, k, v, decay, mx, s0 = _inputs(1, sum(lens), 2, 128, 128, 3, torch.bfloat16, "cuda", "HM", N=len(lens))
+    o, st = cms_scan(q, k, v, decay, mx, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        r = [as_ref(x) for x in (q[:, a:b], k[:, a:b], v[:, a:b], decay, mx, s0[n:n + 1])]
+        ro, rst = reference.cms_scan(*r[:5], initial_state=r[5], output_final_state=True)
+        if b > a:
+            assert_close(f"o[{n}]", o[:, a:b], ro, torch.bfloat16, "cuda")
+        assert_close(f"state[{n}]", st[n:n + 1], rst, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_step_gpu_realistic():
+    B, H, K, V, M = 8, 8, 64, 64, 4
+    q, k, v = randn(B, H, K, device="cuda"), randn(B, H, K, device="cuda"), randn(B, H, V, device="cuda")
+    decay, mix = _decay(M, H, "cuda"), randn(M, device="cuda")
+    state = randn(B, H, M, K, V, device="cuda")
+    ref_state = state.double()
+    o, _ = cms_step(q, k, v, decay, state, mix)
+    ro, _ = reference.cms_step(q.double(), k.double(), v.double(), decay.double(), ref_state, mix.double())
+    assert_close("o", o, ro, torch.float32, "cuda")
+    assert_close("state", state, ref_state, torch.float32, "cuda")
