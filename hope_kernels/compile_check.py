@@ -185,6 +185,16 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for this arch (the wheel ships two of them)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except Exception:  # older Triton: one ptxas
+        return _tool("ptxas")
+
+
 def _attrs(fn, spec: KernelSpec) -> Dict[Tuple[int, ...], list]:
     """Alignment hints the JIT would derive for a real call: 16-byte aligned pointers, plus the
     integer arguments the spec names in `divisible_by_16` (so vectorised code is what is measured)."""
@@ -262,7 +272,7 @@ def _ptxas_spills(ptx: str, arch: int, tmp: str) -> Tuple[Optional[int], Optiona
     with open(path, "w") as f:
         f.write(ptx)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    out = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "v.cubin")],
+    out = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "v.cubin")],
                          capture_output=True, text=True)
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr + out.stdout)
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
@@ -318,8 +328,8 @@ def run(specs: Sequence[KernelSpec], archs: Sequence[int] = ARCHS, full: Optiona
             for spec in specs for arch in archs for cfg in configs_for(spec, arch, specs, archs, full)]
 
 
-COLUMNS = ("kernel", "arch", "config", "default", "registers", "spill_bytes", "shared_bytes",
-           "warps_per_sm", "occupancy", "limiter", "tensor_cores", "seconds", "error")
+COLUMNS = ("kernel", "arch", "config", "default", "num_warps", "registers", "spill_bytes", "spill_stores",
+           "shared_bytes", "warps_per_sm", "occupancy", "limiter", "tensor_cores", "tc_source", "seconds", "error")
 
 
 def as_row(r: CompileResult) -> Dict[str, object]:
@@ -337,8 +347,10 @@ def format_table(results: Sequence[CompileResult]) -> str:
             continue
         spill = str(r.spill_bytes) if r.spill_stores is None else f"{r.spill_bytes}!{r.spill_stores}"
         occ = f"{r.warps_per_sm:>2}w {r.occupancy:>4.0%}"
+        tc = r.tensor_cores + ("(p)" if r.tc_source == "ptx" and r.tensor_cores != "-" else "")
         lines.append(f"{r.kernel:<52} {r.arch:>3} {cfg:<22} {r.registers:>4} {spill:>6} "
-                     f"{r.shared_bytes:>7} {occ:>9} {r.tensor_cores:>10}")
-    lines.append("(* default config; spill = local bytes per thread[!spill-store bytes]; shared = bytes per block; "
-                 "occ = resident warps per SM / 64; tc = tensor-core instructions in the SASS)")
+                     f"{r.shared_bytes:>7} {occ:>9} {tc:>10}")
+    lines.append("(* default config; regs per thread; spill = local-memory bytes per thread [!spill-store bytes "
+                 "from ptxas]; shared = bytes per block; occ = resident warps per SM, of 64; "
+                 "tc = tensor-core instructions in the SASS, (p): read from the PTX)")
     return "\n".join(lines)
