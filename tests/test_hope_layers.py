@@ -1,0 +1,162 @@
+"""hope layers: the same weights give the same outputs and gradients on "triton" (interpreter on CPU),
+"torch" and the token-by-token references (run in float64)."""
+import copy
+
+import pytest
+import torch
+
+import hope_kernels
+from hope import AssociativeMemory, CMSLayer, HOPEBlock, HOPEConfig, LinearAttention, SoftmaxAttention, get_op
+from hope.cms import default_taus
+from hope.layers import MLP, Embeddings, RMSNorm, RotaryEmbedding
+from helpers import assert_close
+
+FAST = ["triton", "torch"]
+D, H, M, B, T = 32, 2, 3, 2, 24
+
+
+def _layers():
+    return {
+        "linear_attention": lambda: LinearAttention(D, H, normalize=True),
+        "linear_attention_unnormalized": lambda: LinearAttention(D, H, normalize=False),
+        "cms_data_mix": lambda: CMSLayer(D, H, M),
+        "cms_static_mix_shared_tau": lambda: CMSLayer(D, H, M, per_head_tau=False, data_dependent_mix=False),
+        "softmax_attention": lambda: SoftmaxAttention(D, H),
+        "block_softmax": lambda: HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M)),
+        "block_linear": lambda: HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M, attention="linear")),
+    }
+
+
+def _randomize(module):
+    """Non-trivial weights everywhere (gates, tau, norms), so every path matters."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "tau_logit" in name:
+                p.add_(0.3 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.3)
+    return module
+
+
+def _set_backend(module, backend):
+    for m in module.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return module
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("name", list(_layers()))
+def test_layer_matches_reference(name, backend):
+    layer = _randomize(_layers()[name]())
+    ref = _set_backend(copy.deepcopy(layer).double(), "reference")
+    _set_backend(layer, backend)
+    x = torch.randn(B, T, D, requires_grad=True)
+    x64 = x.detach().double().requires_grad_(True)
+    out, out_ref = layer(x), ref(x64)
+    assert_close(f"{name} output", out, out_ref, torch.float32, "cpu")
+    w = torch.randn_like(out_ref)
+    (out * w.float()).sum().backward()
+    (out_ref * w).sum().backward()
+    assert_close(f"{name} dx", x.grad, x64.grad, torch.float32, "cpu", grad=True)
+    for (n, p), (_, p_ref) in zip(layer.named_parameters(), ref.named_parameters()):
+        assert_close(f"{name} d{n}", p.grad, p_ref.grad, torch.float32, "cpu", grad=True)
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "cms_data_mix", "softmax_attention"])
+def test_layer_cache_continues_sequence(name):
+    """Prefill on x[:, :t], then a chunk, then single tokens (the step ops): same as one call on x."""
+    layer = _set_backend(_randomize(_layers()[name]()), "torch").eval()
+    x = torch.randn(B, T, D)
+    full = layer(x)
+    cache = {}
+    parts = [layer(x[:, :10], cache), layer(x[:, 10:20], cache)] + [layer(x[:, t:t + 1], cache) for t in range(20, T)]
+    assert_close(f"{name} cached", torch.cat(parts, 1), full, torch.float32, "cpu")
+
+
+def test_get_op_mapping():
+    assert get_op("cms_scan", "reference") is hope_kernels.reference.cms_scan
+    f = get_op("linear_attention", "torch")
+    assert f.func is hope_kernels.linear_attention and f.keywords == {"backend": "torch"}
+    with pytest.raises(ValueError, match="backend"):
+        get_op("cms_scan", "cuda")
+    with pytest.raises(ValueError, match="backend"):
+        CMSLayer(D, H, M, backend="fast")
+
+
+def test_cms_timescales():
+    tau = default_taus(5, 0.01, 0.99)
+    assert abs(tau[0] - 0.01) < 1e-12 and abs(tau[-1] - 0.99) < 1e-12
+    horizons = 1 / (1 - tau)
+    ratios = horizons[1:] / horizons[:-1]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios))    # geometric spread of memory horizons
+    layer = CMSLayer(D, H, 5)
+    assert torch.allclose(layer.decay().double(), tau.expand(H, -1), atol=1e-6)
+    assert isinstance(layer.tau_logit, torch.nn.Parameter)
+    fixed = CMSLayer(D, H, 5, learn_tau=False, per_head_tau=False)
+    assert "tau_logit" not in dict(fixed.named_parameters()) and fixed.decay().shape == (5,)
+    with pytest.raises(ValueError, match="tau"):
+        default_taus(3, 0.5, 1.0)
+
+
+def test_cms_gates_are_data_dependent_and_normalised():
+    layer = _randomize(CMSLayer(D, H, M))
+    x = torch.randn(B, T, D)
+    g = layer.mixing(x)
+    assert g.shape == (B, T, H, M)
+    assert torch.allclose(g.sum(-1), torch.ones(B, T, H))
+    assert not torch.allclose(g[:, 0], g[:, 1])
+
+
+def test_learnable_tau_receives_gradient():
+    layer = _set_backend(_randomize(CMSLayer(D, H, M)), "torch")
+    layer(torch.randn(B, T, D)).square().sum().backward()
+    assert layer.tau_logit.grad is not None and layer.tau_logit.grad.abs().sum() > 0
+
+
+def test_small_layers():
+    x = torch.randn(B, T, D)
+    y = RMSNorm(D)(x)
+    assert torch.allclose(y.pow(2).mean(-1), torch.ones(B, T), atol=1e-4)
+    assert MLP(D, 4 * D)(x).shape == x.shape
+    rot = RotaryEmbedding(8)
+    q = torch.randn(1, T, 1, 8)
+    r = rot(q)
+    assert torch.allclose(r.norm(dim=-1), q.norm(dim=-1), atol=1e-5)       # a rotation
+    # relative: <rot(q, s), rot(k, s)> depends only on the offset difference
+    k = torch.randn(1, 1, 1, 8)
+    a = (rot(q[:, :1], 3) * rot(k, 5)).sum()
+    b = (rot(q[:, :1], 10) * rot(k, 12)).sum()
+    assert torch.allclose(a, b, atol=1e-5)
+    emb = Embeddings(50, D, max_seq_len=16, position="learned")
+    assert emb(torch.randint(0, 50, (B, 16))).shape == (B, 16, D)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        emb(torch.randint(0, 50, (B, 4)), offset=14)
+
+
+def test_associative_memory_recall_and_capacity():
+    mem = AssociativeMemory(16, 8, capacity=32, temperature=0.01)
+    keys, values = torch.randn(40, 16), torch.randn(40, 8)
+    with pytest.raises(RuntimeError, match="empty"):
+        mem(keys[:1])
+    mem.store(keys[:20], values[:20])
+    assert len(mem) == 20
+    assert_close("recall", mem(keys[:20]), values[:20], torch.float32, "cpu")
+    mem.store(keys[20:], values[20:])              # 40 pairs into 32 slots: the 8 oldest are gone
+    assert len(mem) == 32
+    assert_close("recall newest", mem(keys[8:]), values[8:], torch.float32, "cpu")
+    # a high temperature reads the average of the stored values
+    soft = AssociativeMemory(16, 8, capacity=32, similarity="dot", temperature=1e6)
+    soft.store(keys[:10], values[:10])
+    assert_close("average", soft(keys[:1])[0], values[:10].mean(0), torch.float32, "cpu")
+    # differentiable in the query and in the stored pairs (detach=False)
+    diff = AssociativeMemory(16, 8, capacity=8, temperature=0.5)
+    k, v = keys[:4].clone().requires_grad_(True), values[:4].clone().requires_grad_(True)
+    diff.store(k, v, detach=False)
+    q = torch.randn(3, 16, requires_grad=True)
+    diff(q).sum().backward()
+    assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="keys"):
+        mem.store(torch.randn(2, 15), torch.randn(2, 8))
