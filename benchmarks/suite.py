@@ -9,6 +9,7 @@ outputs for "fwd", the worst input gradient for "bwd", the worse of both for "fw
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import platform
 import sys
 import time
@@ -181,6 +182,56 @@ def _row(base: dict, case: str, provider: str, mode: str, s: Shape, cfg: Config,
     }
 
 
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sweep_op(case: Case, cfg: Config, seq_lens, timer, base, peaks, rows, notes, log) -> None:
+    op = case.name
+    providers = []
+    for p in cfg.providers:
+        if p not in case.providers:
+            continue
+        why = provider_unavailable(p, cfg.device)
+        if why:
+            notes.append(f"{op}: provider {p} skipped: {why}")
+        else:
+            providers.append(p)
+    shapes = [Shape(cfg.batch, t, cfg.heads, cfg.head_dim, cfg.value_dim, cfg.memories) for t in seq_lens]
+    s0 = shapes[0]
+    err_shape = Shape(min(s0.B, REL_ERR_MAX_BATCH), s0.T, s0.H, s0.K, s0.V, s0.M)
+    try:
+        errs = rel_errors(case, providers, err_shape, cfg)
+    except Exception as exc:  # a broken provider must not hide the others' timings
+        notes.append(f"{op}: relative errors failed: {type(exc).__name__}: {exc}")
+        errs = {}
+        _release(cfg.device)
+    for provider in providers:
+        for mode in (m for m in cfg.modes if m in case.modes):
+            for s in shapes:
+                if provider == "reference" and not case.long_reference and s.T > cfg.reference_max_t:
+                    notes.append(f"{op}/{mode}: reference skipped for T > {cfg.reference_max_t} (token loop)")
+                    break
+                try:
+                    q, mem = measure(case, provider, mode, s, cfg, timer)
+                except Exception as exc:  # e.g. out of memory at the largest T: keep the rest going
+                    notes.append(f"{op}/{provider}/{mode} T={s.T}: failed: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}")
+                    _release(cfg.device)
+                    break
+                rel = errs.get(provider, {}).get(mode) if s.T == s0.T else None
+                rows.append(_row(base, op, provider, mode, s, cfg, "time", "ms", q, rel, peaks))
+                mb = None if mem is None else mem / 2**20
+                rows.append(_row(base, op, provider, mode, s, cfg, "peak_mem", "MB", (mb, mb, mb), rel, peaks))
+                log(f"[bench] {op:27s} {provider:9s} {mode:7s} T={s.T:<6d} {q[0]:10.3f} ms")
+                if q[0] * 1e-3 > cfg.max_call_s and s is not shapes[-1]:
+                    notes.append(f"{op}/{provider}/{mode}: larger T skipped ({q[0] / 1e3:.1f} s per call "
+                                 f"at T={s.T} > --max-call-s {cfg.max_call_s})")
+                    break
+
+
 def run(cfg: Config, log: Callable[[str], None] = None) -> Result:
     log = log or (lambda msg: print(msg, flush=True))
     torch.manual_seed(cfg.seed)
@@ -196,45 +247,12 @@ def run(cfg: Config, log: Callable[[str], None] = None) -> Result:
     rows: List[dict] = []
     notes: List[str] = []
     seq_lens = sorted(set(cfg.seq_lens))
-    for op in cfg.ops:
-        case = CASES[op]
-        providers = []
-        for p in cfg.providers:
-            if p not in case.providers:
-                continue
-            why = provider_unavailable(p, cfg.device)
-            if why:
-                notes.append(f"{op}: provider {p} skipped: {why}")
-            else:
-                providers.append(p)
-        shapes = [Shape(cfg.batch, t, cfg.heads, cfg.head_dim, cfg.value_dim, cfg.memories) for t in seq_lens]
-        s0 = shapes[0]
-        err_shape = Shape(min(s0.B, REL_ERR_MAX_BATCH), s0.T, s0.H, s0.K, s0.V, s0.M)
-        try:
-            errs = rel_errors(case, providers, err_shape, cfg)
-        except Exception as exc:  # a broken provider must not hide the others' timings
-            notes.append(f"{op}: relative errors failed: {type(exc).__name__}: {exc}")
-            errs = {}
-        for provider in providers:
-            for mode in (m for m in cfg.modes if m in case.modes):
-                for s in shapes:
-                    if provider == "reference" and not case.long_reference and s.T > cfg.reference_max_t:
-                        notes.append(f"{op}/{mode}: reference skipped for T > {cfg.reference_max_t} (token loop)")
-                        break
-                    try:
-                        q, mem = measure(case, provider, mode, s, cfg, timer)
-                    except Exception as exc:
-                        notes.append(f"{op}/{provider}/{mode} T={s.T}: failed: {type(exc).__name__}: {exc}")
-                        break
-                    rel = errs.get(provider, {}).get(mode) if s.T == s0.T else None
-                    rows.append(_row(base, op, provider, mode, s, cfg, "time", "ms", q, rel, peaks))
-                    mb = None if mem is None else mem / 2**20
-                    rows.append(_row(base, op, provider, mode, s, cfg, "peak_mem", "MB", (mb, mb, mb), rel, peaks))
-                    log(f"[bench] {op:27s} {provider:9s} {mode:7s} T={s.T:<6d} {q[0]:10.3f} ms")
-                    if q[0] * 1e-3 > cfg.max_call_s and s is not shapes[-1]:
-                        notes.append(f"{op}/{provider}/{mode}: larger T skipped ({q[0] / 1e3:.1f} s per call "
-                                     f"at T={s.T} > --max-call-s {cfg.max_call_s})")
-                        break
+    try:
+        for op in cfg.ops:
+            _sweep_op(CASES[op], cfg, seq_lens, timer, base, peaks, rows, notes, log)
+    except KeyboardInterrupt:  # Ctrl-C or `timeout -s INT`: keep what was measured
+        notes.append("interrupted: the sweep is incomplete")
+        log("[bench] interrupted: writing the rows measured so far")
     base["wall_s"] = time.perf_counter() - t0
     base["config"] = {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v)
                       for k, v in asdict(cfg).items()}
