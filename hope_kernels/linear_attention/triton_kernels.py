@@ -91,16 +91,17 @@ def linear_attention_fwd_kernel(
     L = (eos - bos).to(tl.int32)
 
     o_t = tl.arange(0, BT)
+    d_k, d_v = o_t[:, None] * H * K, o_t[:, None] * H * V   # row offsets inside a chunk (int32)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     causal_mask = o_t[:, None] >= o_t[None, :]
-    # token row r of this head: base + r * H * D (int64 through bos)
-    p_q = q + (bos * H + i_h) * K + o_k[None, :]
-    p_k = k + (bos * H + i_h) * K + o_k[None, :]
-    p_v = v + (bos * H + i_h) * V + o_v[None, :]
-    p_o = o + (i_k.to(tl.int64) * NT * H + bos * H + i_h) * V + o_v[None, :]
+    # token t of this head sits at ((bos + t) * H + i_h) * D: chunk starts in int64, int32 offsets inside
+    p_q = q + i_h * K + o_k[None, :]
+    p_k = k + i_h * K + o_k[None, :]
+    p_v = v + i_h * V + o_v[None, :]
+    p_o = o + (i_k.to(tl.int64) * NT * H + i_h) * V + o_v[None, :]
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
@@ -110,24 +111,26 @@ def linear_attention_fwd_kernel(
     if not CAUSAL:
         for i in range(0, tl.cdiv(L, BT)):
             r = i * BT + o_t
+            t0 = bos + i * BT
             m_t = r < L
-            b_k = tl.load(p_k + r[:, None] * H * K, mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            b_v = tl.load(p_v + r[:, None] * H * V, mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+            b_k = tl.load(p_k + t0 * H * K + d_k, mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_v = tl.load(p_v + t0 * H * V + d_v, mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
             b_h += tl.dot(tl.trans(b_k), b_v)
 
     for i in range(0, tl.cdiv(L, BT)):
         r = i * BT + o_t
+        t0 = bos + i * BT
         m_t = r < L
-        b_q = tl.load(p_q + r[:, None] * H * K, mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32) * scale
+        b_q = tl.load(p_q + t0 * H * K + d_k, mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32) * scale
         if CAUSAL:
-            b_k = tl.load(p_k + r[:, None] * H * K, mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            b_v = tl.load(p_v + r[:, None] * H * V, mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+            b_k = tl.load(p_k + t0 * H * K + d_k, mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_v = tl.load(p_v + t0 * H * V + d_v, mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
             b_s = tl.where(causal_mask, tl.dot(b_q, tl.trans(b_k)), 0.)
             b_o = tl.dot(b_s, b_v) + tl.dot(b_q, b_h)
             b_h += tl.dot(tl.trans(b_k), b_v)
         else:
             b_o = tl.dot(b_q, b_h)
-        tl.store(p_o + r[:, None] * H * V, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        tl.store(p_o + t0 * H * V + d_v, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
     if STORE_FINAL_STATE:
         p_ht = ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
@@ -163,17 +166,18 @@ def linear_attention_bwd_kernel(
     NC = tl.cdiv(L, BT)
 
     o_t = tl.arange(0, BT)
+    d_k, d_v = o_t[:, None] * H * K, o_t[:, None] * H * V   # row offsets inside a chunk (int32)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    p_q = q + (bos * H + i_h) * K + o_k[None, :]
-    p_k = k + (bos * H + i_h) * K + o_k[None, :]
-    p_v = v + (bos * H + i_h) * V + o_v[None, :]
-    p_do = do + (bos * H + i_h) * V + o_v[None, :]
-    p_dq = dq + (i_v.to(tl.int64) * NT * H + bos * H + i_h) * K + o_k[None, :]
-    p_dk = dk + (i_v.to(tl.int64) * NT * H + bos * H + i_h) * K + o_k[None, :]
-    p_dv = dv + (i_k.to(tl.int64) * NT * H + bos * H + i_h) * V + o_v[None, :]
+    p_q = q + i_h * K + o_k[None, :]
+    p_k = k + i_h * K + o_k[None, :]
+    p_v = v + i_h * V + o_v[None, :]
+    p_do = do + i_h * V + o_v[None, :]
+    p_dq = dq + (i_v.to(tl.int64) * NT * H + i_h) * K + o_k[None, :]
+    p_dk = dk + (i_v.to(tl.int64) * NT * H + i_h) * K + o_k[None, :]
+    p_dv = dv + (i_k.to(tl.int64) * NT * H + i_h) * V + o_v[None, :]
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
@@ -188,49 +192,53 @@ def linear_attention_bwd_kernel(
         lower = o_t[:, None] >= o_t[None, :]   # [t, s]: s <= t
         for i in range(0, NC):
             r = i * BT + o_t
+            t0 = bos + i * BT
             m_tk, m_tv = (r < L)[:, None] & m_k[None, :], (r < L)[:, None] & m_v[None, :]
-            b_k = tl.load(p_k + r[:, None] * H * K, mask=m_tk, other=0.).to(tl.float32)
-            b_v = tl.load(p_v + r[:, None] * H * V, mask=m_tv, other=0.).to(tl.float32)
-            b_do = tl.load(p_do + r[:, None] * H * V, mask=m_tv, other=0.).to(tl.float32)
+            b_k = tl.load(p_k + t0 * H * K + d_k, mask=m_tk, other=0.).to(tl.float32)
+            b_v = tl.load(p_v + t0 * H * V + d_v, mask=m_tv, other=0.).to(tl.float32)
+            b_do = tl.load(p_do + t0 * H * V + d_v, mask=m_tv, other=0.).to(tl.float32)
             b_ds = tl.where(lower, tl.dot(b_do, tl.trans(b_v)), 0.)
             b_dq = (tl.dot(b_ds, b_k) + tl.dot(b_do, tl.trans(b_h))) * scale
-            tl.store(p_dq + r[:, None] * H * K, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+            tl.store(p_dq + t0 * H * K + d_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
             b_h += tl.dot(tl.trans(b_k), b_v)
         upper = o_t[:, None] <= o_t[None, :]   # [s, t]: t >= s
         for j in range(0, NC):
             r = (NC - 1 - j) * BT + o_t
+            t0 = bos + (NC - 1 - j) * BT
             m_tk, m_tv = (r < L)[:, None] & m_k[None, :], (r < L)[:, None] & m_v[None, :]
-            b_q = tl.load(p_q + r[:, None] * H * K, mask=m_tk, other=0.).to(tl.float32) * scale
-            b_k = tl.load(p_k + r[:, None] * H * K, mask=m_tk, other=0.).to(tl.float32)
-            b_v = tl.load(p_v + r[:, None] * H * V, mask=m_tv, other=0.).to(tl.float32)
-            b_do = tl.load(p_do + r[:, None] * H * V, mask=m_tv, other=0.).to(tl.float32)
+            b_q = tl.load(p_q + t0 * H * K + d_k, mask=m_tk, other=0.).to(tl.float32) * scale
+            b_k = tl.load(p_k + t0 * H * K + d_k, mask=m_tk, other=0.).to(tl.float32)
+            b_v = tl.load(p_v + t0 * H * V + d_v, mask=m_tv, other=0.).to(tl.float32)
+            b_do = tl.load(p_do + t0 * H * V + d_v, mask=m_tv, other=0.).to(tl.float32)
             b_ds = tl.where(upper, tl.dot(b_v, tl.trans(b_do)), 0.)
             b_s = tl.where(upper, tl.dot(b_k, tl.trans(b_q)), 0.)
             b_dk = tl.dot(b_ds, b_q) + tl.dot(b_v, tl.trans(b_dh))
             b_dv = tl.dot(b_s, b_do) + tl.dot(b_k, b_dh)
-            tl.store(p_dk + r[:, None] * H * K, b_dk.to(dk.dtype.element_ty), mask=m_tk)
-            tl.store(p_dv + r[:, None] * H * V, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+            tl.store(p_dk + t0 * H * K + d_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+            tl.store(p_dv + t0 * H * V + d_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
             b_dh += tl.dot(tl.trans(b_q), b_do)
     else:
         for i in range(0, NC):
             r = i * BT + o_t
+            t0 = bos + i * BT
             m_tk, m_tv = (r < L)[:, None] & m_k[None, :], (r < L)[:, None] & m_v[None, :]
-            b_q = tl.load(p_q + r[:, None] * H * K, mask=m_tk, other=0.).to(tl.float32) * scale
-            b_k = tl.load(p_k + r[:, None] * H * K, mask=m_tk, other=0.).to(tl.float32)
-            b_v = tl.load(p_v + r[:, None] * H * V, mask=m_tv, other=0.).to(tl.float32)
-            b_do = tl.load(p_do + r[:, None] * H * V, mask=m_tv, other=0.).to(tl.float32)
+            b_q = tl.load(p_q + t0 * H * K + d_k, mask=m_tk, other=0.).to(tl.float32) * scale
+            b_k = tl.load(p_k + t0 * H * K + d_k, mask=m_tk, other=0.).to(tl.float32)
+            b_v = tl.load(p_v + t0 * H * V + d_v, mask=m_tv, other=0.).to(tl.float32)
+            b_do = tl.load(p_do + t0 * H * V + d_v, mask=m_tv, other=0.).to(tl.float32)
             b_h += tl.dot(tl.trans(b_k), b_v)
             b_dh += tl.dot(tl.trans(b_q), b_do)
         for i in range(0, NC):
             r = i * BT + o_t
+            t0 = bos + i * BT
             m_tk, m_tv = (r < L)[:, None] & m_k[None, :], (r < L)[:, None] & m_v[None, :]
-            b_k = tl.load(p_k + r[:, None] * H * K, mask=m_tk, other=0.).to(tl.float32)
-            b_v = tl.load(p_v + r[:, None] * H * V, mask=m_tv, other=0.).to(tl.float32)
-            b_do = tl.load(p_do + r[:, None] * H * V, mask=m_tv, other=0.).to(tl.float32)
+            b_k = tl.load(p_k + t0 * H * K + d_k, mask=m_tk, other=0.).to(tl.float32)
+            b_v = tl.load(p_v + t0 * H * V + d_v, mask=m_tv, other=0.).to(tl.float32)
+            b_do = tl.load(p_do + t0 * H * V + d_v, mask=m_tv, other=0.).to(tl.float32)
             b_dq = tl.dot(b_do, tl.trans(b_h)) * scale
-            tl.store(p_dq + r[:, None] * H * K, b_dq.to(dq.dtype.element_ty), mask=m_tk)
-            tl.store(p_dk + r[:, None] * H * K, tl.dot(b_v, tl.trans(b_dh)).to(dk.dtype.element_ty), mask=m_tk)
-            tl.store(p_dv + r[:, None] * H * V, tl.dot(b_k, b_dh).to(dv.dtype.element_ty), mask=m_tv)
+            tl.store(p_dq + t0 * H * K + d_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+            tl.store(p_dk + t0 * H * K + d_k, tl.dot(b_v, tl.trans(b_dh)).to(dk.dtype.element_ty), mask=m_tk)
+            tl.store(p_dv + t0 * H * V + d_v, tl.dot(b_k, b_dh).to(dv.dtype.element_ty), mask=m_tv)
 
     if STORE_INITIAL_STATE_GRADIENT:
         p_dh0 = dh0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
