@@ -20,12 +20,14 @@ cached per process (Triton also caches compiled kernels on disk).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
 import subprocess
 import tempfile
 import time
+import types
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -129,12 +131,13 @@ def config_label(config: KernelConfig) -> str:
 
 # --------------------------------------------------------------------------- compiling
 def unwrap(fn):
-    """The kernel under any triton.autotune / triton.heuristics wrappers: a JITFunction, or an
-    InterpretedFunction when TRITON_INTERPRET=1 was set before the kernel module was imported."""
+    """The kernel under any triton.autotune / triton.heuristics wrappers: a JITFunction, or, when
+    TRITON_INTERPRET=1 was set before the kernel module was imported, an InterpretedFunction or
+    the plain Python function under it."""
     from triton.runtime.jit import JITFunction
 
     for _ in range(16):
-        if isinstance(fn, JITFunction) or _is_interpreted(fn):
+        if isinstance(fn, (JITFunction, types.FunctionType)) or _is_interpreted(fn):
             return fn
         if not hasattr(fn, "fn"):
             break
@@ -150,6 +153,15 @@ def _is_interpreted(fn) -> bool:
     return isinstance(fn, InterpretedFunction)
 
 
+def _kernel_key(spec: KernelSpec):
+    """What identifies the kernel function of a spec (the Python function under any wrapper)."""
+    try:
+        fn = unwrap(spec.fn)
+    except TypeError:
+        return id(spec)
+    return fn if isinstance(fn, types.FunctionType) else fn.fn
+
+
 _JIT_OF: Dict[object, object] = {}
 
 
@@ -157,22 +169,22 @@ def as_jit(fn):
     """A compilable JITFunction for `fn`.
 
     Under the interpreter (the tests' CPU set-up) `@triton.jit` makes InterpretedFunctions, which
-    `triton.compile` cannot take: rebuild a JITFunction from the same Python code, with the
-    @triton.jit helpers it calls through module globals rebuilt the same way.
+    `triton.compile` cannot take: rebuild a JITFunction from the same Python code (also when a
+    spec hands over that plain function), with the @triton.jit helpers it calls through module
+    globals rebuilt the same way.
     """
-    fn = unwrap(fn)
-    if not _is_interpreted(fn):
-        return fn
-    import types
     from triton.runtime.jit import JITFunction
 
-    py = fn.fn
+    fn = unwrap(fn)
+    if isinstance(fn, JITFunction):
+        return fn
+    py, kwargs = (fn.fn, getattr(fn, "kwargs", {})) if _is_interpreted(fn) else (fn, {})
     if py not in _JIT_OF:
         scope = dict(py.__globals__)
         clone = types.FunctionType(py.__code__, scope, py.__name__, py.__defaults__, py.__closure__)
         clone.__annotations__ = dict(getattr(py, "__annotations__", {}))
         clone.__module__, clone.__qualname__ = py.__module__, py.__qualname__
-        _JIT_OF[py] = JITFunction(clone, **getattr(fn, "kwargs", {}))
+        _JIT_OF[py] = JITFunction(clone, **kwargs)
         for name, value in list(scope.items()):
             if _is_interpreted(value):
                 scope[name] = as_jit(value)
@@ -227,8 +239,9 @@ def _compile(spec: KernelSpec, config: KernelConfig, arch: int, sass: bool) -> C
         src = triton.compiler.ASTSource(fn=fn, signature=dict(spec.signature),
                                         constexprs={**spec.constexprs, **config.meta},
                                         attrs=_attrs(fn, spec))
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        with _interpreter_off():
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     except Exception as e:  # a compile failure is a result to report (and to fail the test on)
         res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
         res.seconds = time.perf_counter() - t0
@@ -236,6 +249,21 @@ def _compile(spec: KernelSpec, config: KernelConfig, arch: int, sass: bool) -> C
     _measure(res, kernel, arch, sass)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+@contextlib.contextmanager
+def _interpreter_off():
+    """Code generation reads TRITON_INTERPRET (constexpr helpers return raw values under the
+    interpreter): switch it off while compiling, as in a process that never set it."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def _measure(res: CompileResult, kernel, arch: int, sass: bool) -> None:
@@ -314,8 +342,8 @@ def configs_for(spec: KernelSpec, arch: int, specs: Sequence[KernelSpec], archs:
         full = full_sweep()
     if full:
         return list(spec.configs)
-    fn = unwrap(spec.fn)
-    representative = next(s for s in specs if unwrap(s.fn) is fn) is spec
+    key = _kernel_key(spec)
+    representative = next((s for s in specs if _kernel_key(s) == key), spec) is spec
     if arch == max(archs) and representative:
         return list(spec.configs)
     return [c for c in spec.configs if c.default]
