@@ -186,3 +186,15 @@ def test_bad_inputs(case, device):
 def test_bad_backend(device):
     with pytest.raises(ValueError, match="backend"):
         ema_update_(randn(2, 4, device=device), randn(4, device=device), torch.rand(2, device=device), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_update_and_float64(backend, device):
+    """A per-module update that is an expanded view (module stride 0), and float64 states (float64 math)."""
+    M, shape = 3, (5, 11)
+    states = randn(M, *shape, dtype=torch.float64, device=device)
+    update = randn(1, *shape, device=device).expand(M, *shape)
+    decay = torch.rand(M, device=device)
+    expected = _expected(list(states), update, decay)
+    ema_update_(states, update, decay, backend=backend)
+    assert_close("ema[float64, expanded update]", states, expected, torch.float64, device)
