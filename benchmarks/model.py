@@ -1,7 +1,8 @@
 """`python -m benchmarks.model`: the HOPE language model end to end, per backend and attention type.
 
 Measures, for attention in {softmax, linear} and each backend (triton on GPU, torch, reference):
-- training tokens/s: forward + backward + AdamW step on random byte tokens [B, T];
+- training tokens/s: forward + backward + a plain SGD update on random byte tokens [B, T] (no
+  torch.optim: its first use imports torch._dynamo, seconds of start-up for no timing change);
 - generation tokens/s: `HOPE.generate` (greedy, KV / recurrent caches) from a short prompt;
 - latency per generated token vs prefix length P: one cached decode step after a P-token prefill
   (flat in P for the linear path, whose caches are fixed-size states; growing for softmax, whose
@@ -78,7 +79,7 @@ def _build(cfg: ModelBenchConfig, attention: str, backend: str, device, max_len:
 
 def train_tokens_per_s(model, cfg: ModelBenchConfig, device) -> float:
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
     tokens = torch.randint(0, 256, (cfg.batch, cfg.seq_len + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
@@ -86,8 +87,11 @@ def train_tokens_per_s(model, cfg: ModelBenchConfig, device) -> float:
         with _autocast(device, cfg.dtype):
             loss = model(x, y)[1]
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            live = [p for p in params if p.grad is not None]
+            torch._foreach_add_(live, [p.grad for p in live], alpha=-1e-4)
+        for p in params:
+            p.grad = None
 
     step()  # warm-up (Triton compilation, allocator)
     _sync(device)
@@ -263,7 +267,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = default_config(device.type == "cuda", args.quick)
     if args.backends:

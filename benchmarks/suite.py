@@ -21,7 +21,7 @@ import torch
 from . import roofline
 from .cases import CASES, Case, Inputs, exact, provider_unavailable
 from .roofline import Shape
-from .timing import make_timer, peak_memory, pin_malloc_mmap_threshold
+from .timing import make_timer, peak_memory
 
 REL_ERR_MAX_BATCH = 2
 
@@ -235,8 +235,6 @@ def _sweep_op(case: Case, cfg: Config, seq_lens, timer, base, peaks, rows, notes
 def run(cfg: Config, log: Callable[[str], None] = None) -> Result:
     log = log or (lambda msg: print(msg, flush=True))
     torch.manual_seed(cfg.seed)
-    if cfg.device.type == "cpu":
-        pin_malloc_mmap_threshold()
     timer = make_timer(cfg.device, cfg.budget_s, cfg.min_reps)
     base = environment(cfg.device, cfg.dtype)
     t0 = time.perf_counter()

@@ -4,9 +4,10 @@ Times are milliseconds per call as (p50, p20, p80). Peak memory is the extra mem
 needs above what was allocated before it (inputs and saved tensors excluded):
 - CUDA: `torch.cuda.max_memory_allocated` after a peak-stats reset.
 - CPU: the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs).
-  glibc's mmap threshold is pinned to 128 KiB first, so every allocation of 128 KiB or more is
-  mapped on use and unmapped on free and shows exactly; smaller ones hide in the heap. Where
-  /proc is missing (not Linux) the memory column is reported as None ("n/a").
+  `malloc_trim(0)` first hands every free page of the glibc heap back to the OS, so memory the
+  call allocates (fresh or reused from the heap) is faulted in again and shows; the allocator is
+  left as is while timing. Accurate to a page per allocation; where /proc or glibc is missing
+  (not Linux) the memory column is reported as None ("n/a").
 """
 from __future__ import annotations
 
@@ -61,17 +62,14 @@ def make_timer(device: torch.device, budget_s: float = 0.25, min_reps: int = 3) 
 
 
 # --------------------------------------------------------------------------- peak memory
-_M_MMAP_THRESHOLD = -3
-
-
-def pin_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
-    """Make glibc serve every allocation >= `threshold` with mmap (so RSS follows it). False if not glibc."""
+def _malloc_trim() -> bool:
+    """Return the free pages of the glibc heap to the OS (False where there is no glibc)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+        ctypes.CDLL(name).malloc_trim(0)
+        return True
     except (OSError, AttributeError):
         return False
 
@@ -105,7 +103,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
         fn()
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - base)
-    if not _reset_peak_rss():
+    if not _malloc_trim() or not _reset_peak_rss():
         return None
     base = _status_bytes("VmRSS")
     fn()
