@@ -121,3 +121,30 @@ def write_all(result, out_dir: str) -> Dict[str, object]:
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(text + "\n")
     return {"csv": csv_path, "json": json_path, "plots": plot(result.rows, result.meta, out_dir), "table": text}
+
+
+def markdown_summary(rows: List[dict], meta: dict) -> str:
+    """Headline table (markdown): p50 ms per provider for each op and mode, at the largest T measured
+    and at the largest T the reference reached; used for the README's Performance section."""
+    times = [r for r in rows if r["metric"] == "time"]
+    providers = [p for p in ("triton", "torch", "fla", "reference", "sdpa") if any(r["provider"] == p for r in times)]
+    by = {(r["op"], r["mode"], r["T"], r["provider"]): r["p50"] for r in times}
+    groups = list(dict.fromkeys((r["op"], r["mode"]) for r in times))
+    lines = [f"| op | mode | T | " + " | ".join(f"{p} (ms)" for p in providers) + " |",
+             "|---|---|---|" + "---|" * len(providers)]
+    for op, mode in groups:
+        ts = sorted({r["T"] for r in times if (r["op"], r["mode"]) == (op, mode)})
+        ref_ts = sorted({r["T"] for r in times if (r["op"], r["mode"], r["provider"]) == (op, mode, "reference")})
+        show = sorted({ts[-1]} | ({ref_ts[-1]} if ref_ts and "step" not in op and op != "ema_update_" else set()))
+        for t in show:
+            cells = [_fmt(by.get((op, mode, t, p)), ".3g") for p in providers]
+            lines.append(f"| {op} | {mode} | {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    with open(os.path.join(sys.argv[1] if len(sys.argv) > 1 else "bench_out", JSON_NAME)) as f:
+        data = json.load(f)
+    print(markdown_summary(data["rows"], data["meta"]))
