@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import List, Tuple
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ.pop("TRITON_INTERPRET", None)  # a report compiles, it never interprets (and forks workers)
 
 from hope_kernels import compile_check as cc  # noqa: E402
 

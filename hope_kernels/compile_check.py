@@ -16,19 +16,23 @@ cubin, with the `cuobjdump` shipped in the Triton wheel:
   block), the 64-warp / 32-block limits, over the 64 warps an SM can hold.
 
 tests/test_compile.py and `python -m benchmarks.compile_report` are built on it. Results are
-cached per process (Triton also caches compiled kernels on disk).
+cached per process (Triton also caches compiled kernels on disk). A process running kernels in
+the Triton interpreter (TRITON_INTERPRET=1) cannot compile them itself: it hands the work to a
+child process with the interpreter off (`_Server`), transparently.
 """
 from __future__ import annotations
 
-import contextlib
+import atexit
 import importlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .aot import KernelConfig, KernelSpec
@@ -92,7 +96,19 @@ def collect_specs(modules: Sequence[str] = KERNEL_MODULES, strict: bool = True
     """All KernelSpecs of `modules`, and a list of problems (module missing / no compile_specs).
 
     With strict=True a problem raises RuntimeError; with strict=False it is only reported.
+    Under the interpreter the specs come from the compile server (see `_Server`) and carry no
+    kernel function (`fn` is None): compile them with `compile_config`, which goes there too.
     """
+    if _interpreting():
+        specs, problems = _server().collect(list(modules))
+    else:
+        specs, problems = _collect_local(modules)
+    if strict and problems:
+        raise RuntimeError("compile specs incomplete:\n  " + "\n  ".join(problems))
+    return specs, problems
+
+
+def _collect_local(modules: Sequence[str]) -> Tuple[List[KernelSpec], List[str]]:
     specs, problems = [], []
     for name in modules:
         try:
@@ -115,9 +131,17 @@ def collect_specs(modules: Sequence[str] = KERNEL_MODULES, strict: bool = True
             if not any(c.default for c in spec.configs):
                 problems.append(f"{spec.name}: no config is flagged default")
         specs.extend(got)
-    if strict and problems:
-        raise RuntimeError("compile specs incomplete:\n  " + "\n  ".join(problems))
+    _SPECS.update({s.name: s for s in specs})
     return specs, problems
+
+
+_SPECS: Dict[str, KernelSpec] = {}  # by name, for the compile server
+
+
+def _interpreting() -> bool:
+    """True when this process runs Triton kernels in the interpreter: its @triton.jit functions
+    (and triton.language's own) are then InterpretedFunctions, which cannot be compiled here."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def default_config(spec: KernelSpec) -> KernelConfig:
@@ -131,13 +155,11 @@ def config_label(config: KernelConfig) -> str:
 
 # --------------------------------------------------------------------------- compiling
 def unwrap(fn):
-    """The kernel under any triton.autotune / triton.heuristics wrappers: a JITFunction, or, when
-    TRITON_INTERPRET=1 was set before the kernel module was imported, an InterpretedFunction or
-    the plain Python function under it."""
+    """The raw JITFunction under any triton.autotune / triton.heuristics wrappers."""
     from triton.runtime.jit import JITFunction
 
     for _ in range(16):
-        if isinstance(fn, (JITFunction, types.FunctionType)) or _is_interpreted(fn):
+        if isinstance(fn, JITFunction):
             return fn
         if not hasattr(fn, "fn"):
             break
@@ -145,50 +167,16 @@ def unwrap(fn):
     raise TypeError(f"{fn!r} is not a Triton kernel (@triton.jit)")
 
 
-def _is_interpreted(fn) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - a Triton without the interpreter
-        return False
-    return isinstance(fn, InterpretedFunction)
-
-
-def _kernel_key(spec: KernelSpec):
-    """What identifies the kernel function of a spec (the Python function under any wrapper)."""
-    try:
-        fn = unwrap(spec.fn)
-    except TypeError:
-        return id(spec)
-    return fn if isinstance(fn, types.FunctionType) else fn.fn
-
-
-_JIT_OF: Dict[object, object] = {}
-
-
-def as_jit(fn):
-    """A compilable JITFunction for `fn`.
-
-    Under the interpreter (the tests' CPU set-up) `@triton.jit` makes InterpretedFunctions, which
-    `triton.compile` cannot take: rebuild a JITFunction from the same Python code (also when a
-    spec hands over that plain function), with the @triton.jit helpers it calls through module
-    globals rebuilt the same way.
-    """
-    from triton.runtime.jit import JITFunction
-
-    fn = unwrap(fn)
-    if isinstance(fn, JITFunction):
-        return fn
-    py, kwargs = (fn.fn, getattr(fn, "kwargs", {})) if _is_interpreted(fn) else (fn, {})
-    if py not in _JIT_OF:
-        scope = dict(py.__globals__)
-        clone = types.FunctionType(py.__code__, scope, py.__name__, py.__defaults__, py.__closure__)
-        clone.__annotations__ = dict(getattr(py, "__annotations__", {}))
-        clone.__module__, clone.__qualname__ = py.__module__, py.__qualname__
-        _JIT_OF[py] = JITFunction(clone, **kwargs)
-        for name, value in list(scope.items()):
-            if _is_interpreted(value):
-                scope[name] = as_jit(value)
-    return _JIT_OF[py]
+def kernel_id(spec: KernelSpec) -> str:
+    """Which kernel function a spec compiles ("module.name"); specs of one kernel share it."""
+    kid = getattr(spec, "kernel_id", None)
+    if kid is None:
+        try:
+            fn = unwrap(spec.fn).fn
+            kid = f"{fn.__module__}.{fn.__qualname__}"
+        except TypeError:
+            kid = spec.name
+    return kid
 
 
 def _tool(name: str) -> str:
@@ -223,7 +211,10 @@ def compile_config(spec: KernelSpec, config: KernelConfig, arch: int, sass: bool
     key = (spec.name, config_label(config), arch)
     hit = _CACHE.get(key)
     if hit is None or (sass and hit.ok and hit.tc_source != "sass"):
-        _CACHE[key] = _compile(spec, config, arch, sass)
+        if _interpreting():
+            _CACHE[key] = _server().compile(spec.name, spec.configs.index(config), arch, sass)
+        else:
+            _CACHE[key] = _compile(spec, config, arch, sass)
     return _CACHE[key]
 
 
@@ -235,13 +226,12 @@ def _compile(spec: KernelSpec, config: KernelConfig, arch: int, sass: bool) -> C
     res = CompileResult(spec.name, arch, config_label(config), config.default, config.num_warps)
     t0 = time.perf_counter()
     try:
-        fn = as_jit(spec.fn)
+        fn = unwrap(spec.fn)
         src = triton.compiler.ASTSource(fn=fn, signature=dict(spec.signature),
                                         constexprs={**spec.constexprs, **config.meta},
                                         attrs=_attrs(fn, spec))
-        with _interpreter_off():
-            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                    options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     except Exception as e:  # a compile failure is a result to report (and to fail the test on)
         res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
         res.seconds = time.perf_counter() - t0
@@ -249,21 +239,6 @@ def _compile(spec: KernelSpec, config: KernelConfig, arch: int, sass: bool) -> C
     _measure(res, kernel, arch, sass)
     res.seconds = time.perf_counter() - t0
     return res
-
-
-@contextlib.contextmanager
-def _interpreter_off():
-    """Code generation reads TRITON_INTERPRET (constexpr helpers return raw values under the
-    interpreter): switch it off while compiling, as in a process that never set it."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 def _measure(res: CompileResult, kernel, arch: int, sass: bool) -> None:
@@ -323,6 +298,94 @@ def occupancy(registers: int, shared: int, num_warps: int, arch: int) -> Tuple[i
 
 
 # --------------------------------------------------------------------------- plans and reports
+# --------------------------------------------------------------------------- compile server
+_PREFIX = "@@hope-compile-check "
+_SERVER = None
+
+
+def _server() -> "_Server":
+    global _SERVER
+    if _SERVER is None or _SERVER.proc.poll() is not None:
+        _SERVER = _Server()
+    return _SERVER
+
+
+class _Server:
+    """A child Python with the interpreter off that collects and compiles specs for this process.
+
+    A process that set TRITON_INTERPRET=1 before importing Triton (the tests' CPU set-up) holds
+    only interpreted kernels, and code generation itself misbehaves under that setting; the
+    child imports the kernel modules normally. One JSON request per line on stdin, one answer
+    per line on stdout (prefixed, so stray prints cannot be mistaken for answers).
+    """
+
+    def __init__(self):
+        env = dict(os.environ)
+        env.pop("TRITON_INTERPRET", None)
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "hope_kernels.compile_check", "--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, env=env)
+        atexit.register(self.close)
+
+    def _ask(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(_PREFIX):
+                answer = json.loads(line[len(_PREFIX):])
+                if "error" in answer:
+                    raise RuntimeError(f"compile server: {answer['error']}")
+                return answer
+        self.log.seek(0)
+        raise RuntimeError("compile server exited:\n" + self.log.read()[-3000:])
+
+    def collect(self, modules: List[str]) -> Tuple[List[KernelSpec], List[str]]:
+        answer = self._ask({"op": "collect", "modules": modules})
+        specs = []
+        for d in answer["specs"]:
+            spec = KernelSpec(d["name"], None, d["signature"], d["constexprs"],
+                              [KernelConfig(**c) for c in d["configs"]], d["divisible_by_16"])
+            spec.kernel_id = d["kernel_id"]
+            specs.append(spec)
+        return specs, answer["problems"]
+
+    def compile(self, name: str, config: int, arch: int, sass: bool) -> CompileResult:
+        answer = self._ask({"op": "compile", "spec": name, "config": config, "arch": arch, "sass": sass})
+        return CompileResult(**answer["result"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _serve() -> None:
+    """The child side of `_Server`."""
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            if request["op"] == "collect":
+                specs, problems = _collect_local(request["modules"])
+                answer = {"problems": problems, "specs": [
+                    {"name": s.name, "kernel_id": kernel_id(s), "signature": s.signature,
+                     "constexprs": s.constexprs, "divisible_by_16": list(getattr(s, "divisible_by_16", []) or []),
+                     "configs": [asdict(c) for c in s.configs]} for s in specs]}
+            else:
+                spec = _SPECS[request["spec"]]
+                result = compile_config(spec, spec.configs[request["config"]], request["arch"], request["sass"])
+                answer = {"result": asdict(result)}
+        except Exception as e:
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(_PREFIX + json.dumps(answer, default=repr) + "\n")
+        sys.stdout.flush()
+
+
 FULL_ENV = "HOPE_KERNELS_COMPILE_ALL"  # "1": every config of every spec on every arch
 
 
@@ -342,8 +405,8 @@ def configs_for(spec: KernelSpec, arch: int, specs: Sequence[KernelSpec], archs:
         full = full_sweep()
     if full:
         return list(spec.configs)
-    key = _kernel_key(spec)
-    representative = next((s for s in specs if _kernel_key(s) == key), spec) is spec
+    key = kernel_id(spec)
+    representative = next((s for s in specs if kernel_id(s) == key), spec) is spec
     if arch == max(archs) and representative:
         return list(spec.configs)
     return [c for c in spec.configs if c.default]
@@ -382,3 +445,12 @@ def format_table(results: Sequence[CompileResult]) -> str:
                  "from ptxas]; shared = bytes per block; occ = resident warps per SM, of 64; "
                  "tc = tensor-core instructions in the SASS, (p): read from the PTX)")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        from hope_kernels import compile_check
+
+        compile_check._serve()
+    else:
+        sys.exit("usage: python -m benchmarks.compile_report (this module's --serve is internal)")
