@@ -131,6 +131,8 @@ def _collect_local(modules: Sequence[str]) -> Tuple[List[KernelSpec], List[str]]
             if not any(c.default for c in spec.configs):
                 problems.append(f"{spec.name}: no config is flagged default")
         specs.extend(got)
+    names = [s.name for s in specs]
+    problems += [f"{n}: two specs have this name" for n in sorted({n for n in names if names.count(n) > 1})]
     _SPECS.update({s.name: s for s in specs})
     return specs, problems
 

@@ -98,6 +98,11 @@ def test_large_flat_and_scalar_modules(backend, device):
         expected = _expected(list(states), update, decay)
         ema_update_(states, update, decay, backend=backend)
         assert_close(f"ema[{shape}]", states, expected, torch.float32, device)
+        # the same through the pointer tables (separate allocations for states and updates)
+        states_list = [t.clone() for t in states]
+        expected = _expected(states_list, update, decay)
+        ema_update_(states_list, [t.clone() for t in update], decay, backend=backend)
+        assert_close(f"ema[list, {shape}]", torch.stack(states_list), expected, torch.float32, device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
