@@ -3,7 +3,8 @@
 Each measurement gives two rows, metric "time" (ms, p50/p20/p80) and metric "peak_mem" (MB), both
 carrying the roofline columns (bytes, flops, achieved fractions) and the relative error against
 the float64 reference. The relative error is measured once per (op, provider) at the smallest T
-of the sweep (batch capped at 2, the reference loops per token) and reported on those rows:
+of the sweep (batch capped at 2, the reference loops per token; T halved where the reference's
+autograd graph would pass 4 GB, with a note) and reported on those rows:
 outputs for "fwd", the worst input gradient for "bwd", the worse of both for "fwd+bwd".
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .roofline import Shape
 from .timing import make_timer, peak_memory
 
 REL_ERR_MAX_BATCH = 2
+REL_ERR_MAX_BYTES = 4e9
 
 
 @dataclass
@@ -106,7 +108,8 @@ def _run_with_grads(case: Case, provider: str, inp: Inputs, do: Optional[torch.T
     return out, grads
 
 
-def rel_errors(case: Case, providers: Sequence[str], shape: Shape, cfg: Config) -> Dict[str, Dict[str, float]]:
+def rel_errors(case: Case, providers: Sequence[str], shape: Shape, cfg: Config,
+               notes: List[str]) -> Dict[str, Dict[str, float]]:
     """{provider: {"fwd": err, "bwd": err, "fwd+bwd": err}} against the float64 reference."""
     torch.manual_seed(cfg.seed + 1)
     differentiable = len(case.modes) > 1
@@ -118,11 +121,26 @@ def rel_errors(case: Case, providers: Sequence[str], shape: Shape, cfg: Config) 
     for provider in providers:
         if not exact(case, provider):
             continue
-        out, grads = _run_with_grads(case, provider, inp, do)
+        try:
+            out, grads = _run_with_grads(case, provider, inp, do)
+        except Exception as exc:  # one broken provider must not hide the others' numbers
+            notes.append(f"{case.name}/{provider}: relative error failed: {type(exc).__name__}: {exc}")
+            continue
         e_fwd = _rel(out, ref_out)
         e_bwd = max(_rel(g, r) for g, r in zip(grads, ref_grads)) if grads else float("nan")
         errs[provider] = {"fwd": e_fwd, "bwd": e_bwd, "fwd+bwd": max(e_fwd, e_bwd)}
     return errs
+
+
+def rel_err_shape(case: Case, s: Shape) -> Shape:
+    """The shape numerics are checked at: the sweep's smallest, batch capped at 2, and T halved while
+    the float64 reference's autograd graph (one state per token) would pass REL_ERR_MAX_BYTES."""
+    B = min(s.B, REL_ERR_MAX_BATCH)
+    m = s.M if case.name.startswith("cms") else 1
+    T = s.T
+    while T > 64 and 3 * 8 * B * T * s.H * m * s.K * s.V > REL_ERR_MAX_BYTES:
+        T //= 2
+    return Shape(B, T, s.H, s.K, s.V, s.M)
 
 
 # --------------------------------------------------------------------------- timing one case
@@ -201,9 +219,12 @@ def _sweep_op(case: Case, cfg: Config, seq_lens, timer, base, peaks, rows, notes
             providers.append(p)
     shapes = [Shape(cfg.batch, t, cfg.heads, cfg.head_dim, cfg.value_dim, cfg.memories) for t in seq_lens]
     s0 = shapes[0]
-    err_shape = Shape(min(s0.B, REL_ERR_MAX_BATCH), s0.T, s0.H, s0.K, s0.V, s0.M)
+    err_shape = rel_err_shape(case, s0)
+    if err_shape.T != s0.T:
+        notes.append(f"{op}: rel_err measured at T={err_shape.T} (the float64 reference's graph is too big at "
+                     f"T={s0.T}), reported on the T={s0.T} rows")
     try:
-        errs = rel_errors(case, providers, err_shape, cfg)
+        errs = rel_errors(case, providers, err_shape, cfg, notes)
     except Exception as exc:  # a broken provider must not hide the others' timings
         notes.append(f"{op}: relative errors failed: {type(exc).__name__}: {exc}")
         errs = {}
