@@ -203,3 +203,13 @@ def test_broadcast_update_and_float64(backend, device):
     expected = _expected(list(states), update, decay)
     ema_update_(states, update, decay, backend=backend)
     assert_close("ema[float64, expanded update]", states, expected, torch.float64, device)
+
+
+def test_decay_checked_again_after_in_place_change(device):
+    """The range check is cached per decay tensor, but an in-place change invalidates it."""
+    states, update = randn(2, 6, device=device), randn(6, device=device)
+    decay = torch.tensor([0.5, 0.9], device=device)
+    ema_update_(states, update, decay)
+    decay[1] = 1.5
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ema_update_(states, update, decay)

@@ -17,7 +17,8 @@ Forms accepted:
   tau = 1 leaves a module unchanged (frozen), tau = 0 replaces it by the update; both are
   sound EMAs (unlike `cms_scan`, nothing here takes log(tau)), so the closed interval is
   allowed. Values outside [0, 1] (or NaN) raise ValueError; the tensor check costs one host
-  sync and is skipped while compiling / capturing a CUDA graph.
+  sync, once per decay tensor (until it is modified in place), and is skipped while
+  compiling / capturing a CUDA graph.
 
 dtypes: states float32 / float16 / bfloat16 (float64 too), update any floating dtype; the
 math is float32 (float64 for float64 states) and the result is rounded once to the state dtype.
@@ -25,6 +26,7 @@ The update must not overlap the states.
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -147,11 +149,12 @@ def _check_list(name: str, tensors, shape) -> List[torch.Tensor]:
 def _check_decay(decay, M: int, device: torch.device, state_dt: torch.dtype) -> torch.Tensor:
     if isinstance(decay, torch.Tensor):
         check_tensor("decay", decay, 1, shape=(M,), layout="[M]")
-        if not skip_host_checks():
+        if not skip_host_checks() and not _already_checked(decay):
             bad = ~((decay >= 0) & (decay <= 1))
             if bool(bad.any()):
                 raise ValueError(f"decay values must lie in [0, 1], got {decay[bad].tolist()[:4]} "
                                  f"at indices {bad.nonzero().flatten().tolist()[:4]}")
+            _remember_checked(decay)
         return decay
     if isinstance(decay, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                for x in decay):
@@ -163,6 +166,35 @@ def _check_decay(decay, M: int, device: torch.device, state_dt: torch.dtype) -> 
         return torch.tensor(decay, dtype=torch.float64 if state_dt == torch.float64 else torch.float32,
                             device=device)
     raise TypeError(f"decay must be a floating tensor [M] or a sequence of M floats, got {type(decay).__name__}")
+
+
+# Decay tensors already range-checked, by identity and autograd version: an optimizer that calls
+# ema_update_ once per parameter with one decay tensor pays the host sync once, not per call.
+_CHECKED: "OrderedDict[int, Tuple[weakref.ref, int]]" = OrderedDict()
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _already_checked(decay: torch.Tensor) -> bool:
+    entry = _CHECKED.get(id(decay))
+    if entry is None or entry[0]() is not decay:
+        return False
+    version = _version(decay)
+    return version is not None and version == entry[1]
+
+
+def _remember_checked(decay: torch.Tensor) -> None:
+    version = _version(decay)
+    if version is None:
+        return
+    _CHECKED[id(decay)] = (weakref.ref(decay), version)
+    if len(_CHECKED) > 64:
+        _CHECKED.popitem(last=False)
 
 
 def _as_stack(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
