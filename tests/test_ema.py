@@ -213,3 +213,20 @@ def test_decay_checked_again_after_in_place_change(device):
     decay[1] = 1.5
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         ema_update_(states, update, decay)
+
+
+@pytest.mark.parametrize("form", ["stacked", "list"])
+def test_shared_update_read_once_path(form, device, monkeypatch):
+    """Large shared updates run one program per block looping over the M modules: force that path."""
+    from hope_kernels.ema import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "SHARED_LOOP_MIN_N", 0)
+    M, N = 3, 2 * 2048 + 5
+    stack = randn(M, N, dtype=torch.bfloat16, device=device)
+    states = stack if form == "stacked" else [t.clone() for t in stack]
+    update = randn(N, device=device)
+    decay = torch.rand(M, device=device)
+    expected = _expected(list(stack), update, decay)
+    ema_update_(states, update, decay, backend="triton")
+    got = states if form == "stacked" else torch.stack(states)
+    assert_close(f"ema[{form}, update read once]", got, expected, torch.bfloat16, device)

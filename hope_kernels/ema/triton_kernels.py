@@ -6,8 +6,10 @@ The op is bandwidth bound, so the kernel is a flat streaming pass: each program 
 consecutive elements of the flattened `shape` (N elements) and updates them for its modules.
 
 - Per-module update: cdiv(N, BLOCK) * M programs, one module each.
-- Shared update:     cdiv(N, BLOCK) programs; each loads its update block once and
-  applies it to all M modules, so the update is read from memory once, not M times.
+- Shared update, N >= SHARED_LOOP_MIN_N (enough blocks to fill the GPU): cdiv(N, BLOCK)
+  programs; each loads its update block once and applies it to all M modules, so the update is
+  read from memory once, not M times. Smaller shared updates run one program per (block,
+  module): parallelism matters more there, and the repeated update reads hit L2.
 
 States and updates come either as a strided stack (base pointer + m * stride, each module's
 slice contiguous) or, for a list of separate tensors, as a device table of int64 data
@@ -29,6 +31,7 @@ from ..utils import autotune_configs
 # (BLOCK, num_warps): 4-16 elements per thread, i.e. one to four 128-bit loads per tensor.
 _CONFIGS = [(2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8)]
 _DEFAULT = _CONFIGS[0]
+SHARED_LOOP_MIN_N = 1 << 22  # elements: >= 512 blocks even at BLOCK = 8192
 
 
 def _triton_configs(pairs):
@@ -94,11 +97,12 @@ def ema_update(s, u, decay, *, M: int, N: int, stride_sm: int = 0, stride_um: in
     """
     from_s, from_u = s_table is not None, u_table is not None
     dummy = decay  # a valid pointer for table arguments the specialisation never reads
+    loop_all = shared and N >= SHARED_LOOP_MIN_N
     args = (s, u, decay, s_table if from_s else dummy, u_table if from_u else dummy,
-            N, M if shared else 1, stride_sm, stride_um, triton.next_power_of_2(N))
+            N, M if loop_all else 1, stride_sm, stride_um, triton.next_power_of_2(N))
     flags = dict(S_FROM_TABLE=from_s, U_FROM_TABLE=from_u, U_SHARED=shared,
                  F64=s.dtype == torch.float64)
-    grid_m = 1 if shared else M
+    grid_m = 1 if loop_all else M
     if from_s:
         block, warps = _DEFAULT
         _ema_update_kernel[(triton.cdiv(N, block) * grid_m,)](*args, **flags, BLOCK=block,
