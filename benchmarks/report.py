@@ -96,6 +96,7 @@ def plot(rows: List[dict], meta: dict, out_dir: str) -> List[str]:
             ts = [p[0] for p in pts]
             ax.plot(ts, [p[1] for p in pts], marker="o", label=provider)
             ax.fill_between(ts, [p[2] for p in pts], [p[3] for p in pts], alpha=0.2)
+        _guides(ax, by_provider)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T" if "step" not in op and op != "ema_update_" else
@@ -110,6 +111,18 @@ def plot(rows: List[dict], meta: dict, out_dir: str) -> List[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _guides(ax, by_provider) -> None:
+    """Faint O(T) and O(T^2) lines through the lowest first point, so the slopes read at a glance."""
+    firsts = [pts[0] for pts in by_provider.values() if pts]
+    t_all = sorted({p[0] for pts in by_provider.values() for p in pts})
+    if len(t_all) < 2 or not firsts:
+        return
+    t0, y0 = min((p[0], p[1]) for p in firsts)
+    for power, style in ((1, ":"), (2, "--")):
+        ax.plot(t_all, [y0 * (t / t0) ** power for t in t_all], style, color="gray", alpha=0.5, linewidth=1,
+                label=f"O(T^{power})" if power > 1 else "O(T)")
 
 
 def write_all(result, out_dir: str) -> Dict[str, object]:
