@@ -15,18 +15,19 @@ L2 regression onto the past gradients, i.e. an associative memory that compresse
 
 Deep momentum (deep=True), after Deep Momentum Gradient Descent: the read-out is a small MLP
 memory f_phi: R^J -> R shared by all coordinates of all tensors of a parameter group, acting
-coordinate-wise on the (scale-normalised) gradient history x_i = m_{t-1,i} / s_t, s_t = rms(g_t) + eps:
+coordinate-wise on the (scale-normalised) gradient history x_i = m_{t,i} / s_t, s_t = rms(g_t) + eps:
 
     f_phi(x) = a . x + w_2 . tanh(W_1 x + b_1)      (a = 1/J, w_2 = 0 at start: f starts as plain momentum)
 
-f is trained online by its own inner objective, one step per optimizer step: predict the incoming
-gradient from the history it saw before it (it memorises the map history -> gradient),
+f is an associative memory with keys = gradient histories and values = gradients, trained online by
+its own inner objective, one step per optimizer step (after the buffers absorbed g_t):
 
-    l_t(phi) = 1/2 mean_i (f_phi(m_{t-1,i} / s_t) - g_{t,i} / s_t)^2     (over the group's coordinates)
-    u_t      = alpha u_{t-1} - eta grad_phi l_t(phi),    phi <- phi + u_t   (alpha = memory_momentum,
-                                                                              eta = memory_lr)
+    l_t(phi) = 1/2 mean_i (f_phi(m_{t,i} / s_t) - g_{t,i} / s_t)^2     (over the group's coordinates)
+    u_t      = alpha u_{t-1} - eta_t grad_phi l_t(phi),  phi <- phi + u_t   (alpha = memory_momentum)
+    eta_t    = memory_lr / (1 + mean_i |x_i|^2)      (normalised-LMS step: stable at any gradient scale)
 
-then the buffers absorb g_t and the update is the memory's read of the new history:
+and the update is the trained memory's read of that history (its estimate of the descent direction,
+learned from every gradient seen so far):
 
     d_t = s_t f_phi(m_{t,i} / s_t)
 
@@ -121,12 +122,13 @@ class DeepMomentum(Optimizer):
                 st["step"] += 1
                 states.append(st)
                 scales.append(p.grad.float().pow(2).mean().sqrt() + eps)
+            for p, st in zip(params, states):
+                ema(st["momentum"], p.grad.float(), decay)
             if group["deep"]:
                 self._train_memory(group, params, states, scales)
             mem = self._memory_state(group)[0] if group["deep"] else None
             for p, st, s in zip(params, states, scales):
                 buf = st["momentum"]
-                ema(buf, p.grad.float(), decay)
                 if mem is None:
                     d = buf.mean(0)
                 else:
@@ -150,10 +152,11 @@ class DeepMomentum(Optimizer):
             xs.append(hist[:, idx].t() / s)
             ys.append(g[idx] / s)
         x, y = torch.cat(xs), torch.cat(ys)
+        eta = group["memory_lr"] / (1.0 + x.pow(2).sum(-1).mean().item())
         with torch.enable_grad():
             phi = {k: v.detach().requires_grad_(True) for k, v in mem.items()}
             loss = 0.5 * (self._read(phi, x) - y).pow(2).mean()
             grads = torch.autograd.grad(loss, [phi[k] for k in MEMORY_KEYS])
         for k, gk in zip(MEMORY_KEYS, grads):
-            vel[k].mul_(group["memory_momentum"]).add_(gk, alpha=-group["memory_lr"])
+            vel[k].mul_(group["memory_momentum"]).add_(gk, alpha=-eta)
             mem[k].add_(vel[k])
