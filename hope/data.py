@@ -40,9 +40,11 @@ def stdlib_files() -> List[Path]:
     site-packages and test suites), sorted by relative path; falls back to the sources of this
     package where the stdlib ships no sources (e.g. a zipped stdlib)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted((p for p in root.rglob("*.py")
-                    if p.is_file() and not SKIP_DIRS & set(p.relative_to(root).parts[:-1])),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]   # prune: never walk site-packages
+        files += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    files = sorted((f for f in files if f.is_file()), key=lambda p: p.relative_to(root).as_posix())
     if not files:
         files = sorted(Path(__file__).parent.glob("*.py"), key=lambda p: p.name)
     return files
