@@ -49,7 +49,7 @@ def test_plain_momentum_matches_manual(betas, backend):
     bufs = [torch.zeros(len(betas), *p.shape) for p in params]
     lr, wd = 0.05, 0.1
     opt = DeepMomentum(params, lr=lr, betas=betas, weight_decay=wd, backend=backend)
-    for _ in range(6):
+    for _ in range(3 if backend == "triton" else 6):   # the interpreter is slow
         opt.zero_grad()
         _loss(A, b, params).backward()
         opt.step()
