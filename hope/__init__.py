@@ -3,17 +3,21 @@
 Layers take `backend=` (None | "triton" | "torch" | "reference") so the same weights run on the
 Triton kernels, the chunked PyTorch path or the token-by-token references.
 """
+from . import optim
 from .attention import LinearAttention, SoftmaxAttention
 from .block import HOPEBlock
 from .cms import CMSLayer, default_taus
 from .config import HOPEConfig
+from .data import ByteTokenizer, TokenStream, read_corpus
 from .generation import HOPECache
 from .layers import MLP, Embeddings, RMSNorm, RotaryEmbedding
 from .memory import AssociativeMemory
 from .model import HOPE
+from .optim import DeepMomentum
 from .ops import get_op
 
 __all__ = [
     "HOPE", "HOPEConfig", "HOPEBlock", "HOPECache", "SoftmaxAttention", "LinearAttention", "CMSLayer",
     "MLP", "RMSNorm", "RotaryEmbedding", "Embeddings", "AssociativeMemory", "default_taus", "get_op",
+    "DeepMomentum", "ByteTokenizer", "TokenStream", "read_corpus", "optim",
 ]
