@@ -250,7 +250,7 @@ def _measure(res: CompileResult, kernel, arch: int, sass: bool) -> None:
             f.write(kernel.asm["cubin"])
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin],
                                capture_output=True, text=True, check=True).stdout
-        fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+        fields = _kernel_usage(usage, kernel.metadata.name)
         res.registers = int(fields.get("REG", 0))
         res.spill_bytes = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
         res.shared_bytes = int(kernel.metadata.shared) + int(fields.get("SHARED", 0))
@@ -269,6 +269,16 @@ def _measure(res: CompileResult, kernel, arch: int, sass: bool) -> None:
             res.spill_stores, res.spill_loads = _ptxas_spills(kernel.asm["ptx"], arch, tmp)
     res.warps_per_sm, res.limiter = occupancy(res.registers, res.shared_bytes, res.num_warps, arch)
     res.occupancy = res.warps_per_sm / LIMITS[arch].max_warps_per_sm
+
+
+def _kernel_usage(usage: str, name: str) -> Dict[str, str]:
+    """REG / STACK / SHARED / LOCAL of the kernel entry in `cuobjdump -res-usage` output (a cubin
+    may also hold non-inlined device functions, listed as further Functions)."""
+    blocks = re.findall(r"Function (\S+):\s*\n([^\n]*)", usage)
+    fields = {f: dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line)) for f, line in blocks}
+    if name in fields:
+        return fields[name]
+    return max(fields.values(), key=lambda d: int(d.get("REG", 0)), default={})
 
 
 def _ptxas_spills(ptx: str, arch: int, tmp: str) -> Tuple[Optional[int], Optional[int]]:

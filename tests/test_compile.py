@@ -51,3 +51,11 @@ def test_occupancy_model():
     assert cc.occupancy(32, 100 * 1024, 4, 90) == (8, "smem")
     # Over the opt-in per-block limit: no block fits.
     assert cc.occupancy(32, cc.LIMITS[80].smem_per_block + 1, 4, 80) == (0, "smem")
+
+
+def test_resource_usage_parsing():
+    """The kernel's own entry is read, not a non-inlined helper listed next to it."""
+    usage = ("Resource usage:\n Common:\n  GLOBAL:0\n"
+             " Function helper:\n  REG:200 STACK:64 SHARED:0 LOCAL:0 CONSTANT[0]:8\n"
+             " Function my_kernel:\n  REG:40 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:400\n")
+    assert cc._kernel_usage(usage, "my_kernel") == {"REG": "40", "STACK": "0", "SHARED": "1024", "LOCAL": "0"}
