@@ -215,8 +215,8 @@ def provider_unavailable(provider: str, device: torch.device) -> Optional[str]:
         if device.type != "cuda":
             return "flash-linear-attention needs CUDA"
         try:
-            import fla.ops.linear_attn  # noqa: F401
-            import fla.ops.simple_gla  # noqa: F401
+            from fla.ops.linear_attn import chunk_linear_attn  # noqa: F401
+            from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
         except Exception as exc:  # not installed, or an incompatible build
             return f"flash-linear-attention not importable ({type(exc).__name__}: {exc})"
     return None

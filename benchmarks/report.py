@@ -136,14 +136,14 @@ def write_all(result, out_dir: str) -> Dict[str, object]:
     return {"csv": csv_path, "json": json_path, "plots": plot(result.rows, result.meta, out_dir), "table": text}
 
 
-def markdown_summary(rows: List[dict], meta: dict) -> str:
+def markdown_summary(rows: List[dict], meta: dict, modes=("fwd", "bwd", "fwd+bwd")) -> str:
     """Headline table (markdown): p50 ms per provider for each op and mode, at the largest T measured
     and at the largest T the reference reached; used for the README's Performance section."""
-    times = [r for r in rows if r["metric"] == "time"]
+    times = [r for r in rows if r["metric"] == "time" and r["mode"] in modes]
     providers = [p for p in ("triton", "torch", "fla", "reference", "sdpa") if any(r["provider"] == p for r in times)]
     by = {(r["op"], r["mode"], r["T"], r["provider"]): r["p50"] for r in times}
     groups = list(dict.fromkeys((r["op"], r["mode"]) for r in times))
-    lines = [f"| op | mode | T | " + " | ".join(f"{p} (ms)" for p in providers) + " |",
+    lines = ["| op | mode | T | " + " | ".join(f"{p} (ms)" for p in providers) + " |",
              "|---|---|---|" + "---|" * len(providers)]
     for op, mode in groups:
         ts = sorted({r["T"] for r in times if (r["op"], r["mode"]) == (op, mode)})
@@ -160,4 +160,4 @@ if __name__ == "__main__":
 
     with open(os.path.join(sys.argv[1] if len(sys.argv) > 1 else "bench_out", JSON_NAME)) as f:
         data = json.load(f)
-    print(markdown_summary(data["rows"], data["meta"]))
+    print(markdown_summary(data["rows"], data["meta"], *(sys.argv[2:3] and [sys.argv[2].split(",")])))

@@ -134,6 +134,18 @@ def cost(op: str, provider: str, mode: str, s: Shape, dtype: torch.dtype) -> Tup
 
 
 # --------------------------------------------------------------------------- card peaks
+def _time_copy(device, n_bytes: int, timer) -> float:
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    return timer(lambda: dst.copy_(src))[0] * 1e-3
+
+
+def _time_matmul(device, n: int, dtype, timer) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return timer(lambda: a @ b)[0] * 1e-3
+
+
 def measure_peaks(device: torch.device, timer) -> Dict[str, float]:
     """Copy bandwidth (bytes/s) and matmul throughput (FLOP/s) measured now with `timer`.
 
@@ -143,14 +155,9 @@ def measure_peaks(device: torch.device, timer) -> Dict[str, float]:
     """
     cuda = device.type == "cuda"
     n_bytes = (1 << 30) if cuda else (64 << 20)
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_(0, 255)
-    dst = torch.empty_like(src)
-    t_copy = timer(lambda: dst.copy_(src))[0] * 1e-3
-    del src, dst
     n, mm_dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=mm_dtype)
-    b = torch.randn(n, n, device=device, dtype=mm_dtype)
-    t_mm = timer(lambda: a @ b)[0] * 1e-3
+    t_copy = _time_copy(device, n_bytes, timer)
+    t_mm = _time_matmul(device, n, mm_dtype, timer)
     return {
         "peak_bw": 2.0 * n_bytes / t_copy,
         "peak_flops": 2.0 * n ** 3 / t_mm,

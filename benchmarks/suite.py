@@ -233,7 +233,7 @@ def _sweep_op(case: Case, cfg: Config, seq_lens, timer, base, peaks, rows, notes
         for mode in (m for m in cfg.modes if m in case.modes):
             for s in shapes:
                 if provider == "reference" and not case.long_reference and s.T > cfg.reference_max_t:
-                    notes.append(f"{op}/{mode}: reference skipped for T > {cfg.reference_max_t} (token loop)")
+                    notes.append(f"{op}: reference run up to T={cfg.reference_max_t} only (token loop; --reference-max-t)")
                     break
                 try:
                     q, mem = measure(case, provider, mode, s, cfg, timer)
