@@ -94,7 +94,7 @@ CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,mix,per_head,h0", CASES)
 def test_scan_matches_reference(backend, device, poison_empty, dtype, mix, per_head, h0):
-    _check_scan(backend, device, dtype, B=2, T=37, H=2, K=12, V=20, M=3, mix=mix, per_head=per_head, h0=h0)
+    _check_scan(backend, device, dtype, B=2, T=37, H=2, K=12, V=36, M=3, mix=mix, per_head=per_head, h0=h0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .triton_kernels import cms_bwd_kernel, cms_fwd_kernel, cms_step_kernel
+from .triton_kernels import BWD_BV, cms_bwd_kernel, cms_fwd_kernel, cms_step_kernel
 
 
 def _block(n: int) -> int:
@@ -16,10 +16,10 @@ def _block(n: int) -> int:
 
 
 def chunk_tile(chunk_size: int, K: int, V: int) -> int:
-    """The kernels' chunk length: chunk_size rounded to a power of two in [16, 64] (32 for wide heads,
-    where the backward's full-K/V tiles would otherwise spill). The result does not depend on it."""
-    bt = min(64 if max(K, V) <= 64 else 32, triton.next_power_of_2(chunk_size))
-    return max(16, bt)
+    """The kernels' chunk length. 16: the backward holds full-K tiles and two K x BV states per
+    memory in registers, and larger chunks spill there (see the compile report). chunk_size only
+    matters to the torch backend; the result does not depend on it."""
+    return 16
 
 
 def _chunk_offsets(cu_seqlens, BT: int):
@@ -70,22 +70,26 @@ class CmsScanFunction(torch.autograd.Function):
         BT = ctx.BT
         offsets = _chunk_offsets(cu_seqlens, BT)
         f32 = dict(dtype=torch.float32, device=q.device)
-        dq, dk = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
+        BV = min(BWD_BV, _block(V))
+        NV = triton.cdiv(V, BV)
+        dq, dk = torch.empty(NV, B, T, H, K, **f32), torch.empty(NV, B, T, H, K, **f32)
         dv = torch.empty(B, T, H, V, **f32)
         dh0 = torch.empty(N, H, M, K, V, **f32)
-        dmix = torch.empty(B, T, H, M, **f32) if mix is not None else None
+        dmix = torch.empty(NV, B, T, H, M, **f32) if mix is not None else None
         need_decay = ctx.needs_input_grad[3]
-        dgs = torch.empty(N, H, M, 2, **f32) if need_decay else None
+        dgs = torch.empty(NV, N, H, M, 2, **f32) if need_decay else None
         if do is None:   # only the final state was used
             do = q.new_zeros((B, T, H, V) if mix is not None else (B, T, H, M, V))
         do = do.contiguous()
         dht = None if dht is None else dht.contiguous()
-        cms_bwd_kernel[(N * H,)](q, k, v, tau, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs, cu_seqlens, offsets,
-                                 ctx.scale, T, H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=_block(V),
-                                 BM=triton.next_power_of_2(M), MIX_PER_TOKEN=mix is not None and mix.dim() == 4)
+        cms_bwd_kernel[(NV, N * H)](q, k, v, tau, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs, cu_seqlens, offsets,
+                                    ctx.scale, T, B * T, H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV,
+                                    BM=triton.next_power_of_2(M), MIX_PER_TOKEN=mix is not None and mix.dim() == 4)
+        dq, dk = dq.sum(0), dk.sum(0)
+        dmix = None if dmix is None else dmix.sum(0)
         dtau = None
         if need_decay:
-            dg, kdk = dgs.unbind(-1)                                  # [N, H, M]
+            dg, kdk = dgs.sum(0).unbind(-1)                                  # [N, H, M]
             tf = tau.to(torch.float32)
             dtau = (dg / tf - kdk).sum(0).to(tau.dtype)
         dmix_out = None

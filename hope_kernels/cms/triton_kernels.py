@@ -34,10 +34,11 @@ from .. import utils
 from ..aot import KernelConfig, KernelSpec
 
 # ----------------------------------------------------------------------------- configs
-FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (32, 4, 2))
+FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (32, 4, 1))
                for bv in (32, 64) for w in (4, 8) for s in (1, 2)]
 BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1))
                for w in (4, 8) for s in (1, 2)]
+BWD_BV = 32     # fixed (not autotuned): the partial-sum buffers are sized by cdiv(V, BWD_BV)
 STEP_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
                 for bv in (16, 32, 64) for w in (2, 4)]
 
@@ -83,7 +84,7 @@ def _decay_factors(g, L, o_t, BT: tl.constexpr):
 @triton.autotune(configs=_triton_configs(FWD_CONFIGS), key=["H", "M", "K", "V", "BT", "MIX_PER_TOKEN"])
 @triton.jit(do_not_specialize=["T"])
 def cms_fwd_kernel(q, k, v, decay, mix, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
-                   H: tl.constexpr, M: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MIX_PER_TOKEN: tl.constexpr,
                    USE_INITIAL_STATE: tl.constexpr, STORE_CHUNK_STATES: tl.constexpr,
                    HAS_MIX: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -112,10 +113,10 @@ def cms_fwd_kernel(q, k, v, decay, mix, o, h0, ht, hs, cu_seqlens, chunk_offsets
     for i_c in range(0, tl.cdiv(T_seq, BT)):
         L = tl.minimum(T_seq - i_c * BT, BT)
         m_t = o_t < L
-        rows = bos + i_c * BT + o_t
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        row0 = bos + i_c * BT          # int64 scalar base; per-element offsets stay int32
+        b_q = tl.load(q + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k = tl.load(k + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_v = tl.load(v + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
         b_q = b_q * scale
         b_A = tl.dot(b_q, tl.trans(b_k))                 # scale q k^T, shared by all M memories
         b_o = tl.zeros([BT, BV], dtype=tl.float32)
@@ -127,22 +128,21 @@ def cms_fwd_kernel(q, k, v, decay, mix, o, h0, ht, hs, cu_seqlens, chunk_offsets
             b_h = tl.load(p_h, mask=m_kv, other=0.)
             if STORE_CHUNK_STATES:
                 tl.store(hs + (((boc + i_c) * H + i_h) * M + i_m) * K * V + off_kv, b_h, mask=m_kv)
-            b_om = tl.dot(b_A * b_D * (1 - tau), b_v) + tl.dot(b_q * e_q[:, None], b_h)
+            b_om = tl.dot(b_A * b_D, b_v) * (1 - tau) + tl.dot(b_q, b_h) * e_q[:, None]
             if HAS_MIX:
                 if MIX_PER_TOKEN:
-                    b_mx = tl.load(mix + (rows * H + i_h) * M + i_m, mask=m_t, other=0.).to(tl.float32)
+                    b_mx = tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
                     b_o += b_om * b_mx[:, None]
                 else:
                     b_o += b_om * tl.load(mix + i_h * M + i_m).to(tl.float32)
             else:
-                tl.store(o + ((rows[:, None] * H + i_h) * M + i_m) * V + o_v[None, :],
+                tl.store(o + ((row0 * H + i_h) * M + i_m) * V + o_t[:, None] * (H * M * V) + o_v[None, :],
                          b_om.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-            b_kd = b_k * (e_k * (1 - tau))[:, None]
-            b_h = tl.exp(L.to(tl.float32) * g) * b_h + tl.dot(tl.trans(b_kd), b_v)
+            b_h = tl.exp(L.to(tl.float32) * g) * b_h + tl.dot(tl.trans(b_k), b_v * (e_k * (1 - tau))[:, None])
             tl.store(p_h, b_h, mask=m_kv)
             tl.debug_barrier()
         if HAS_MIX:
-            tl.store(o + (rows[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+            tl.store(o + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
 
 
@@ -156,20 +156,30 @@ def cms_fwd_kernel(q, k, v, decay, mix, o, h0, ht, hs, cu_seqlens, chunk_offsets
 @triton.autotune(configs=_triton_configs(BWD_CONFIGS), key=["H", "M", "K", "V", "BT", "MIX_PER_TOKEN"])
 @triton.jit(do_not_specialize=["T"])
 def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs, cu_seqlens, chunk_offsets,
-                   scale, T, H: tl.constexpr, M: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   scale, T, NR, H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
                    MIX_PER_TOKEN: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, HAS_MIX: tl.constexpr,
                    COMPUTE_DDECAY: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Gradients of one (sequence, head): dq, dk, dv (input layout, float32), dmix per token
-    [rows, H, M] (mixed only), dh0 [N, H, M, K, V] (carries dS, ends as the initial-state
-    gradient), dgs [N, H, M, 2] = (dL/dg, sum_i k_i . dk'_i) (decay gradient only)."""
-    i_nh = tl.program_id(0)
+    """Gradients of one (V-block, sequence, head), walking the chunks in reverse.
+
+    dv [rows, H, V] is complete per V-block. dq, dk [NV, rows, H, K], dmix [NV, rows, H, M] (mixed
+    only) and dgs [NV, N, H, M, 2] = (dL/dg, sum_i k_i . dk'_i) (decay gradient only) are partial
+    sums over this V-block (every term is linear in the V-sliced dO, v, dS), summed on the host.
+    dh0 [N, H, M, K, V] carries dS per memory (this program's V slice) and ends as dL/dS_0.
+    Splitting V keeps the two K x BV states and the chunk tiles in registers."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+    dq += i_v.to(tl.int64) * NR * H * K
+    dk += i_v.to(tl.int64) * NR * H * K
+    if HAS_MIX:
+        dmix += i_v.to(tl.int64) * NR * H * M
+    if COMPUTE_DDECAY:
+        dgs += i_v.to(tl.int64) * tl.num_programs(1) * M * 2
 
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
+    o_v = i_v * BV + tl.arange(0, BV)
     o_m = tl.arange(0, BM)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
@@ -193,13 +203,13 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs,
         m_t = o_t < L
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        rows = bos + i_c * BT + o_t
-        b_q = tl.load(q + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32) * scale
-        b_k = tl.load(k + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-        b_v = tl.load(v + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        row0 = bos + i_c * BT          # int64 scalar base; per-element offsets stay int32
+        b_q = tl.load(q + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32) * scale
+        b_k = tl.load(k + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_v = tl.load(v + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
         b_A = tl.dot(b_q, tl.trans(b_k))
         if HAS_MIX:
-            b_do = tl.load(do + (rows[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+            b_do = tl.load(do + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
             b_dPs = tl.dot(b_do, tl.trans(b_v))            # dO_i . v_j, shared by all M memories
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -213,46 +223,44 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs,
             b_dh = tl.load(p_dhm, mask=m_kv, other=0.)
             if HAS_MIX:
                 if MIX_PER_TOKEN:
-                    b_mx = tl.load(mix + (rows * H + i_h) * M + i_m, mask=m_t, other=0.).to(tl.float32)
+                    b_mx = tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
                 else:
                     b_mx = tl.zeros([BT], dtype=tl.float32) + tl.load(mix + i_h * M + i_m).to(tl.float32)
                 b_dom = b_do * b_mx[:, None]
                 b_dP = b_dPs * b_mx[:, None]
             else:
-                b_dom = tl.load(do + ((rows[:, None] * H + i_h) * M + i_m) * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+                b_dom = tl.load(do + ((row0 * H + i_h) * M + i_m) * V + o_t[:, None] * (H * M * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
                 b_dP = tl.dot(b_dom, tl.trans(b_v))
-            b_kp = b_k * (1 - tau)
-            b_qe = b_q * e_q[:, None]
             b_dPD = b_dP * b_D
-            b_W = b_A * b_D * (1 - tau)
+            b_AD = b_A * b_D
             # gradients wrt the (scaled) q and k' = (1 - tau) k of this memory: intra-chunk + state terms
             b_dq_s = tl.dot(b_dom, tl.trans(b_h)) * e_q[:, None]
             b_dk_s = tl.dot(b_v, tl.trans(b_dh)) * e_k[:, None]
-            b_dqm = tl.dot(b_dPD, b_kp) + b_dq_s
+            b_dqm = tl.dot(b_dPD, b_k) * (1 - tau) + b_dq_s
             b_dkm = tl.dot(tl.trans(b_dPD), b_q) + b_dk_s
-            b_dv += tl.dot(tl.trans(b_W), b_dom) + tl.dot(b_kp * e_k[:, None], b_dh)
+            b_dv += (tl.dot(tl.trans(b_AD), b_dom) + tl.dot(b_k, b_dh) * e_k[:, None]) * (1 - tau)
             b_dq += b_dqm
             b_dk += b_dkm * (1 - tau)
             if HAS_MIX:
-                b_om = tl.dot(b_W, b_v) + tl.dot(b_qe, b_h)
-                tl.store(dmix + (rows * H + i_h) * M + i_m, tl.sum(b_om * b_do, axis=1), mask=m_t)
+                b_om = tl.dot(b_AD, b_v) * (1 - tau) + tl.dot(b_q, b_h) * e_q[:, None]
+                tl.store(dmix + (row0 * H + i_h) * M + i_m + o_t * (H * M), tl.sum(b_om * b_do, axis=1), mask=m_t)
             if COMPUTE_DDECAY:
                 # dL/dg of this chunk, every exponent's weight written out (pair (i, j): i - j; tau^i: i;
                 # tau^{L-j}: L - j; tau^L: L), so diagonal terms never cancel and small tau stays exact.
                 p_i = (o_t + 1).to(tl.float32)
                 diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
-                d_g = tl.sum(tl.sum(diff * b_dP * b_W, axis=1), axis=0)
+                d_g = tl.sum(tl.sum(diff * b_dP * b_AD, axis=1), axis=0) * (1 - tau)
                 d_g += tl.sum(p_i * tl.sum(b_q * b_dq_s, axis=1), axis=0)
-                d_g += tl.sum(tl.where(m_t, L - p_i, 0.) * tl.sum(b_kp * b_dk_s, axis=1), axis=0)
+                d_g += tl.sum(tl.where(m_t, L - p_i, 0.) * tl.sum(b_k * b_dk_s, axis=1), axis=0) * (1 - tau)
                 d_g += L.to(tl.float32) * tl.exp(L.to(tl.float32) * g) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
                 acc_g = tl.where(o_m == i_m, acc_g + d_g, acc_g)
                 acc_kdk = tl.where(o_m == i_m, acc_kdk + tl.sum(tl.sum(b_k * b_dkm, axis=1), axis=0), acc_kdk)
-            b_dh = tl.exp(L.to(tl.float32) * g) * b_dh + tl.dot(tl.trans(b_qe), b_dom)
+            b_dh = tl.exp(L.to(tl.float32) * g) * b_dh + tl.dot(tl.trans(b_q), b_dom * e_q[:, None])
             tl.store(p_dhm, b_dh, mask=m_kv)
             tl.debug_barrier()
-        tl.store(dq + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dq * scale, mask=m_tk)
-        tl.store(dk + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dk, mask=m_tk)
-        tl.store(dv + (rows[:, None] * H + i_h) * V + o_v[None, :], b_dv, mask=m_tv)
+        tl.store(dq + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dq * scale, mask=m_tk)
+        tl.store(dk + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dk, mask=m_tk)
+        tl.store(dv + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_dv, mask=m_tv)
     if COMPUTE_DDECAY:
         p_g = dgs + (i_nh.to(tl.int64) * M + o_m) * 2
         tl.store(p_g, acc_g, mask=o_m < M)
@@ -265,7 +273,7 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs,
 })
 @triton.autotune(configs=_triton_configs(STEP_CONFIGS), key=["H", "M", "K", "V", "MIX_PER_BATCH"])
 @triton.jit
-def cms_step_kernel(q, k, v, decay, mix, state, o, scale, H: tl.constexpr, M: tl.constexpr,
+def cms_step_kernel(q, k, v, decay, mix, state, o, scale, H: tl.constexpr, M,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     MIX_PER_BATCH: tl.constexpr, HAS_MIX: tl.constexpr):
     """state[b, h, m] = tau S + (1 - tau) k v^T for all m in place; o = scale q S_m (mixed or per m)."""
@@ -295,3 +303,62 @@ def cms_step_kernel(q, k, v, decay, mix, state, o, scale, H: tl.constexpr, M: tl
             tl.store(o + (i_bh.to(tl.int64) * M + i_m) * V + o_v, b_om.to(o.dtype.element_ty), mask=m_v)
     if HAS_MIX:
         tl.store(o + i_bh.to(tl.int64) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+# ----------------------------------------------------------------------------- AOT compile specs
+def _unwrap(fn):
+    while not isinstance(fn, triton.runtime.jit.JITFunction) and hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def _spec(name, kernel, configs, pointers, present, scalars, constexprs):
+    """A KernelSpec: `pointers` name -> dtype; those not in `present` are passed as None."""
+    signature = {p: (f"*{dt}" if p in present else "constexpr") for p, dt in pointers.items()}
+    signature.update(scalars)
+    signature.update({c: "constexpr" for c in constexprs})
+    fixed = {p: None for p in pointers if p not in present}
+    fixed.update(constexprs)
+    return KernelSpec(name, _unwrap(kernel), signature, fixed, configs, divisible_by_16=["T"] if "T" in scalars else [])
+
+
+def compile_specs():
+    """Forward, backward and step at representative signatures (every config of each)."""
+    specs = []
+    scan_variants = (
+        # K = V, dtype, mix form,  varlen, per-head-state flags
+        (64, "bf16", "token", False),
+        (64, "fp16", "static", True),
+        (128, "bf16", None, False),
+    )
+    for D, dt, mix, varlen in scan_variants:
+        BT = 16
+        BK = BV = max(16, D)
+        tag = f"K={D},V={D},M=4,{dt},mix={mix or 'none'}{',varlen' if varlen else ''}"
+        present = {"q", "k", "v", "decay", "o", "h0", "ht", "hs", "do", "dq", "dk", "dv", "dh0", "dht", "dgs",
+                   "state"}
+        if mix:
+            present |= {"mix", "dmix"}
+        if varlen:
+            present |= {"cu_seqlens", "chunk_offsets"}
+        shape = dict(H=4, K=D, V=D, BT=BT, BK=BK, MIX_PER_TOKEN=mix == "token",
+                     HAS_MIX=mix is not None, IS_VARLEN=varlen)
+        fwd_ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, o=dt, h0="fp32", ht="fp32", hs="fp32",
+                        cu_seqlens="i64", chunk_offsets="i64")
+        specs.append(_spec(f"cms.fwd[{tag}]", cms_fwd_kernel, FWD_CONFIGS,
+                           fwd_ptrs, present, {"scale": "fp32", "T": "i32", "M": "i32"},
+                           dict(shape, USE_INITIAL_STATE=True, STORE_CHUNK_STATES=True)))
+        bwd_ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, do=dt, hs="fp32", dht="fp32", dh0="fp32",
+                        dq="fp32", dk="fp32", dv="fp32", dmix="fp32", dgs="fp32", cu_seqlens="i64",
+                        chunk_offsets="i64")
+        specs.append(_spec(f"cms.bwd[{tag}]", cms_bwd_kernel, BWD_CONFIGS,
+                           bwd_ptrs, present, {"scale": "fp32", "T": "i32", "NR": "i32", "M": "i32"},
+                           dict(shape, BV=BWD_BV, BM=4, USE_FINAL_GRAD=True, COMPUTE_DDECAY=True)))
+    for D, dt, mix in ((64, "bf16", "batch"), (128, "fp32", None)):
+        present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set())
+        ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, state="fp32", o=dt)
+        specs.append(_spec(f"cms.step[K={D},V={D},M=4,{dt},mix={mix or 'none'}]", cms_step_kernel, STEP_CONFIGS,
+                           ptrs, present, {"scale": "fp32", "M": "i32"},
+                           dict(H=4, K=D, V=D, BK=max(16, D), MIX_PER_BATCH=mix == "batch",
+                                HAS_MIX=mix is not None)))
+    return specs
