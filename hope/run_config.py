@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True                      # bf16 autocast on CUDA (ignored on CPU)
     device: str = "auto"                  # "auto" | "cpu" | "cuda" | "cuda:N"
+    num_threads: Optional[int] = None     # torch intra-op CPU threads (None: torch's default)
     progress: bool = True
 
     def __post_init__(self):
@@ -61,6 +62,9 @@ class TrainConfig:
         check_positive(self, "seq_len", "batch_size", "max_steps", "lr", "eval_interval", "eval_batches",
                        "checkpoint_interval", "log_interval")
         check_choice(self, "optimizer", OPTIMIZERS)
+        if self.num_threads is not None:
+            check_int(self, "num_threads")
+            check_positive(self, "num_threads")
         for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -128,6 +128,8 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
             diff = sorted(k for k in saved if saved[k] != cfg.model.to_dict().get(k))
             raise ValueError(f"the checkpoint's model config differs from this run's in {diff}")
 
+    if t.num_threads is not None:
+        torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
     stream = build_stream(cfg)
     model = HOPE(cfg.model).to(device)
