@@ -31,6 +31,8 @@ def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Opt
     if data_files:
         overrides.append(f"data.files={list(data_files)}")
     cfg = RunConfig.load(None, overrides, base=base)
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
     dev = pick_device(cfg.train.device)
     model = HOPE(cfg.model)
     model.load_state_dict(ckpt["model"])
