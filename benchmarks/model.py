@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from hope_kernels.utils import triton_unavailable_reason
+
 from .timing import quantile
 
 
@@ -137,24 +139,7 @@ def latency_per_token(model, cfg: ModelBenchConfig, device, prefix: int, cached:
     return times[1:]  # first rep is a warm-up
 
 
-def hope_unavailable() -> Optional[str]:
-    try:
-        from hope import HOPE  # noqa: F401
-    except Exception as exc:
-        return f"hope.HOPE is not importable ({type(exc).__name__}: {exc})"
-    return None
-
-
-def run(cfg: ModelBenchConfig, device: torch.device, out_dir: Optional[str] = None, log=None) -> Dict:
-    """All measurements as {"config", "throughput": [...], "latency": [...], "skipped"}; writes files."""
-    log = log or (lambda msg: print(msg, flush=True))
-    why = hope_unavailable()
-    if why:
-        log(f"[model] skipped: {why}")
-        return {"skipped": why}
-    from hope_kernels.utils import triton_unavailable_reason
-    result = {"config": asdict(cfg), "device": device.type, "throughput": [], "latency": [], "notes": []}
-    max_len = max(cfg.seq_len, cfg.prompt_len + cfg.new_tokens, max(cfg.prefixes) + 1)
+def _throughput(cfg: ModelBenchConfig, device, max_len: int, result: Dict, log) -> None:
     for backend in cfg.backends:
         if backend == "triton" and triton_unavailable_reason(device):
             result["notes"].append(f"backend triton skipped: {triton_unavailable_reason(device)}")
@@ -170,18 +155,50 @@ def run(cfg: ModelBenchConfig, device: torch.device, out_dir: Optional[str] = No
             result["throughput"].append({"attention": attention, "backend": backend,
                                          "train_tokens_per_s": train, "generate_tokens_per_s": gen})
             log(f"[model] {attention:7s} {backend:9s} train {train:10.1f} tok/s   generate {gen:8.1f} tok/s")
-    # latency vs prefix: the fastest backend available (first in the list)
+
+
+def _latency(cfg: ModelBenchConfig, device, max_len: int, result: Dict, log) -> None:
+    """On the first backend of the list that can run (the fastest)."""
     backend = next((b for b in cfg.backends if b != "triton" or not triton_unavailable_reason(device)), None)
     for attention in cfg.attentions if backend else ():
         model = _build(cfg, attention, backend, device, max_len)
         for cached in (True, False):
             for prefix in cfg.prefixes:
-                ts = latency_per_token(model, cfg, device, prefix, cached)
+                try:
+                    ts = latency_per_token(model, cfg, device, prefix, cached)
+                except Exception as exc:  # e.g. out of memory at the longest uncached prefix
+                    result["notes"].append(f"latency {attention}/cache={cached}/prefix={prefix}: failed: "
+                                           f"{type(exc).__name__}: {exc}")
+                    break
                 result["latency"].append({"attention": attention, "backend": backend, "cache": cached,
                                           "prefix": prefix, "p50_ms": quantile(ts, 0.5),
                                           "p20_ms": quantile(ts, 0.2), "p80_ms": quantile(ts, 0.8)})
                 log(f"[model] latency {attention:7s} cache={str(cached):5s} prefix={prefix:<6d} "
                     f"{quantile(ts, 0.5):9.3f} ms/token")
+
+
+def hope_unavailable() -> Optional[str]:
+    try:
+        from hope import HOPE  # noqa: F401
+    except Exception as exc:
+        return f"hope.HOPE is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def run(cfg: ModelBenchConfig, device: torch.device, out_dir: Optional[str] = None, log=None) -> Dict:
+    """All measurements as {"config", "throughput": [...], "latency": [...], "skipped"}; writes files."""
+    log = log or (lambda msg: print(msg, flush=True))
+    why = hope_unavailable()
+    if why:
+        log(f"[model] skipped: {why}")
+        return {"skipped": why}
+    result = {"config": asdict(cfg), "device": device.type, "throughput": [], "latency": [], "notes": []}
+    max_len = max(cfg.seq_len, cfg.prompt_len + cfg.new_tokens, max(cfg.prefixes) + 1)
+    try:
+        _throughput(cfg, device, max_len, result, log)
+        _latency(cfg, device, max_len, result, log)
+    except KeyboardInterrupt:  # Ctrl-C or `timeout -s INT`: keep what was measured
+        result["notes"].append("interrupted: the model benchmark is incomplete")
     if out_dir:
         write(result, out_dir)
     return result
