@@ -80,14 +80,16 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def _cpu_name() -> str:
+    n = torch.get_num_threads()
+    threads = f"{n} thread{'s' if n != 1 else ''}"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+                    return f"{line.split(':', 1)[1].strip()} ({threads})"
     except OSError:
         pass
-    return f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or 'CPU'} ({threads})"
 
 
 # --------------------------------------------------------------------------- numerics
@@ -147,7 +149,7 @@ def rel_err_shape(case: Case, s: Shape) -> Shape:
 
 
 # --------------------------------------------------------------------------- timing one case
-def _timed_fn(case: Case, provider: str, mode: str, inp: Inputs) -> Callable[[], object]:
+def timed_fn(case: Case, provider: str, mode: str, inp: Inputs) -> Callable[[], object]:
     leaves = inp.leaves()
 
     def clear():
@@ -174,7 +176,7 @@ def _timed_fn(case: Case, provider: str, mode: str, inp: Inputs) -> Callable[[],
 def measure(case: Case, provider: str, mode: str, shape: Shape, cfg: Config, timer) -> Tuple[Tuple[float, float, float], Optional[int]]:
     torch.manual_seed(cfg.seed)
     inp = case.make(shape, cfg.dtype, cfg.device, len(case.modes) > 1)
-    fn = _timed_fn(case, provider, mode, inp)
+    fn = timed_fn(case, provider, mode, inp)
     times = timer(fn)
     mem = peak_memory(fn, cfg.device)
     return times, mem
@@ -189,7 +191,7 @@ def _row(base: dict, case: str, provider: str, mode: str, s: Shape, cfg: Config,
     tflops = flops / p50_s / 1e12 if p50_s else None
     return {
         "op": case, "provider": provider, "mode": mode,
-        "B": s.B, "T": s.T, "H": s.H, "K": s.K, "V": s.V, "M": s.M,
+        "B": s.B, "T": s.T, "H": s.H, "K": s.K, "V": s.V, "M": s.M if case.startswith(("cms", "ema")) else None,
         "dtype": base["dtype"], "metric": metric, "unit": unit,
         "p50": q[0], "p20": q[1], "p80": q[2],
         "rel_err": rel,

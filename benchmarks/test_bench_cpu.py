@@ -24,11 +24,11 @@ def _params():
 
 @pytest.mark.parametrize("op, provider, mode", list(_params()))
 def test_cpu(benchmark, op, provider, mode):
-    from benchmarks.suite import _timed_fn
+    from benchmarks.suite import timed_fn
 
     case = CASES[op]
     torch.manual_seed(0)
     inp = case.make(SHAPES[provider], torch.float32, torch.device("cpu"), len(case.modes) > 1)
-    fn = _timed_fn(case, provider, mode, inp)
+    fn = timed_fn(case, provider, mode, inp)
     benchmark.extra_info.update(op=op, provider=provider, mode=mode, shape=str(SHAPES[provider]))
     benchmark(fn)
