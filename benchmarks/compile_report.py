@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         results = [_job(j) for j in jobs]
     print(cc.format_table(results))
 
-    bad_default = [r for r in results if r.ok and r.default and (r.spill_bytes or not r.fits_shared)]
+    bad_default = [r for r in results if r.ok and r.default and (r.spills or not r.fits_shared)]
     errors = [r for r in results if not r.ok]
     print(f"\n{len(results)} compiles of {len(specs)} kernels for sm_{', sm_'.join(map(str, archs))} "
           f"in {time.perf_counter() - t0:.0f} s: {len(errors)} failed, "

@@ -82,6 +82,14 @@ class CompileResult:
     error: Optional[str] = None
 
     @property
+    def spills(self) -> int:
+        """Register-spill bytes (ptxas stores + loads); a stack frame alone (printf, local arrays)
+        is not a spill. Falls back to the local-memory size where ptxas could not say."""
+        if self.spill_stores is not None:
+            return self.spill_stores + (self.spill_loads or 0)
+        return self.spill_bytes
+
+    @property
     def fits_shared(self) -> bool:
         return self.shared_bytes <= LIMITS[self.arch].smem_per_block
 

@@ -30,9 +30,10 @@ def test_compiles(spec, arch):
     assert not failed, f"{spec.name} does not compile for sm_{arch}:\n" + "\n".join(failed)
     (default,) = [r for r in results if r.default]
     limit = cc.LIMITS[arch].smem_per_block
-    assert default.spill_bytes == 0, (
-        f"{spec.name} default config {default.config} spills on sm_{arch}: {default.spill_bytes} bytes of "
-        f"local memory per thread ({default.spill_stores} bytes of spill stores), {default.registers} registers")
+    assert default.spills == 0, (
+        f"{spec.name} default config {default.config} spills registers on sm_{arch}: {default.spill_stores} bytes "
+        f"of spill stores, {default.spill_loads} of loads, {default.spill_bytes} bytes of local memory per thread, "
+        f"{default.registers} registers")
     assert default.fits_shared, (
         f"{spec.name} default config {default.config} needs {default.shared_bytes} bytes of shared memory, "
         f"more than the {limit} of sm_{arch}")
