@@ -39,6 +39,10 @@ def table(rows: List[dict], meta: dict, notes: List[str] = ()) -> str:
         f"peaks measured in this run: copy {meta['peak_bw'] / 1e9:.1f} GB/s, "
         f"{meta['peak_flops_dtype']} matmul {meta['peak_flops'] / 1e12:.2f} TFLOP/s",
     ]
+    loads = [x for x in (meta.get("load_avg_start"), meta.get("load_avg_end")) if x is not None]
+    if not gpu and loads and meta.get("cpu_count") and max(loads) > 0.5 * meta["cpu_count"]:
+        lines.append(f"note: system load average {max(loads):.1f} on {meta['cpu_count']} cores during the run "
+                     "(other jobs): CPU timings are noisy; --threads 1 is steadier on a busy machine.")
     if not gpu:
         lines.append("CPU-only run: GPU timings (Triton kernels, flash-linear-attention) need CUDA; "
                      "run benchmarks/gpu_suite.sh on a GPU machine.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import os
 import platform
 import sys
 import time
@@ -75,8 +76,18 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "hope_kernels_version": hope_kernels.__version__,
         "python_version": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_start": _load(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _load() -> Optional[float]:
+    """1-minute system load average (other jobs on the machine make CPU timings noisy)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def _cpu_name() -> str:
@@ -278,6 +289,7 @@ def run(cfg: Config, log: Callable[[str], None] = None) -> Result:
         notes.append("interrupted: the sweep is incomplete")
         log("[bench] interrupted: writing the rows measured so far")
     base["wall_s"] = time.perf_counter() - t0
+    base["load_avg_end"] = _load()
     base["config"] = {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v)
                       for k, v in asdict(cfg).items()}
     base["argv"] = sys.argv
