@@ -89,7 +89,7 @@ run_phase bench_large "${SWEEP_LARGE_S:-80}" "$PY" -m benchmarks --out "$OUT/ben
     --ops linear_attention,linear_attention_noncausal,cms_scan_mix,cms_step,ema_update_ --modes fwd,fwd+bwd
 
 # 3. the model: training / generation tokens/s, latency per token vs prefix
-run_phase model "${MODEL_S:-50}" "$PY" -m benchmarks.model --out "$OUT/model" "${MODEL_ARGS[@]}"
+run_phase model "${MODEL_S:-50}" "$PY" -m benchmarks.model --out "$OUT/model" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"}
 
 # 4. static compile report (registers, spills, shared memory, tensor-core instructions)
 if [ -f "$REPO/benchmarks/compile_report.py" ]; then
