@@ -117,19 +117,14 @@ def main(argv=None) -> int:
     if args.model:
         from . import model
         result.meta["model"] = model.run(model.default_config(gpu, quick=True), device, out_dir=args.out)
-    files = report.write_all(result, args.out) if not args.no_plots else None
-    if files is None:
-        os.makedirs(args.out, exist_ok=True)
-        report.write_csv(result.rows, os.path.join(args.out, report.CSV_NAME))
-        report.write_json(result.rows, result.meta, result.notes, os.path.join(args.out, report.JSON_NAME))
-        text = report.table(result.rows, result.meta, result.notes)
-    else:
-        text = files["table"]
+    files = report.write_all(result, args.out, plots=not args.no_plots)
     print()
-    print(text)
+    print(files["table"])
+    if args.model:
+        print()
+        print(model.table(result.meta["model"]))
     print(f"\n[bench] {len(result.rows)} rows in {time.perf_counter() - t0:.1f} s -> {args.out}/ "
-          f"({report.CSV_NAME}, {report.JSON_NAME}, table.txt"
-          + (f", {len(files['plots'])} plots)" if files else ")"))
+          f"({report.CSV_NAME}, {report.JSON_NAME}, table.txt, {len(files['plots'])} plots)")
     return 0
 
 

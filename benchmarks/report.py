@@ -129,7 +129,8 @@ def _guides(ax, by_provider) -> None:
                 label=f"O(T^{power})" if power > 1 else "O(T)")
 
 
-def write_all(result, out_dir: str) -> Dict[str, object]:
+def write_all(result, out_dir: str, plots: bool = True) -> Dict[str, object]:
+    """CSV, JSON and table first (cheap), then the plots; an interrupt while plotting keeps the rest."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path, json_path = os.path.join(out_dir, CSV_NAME), os.path.join(out_dir, JSON_NAME)
     write_csv(result.rows, csv_path)
@@ -137,7 +138,13 @@ def write_all(result, out_dir: str) -> Dict[str, object]:
     text = table(result.rows, result.meta, result.notes)
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(text + "\n")
-    return {"csv": csv_path, "json": json_path, "plots": plot(result.rows, result.meta, out_dir), "table": text}
+    paths: List[str] = []
+    if plots:
+        try:
+            paths = plot(result.rows, result.meta, out_dir)
+        except KeyboardInterrupt:
+            text += "\n(interrupted while plotting: some plots are missing)"
+    return {"csv": csv_path, "json": json_path, "plots": paths, "table": text}
 
 
 def markdown_summary(rows: List[dict], meta: dict, modes=("fwd", "bwd", "fwd+bwd")) -> str:
