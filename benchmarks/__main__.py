@@ -48,11 +48,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=0.25, help="CPU timer: seconds spent per measurement")
     p.add_argument("--min-reps", type=int, default=3, help="CPU timer: timed calls at least (default 3)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: all cores; 1 is steadier on a busy machine)")
+                   help="CPU threads for torch (default: all cores, or 1 when the load average already "
+                        "reaches the core count: multi-threaded ops slow down many times on a busy CPU)")
     p.add_argument("--model", action="store_true", help="also run the model-level benchmark (benchmarks.model, tiny)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--list", action="store_true", help="list the ops and providers and exit")
     return p
+
+
+def _auto_threads():
+    """1 on a CPU that is already busy (load average >= cores), else None (torch's default)."""
+    try:
+        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None
+    if busy:
+        print(f"[bench] load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: torch runs on one thread "
+              "(--threads N overrides)", flush=True)
+        return 1
+    return None
 
 
 def _ints(s: str):
@@ -73,8 +87,9 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or _auto_threads()
+    if threads:
+        torch.set_num_threads(threads)
     from . import report, suite
     from .cases import MODES, OPS, PROVIDERS
 
