@@ -6,7 +6,6 @@ Reports validation loss, bits per byte, perplexity and tokens/s on the run's val
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from typing import List, Optional
@@ -26,11 +25,11 @@ def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Opt
              top_k: Optional[int] = 50, top_p: Optional[float] = None, seed: int = 0) -> dict:
     """Metrics of `checkpoint` (path, run directory or loaded dict) plus a generated sample."""
     ckpt = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
-    base = ckpt["config"]
-    overrides = [f"train.device={device}"]
+    base = {k: dict(v) for k, v in ckpt["config"].items()}
+    base["train"]["device"] = device
     if data_files:
-        overrides.append(f"data.files={list(data_files)}")
-    cfg = RunConfig.load(None, overrides, base=base)
+        base["data"]["files"] = [str(f) for f in data_files]
+    cfg = RunConfig.from_dict(base)
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     dev = pick_device(cfg.train.device)

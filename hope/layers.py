@@ -1,7 +1,6 @@
 """Small building blocks shared by the HOPE layers: RMSNorm, the static MLP, rotary positions, embeddings."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn
