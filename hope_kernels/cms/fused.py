@@ -84,7 +84,7 @@ class CmsScanFunction(torch.autograd.Function):
         dht = None if dht is None else dht.contiguous()
         cms_bwd_kernel[(NV, N * H)](q, k, v, tau, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs, cu_seqlens, offsets,
                                     ctx.scale, T, B * T, H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV,
-                                    BM=triton.next_power_of_2(M), MIX_PER_TOKEN=mix is not None and mix.dim() == 4)
+                                    BM=triton.next_power_of_2(2 * M), MIX_PER_TOKEN=mix is not None and mix.dim() == 4)
         dq, dk = dq.sum(0), dk.sum(0)
         dmix = None if dmix is None else dmix.sum(0)
         dtau = None

@@ -34,7 +34,7 @@ from .. import utils
 from ..aot import KernelConfig, KernelSpec
 
 # ----------------------------------------------------------------------------- configs
-FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (32, 4, 1))
+FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (32, 8, 1))
                for bv in (32, 64) for w in (4, 8) for s in (1, 2)]
 BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1))
                for w in (4, 8) for s in (1, 2)]
@@ -194,8 +194,10 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs,
         tl.store(p_dh + i_m * K * V + off_kv, b_dh, mask=m_kv)
     tl.debug_barrier()
 
-    acc_g = tl.zeros([BM], dtype=tl.float32)
-    acc_kdk = tl.zeros([BM], dtype=tl.float32)
+    if COMPUTE_DDECAY:   # this program's (dL/dg, sum k . dk') slots, accumulated in place
+        p_g = dgs + i_nh.to(tl.int64) * M * 2 + o_m
+        tl.store(p_g, tl.zeros([BM], dtype=tl.float32), mask=o_m < 2 * M)
+        tl.debug_barrier()
     NC = tl.cdiv(T_seq, BT)
     for i_r in range(0, NC):
         i_c = NC - 1 - i_r
@@ -253,18 +255,16 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs,
                 d_g += tl.sum(p_i * tl.sum(b_q * b_dq_s, axis=1), axis=0)
                 d_g += tl.sum(tl.where(m_t, L - p_i, 0.) * tl.sum(b_k * b_dk_s, axis=1), axis=0) * (1 - tau)
                 d_g += L.to(tl.float32) * tl.exp(L.to(tl.float32) * g) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
-                acc_g = tl.where(o_m == i_m, acc_g + d_g, acc_g)
-                acc_kdk = tl.where(o_m == i_m, acc_kdk + tl.sum(tl.sum(b_k * b_dkm, axis=1), axis=0), acc_kdk)
+                p_gm = dgs + (i_nh.to(tl.int64) * M + i_m) * 2
+                tl.store(p_gm, tl.load(p_gm) + d_g)
+                tl.store(p_gm + 1, tl.load(p_gm + 1) + tl.sum(tl.sum(b_k * b_dkm, axis=1), axis=0))
             b_dh = tl.exp(L.to(tl.float32) * g) * b_dh + tl.dot(tl.trans(b_q), b_dom * e_q[:, None])
             tl.store(p_dhm, b_dh, mask=m_kv)
             tl.debug_barrier()
         tl.store(dq + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dq * scale, mask=m_tk)
         tl.store(dk + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dk, mask=m_tk)
         tl.store(dv + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_dv, mask=m_tv)
-    if COMPUTE_DDECAY:
-        p_g = dgs + (i_nh.to(tl.int64) * M + o_m) * 2
-        tl.store(p_g, acc_g, mask=o_m < M)
-        tl.store(p_g + 1, acc_kdk, mask=o_m < M)
+
 
 
 # ----------------------------------------------------------------------------- one-token step
@@ -353,7 +353,7 @@ def compile_specs():
                         chunk_offsets="i64")
         specs.append(_spec(f"cms.bwd[{tag}]", cms_bwd_kernel, BWD_CONFIGS,
                            bwd_ptrs, present, {"scale": "fp32", "T": "i32", "NR": "i32", "M": "i32"},
-                           dict(shape, BV=BWD_BV, BM=4, USE_FINAL_GRAD=True, COMPUTE_DDECAY=True)))
+                           dict(shape, BV=BWD_BV, BM=8, USE_FINAL_GRAD=True, COMPUTE_DDECAY=True)))
     for D, dt, mix in ((64, "bf16", "batch"), (128, "fp32", None)):
         present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set())
         ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, state="fp32", o=dt)
