@@ -291,7 +291,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         v = res["val"][-1] if res["val"] else None
         msg = f"done: step {res['step']}, {res.get('tokens_per_s', 0):,.0f} tokens/s"
         if v is not None:
-            msg += f", val loss {v['loss']:.4f}, {v['bpb']:.4f} bits/byte"
+            msg += f", val loss {v['loss']:.4f}, {v['bpb']:.4f} bits/byte (at step {v['step']})"
         print(msg + f"; checkpoint in {res['out_dir']}", flush=True)
     return 0
 
