@@ -13,7 +13,10 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Each pytest-xdist worker gets an equal share of the cores: on CI's 2 cores, `-n 2` workers with
+# 2 intra-op threads each oversubscribe the CPU and make small ops many times slower.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
 def pytest_configure(config):

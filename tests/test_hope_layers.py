@@ -15,15 +15,6 @@ FAST = ["triton", "torch"]
 D, H, M, B, T = 32, 2, 3, 2, 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Under `pytest -n 2` on 2 cores, 2 intra-op threads per worker oversubscribe the CPU (spinning
-    OpenMP threads make tiny matmuls ~10x slower): these small models run best on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _layers():
     return {

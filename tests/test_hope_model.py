@@ -8,15 +8,6 @@ from helpers import assert_close
 TINY = dict(vocab_size=97, dim=32, num_layers=2, num_heads=4, num_memory_modules=3, max_seq_len=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Under `pytest -n 2` on 2 cores, 2 intra-op threads per worker oversubscribe the CPU (spinning
-    OpenMP threads make tiny matmuls ~10x slower): these small models run best on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def torch_default_backend(monkeypatch):

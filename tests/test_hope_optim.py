@@ -8,14 +8,6 @@ import torch
 from hope.optim import DeepMomentum
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Under `pytest -n 2` on 2 cores, 2 intra-op threads per worker oversubscribe the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _problem(seed=0):
     g = torch.Generator().manual_seed(seed)

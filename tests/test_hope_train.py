@@ -18,14 +18,6 @@ from hope.run_config import RunConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Under `pytest -n 2` on 2 cores, 2 intra-op threads per worker oversubscribe the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_overrides(out_dir, **train):
     """The shipped tiny config, made smaller for tests, on the torch backend (not the interpreter)."""
