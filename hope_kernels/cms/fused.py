@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .triton_kernels import BWD_BV, cms_bwd_kernel, cms_fwd_kernel, cms_step_kernel
+from .triton_kernels import BWD_BV, cms_bwd_dh_kernel, cms_bwd_kernel, cms_fwd_kernel, cms_step_kernel
 
 
 def _block(n: int) -> int:
@@ -75,21 +75,28 @@ class CmsScanFunction(torch.autograd.Function):
         dq, dk = torch.empty(NV, B, T, H, K, **f32), torch.empty(NV, B, T, H, K, **f32)
         dv = torch.empty(B, T, H, V, **f32)
         dh0 = torch.empty(N, H, M, K, V, **f32)
+        dhs = torch.empty_like(hs)              # dL/dS at the end of every chunk
         dmix = torch.empty(NV, B, T, H, M, **f32) if mix is not None else None
         need_decay = ctx.needs_input_grad[3]
-        dgs = torch.empty(NV, N, H, M, 2, **f32) if need_decay else None
+        # per-chunk partials; zero-filled since packed sequences leave some of the NS slots unused
+        dgs = torch.zeros(NV, hs.shape[0], H, M, 2, **f32) if need_decay else None
         if do is None:   # only the final state was used
             do = q.new_zeros((B, T, H, V) if mix is not None else (B, T, H, M, V))
         do = do.contiguous()
         dht = None if dht is None else dht.contiguous()
-        cms_bwd_kernel[(NV, N * H)](q, k, v, tau, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs, cu_seqlens, offsets,
-                                    ctx.scale, T, B * T, H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV,
-                                    BM=triton.next_power_of_2(2 * M), MIX_PER_TOKEN=mix is not None and mix.dim() == 4)
+        mix_per_token = mix is not None and mix.dim() == 4
+        cms_bwd_dh_kernel[(NV, N * H, M)](q, tau, mix, do, dht, dh0, dhs, cu_seqlens, offsets, ctx.scale, T,
+                                          H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV,
+                                          MIX_PER_TOKEN=mix_per_token)
+        # every sequence has at most cdiv(T, BT) chunks; programs past their sequence's end exit
+        cms_bwd_kernel[(triton.cdiv(T, BT), NV, N * H)](
+            q, k, v, tau, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, cu_seqlens, offsets, ctx.scale, T, B * T,
+            hs.shape[0], H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV, MIX_PER_TOKEN=mix_per_token)
         dq, dk = dq.sum(0), dk.sum(0)
         dmix = None if dmix is None else dmix.sum(0)
         dtau = None
         if need_decay:
-            dg, kdk = dgs.sum(0).unbind(-1)                                  # [N, H, M]
+            dg, kdk = dgs.sum(0).unbind(-1)                                  # [NS, H, M]
             tf = tau.to(torch.float32)
             dtau = (dg / tf - kdk).sum(0).to(tau.dtype)
         dmix_out = None

@@ -38,6 +38,8 @@ FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, 
                for bv in (32, 64) for w in (4, 8) for s in (1, 2)]
 BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1))
                for w in (4, 8) for s in (1, 2)]
+BWD_DH_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
+                  for w in (4, 8) for s in (1, 2)]
 BWD_BV = 32     # fixed (not autotuned): the partial-sum buffers are sized by cdiv(V, BWD_BV)
 STEP_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
                 for bv in (16, 32, 64) for w in (2, 4)]
@@ -150,57 +152,99 @@ def cms_fwd_kernel(q, k, v, decay, mix, o, h0, ht, hs, cu_seqlens, chunk_offsets
 @triton.heuristics({
     "USE_FINAL_GRAD": lambda a: a["dht"] is not None,
     "HAS_MIX": lambda a: a["mix"] is not None,
+    "IS_VARLEN": lambda a: a["cu_seqlens"] is not None,
+})
+@triton.autotune(configs=_triton_configs(BWD_DH_CONFIGS), key=["H", "K", "V", "BT", "MIX_PER_TOKEN"])
+@triton.jit(do_not_specialize=["T"])
+def cms_bwd_dh_kernel(q, decay, mix, do, dht, dh0, dhs, cu_seqlens, chunk_offsets, scale, T,
+                      H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MIX_PER_TOKEN: tl.constexpr,
+                      USE_FINAL_GRAD: tl.constexpr, HAS_MIX: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Reverse recursion of dS for one (V-block, sequence, head, memory m):
+
+        dS_{c-1} = tau^L dS_c + (scale q_c * tau^i)^T (mix_m dO_c)
+
+    dhs [chunks, H, M, K, V] receives dL/dS at the END of every chunk (the gradient that flows
+    into that chunk's final state), dh0 [N, H, M, K, V] ends as dL/dS_0. The memories are
+    independent, so m is a grid axis and the program carries a single [BK, BV] state."""
+    i_v, i_nh, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    off_kv = o_k[:, None] * V + o_v[None, :]
+    g = tl.log(tl.load(decay + i_h * M + i_m).to(tl.float32))
+    if USE_FINAL_GRAD:
+        b_dh = tl.load(dht + (i_nh.to(tl.int64) * M + i_m) * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    else:
+        b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_MIX and not MIX_PER_TOKEN:
+        mx = tl.load(mix + i_h * M + i_m).to(tl.float32)
+
+    NC = tl.cdiv(T_seq, BT)
+    for i_r in range(0, NC):
+        i_c = NC - 1 - i_r
+        L = tl.minimum(T_seq - i_c * BT, BT)
+        m_t = o_t < L
+        row0 = bos + i_c * BT          # int64 scalar base; per-element offsets stay int32
+        tl.store(dhs + (((boc + i_c) * H + i_h) * M + i_m) * K * V + off_kv, b_dh, mask=m_kv)
+        b_q = tl.load(q + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        e_q = tl.where(m_t, tl.exp((o_t + 1).to(tl.float32) * g), 0.) * scale
+        if HAS_MIX:
+            b_do = tl.load(do + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
+                           mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+            if MIX_PER_TOKEN:
+                e_q *= tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
+            else:
+                e_q *= mx
+        else:
+            b_do = tl.load(do + ((row0 * H + i_h) * M + i_m) * V + o_t[:, None] * (H * M * V) + o_v[None, :],
+                           mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_dh = tl.exp(L.to(tl.float32) * g) * b_dh + tl.dot(tl.trans(b_q), b_do * e_q[:, None])
+    tl.store(dh0 + (i_nh.to(tl.int64) * M + i_m) * K * V + off_kv, b_dh, mask=m_kv)
+
+
+@triton.heuristics({
+    "HAS_MIX": lambda a: a["mix"] is not None,
     "COMPUTE_DDECAY": lambda a: a["dgs"] is not None,
     "IS_VARLEN": lambda a: a["cu_seqlens"] is not None,
 })
 @triton.autotune(configs=_triton_configs(BWD_CONFIGS), key=["H", "M", "K", "V", "BT", "MIX_PER_TOKEN"])
 @triton.jit(do_not_specialize=["T"])
-def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs, cu_seqlens, chunk_offsets,
-                   scale, T, NR, H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-                   MIX_PER_TOKEN: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, HAS_MIX: tl.constexpr,
+def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, cu_seqlens, chunk_offsets,
+                   scale, T, NR, NS, H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   MIX_PER_TOKEN: tl.constexpr, HAS_MIX: tl.constexpr,
                    COMPUTE_DDECAY: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Gradients of one (V-block, sequence, head), walking the chunks in reverse.
+    """Gradients of one (chunk, V-block, sequence, head), chunk-parallel: no loop-carried state.
 
-    dv [rows, H, V] is complete per V-block. dq, dk [NV, rows, H, K], dmix [NV, rows, H, M] (mixed
-    only) and dgs [NV, N, H, M, 2] = (dL/dg, sum_i k_i . dk'_i) (decay gradient only) are partial
-    sums over this V-block (every term is linear in the V-sliced dO, v, dS), summed on the host.
-    dh0 [N, H, M, K, V] carries dS per memory (this program's V slice) and ends as dL/dS_0.
-    Splitting V keeps the two K x BV states and the chunk tiles in registers."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    Reads the chunk-start states hs (saved by the forward) and the chunk-end dS in dhs (from
+    cms_bwd_dh_kernel). dv [rows, H, V] is complete per V-block. dq, dk [NV, rows, H, K], dmix
+    [NV, rows, H, M] (mixed only) and dgs [NV, NS, H, M, 2] = per chunk (dL/dg, sum_i k_i . dk'_i)
+    (decay gradient only; NS chunk slots, zero-filled) are partial sums over this V-block (every
+    term is linear in the V-sliced dO, v, dS), summed on the host."""
+    i_c, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
-    dq += i_v.to(tl.int64) * NR * H * K
-    dk += i_v.to(tl.int64) * NR * H * K
-    if HAS_MIX:
-        dmix += i_v.to(tl.int64) * NR * H * M
-    if COMPUTE_DDECAY:
-        dgs += i_v.to(tl.int64) * tl.num_programs(1) * M * 2
+    if i_c * BT < T_seq:       # packed sequences: the grid covers the longest possible one
+        dq += i_v.to(tl.int64) * NR * H * K
+        dk += i_v.to(tl.int64) * NR * H * K
+        if HAS_MIX:
+            dmix += i_v.to(tl.int64) * NR * H * M
+        if COMPUTE_DDECAY:
+            dgs += i_v.to(tl.int64) * NS * H * M * 2
 
-    o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_m = tl.arange(0, BM)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    off_kv = o_k[:, None] * V + o_v[None, :]
-    p_dh = dh0 + i_nh.to(tl.int64) * M * K * V
-
-    for i_m in range(M):
-        if USE_FINAL_GRAD:
-            b_dh = tl.load(dht + i_nh.to(tl.int64) * M * K * V + i_m * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
-        else:
-            b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-        tl.store(p_dh + i_m * K * V + off_kv, b_dh, mask=m_kv)
-    tl.debug_barrier()
-
-    if COMPUTE_DDECAY:   # this program's (dL/dg, sum k . dk') slots, accumulated in place
-        p_g = dgs + i_nh.to(tl.int64) * M * 2 + o_m
-        tl.store(p_g, tl.zeros([BM], dtype=tl.float32), mask=o_m < 2 * M)
-        tl.debug_barrier()
-    NC = tl.cdiv(T_seq, BT)
-    for i_r in range(0, NC):
-        i_c = NC - 1 - i_r
+        o_t = tl.arange(0, BT)
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k, m_v = o_k < K, o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        off_kv = o_k[:, None] * V + o_v[None, :]
         L = tl.minimum(T_seq - i_c * BT, BT)
         m_t = o_t < L
         m_tk = m_t[:, None] & m_k[None, :]
@@ -216,13 +260,13 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs,
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
         b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+        p_state = ((boc + i_c) * H + i_h) * M * K * V + off_kv
         for i_m in range(M):
             tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
             g = tl.log(tau)
             b_D, e_q, e_k = _decay_factors(g, L, o_t, BT)
-            b_h = tl.load(hs + (((boc + i_c) * H + i_h) * M + i_m) * K * V + off_kv, mask=m_kv, other=0.)
-            p_dhm = p_dh + i_m * K * V + off_kv
-            b_dh = tl.load(p_dhm, mask=m_kv, other=0.)
+            b_h = tl.load(hs + p_state + i_m * K * V, mask=m_kv, other=0.)
+            b_dh = tl.load(dhs + p_state + i_m * K * V, mask=m_kv, other=0.)
             if HAS_MIX:
                 if MIX_PER_TOKEN:
                     b_mx = tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
@@ -255,16 +299,12 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dht, dh0, dq, dk, dv, dmix, dgs,
                 d_g += tl.sum(p_i * tl.sum(b_q * b_dq_s, axis=1), axis=0)
                 d_g += tl.sum(tl.where(m_t, L - p_i, 0.) * tl.sum(b_k * b_dk_s, axis=1), axis=0) * (1 - tau)
                 d_g += L.to(tl.float32) * tl.exp(L.to(tl.float32) * g) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
-                p_gm = dgs + (i_nh.to(tl.int64) * M + i_m) * 2
-                tl.store(p_gm, tl.load(p_gm) + d_g)
-                tl.store(p_gm + 1, tl.load(p_gm + 1) + tl.sum(tl.sum(b_k * b_dkm, axis=1), axis=0))
-            b_dh = tl.exp(L.to(tl.float32) * g) * b_dh + tl.dot(tl.trans(b_q), b_dom * e_q[:, None])
-            tl.store(p_dhm, b_dh, mask=m_kv)
-            tl.debug_barrier()
+                p_gm = dgs + (((boc + i_c) * H + i_h) * M + i_m) * 2
+                tl.store(p_gm, d_g)
+                tl.store(p_gm + 1, tl.sum(tl.sum(b_k * b_dkm, axis=1), axis=0))
         tl.store(dq + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dq * scale, mask=m_tk)
         tl.store(dk + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dk, mask=m_tk)
         tl.store(dv + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_dv, mask=m_tv)
-
 
 
 # ----------------------------------------------------------------------------- one-token step
@@ -348,12 +388,19 @@ def compile_specs():
         specs.append(_spec(f"cms.fwd[{tag}]", cms_fwd_kernel, FWD_CONFIGS,
                            fwd_ptrs, present, {"scale": "fp32", "T": "i32", "M": "i32"},
                            dict(shape, USE_INITIAL_STATE=True, STORE_CHUNK_STATES=True)))
-        bwd_ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, do=dt, hs="fp32", dht="fp32", dh0="fp32",
-                        dq="fp32", dk="fp32", dv="fp32", dmix="fp32", dgs="fp32", cu_seqlens="i64",
+        bwd_ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, do=dt, hs="fp32", dhs="fp32", dht="fp32",
+                        dh0="fp32", dq="fp32", dk="fp32", dv="fp32", dmix="fp32", dgs="fp32", cu_seqlens="i64",
                         chunk_offsets="i64")
+        dh_ptrs = {p: bwd_ptrs[p] for p in ("q", "decay", "mix", "do", "dht", "dh0", "dhs", "cu_seqlens",
+                                             "chunk_offsets")}
+        specs.append(_spec(f"cms.bwd_dh[{tag}]", cms_bwd_dh_kernel, BWD_DH_CONFIGS,
+                           dh_ptrs, present | {"dhs"}, {"scale": "fp32", "T": "i32", "M": "i32"},
+                           dict(shape, BV=BWD_BV, USE_FINAL_GRAD=True)))
+        grad_ptrs = {p: dt_ for p, dt_ in bwd_ptrs.items() if p not in ("dht", "dh0")}
         specs.append(_spec(f"cms.bwd[{tag}]", cms_bwd_kernel, BWD_CONFIGS,
-                           bwd_ptrs, present, {"scale": "fp32", "T": "i32", "NR": "i32", "M": "i32"},
-                           dict(shape, BV=BWD_BV, BM=8, USE_FINAL_GRAD=True, COMPUTE_DDECAY=True)))
+                           grad_ptrs, present | {"dhs"}, {"scale": "fp32", "T": "i32", "NR": "i32", "NS": "i32",
+                                                         "M": "i32"},
+                           dict(shape, BV=BWD_BV, COMPUTE_DDECAY=True)))
     for D, dt, mix in ((64, "bf16", "batch"), (128, "fp32", None)):
         present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set())
         ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, state="fp32", o=dt)
