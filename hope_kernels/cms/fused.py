@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .triton_kernels import BWD_BV, cms_bwd_dh_kernel, cms_bwd_kernel, cms_fwd_kernel, cms_step_kernel
+from .triton_kernels import (BWD_BV, cms_bwd_decay_kernel, cms_bwd_dh_kernel, cms_bwd_kernel, cms_fwd_kernel,
+                             cms_step_kernel)
 
 
 def _block(n: int) -> int:
@@ -89,9 +90,13 @@ class CmsScanFunction(torch.autograd.Function):
                                           H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV,
                                           MIX_PER_TOKEN=mix_per_token)
         # every sequence has at most cdiv(T, BT) chunks; programs past their sequence's end exit
-        cms_bwd_kernel[(triton.cdiv(T, BT), NV, N * H)](
-            q, k, v, tau, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, cu_seqlens, offsets, ctx.scale, T, B * T,
-            hs.shape[0], H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV, MIX_PER_TOKEN=mix_per_token)
+        grid = (triton.cdiv(T, BT), NV, N * H)
+        cms_bwd_kernel[grid](q, k, v, tau, mix, do, hs, dhs, dq, dk, dv, dmix, cu_seqlens, offsets, ctx.scale, T, B * T,
+                             H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV, MIX_PER_TOKEN=mix_per_token)
+        if need_decay:
+            cms_bwd_decay_kernel[grid](q, k, v, tau, mix, do, hs, dhs, dgs, cu_seqlens, offsets, ctx.scale, T,
+                                       hs.shape[0], H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV,
+                                       MIX_PER_TOKEN=mix_per_token)
         dq, dk = dq.sum(0), dk.sum(0)
         dmix = None if dmix is None else dmix.sum(0)
         dtau = None

@@ -40,6 +40,8 @@ BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8,
                for w in (4, 8) for s in (1, 2)]
 BWD_DH_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
                   for w in (4, 8) for s in (1, 2)]
+BWD_DG_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
+                  for w in (4, 8) for s in (1, 2)]
 BWD_BV = 32     # fixed (not autotuned): the partial-sum buffers are sized by cdiv(V, BWD_BV)
 STEP_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
                 for bv in (16, 32, 64) for w in (2, 4)]
@@ -211,23 +213,20 @@ def cms_bwd_dh_kernel(q, decay, mix, do, dht, dh0, dhs, cu_seqlens, chunk_offset
 
 @triton.heuristics({
     "HAS_MIX": lambda a: a["mix"] is not None,
-    "COMPUTE_DDECAY": lambda a: a["dgs"] is not None,
     "IS_VARLEN": lambda a: a["cu_seqlens"] is not None,
 })
 @triton.autotune(configs=_triton_configs(BWD_CONFIGS), key=["H", "M", "K", "V", "BT", "MIX_PER_TOKEN"])
 @triton.jit(do_not_specialize=["T"])
-def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, cu_seqlens, chunk_offsets,
-                   scale, T, NR, NS, H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
+def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, cu_seqlens, chunk_offsets,
+                   scale, T, NR, H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   MIX_PER_TOKEN: tl.constexpr, HAS_MIX: tl.constexpr,
-                   COMPUTE_DDECAY: tl.constexpr, IS_VARLEN: tl.constexpr):
+                   MIX_PER_TOKEN: tl.constexpr, HAS_MIX: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Gradients of one (chunk, V-block, sequence, head), chunk-parallel: no loop-carried state.
 
     Reads the chunk-start states hs (saved by the forward) and the chunk-end dS in dhs (from
-    cms_bwd_dh_kernel). dv [rows, H, V] is complete per V-block. dq, dk [NV, rows, H, K], dmix
-    [NV, rows, H, M] (mixed only) and dgs [NV, NS, H, M, 2] = per chunk (dL/dg, sum_i k_i . dk'_i)
-    (decay gradient only; NS chunk slots, zero-filled) are partial sums over this V-block (every
-    term is linear in the V-sliced dO, v, dS), summed on the host."""
+    cms_bwd_dh_kernel). dv [rows, H, V] is complete per V-block. dq, dk [NV, rows, H, K] and dmix
+    [NV, rows, H, M] (mixed only) are partial sums over this V-block (every term is linear in the
+    V-sliced dO, v, dS), summed on the host. The decay gradient has its own kernel below."""
     i_c, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
@@ -236,8 +235,6 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, cu_s
         dk += i_v.to(tl.int64) * NR * H * K
         if HAS_MIX:
             dmix += i_v.to(tl.int64) * NR * H * M
-        if COMPUTE_DDECAY:
-            dgs += i_v.to(tl.int64) * NS * H * M * 2
 
         o_t = tl.arange(0, BT)
         o_k = tl.arange(0, BK)
@@ -290,21 +287,80 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, cu_s
             if HAS_MIX:
                 b_om = tl.dot(b_AD, b_v) * (1 - tau) + tl.dot(b_q, b_h) * e_q[:, None]
                 tl.store(dmix + (row0 * H + i_h) * M + i_m + o_t * (H * M), tl.sum(b_om * b_do, axis=1), mask=m_t)
-            if COMPUTE_DDECAY:
-                # dL/dg of this chunk, every exponent's weight written out (pair (i, j): i - j; tau^i: i;
-                # tau^{L-j}: L - j; tau^L: L), so diagonal terms never cancel and small tau stays exact.
-                p_i = (o_t + 1).to(tl.float32)
-                diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
-                d_g = tl.sum(tl.sum(diff * b_dP * b_AD, axis=1), axis=0) * (1 - tau)
-                d_g += tl.sum(p_i * tl.sum(b_q * b_dq_s, axis=1), axis=0)
-                d_g += tl.sum(tl.where(m_t, L - p_i, 0.) * tl.sum(b_k * b_dk_s, axis=1), axis=0) * (1 - tau)
-                d_g += L.to(tl.float32) * tl.exp(L.to(tl.float32) * g) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
-                p_gm = dgs + (((boc + i_c) * H + i_h) * M + i_m) * 2
-                tl.store(p_gm, d_g)
-                tl.store(p_gm + 1, tl.sum(tl.sum(b_k * b_dkm, axis=1), axis=0))
         tl.store(dq + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dq * scale, mask=m_tk)
         tl.store(dk + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dk, mask=m_tk)
         tl.store(dv + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_dv, mask=m_tv)
+
+
+@triton.heuristics({
+    "HAS_MIX": lambda a: a["mix"] is not None,
+    "IS_VARLEN": lambda a: a["cu_seqlens"] is not None,
+})
+@triton.autotune(configs=_triton_configs(BWD_DG_CONFIGS), key=["H", "M", "K", "V", "BT", "MIX_PER_TOKEN"])
+@triton.jit(do_not_specialize=["T"])
+def cms_bwd_decay_kernel(q, k, v, decay, mix, do, hs, dhs, dgs, cu_seqlens, chunk_offsets, scale, T, NS,
+                         H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         MIX_PER_TOKEN: tl.constexpr, HAS_MIX: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Decay-gradient partials of one (chunk, V-block, sequence, head), chunk-parallel.
+
+    dgs [NV, NS, H, M, 2] (NS chunk slots, zero-filled) receives per memory (dL/dg, sum_i k_i . dk'_i)
+    of this chunk and V-block. dL/dg has every exponent's weight written out (pair (i, j): i - j;
+    tau^i: i; tau^{L-j}: L - j; tau^L: L), so diagonal terms never cancel and small tau stays exact.
+    The [BT, BK] gradients are never formed: q_i . dq_s,i = tau^i dO_i . (q_i S),
+    k_j . dk_s,j = tau^{L-j} v_j . (k_j dS) and sum_{ij} dPD_ij q_i . k_j = sum(dPD * A)."""
+    i_c, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+    if i_c * BT < T_seq:       # packed sequences: the grid covers the longest possible one
+        dgs += i_v.to(tl.int64) * NS * H * M * 2
+        o_t = tl.arange(0, BT)
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k, m_v = o_k < K, o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        off_kv = o_k[:, None] * V + o_v[None, :]
+        L = tl.minimum(T_seq - i_c * BT, BT)
+        m_t = o_t < L
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        row0 = bos + i_c * BT
+        b_q = tl.load(q + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32) * scale
+        b_k = tl.load(k + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_v = tl.load(v + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_A = tl.dot(b_q, tl.trans(b_k))
+        if HAS_MIX:
+            b_do = tl.load(do + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+            b_dPs = tl.dot(b_do, tl.trans(b_v))
+        p_i = (o_t + 1).to(tl.float32)
+        diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+        p_state = ((boc + i_c) * H + i_h) * M * K * V + off_kv
+        for i_m in range(M):
+            tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
+            g = tl.log(tau)
+            b_D, e_q, e_k = _decay_factors(g, L, o_t, BT)
+            b_h = tl.load(hs + p_state + i_m * K * V, mask=m_kv, other=0.)
+            b_dh = tl.load(dhs + p_state + i_m * K * V, mask=m_kv, other=0.)
+            if HAS_MIX:
+                if MIX_PER_TOKEN:
+                    b_mx = tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
+                else:
+                    b_mx = tl.zeros([BT], dtype=tl.float32) + tl.load(mix + i_h * M + i_m).to(tl.float32)
+                b_dom = b_do * b_mx[:, None]
+                b_dP = b_dPs * b_mx[:, None]
+            else:
+                b_dom = tl.load(do + ((row0 * H + i_h) * M + i_m) * V + o_t[:, None] * (H * M * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+                b_dP = tl.dot(b_dom, tl.trans(b_v))
+            b_dPD = b_dP * b_D
+            r_q = e_q * tl.sum(b_dom * tl.dot(b_q, b_h), axis=1)            # q_i . dq_s,i
+            r_k = e_k * tl.sum(b_v * tl.dot(b_k, b_dh), axis=1)             # k_j . dk_s,j
+            d_g = tl.sum(tl.sum(diff * b_dPD * b_A, axis=1), axis=0) * (1 - tau)
+            d_g += tl.sum(p_i * r_q, axis=0)
+            d_g += tl.sum(tl.where(m_t, L - p_i, 0.) * r_k, axis=0) * (1 - tau)
+            d_g += L.to(tl.float32) * tl.exp(L.to(tl.float32) * g) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
+            p_gm = dgs + (((boc + i_c) * H + i_h) * M + i_m) * 2
+            tl.store(p_gm, d_g)
+            tl.store(p_gm + 1, tl.sum(tl.sum(b_dPD * b_A, axis=1), axis=0) + tl.sum(r_k, axis=0))
 
 
 # ----------------------------------------------------------------------------- one-token step
@@ -396,11 +452,14 @@ def compile_specs():
         specs.append(_spec(f"cms.bwd_dh[{tag}]", cms_bwd_dh_kernel, BWD_DH_CONFIGS,
                            dh_ptrs, present | {"dhs"}, {"scale": "fp32", "T": "i32", "M": "i32"},
                            dict(shape, BV=BWD_BV, USE_FINAL_GRAD=True)))
-        grad_ptrs = {p: dt_ for p, dt_ in bwd_ptrs.items() if p not in ("dht", "dh0")}
+        grad_ptrs = {p: dt_ for p, dt_ in bwd_ptrs.items() if p not in ("dht", "dh0", "dgs")}
         specs.append(_spec(f"cms.bwd[{tag}]", cms_bwd_kernel, BWD_CONFIGS,
-                           grad_ptrs, present | {"dhs"}, {"scale": "fp32", "T": "i32", "NR": "i32", "NS": "i32",
-                                                         "M": "i32"},
-                           dict(shape, BV=BWD_BV, COMPUTE_DDECAY=True)))
+                           grad_ptrs, present | {"dhs"}, {"scale": "fp32", "T": "i32", "NR": "i32", "M": "i32"},
+                           dict(shape, BV=BWD_BV)))
+        dg_ptrs = {p: dt_ for p, dt_ in bwd_ptrs.items() if p not in ("dht", "dh0", "dq", "dk", "dv", "dmix")}
+        specs.append(_spec(f"cms.bwd_decay[{tag}]", cms_bwd_decay_kernel, BWD_DG_CONFIGS,
+                           dg_ptrs, present | {"dhs"}, {"scale": "fp32", "T": "i32", "NS": "i32", "M": "i32"},
+                           dict(shape, BV=BWD_BV)))
     for D, dt, mix in ((64, "bf16", "batch"), (128, "fp32", None)):
         present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set())
         ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, state="fp32", o=dt)
