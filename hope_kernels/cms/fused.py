@@ -17,9 +17,9 @@ def _block(n: int) -> int:
 
 
 def chunk_tile(chunk_size: int, K: int, V: int) -> int:
-    """The kernels' chunk length. 16: the backward holds full-K tiles and two K x BV states per
-    memory in registers, and larger chunks spill there (see the compile report). chunk_size only
-    matters to the torch backend; the result does not depend on it."""
+    """The kernels' chunk length. 16: the gradient kernel holds full-K chunk tiles, the dq/dk
+    accumulators and two K x BV states in registers, and larger chunks spill there (see the
+    compile report). chunk_size only matters to the torch backend; the result does not depend on it."""
     return 16
 
 

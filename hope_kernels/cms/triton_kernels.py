@@ -17,11 +17,16 @@ while reloading a slice the program itself just wrote hits L1/L2. A barrier afte
 store makes the write visible to every thread of the program before the next chunk reads it.
 The same walk handles cu_seqlens: a program just reads its sequence's bounds.
 
-The backward kernel (one program per (sequence, head), full K and V, chunks in reverse) reuses
-the chunk-start states saved by the forward and carries dS per memory in the initial-state
-gradient buffer. Decay gradient, with k' = (1 - tau) k and G_i = i g (i = position in the
-sequence): dL/dG_i = q_i . dq_{m,i} - k'_i . dk'_{m,i}, dL/dg = sum_i i dL/dG_i and
-dL/dtau = (dL/dg) / tau - sum_i k_i . dk'_{m,i}. The kernel evaluates dL/dg chunk by chunk with
+The backward runs three kernels, flash-linear-attention style, none holding more than one state:
+(1) cms_bwd_dh_kernel, one program per (V-block, sequence, head, memory), walks the chunks in
+reverse with dS in registers and stores the chunk-end dS of every chunk (dhs, shaped like the
+forward's chunk-start states hs) and dL/dS_0; (2) cms_bwd_kernel, one program per (chunk, V-block,
+sequence, head), no loop-carried state, computes dq, dk, dv and dmix from the chunk's tiles, hs and
+dhs; (3) cms_bwd_decay_kernel, same grid, only when decay requires grad (kept apart: its
+reductions next to the dq/dk accumulators pushed the gradient kernel into spills). Decay
+gradient, with k' = (1 - tau) k and G_i = i g (i = position in the sequence):
+dL/dG_i = q_i . dq_{m,i} - k'_i . dk'_{m,i}, dL/dg = sum_i i dL/dG_i and
+dL/dtau = (dL/dg) / tau - sum_i k_i . dk'_{m,i}. Kernel (3) evaluates dL/dg chunk by chunk with
 each exponent's own weight (i - j for a pair, i for tau^i, L - j, L): the same sum, but without the
 large diagonal terms that cancel in the position-weighted form, so tau = 1e-3 keeps fp32 accuracy.
 """
@@ -36,8 +41,8 @@ from ..aot import KernelConfig, KernelSpec
 # ----------------------------------------------------------------------------- configs
 FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (32, 8, 1))
                for bv in (32, 64) for w in (4, 8) for s in (1, 2)]
-BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1))
-               for w in (4, 8) for s in (1, 2)]
+# the gradient kernel needs ~240 registers per thread: with 4 warps it spills, so 8 warps only
+BWD_CONFIGS = [KernelConfig({}, num_warps=8, num_stages=s, default=s == 1) for s in (1, 2)]
 BWD_DH_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
                   for w in (4, 8) for s in (1, 2)]
 BWD_DG_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
