@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .triton_kernels import (BWD_BV, cms_bwd_decay_kernel, cms_bwd_dh_kernel, cms_bwd_kernel, cms_fwd_kernel,
+from .triton_kernels import (BWD_BV, cms_bwd_aux_kernel, cms_bwd_dh_kernel, cms_bwd_kernel, cms_fwd_kernel,
                              cms_step_kernel)
 
 
@@ -77,7 +77,8 @@ class CmsScanFunction(torch.autograd.Function):
         dv = torch.empty(B, T, H, V, **f32)
         dh0 = torch.empty(N, H, M, K, V, **f32)
         dhs = torch.empty_like(hs)              # dL/dS at the end of every chunk
-        dmix = torch.empty(NV, B, T, H, M, **f32) if mix is not None else None
+        need_mix = mix is not None and ctx.needs_input_grad[4]
+        dmix = torch.empty(NV, B, T, H, M, **f32) if need_mix else None
         need_decay = ctx.needs_input_grad[3]
         # per-chunk partials; zero-filled since packed sequences leave some of the NS slots unused
         dgs = torch.zeros(NV, hs.shape[0], H, M, 2, **f32) if need_decay else None
@@ -91,12 +92,12 @@ class CmsScanFunction(torch.autograd.Function):
                                           MIX_PER_TOKEN=mix_per_token)
         # every sequence has at most cdiv(T, BT) chunks; programs past their sequence's end exit
         grid = (triton.cdiv(T, BT), NV, N * H)
-        cms_bwd_kernel[grid](q, k, v, tau, mix, do, hs, dhs, dq, dk, dv, dmix, cu_seqlens, offsets, ctx.scale, T, B * T,
+        cms_bwd_kernel[grid](q, k, v, tau, mix, do, hs, dhs, dq, dk, dv, cu_seqlens, offsets, ctx.scale, T, B * T,
                              H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV, MIX_PER_TOKEN=mix_per_token)
-        if need_decay:
-            cms_bwd_decay_kernel[grid](q, k, v, tau, mix, do, hs, dhs, dgs, cu_seqlens, offsets, ctx.scale, T,
-                                       hs.shape[0], H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV,
-                                       MIX_PER_TOKEN=mix_per_token)
+        if need_mix or need_decay:
+            cms_bwd_aux_kernel[grid](q, k, v, tau, mix, do, hs, dhs, dmix, dgs, cu_seqlens, offsets, ctx.scale, T,
+                                     B * T, hs.shape[0], H=H, M=M, K=K, V=V, BT=BT, BK=_block(K), BV=BV,
+                                     MIX_PER_TOKEN=mix_per_token)
         dq, dk = dq.sum(0), dk.sum(0)
         dmix = None if dmix is None else dmix.sum(0)
         dtau = None
@@ -105,7 +106,7 @@ class CmsScanFunction(torch.autograd.Function):
             tf = tau.to(torch.float32)
             dtau = (dg / tf - kdk).sum(0).to(tau.dtype)
         dmix_out = None
-        if mix is not None and ctx.needs_input_grad[4]:
+        if need_mix:
             dmix_out = (dmix if mix.dim() == 4 else dmix.sum((0, 1))).to(mix.dtype)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtau, dmix_out,
                 dh0 if ctx.needs_input_grad[5] else None, None, None, None, None)

@@ -21,9 +21,10 @@ The backward runs three kernels, flash-linear-attention style, none holding more
 (1) cms_bwd_dh_kernel, one program per (V-block, sequence, head, memory), walks the chunks in
 reverse with dS in registers and stores the chunk-end dS of every chunk (dhs, shaped like the
 forward's chunk-start states hs) and dL/dS_0; (2) cms_bwd_kernel, one program per (chunk, V-block,
-sequence, head), no loop-carried state, computes dq, dk, dv and dmix from the chunk's tiles, hs and
-dhs; (3) cms_bwd_decay_kernel, same grid, only when decay requires grad (kept apart: its
-reductions next to the dq/dk accumulators pushed the gradient kernel into spills). Decay
+sequence, head), no loop-carried state, computes dq, dk and dv from the chunk's tiles, hs and
+dhs; (3) cms_bwd_aux_kernel, same grid, dmix and the decay-gradient partials, only when needed
+(kept apart: their reductions next to the dq/dk accumulators pushed the gradient kernel into
+spills). Decay
 gradient, with k' = (1 - tau) k and G_i = i g (i = position in the sequence):
 dL/dG_i = q_i . dq_{m,i} - k'_i . dk'_{m,i}, dL/dg = sum_i i dL/dG_i and
 dL/dtau = (dL/dg) / tau - sum_i k_i . dk'_{m,i}. Kernel (3) evaluates dL/dg chunk by chunk with
@@ -45,7 +46,7 @@ FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, 
 BWD_CONFIGS = [KernelConfig({}, num_warps=8, num_stages=s, default=s == 1) for s in (1, 2)]
 BWD_DH_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
                   for w in (4, 8) for s in (1, 2)]
-BWD_DG_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
+BWD_AUX_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
                   for w in (4, 8) for s in (1, 2)]
 BWD_BV = 32     # fixed (not autotuned): the partial-sum buffers are sized by cdiv(V, BWD_BV)
 STEP_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
@@ -222,24 +223,22 @@ def cms_bwd_dh_kernel(q, decay, mix, do, dht, dh0, dhs, cu_seqlens, chunk_offset
 })
 @triton.autotune(configs=_triton_configs(BWD_CONFIGS), key=["H", "M", "K", "V", "BT", "MIX_PER_TOKEN"])
 @triton.jit(do_not_specialize=["T"])
-def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, cu_seqlens, chunk_offsets,
+def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, cu_seqlens, chunk_offsets,
                    scale, T, NR, H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    MIX_PER_TOKEN: tl.constexpr, HAS_MIX: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Gradients of one (chunk, V-block, sequence, head), chunk-parallel: no loop-carried state.
 
     Reads the chunk-start states hs (saved by the forward) and the chunk-end dS in dhs (from
-    cms_bwd_dh_kernel). dv [rows, H, V] is complete per V-block. dq, dk [NV, rows, H, K] and dmix
-    [NV, rows, H, M] (mixed only) are partial sums over this V-block (every term is linear in the
-    V-sliced dO, v, dS), summed on the host. The decay gradient has its own kernel below."""
+    cms_bwd_dh_kernel). dv [rows, H, V] is complete per V-block. dq, dk [NV, rows, H, K] are partial
+    sums over this V-block (every term is linear in the V-sliced dO, v, dS), summed on the host.
+    The mix and decay gradients have their own kernel below."""
     i_c, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     if i_c * BT < T_seq:       # packed sequences: the grid covers the longest possible one
         dq += i_v.to(tl.int64) * NR * H * K
         dk += i_v.to(tl.int64) * NR * H * K
-        if HAS_MIX:
-            dmix += i_v.to(tl.int64) * NR * H * M
 
         o_t = tl.arange(0, BT)
         o_k = tl.arange(0, BK)
@@ -289,9 +288,6 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, cu_seqlen
             b_dv += (tl.dot(tl.trans(b_AD), b_dom) + tl.dot(b_k, b_dh) * e_k[:, None]) * (1 - tau)
             b_dq += b_dqm
             b_dk += b_dkm * (1 - tau)
-            if HAS_MIX:
-                b_om = tl.dot(b_AD, b_v) * (1 - tau) + tl.dot(b_q, b_h) * e_q[:, None]
-                tl.store(dmix + (row0 * H + i_h) * M + i_m + o_t * (H * M), tl.sum(b_om * b_do, axis=1), mask=m_t)
         tl.store(dq + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dq * scale, mask=m_tk)
         tl.store(dk + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dk, mask=m_tk)
         tl.store(dv + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_dv, mask=m_tv)
@@ -299,16 +295,20 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, cu_seqlen
 
 @triton.heuristics({
     "HAS_MIX": lambda a: a["mix"] is not None,
+    "COMPUTE_DMIX": lambda a: a["dmix"] is not None,
+    "COMPUTE_DDECAY": lambda a: a["dgs"] is not None,
     "IS_VARLEN": lambda a: a["cu_seqlens"] is not None,
 })
-@triton.autotune(configs=_triton_configs(BWD_DG_CONFIGS), key=["H", "M", "K", "V", "BT", "MIX_PER_TOKEN"])
+@triton.autotune(configs=_triton_configs(BWD_AUX_CONFIGS), key=["H", "M", "K", "V", "BT", "MIX_PER_TOKEN"])
 @triton.jit(do_not_specialize=["T"])
-def cms_bwd_decay_kernel(q, k, v, decay, mix, do, hs, dhs, dgs, cu_seqlens, chunk_offsets, scale, T, NS,
-                         H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         MIX_PER_TOKEN: tl.constexpr, HAS_MIX: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Decay-gradient partials of one (chunk, V-block, sequence, head), chunk-parallel.
+def cms_bwd_aux_kernel(q, k, v, decay, mix, do, hs, dhs, dmix, dgs, cu_seqlens, chunk_offsets, scale, T, NR, NS,
+                       H: tl.constexpr, M, K: tl.constexpr, V: tl.constexpr,
+                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MIX_PER_TOKEN: tl.constexpr,
+                       HAS_MIX: tl.constexpr, COMPUTE_DMIX: tl.constexpr, COMPUTE_DDECAY: tl.constexpr,
+                       IS_VARLEN: tl.constexpr):
+    """Mix- and decay-gradient partials of one (chunk, V-block, sequence, head), chunk-parallel.
 
+    dmix [NV, rows, H, M] (mixed only): dL/dmix_{i,m} = o_{m,i} . dO_i over this V-block.
     dgs [NV, NS, H, M, 2] (NS chunk slots, zero-filled) receives per memory (dL/dg, sum_i k_i . dk'_i)
     of this chunk and V-block. dL/dg has every exponent's weight written out (pair (i, j): i - j;
     tau^i: i; tau^{L-j}: L - j; tau^L: L), so diagonal terms never cancel and small tau stays exact.
@@ -318,7 +318,10 @@ def cms_bwd_decay_kernel(q, k, v, decay, mix, do, hs, dhs, dgs, cu_seqlens, chun
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     if i_c * BT < T_seq:       # packed sequences: the grid covers the longest possible one
-        dgs += i_v.to(tl.int64) * NS * H * M * 2
+        if COMPUTE_DMIX:
+            dmix += i_v.to(tl.int64) * NR * H * M
+        if COMPUTE_DDECAY:
+            dgs += i_v.to(tl.int64) * NS * H * M * 2
         o_t = tl.arange(0, BT)
         o_k = tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
@@ -336,7 +339,8 @@ def cms_bwd_decay_kernel(q, k, v, decay, mix, do, hs, dhs, dgs, cu_seqlens, chun
         b_A = tl.dot(b_q, tl.trans(b_k))
         if HAS_MIX:
             b_do = tl.load(do + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
-            b_dPs = tl.dot(b_do, tl.trans(b_v))
+            if COMPUTE_DDECAY:
+                b_dPs = tl.dot(b_do, tl.trans(b_v))
         p_i = (o_t + 1).to(tl.float32)
         diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
         p_state = ((boc + i_c) * H + i_h) * M * K * V + off_kv
@@ -345,27 +349,33 @@ def cms_bwd_decay_kernel(q, k, v, decay, mix, do, hs, dhs, dgs, cu_seqlens, chun
             g = tl.log(tau)
             b_D, e_q, e_k = _decay_factors(g, L, o_t, BT)
             b_h = tl.load(hs + p_state + i_m * K * V, mask=m_kv, other=0.)
-            b_dh = tl.load(dhs + p_state + i_m * K * V, mask=m_kv, other=0.)
-            if HAS_MIX:
-                if MIX_PER_TOKEN:
-                    b_mx = tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
+            if COMPUTE_DDECAY:
+                b_dh = tl.load(dhs + p_state + i_m * K * V, mask=m_kv, other=0.)
+                if HAS_MIX:
+                    if MIX_PER_TOKEN:
+                        b_mx = tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
+                    else:
+                        b_mx = tl.zeros([BT], dtype=tl.float32) + tl.load(mix + i_h * M + i_m).to(tl.float32)
+                    b_dom = b_do * b_mx[:, None]
+                    b_dP = b_dPs * b_mx[:, None]
                 else:
-                    b_mx = tl.zeros([BT], dtype=tl.float32) + tl.load(mix + i_h * M + i_m).to(tl.float32)
-                b_dom = b_do * b_mx[:, None]
-                b_dP = b_dPs * b_mx[:, None]
-            else:
-                b_dom = tl.load(do + ((row0 * H + i_h) * M + i_m) * V + o_t[:, None] * (H * M * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
-                b_dP = tl.dot(b_dom, tl.trans(b_v))
-            b_dPD = b_dP * b_D
-            r_q = e_q * tl.sum(b_dom * tl.dot(b_q, b_h), axis=1)            # q_i . dq_s,i
-            r_k = e_k * tl.sum(b_v * tl.dot(b_k, b_dh), axis=1)             # k_j . dk_s,j
-            d_g = tl.sum(tl.sum(diff * b_dPD * b_A, axis=1), axis=0) * (1 - tau)
-            d_g += tl.sum(p_i * r_q, axis=0)
-            d_g += tl.sum(tl.where(m_t, L - p_i, 0.) * r_k, axis=0) * (1 - tau)
-            d_g += L.to(tl.float32) * tl.exp(L.to(tl.float32) * g) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
-            p_gm = dgs + (((boc + i_c) * H + i_h) * M + i_m) * 2
-            tl.store(p_gm, d_g)
-            tl.store(p_gm + 1, tl.sum(tl.sum(b_dPD * b_A, axis=1), axis=0) + tl.sum(r_k, axis=0))
+                    b_dom = tl.load(do + ((row0 * H + i_h) * M + i_m) * V + o_t[:, None] * (H * M * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+                    b_dP = tl.dot(b_dom, tl.trans(b_v))
+            b_qh = tl.dot(b_q, b_h)                                         # scale q_i S
+            if COMPUTE_DMIX:
+                b_om = tl.dot(b_A * b_D, b_v) * (1 - tau) + b_qh * e_q[:, None]
+                tl.store(dmix + (row0 * H + i_h) * M + i_m + o_t * (H * M), tl.sum(b_om * b_do, axis=1), mask=m_t)
+            if COMPUTE_DDECAY:
+                b_dPD = b_dP * b_D
+                r_q = e_q * tl.sum(b_dom * b_qh, axis=1)                        # q_i . dq_s,i
+                r_k = e_k * tl.sum(b_v * tl.dot(b_k, b_dh), axis=1)             # k_j . dk_s,j
+                d_g = tl.sum(tl.sum(diff * b_dPD * b_A, axis=1), axis=0) * (1 - tau)
+                d_g += tl.sum(p_i * r_q, axis=0)
+                d_g += tl.sum(tl.where(m_t, L - p_i, 0.) * r_k, axis=0) * (1 - tau)
+                d_g += L.to(tl.float32) * tl.exp(L.to(tl.float32) * g) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
+                p_gm = dgs + (((boc + i_c) * H + i_h) * M + i_m) * 2
+                tl.store(p_gm, d_g)
+                tl.store(p_gm + 1, tl.sum(tl.sum(b_dPD * b_A, axis=1), axis=0) + tl.sum(r_k, axis=0))
 
 
 # ----------------------------------------------------------------------------- one-token step
@@ -457,14 +467,15 @@ def compile_specs():
         specs.append(_spec(f"cms.bwd_dh[{tag}]", cms_bwd_dh_kernel, BWD_DH_CONFIGS,
                            dh_ptrs, present | {"dhs"}, {"scale": "fp32", "T": "i32", "M": "i32"},
                            dict(shape, BV=BWD_BV, USE_FINAL_GRAD=True)))
-        grad_ptrs = {p: dt_ for p, dt_ in bwd_ptrs.items() if p not in ("dht", "dh0", "dgs")}
+        grad_ptrs = {p: dt_ for p, dt_ in bwd_ptrs.items() if p not in ("dht", "dh0", "dmix", "dgs")}
         specs.append(_spec(f"cms.bwd[{tag}]", cms_bwd_kernel, BWD_CONFIGS,
                            grad_ptrs, present | {"dhs"}, {"scale": "fp32", "T": "i32", "NR": "i32", "M": "i32"},
                            dict(shape, BV=BWD_BV)))
-        dg_ptrs = {p: dt_ for p, dt_ in bwd_ptrs.items() if p not in ("dht", "dh0", "dq", "dk", "dv", "dmix")}
-        specs.append(_spec(f"cms.bwd_decay[{tag}]", cms_bwd_decay_kernel, BWD_DG_CONFIGS,
-                           dg_ptrs, present | {"dhs"}, {"scale": "fp32", "T": "i32", "NS": "i32", "M": "i32"},
-                           dict(shape, BV=BWD_BV)))
+        aux_ptrs = {p: dt_ for p, dt_ in bwd_ptrs.items() if p not in ("dht", "dh0", "dq", "dk", "dv")}
+        specs.append(_spec(f"cms.bwd_aux[{tag}]", cms_bwd_aux_kernel, BWD_AUX_CONFIGS,
+                           aux_ptrs, present | {"dhs"}, {"scale": "fp32", "T": "i32", "NR": "i32", "NS": "i32",
+                                                         "M": "i32"},
+                           dict(shape, BV=BWD_BV, COMPUTE_DMIX=mix is not None, COMPUTE_DDECAY=True)))
     for D, dt, mix in ((64, "bf16", "batch"), (128, "fp32", None)):
         present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set())
         ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, state="fp32", o=dt)
