@@ -236,6 +236,26 @@ def test_final_state_only_gradient(backend, device):
         assert_close("d" + name, g[id(x)], rg[id(r)], torch.float32, device, grad=True)
 
 
+@pytest.mark.parametrize("mix,decay_grad,mix_grad", [("BTHM", False, True), ("HM", True, False), ("HM", False, False),
+                                                    (None, False, False)])
+def test_gradients_of_a_subset_of_inputs(device, poison_empty, mix, decay_grad, mix_grad):
+    """Fixed decay and/or fixed gates: the backward skips those gradients (and the kernel that
+    computes them when neither is needed), the others stay exact."""
+    q, k, v, decay, mx, _ = _inputs(2, 21, 2, 12, 36, 3, torch.float32, device, mix, h0=False)
+    decay.requires_grad_(decay_grad)
+    if mx is not None:
+        mx.requires_grad_(mix_grad)
+    o, _ = cms_scan(q, k, v, decay, mx, chunk_size=16, backend="triton")
+    ref = [None if x is None else as_ref(x).cpu() for x in (q, k, v, decay, mx)]
+    ro, _ = reference.cms_scan(*ref)
+    assert_close("o", o, ro, torch.float32, device)
+    g, rg = _grads([o], (q, k, v, decay, mx)), _grads([ro], ref)
+    assert len(g) == 3 + decay_grad + mix_grad
+    for name, x, r in zip("q k v decay mix".split(), (q, k, v, decay, mx), ref):
+        if x is not None and x.requires_grad:
+            assert_close("d" + name, g[id(x)], rg[id(r)], torch.float32, device, grad=True)
+
+
 # ----------------------------------------------------------------------------- step
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,mix", [(torch.float32, None), (torch.float32, "M"),
