@@ -46,7 +46,7 @@ FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, 
 BWD_CONFIGS = [KernelConfig({}, num_warps=8, num_stages=s, default=s == 1) for s in (1, 2)]
 BWD_DH_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
                   for w in (4, 8) for s in (1, 2)]
-BWD_AUX_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
+BWD_AUX_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 2))
                   for w in (4, 8) for s in (1, 2)]
 BWD_BV = 32     # fixed (not autotuned): the partial-sum buffers are sized by cdiv(V, BWD_BV)
 STEP_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
@@ -261,6 +261,12 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, cu_seqlens, chu
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
         b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+        if HAS_MIX:
+            # dO_m = mix_m dO, so the intra-chunk parts of dq, dk, dv are W k, W^T q and W_v^T dO with
+            # W = sum_m (1 - tau_m) mix_m dP D_m, W_v = sum_m (1 - tau_m) mix_m A D_m: one dot each
+            # after the loop instead of one per memory
+            b_W = tl.zeros([BT, BT], dtype=tl.float32)
+            b_Wv = tl.zeros([BT, BT], dtype=tl.float32)
         p_state = ((boc + i_c) * H + i_h) * M * K * V + off_kv
         for i_m in range(M):
             tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
@@ -273,21 +279,28 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, cu_seqlens, chu
                     b_mx = tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
                 else:
                     b_mx = tl.zeros([BT], dtype=tl.float32) + tl.load(mix + i_h * M + i_m).to(tl.float32)
-                b_dom = b_do * b_mx[:, None]
-                b_dP = b_dPs * b_mx[:, None]
+                b_W += b_dPs * (b_mx * (1 - tau))[:, None] * b_D
+                b_Wv += b_A * b_D * (b_mx * (1 - tau))[:, None]
+                # state terms of the gradients wrt the (scaled) q and k' = (1 - tau) k of this memory
+                b_dq += tl.dot(b_do * (b_mx * e_q)[:, None], tl.trans(b_h))
+                b_dk += tl.dot(b_v * (e_k * (1 - tau))[:, None], tl.trans(b_dh))
+                b_dv += tl.dot(b_k, b_dh) * (e_k * (1 - tau))[:, None]
             else:
                 b_dom = tl.load(do + ((row0 * H + i_h) * M + i_m) * V + o_t[:, None] * (H * M * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
-                b_dP = tl.dot(b_dom, tl.trans(b_v))
-            b_dPD = b_dP * b_D
-            b_AD = b_A * b_D
-            # gradients wrt the (scaled) q and k' = (1 - tau) k of this memory: intra-chunk + state terms
-            b_dq_s = tl.dot(b_dom, tl.trans(b_h)) * e_q[:, None]
-            b_dk_s = tl.dot(b_v, tl.trans(b_dh)) * e_k[:, None]
-            b_dqm = tl.dot(b_dPD, b_k) * (1 - tau) + b_dq_s
-            b_dkm = tl.dot(tl.trans(b_dPD), b_q) + b_dk_s
-            b_dv += (tl.dot(tl.trans(b_AD), b_dom) + tl.dot(b_k, b_dh) * e_k[:, None]) * (1 - tau)
-            b_dq += b_dqm
-            b_dk += b_dkm * (1 - tau)
+                b_dPD = tl.dot(b_dom, tl.trans(b_v)) * b_D
+                b_AD = b_A * b_D
+                # gradients wrt the (scaled) q and k' = (1 - tau) k of this memory: intra-chunk + state terms
+                b_dq_s = tl.dot(b_dom, tl.trans(b_h)) * e_q[:, None]
+                b_dk_s = tl.dot(b_v, tl.trans(b_dh)) * e_k[:, None]
+                b_dqm = tl.dot(b_dPD, b_k) * (1 - tau) + b_dq_s
+                b_dkm = tl.dot(tl.trans(b_dPD), b_q) + b_dk_s
+                b_dv += (tl.dot(tl.trans(b_AD), b_dom) + tl.dot(b_k, b_dh) * e_k[:, None]) * (1 - tau)
+                b_dq += b_dqm
+                b_dk += b_dkm * (1 - tau)
+        if HAS_MIX:
+            b_dq += tl.dot(b_W, b_k)
+            b_dk += tl.dot(tl.trans(b_W), b_q)
+            b_dv += tl.dot(tl.trans(b_Wv), b_do)
         tl.store(dq + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dq * scale, mask=m_tk)
         tl.store(dk + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], b_dk, mask=m_tk)
         tl.store(dv + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_dv, mask=m_tv)
