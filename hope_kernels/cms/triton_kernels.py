@@ -130,6 +130,8 @@ def cms_fwd_kernel(q, k, v, decay, mix, o, h0, ht, hs, cu_seqlens, chunk_offsets
         b_q = b_q * scale
         b_A = tl.dot(b_q, tl.trans(b_k))                 # scale q k^T, shared by all M memories
         b_o = tl.zeros([BT, BV], dtype=tl.float32)
+        if HAS_MIX:     # intra-chunk part of the mixed output: (sum_m mix_m (1 - tau_m) A * D_m) v, one dot
+            b_W = tl.zeros([BT, BT], dtype=tl.float32)
         for i_m in range(M):
             tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
             g = tl.log(tau)
@@ -138,20 +140,22 @@ def cms_fwd_kernel(q, k, v, decay, mix, o, h0, ht, hs, cu_seqlens, chunk_offsets
             b_h = tl.load(p_h, mask=m_kv, other=0.)
             if STORE_CHUNK_STATES:
                 tl.store(hs + (((boc + i_c) * H + i_h) * M + i_m) * K * V + off_kv, b_h, mask=m_kv)
-            b_om = tl.dot(b_A * b_D, b_v) * (1 - tau) + tl.dot(b_q, b_h) * e_q[:, None]
             if HAS_MIX:
                 if MIX_PER_TOKEN:
                     b_mx = tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
-                    b_o += b_om * b_mx[:, None]
                 else:
-                    b_o += b_om * tl.load(mix + i_h * M + i_m).to(tl.float32)
+                    b_mx = tl.zeros([BT], dtype=tl.float32) + tl.load(mix + i_h * M + i_m).to(tl.float32)
+                b_W += b_A * b_D * (b_mx * (1 - tau))[:, None]
+                b_o += tl.dot(b_q, b_h) * (b_mx * e_q)[:, None]
             else:
+                b_om = tl.dot(b_A * b_D, b_v) * (1 - tau) + tl.dot(b_q, b_h) * e_q[:, None]
                 tl.store(o + ((row0 * H + i_h) * M + i_m) * V + o_t[:, None] * (H * M * V) + o_v[None, :],
                          b_om.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
             b_h = tl.exp(L.to(tl.float32) * g) * b_h + tl.dot(tl.trans(b_k), b_v * (e_k * (1 - tau))[:, None])
             tl.store(p_h, b_h, mask=m_kv)
             tl.debug_barrier()
         if HAS_MIX:
+            b_o += tl.dot(b_W, b_v)
             tl.store(o + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], b_o.to(o.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
 
