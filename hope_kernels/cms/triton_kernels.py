@@ -458,6 +458,7 @@ def compile_specs():
         (64, "bf16", "token", False),
         (64, "fp16", "static", True),
         (128, "bf16", None, False),
+        (128, "fp16", "token", False),     # the widest heads with the heaviest mix path
     )
     for D, dt, mix, varlen in scan_variants:
         BT = 16
