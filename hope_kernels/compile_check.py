@@ -31,9 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .aot import KernelConfig, KernelSpec
 

@@ -6,7 +6,6 @@ These are slow on purpose: one Python step per token, exactly the recurrences of
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -155,6 +155,15 @@ def check_state(name: str, state, shape: Sequence[int], device: torch.device, la
     if state.device != device:
         raise ValueError(f"{name} is on {state.device} but the inputs are on {device}")
     return state
+
+
+def check_chunk_size(chunk_size) -> int:
+    """Tokens per chunk: a power of two >= 16 (the Triton tiles are chunk x head-dim, tl.dot needs >= 16)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    return chunk_size
 
 
 def resolve_scale(scale, head_dim: int) -> float:

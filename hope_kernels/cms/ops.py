@@ -45,12 +45,6 @@ def _check_mix(mix, lead: tuple, H: int, M: int, device, layout: str):
     return mix.expand(H, M) if mix.dim() == 1 else mix
 
 
-def _check_chunk_size(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
-
-
 def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output_final_state=False,
              cu_seqlens=None, chunk_size=64, backend=None):
     """Fused multi-timescale scan.
@@ -73,7 +67,7 @@ def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output
     cu = utils.check_cu_seqlens(cu_seqlens, B, T, device)
     N = B if cu is None else cu.numel() - 1
     utils.check_state("initial_state", initial_state, (N, H, M, K, V), device, "[N, H, M, K, V]")
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = utils.check_chunk_size(chunk_size)
     scale = utils.resolve_scale(scale, K)
     backend = utils.resolve_backend(backend, device)
 

@@ -462,7 +462,7 @@ def compile_specs():
     )
     for D, dt, mix, varlen in scan_variants:
         BT = 16
-        BK = BV = max(16, D)
+        BK = max(16, D)
         tag = f"K={D},V={D},M=4,{dt},mix={mix or 'none'}{',varlen' if varlen else ''}"
         present = {"q", "k", "v", "decay", "o", "h0", "ht", "hs", "do", "dq", "dk", "dv", "dh0", "dht", "dgs",
                    "state"}

@@ -26,14 +26,6 @@ def _triton():
     return triton_kernels
 
 
-def _check_chunk_size(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    return chunk_size
-
-
 def _check_state(name: str, state, normalize: bool, N: int, H: int, K: int, V: int, device) -> Optional[State]:
     """S: [N, H, K, V], or the pair (S, z) with z: [N, H, K] when normalize."""
     if state is None:
@@ -78,7 +70,7 @@ def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1
     utils.check_tensor("v", v, 4, shape=(B, T, H, None), layout="[B, T, H, V] like q")
     V = v.shape[-1]
     device = utils.check_same_device(q=q, k=k, v=v)
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = utils.check_chunk_size(chunk_size)
     cu = utils.check_cu_seqlens(cu_seqlens, B, T, device)
     N = B if cu is None else cu.numel() - 1
     initial_state = _check_state("initial_state", initial_state, normalize, N, H, K, V, device)
