@@ -92,7 +92,8 @@ def check_tensor(name: str, t, ndim: Optional[int] = None, *, floating: bool = T
         raise TypeError(f"{name} must be a floating tensor (float32, float16 or bfloat16), got {t.dtype}")
     if shape is not None:
         if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-            exp = tuple("*" if s is None else s for s in shape)
+            dims = ["*" if s is None else str(s) for s in shape]
+            exp = f"({dims[0]},)" if len(dims) == 1 else "(" + ", ".join(dims) + ")"
             raise ValueError(f"{name} must have shape {exp}{want}, got {tuple(t.shape)}")
     return t
 
