@@ -109,6 +109,15 @@ def check_same_device(**tensors) -> torch.device:
     return device
 
 
+def check_same_dtype(**tensors) -> torch.dtype:
+    """q, k, v (after autocast) must share one dtype; returns it. No silent promotion."""
+    dtypes = {n: t.dtype for n, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        got = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
+        raise TypeError(f"{', '.join(dtypes)} must share one dtype, got {got}")
+    return next(iter(dtypes.values()))
+
+
 def check_cu_seqlens(cu_seqlens, batch: int, seq_len: int, device: torch.device) -> Optional[torch.Tensor]:
     """Validate packed-sequence offsets: 1-D int32/int64 starting at 0, non-decreasing, ending at T, B == 1.
 

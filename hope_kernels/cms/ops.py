@@ -58,8 +58,6 @@ def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output
     utils.check_tensor("k", k, 4, shape=(B, T, H, K), layout="[B, T, H, K]")
     utils.check_tensor("v", v, 4, shape=(B, T, H, None), layout="[B, T, H, V]")
     V = v.shape[-1]
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     device = utils.check_same_device(q=q, k=k, v=v)
     tau = _check_decay(decay, H, device)
     M = tau.shape[-1]
@@ -73,6 +71,7 @@ def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output
 
     # decay and states are never autocast: tau = 0.9999 rounds to 1 in half precision.
     q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
+    utils.check_same_dtype(q=q, k=k, v=v)
     q, k, v = utils.contiguous(q, k, v)
     if backend == "torch" or q.dtype == torch.float64:
         # float64 (references, gradchecks) stays exact on the chunked PyTorch path.
@@ -92,8 +91,6 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
     utils.check_tensor("k", k, 3, shape=(B, H, K), layout="[B, H, K]")
     utils.check_tensor("v", v, 3, shape=(B, H, None), layout="[B, H, V]")
     V = v.shape[-1]
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     device = utils.check_same_device(q=q, k=k, v=v)
     tau = _check_decay(decay, H, device)
     M = tau.shape[-1]
@@ -107,6 +104,7 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
     backend = utils.resolve_backend(backend, device)
 
     q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
+    utils.check_same_dtype(q=q, k=k, v=v)
     if backend == "torch" or state.dtype == torch.float64 or not state.is_contiguous():
         return cms_step_torch(q, k, v, tau, state, mix, scale)
     from .fused import cms_step_triton

@@ -43,13 +43,6 @@ def _check_state(name: str, state, normalize: bool, N: int, H: int, K: int, V: i
     return utils.check_state(name, state, (N, H, K, V), device, "[N, H, K, V]")
 
 
-def _common_dtype(*tensors) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1e-6, initial_state=None,
                      output_final_state=False, cu_seqlens=None, chunk_size=64, backend=None):
     """Linear attention over a sequence (see the module docstring for the math).
@@ -77,8 +70,7 @@ def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1
     scale = utils.resolve_scale(scale, K)
     backend = utils.resolve_backend(backend, device)
     q, k, v = utils.autocast_inputs(device, q, k, v)
-    dtype = _common_dtype(q, k, v)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
+    dtype = utils.check_same_dtype(q=q, k=k, v=v)
     sd = utils.state_dtype(dtype)
     if dtype == torch.float64:  # the kernels accumulate in float32; float64 (gradchecks) runs in torch
         backend = "torch"
@@ -127,8 +119,7 @@ def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e
     scale = utils.resolve_scale(scale, K)
     backend = utils.resolve_backend(backend, device)
     q, k, v = utils.autocast_inputs(device, q, k, v)
-    dtype = _common_dtype(q, k, v)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
+    dtype = utils.check_same_dtype(q=q, k=k, v=v)
     if dtype == torch.float64 or S.dtype == torch.float64:
         backend = "torch"
 
