@@ -8,7 +8,7 @@
 # put on PYTHONPATH. pytest is used when importable (tests are skipped with a note otherwise);
 # flash-linear-attention is benchmarked when importable, or when a wheel lies in FLA_WHEEL_DIR
 # (default: <repo>/wheels), which is unpacked into OUT_DIR/.fla (no pip). Each phase has a time cap
-# (seconds, env: TESTS_GPU_S, TESTS_S, SWEEP_S, SWEEP_LARGE_S, MODEL_S, COMPILE_S); an interrupted sweep still
+# (seconds, env: TESTS_GPU_S, TESTS_S, SWEEP_S, SWEEP_LARGE_S, MODEL_S, COMPILE_S; 560 s in all); an interrupted sweep still
 # writes the rows it measured. Everything lands in OUT_DIR: logs, junit XML, results.csv/json, plots.
 # DRY=1 runs the same phases on the CPU at tiny sizes (checks the script itself; no GPU numbers).
 set -uo pipefail
@@ -93,7 +93,9 @@ run_phase model "${MODEL_S:-50}" "$PY" -m benchmarks.model --out "$OUT/model" ${
 
 # 4. static compile report (registers, spills, shared memory, tensor-core instructions)
 if [ -f "$REPO/benchmarks/compile_report.py" ]; then
-    run_phase compile_report "${COMPILE_S:-45}" "$PY" -m benchmarks.compile_report
+    # default configs for both archs (every config of every kernel is ~100 compiles: minutes)
+    run_phase compile_report "${COMPILE_S:-60}" "$PY" -m benchmarks.compile_report --arch 80 --arch 90 \
+        --configs default --csv "$OUT/compile_report.csv"
 fi
 
 say "done in $((SECONDS - START)) s (status $status). Results: $OUT"
