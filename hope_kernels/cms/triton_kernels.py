@@ -73,6 +73,12 @@ def _seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT: tl.constexpr, IS_VARLEN: 
 
 
 @triton.jit
+def _load_rows(ptr, row0, i_h, o_t, o_d, mask, H: tl.constexpr, D: tl.constexpr):
+    """float32 tile [rows o_t, columns o_d] of head i_h of a [tokens, H, D] tensor, from token row0 on."""
+    return tl.load(ptr + (row0 * H + i_h) * D + o_t[:, None] * (H * D) + o_d[None, :], mask=mask, other=0.).to(tl.float32)
+
+
+@triton.jit
 def _decay_factors(g, L, o_t, BT: tl.constexpr):
     """Causal decay mask tau^{i-j} (i >= j, j < L), tau^i and tau^{L-j}, all from exponents <= 0."""
     m_t = o_t < L
@@ -124,9 +130,9 @@ def cms_fwd_kernel(q, k, v, decay, mix, o, h0, ht, hs, cu_seqlens, chunk_offsets
         L = tl.minimum(T_seq - i_c * BT, BT)
         m_t = o_t < L
         row0 = bos + i_c * BT          # int64 scalar base; per-element offsets stay int32
-        b_q = tl.load(q + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k = tl.load(k + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_v = tl.load(v + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_q = _load_rows(q, row0, i_h, o_t, o_k, m_t[:, None] & m_k[None, :], H, K)
+        b_k = _load_rows(k, row0, i_h, o_t, o_k, m_t[:, None] & m_k[None, :], H, K)
+        b_v = _load_rows(v, row0, i_h, o_t, o_v, m_t[:, None] & m_v[None, :], H, V)
         b_q = b_q * scale
         b_A = tl.dot(b_q, tl.trans(b_k))                 # scale q k^T, shared by all M memories
         b_o = tl.zeros([BT, BV], dtype=tl.float32)
@@ -204,12 +210,10 @@ def cms_bwd_dh_kernel(q, decay, mix, do, dht, dh0, dhs, cu_seqlens, chunk_offset
         m_t = o_t < L
         row0 = bos + i_c * BT          # int64 scalar base; per-element offsets stay int32
         tl.store(dhs + (((boc + i_c) * H + i_h) * M + i_m) * K * V + off_kv, b_dh, mask=m_kv)
-        b_q = tl.load(q + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :],
-                      mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_q = _load_rows(q, row0, i_h, o_t, o_k, m_t[:, None] & m_k[None, :], H, K)
         e_q = tl.where(m_t, tl.exp((o_t + 1).to(tl.float32) * g), 0.) * scale
         if HAS_MIX:
-            b_do = tl.load(do + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :],
-                           mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+            b_do = _load_rows(do, row0, i_h, o_t, o_v, m_t[:, None] & m_v[None, :], H, V)
             if MIX_PER_TOKEN:
                 e_q *= tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
             else:
@@ -255,12 +259,12 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, cu_seqlens, chu
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         row0 = bos + i_c * BT          # int64 scalar base; per-element offsets stay int32
-        b_q = tl.load(q + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32) * scale
-        b_k = tl.load(k + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-        b_v = tl.load(v + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_q = _load_rows(q, row0, i_h, o_t, o_k, m_tk, H, K) * scale
+        b_k = _load_rows(k, row0, i_h, o_t, o_k, m_tk, H, K)
+        b_v = _load_rows(v, row0, i_h, o_t, o_v, m_tv, H, V)
         b_A = tl.dot(b_q, tl.trans(b_k))
         if HAS_MIX:
-            b_do = tl.load(do + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+            b_do = _load_rows(do, row0, i_h, o_t, o_v, m_tv, H, V)
             b_dPs = tl.dot(b_do, tl.trans(b_v))            # dO_i . v_j, shared by all M memories
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -350,12 +354,12 @@ def cms_bwd_aux_kernel(q, k, v, decay, mix, do, hs, dhs, dmix, dgs, cu_seqlens, 
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         row0 = bos + i_c * BT
-        b_q = tl.load(q + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32) * scale
-        b_k = tl.load(k + (row0 * H + i_h) * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-        b_v = tl.load(v + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_q = _load_rows(q, row0, i_h, o_t, o_k, m_tk, H, K) * scale
+        b_k = _load_rows(k, row0, i_h, o_t, o_k, m_tk, H, K)
+        b_v = _load_rows(v, row0, i_h, o_t, o_v, m_tv, H, V)
         b_A = tl.dot(b_q, tl.trans(b_k))
         if HAS_MIX:
-            b_do = tl.load(do + (row0 * H + i_h) * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+            b_do = _load_rows(do, row0, i_h, o_t, o_v, m_tv, H, V)
             if COMPUTE_DDECAY:
                 b_dPs = tl.dot(b_do, tl.trans(b_v))
         p_i = (o_t + 1).to(tl.float32)
