@@ -109,6 +109,16 @@ def check_same_device(**tensors) -> torch.device:
     return device
 
 
+def check_qkv(q, k, v, lead: str):
+    """q, k: [*lead, K] and v: [*lead, V] on one device, `lead` naming the leading dims ("B, T, H" for
+    a scan, "B, H" for a step). Returns (q.shape, V, device)."""
+    ndim = lead.count(",") + 2
+    check_tensor("q", q, ndim, layout=f"[{lead}, K]")
+    check_tensor("k", k, ndim, shape=tuple(q.shape), layout=f"[{lead}, K] like q")
+    check_tensor("v", v, ndim, shape=tuple(q.shape[:-1]) + (None,), layout=f"[{lead}, V] like q")
+    return tuple(q.shape), v.shape[-1], check_same_device(q=q, k=k, v=v)
+
+
 def check_same_dtype(**tensors) -> torch.dtype:
     """q, k, v (after autocast) must share one dtype; returns it. No silent promotion."""
     dtypes = {n: t.dtype for n, t in tensors.items()}

@@ -53,12 +53,7 @@ def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output
     mix: None, [M], [H, M] or [B, T, H, M]; initial_state: [N, H, M, K, V] (N = B, or the
     number of sequences with cu_seqlens). Returns (o, final_state or None).
     """
-    utils.check_tensor("q", q, 4, layout="[B, T, H, K]")
-    B, T, H, K = q.shape
-    utils.check_tensor("k", k, 4, shape=(B, T, H, K), layout="[B, T, H, K]")
-    utils.check_tensor("v", v, 4, shape=(B, T, H, None), layout="[B, T, H, V]")
-    V = v.shape[-1]
-    device = utils.check_same_device(q=q, k=k, v=v)
+    (B, T, H, K), V, device = utils.check_qkv(q, k, v, "B, T, H")
     tau = _check_decay(decay, H, device)
     M = tau.shape[-1]
     mix = _check_mix(mix, (B, T), H, M, device, "[M], [H, M] or [B, T, H, M]")
@@ -86,12 +81,7 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
     q, k: [B, H, K]; v: [B, H, V]; mix: None, [M], [H, M] or [B, H, M].
     Returns (o, state): o [B, H, V] with mix, [B, H, M, V] without.
     """
-    utils.check_tensor("q", q, 3, layout="[B, H, K]")
-    B, H, K = q.shape
-    utils.check_tensor("k", k, 3, shape=(B, H, K), layout="[B, H, K]")
-    utils.check_tensor("v", v, 3, shape=(B, H, None), layout="[B, H, V]")
-    V = v.shape[-1]
-    device = utils.check_same_device(q=q, k=k, v=v)
+    (B, H, K), V, device = utils.check_qkv(q, k, v, "B, H")
     tau = _check_decay(decay, H, device)
     M = tau.shape[-1]
     if state is None:

@@ -57,12 +57,7 @@ def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1
         o [B, T, H, V] in the input dtype, and the final state (float32, same structure as
         initial_state) when output_final_state, else None. Differentiable in q, k, v and initial_state.
     """
-    utils.check_tensor("q", q, 4, layout="[B, T, H, K]")
-    B, T, H, K = q.shape
-    utils.check_tensor("k", k, 4, shape=(B, T, H, K), layout="[B, T, H, K] like q")
-    utils.check_tensor("v", v, 4, shape=(B, T, H, None), layout="[B, T, H, V] like q")
-    V = v.shape[-1]
-    device = utils.check_same_device(q=q, k=k, v=v)
+    (B, T, H, K), V, device = utils.check_qkv(q, k, v, "B, T, H")
     chunk_size = utils.check_chunk_size(chunk_size)
     cu = utils.check_cu_seqlens(cu_seqlens, B, T, device)
     N = B if cu is None else cu.numel() - 1
@@ -106,12 +101,7 @@ def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e
     float32, updated in place and returned. o: [B, H, V] in the input dtype. A loop of steps equals
     the causal scan. Not differentiable (inference).
     """
-    utils.check_tensor("q", q, 3, layout="[B, H, K]")
-    B, H, K = q.shape
-    utils.check_tensor("k", k, 3, shape=(B, H, K), layout="[B, H, K] like q")
-    utils.check_tensor("v", v, 3, shape=(B, H, None), layout="[B, H, V] like q")
-    V = v.shape[-1]
-    device = utils.check_same_device(q=q, k=k, v=v)
+    (B, H, K), V, device = utils.check_qkv(q, k, v, "B, H")
     if state is None:
         raise TypeError("state must be given: S [B, H, K, V] (or (S, z) with normalize=True)")
     S, z = _check_state("state", state, normalize, B, H, K, V, device) if normalize else \
