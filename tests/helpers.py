@@ -1,6 +1,8 @@
 """Shared test helpers: tolerances per dtype (one table), relative error, poisoned outputs, inputs."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Relative-error bounds ||out - ref|| / ||ref|| against a float64 reference computed from the
@@ -54,3 +56,39 @@ def as_ref(t):
     if t is None:
         return None
     return t.detach().double().requires_grad_(t.requires_grad)
+
+
+@contextlib.contextmanager
+def simulated_autotuning(n_configs: int = 3, runs_per_bench: int = 3):
+    """Make every `triton.autotune` kernel tune as it would on a GPU, on the CPU interpreter.
+
+    Each autotuner sees `n_configs` copies of its config and benchmarks them all; each benchmark calls
+    the kernel `runs_per_bench` times (as `do_bench` does), then the winner runs once for real. A kernel
+    that writes an input without declaring it in `restore_value` applies its update several times.
+    """
+    from triton.runtime.autotuner import Autotuner
+    original_run = Autotuner.run
+
+    def fake_bench(kernel_call, quantiles):
+        for _ in range(runs_per_bench):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    def run(self, *args, **kwargs):
+        saved = self.configs, self.cache, self.cache_results, self.__dict__.get("do_bench")
+        self.configs, self.cache, self.cache_results = list(self.configs[:1]) * n_configs, {}, False
+        self.__dict__["do_bench"] = fake_bench
+        try:
+            return original_run(self, *args, **kwargs)
+        finally:
+            self.configs, self.cache, self.cache_results = saved[:3]
+            if saved[3] is None:
+                self.__dict__.pop("do_bench", None)
+            else:
+                self.__dict__["do_bench"] = saved[3]
+
+    Autotuner.run = run
+    try:
+        yield
+    finally:
+        Autotuner.run = original_run

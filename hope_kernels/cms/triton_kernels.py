@@ -38,6 +38,7 @@ import triton.language as tl
 
 from .. import utils
 from ..aot import KernelConfig, KernelSpec
+from ..triton_utils import autotune
 
 # ----------------------------------------------------------------------------- configs
 FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (32, 8, 1))
@@ -403,7 +404,7 @@ def cms_bwd_aux_kernel(q, k, v, decay, mix, do, hs, dhs, dmix, dgs, cu_seqlens, 
 @triton.heuristics({
     "HAS_MIX": lambda a: a["mix"] is not None,
 })
-@triton.autotune(configs=_triton_configs(STEP_CONFIGS), key=["H", "M", "K", "V", "MIX_PER_BATCH"])
+@autotune(STEP_CONFIGS, key=["H", "M", "K", "V", "MIX_PER_BATCH"], restore=["state"])
 @triton.jit
 def cms_step_kernel(q, k, v, decay, mix, state, o, scale, H: tl.constexpr, M,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,

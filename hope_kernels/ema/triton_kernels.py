@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..aot import KernelConfig, KernelSpec
-from ..utils import autotune_configs
+from ..triton_utils import autotune
 
 # (BLOCK, num_warps): 4-16 elements per thread, i.e. one to four 128-bit loads per tensor.
 _CONFIGS = [(2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8)]
@@ -34,8 +34,8 @@ _DEFAULT = _CONFIGS[0]
 SHARED_LOOP_MIN_N = 1 << 22  # elements: >= 512 blocks even at BLOCK = 8192
 
 
-def _triton_configs(pairs):
-    return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in pairs]
+def _kernel_configs():
+    return [KernelConfig({"BLOCK": b}, num_warps=w, num_stages=1, default=(b, w) == _DEFAULT) for b, w in _CONFIGS]
 
 
 @triton.jit
@@ -82,11 +82,8 @@ def _ema_update_kernel(
 
 # Autotuning runs the kernel several times: restore the states it updates in place between runs.
 # Only the stacked form can be tuned (the autotuner cannot restore tensors behind a pointer table).
-_ema_update_tuned = triton.autotune(
-    configs=_triton_configs(autotune_configs(_CONFIGS, _DEFAULT)),
-    key=["N_BUCKET", "S_FROM_TABLE", "U_FROM_TABLE", "U_SHARED", "F64"],
-    restore_value=["S"],
-)(_ema_update_kernel)
+_ema_update_tuned = autotune(_kernel_configs(), key=["N_BUCKET", "S_FROM_TABLE", "U_FROM_TABLE", "U_SHARED", "F64"],
+                             restore=["S"])(_ema_update_kernel)
 
 
 def ema_update(s, u, decay, *, M: int, N: int, stride_sm: int = 0, stride_um: int = 0,
@@ -119,8 +116,7 @@ _TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 @functools.lru_cache(maxsize=None)
 def compile_specs() -> List[KernelSpec]:
     """The EMA kernel in its main specialisations: stacked/shared, stacked/per-module, list."""
-    configs = [KernelConfig({"BLOCK": b}, num_warps=w, num_stages=1, default=(b, w) == _DEFAULT)
-               for b, w in _CONFIGS]
+    configs = _kernel_configs()
     specs = []
     for name, s_dt, u_dt, table, shared in (
         ("stacked,shared,fp32", torch.float32, torch.float32, False, True),

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..aot import KernelConfig, KernelSpec
+from ..triton_utils import autotune
 from ..utils import autotune_configs, interpreter_enabled
 
 POISON_ENV = "HOPE_KERNELS_POISON"  # "1": fill kernel outputs with NaN before launch (always on in the interpreter)
@@ -246,24 +247,11 @@ def linear_attention_bwd_kernel(
 
 
 # --------------------------------------------------------------------------- generation step
-_saved_state = {}
-
-
-def _save_state(kwargs, reset_only=False):
-    """Autotuning runs the in-place step several times: keep the state to put it back afterwards."""
-    if reset_only:
-        return
-    _saved_state.update({n: kwargs[n].clone() for n in ("S", "z") if kwargs.get(n) is not None})
-
-
-def _restore_state(kwargs, exception=None):
-    for n, t in _saved_state.items():
-        kwargs[n].copy_(t)
-    _saved_state.clear()
 
 
 @triton.heuristics({"NORMALIZE": lambda a: a["z"] is not None})
-@triton.autotune(configs=_configs(_STEP_CONFIGS), key=["K", "V"], pre_hook=_save_state, post_hook=_restore_state)
+@autotune([KernelConfig({}, num_warps=w, num_stages=s, default=i == 0) for i, (w, s) in enumerate(_STEP_CONFIGS)],
+          key=["K", "V"], restore=["S", "z"])
 @triton.jit
 def linear_attention_step_kernel(
     q, k, v, o, S, z, scale, eps,

@@ -1,0 +1,114 @@
+"""What every Triton kernel module shares: autotuning, the dtype dots run in, poisoned outputs, packed sequences.
+
+- `autotune(configs, key, restore=...)`: one `triton.autotune` rule for every kernel. `configs` is the
+  kernel's list of `aot.KernelConfig` (the same list its compile specs use; the one marked default runs
+  under the interpreter and with HOPE_KERNELS_AUTOTUNE=0). A kernel that writes one of its inputs
+  (an in-place step) names it in `restore`: the autotuner saves it before each timed run and restores it
+  after, so tuning never applies an update twice.
+- `upcast_dots(dtype)`: the value of the kernels' `UPCAST` constexpr. On a GPU, bf16/fp16 tiles go into
+  `tl.dot` as they are (tensor cores, fp32 accumulation) and fp32 intermediates are cast to the input
+  dtype before they feed a dot. The Triton interpreter computes bf16 dots on raw bits, so there (only)
+  bf16 tiles are upcast to fp32 after loading; fp16 needs no upcast and tests the low-precision path.
+- `empty(...)`: kernel outputs, NaN-filled under the interpreter or HOPE_KERNELS_POISON=1.
+- `chunk_indices(cu_seqlens, BT)`: the (sequence, chunk) pair of every real chunk of a packed batch, so
+  chunk-parallel kernels launch one program per real chunk; grids put that count on axis 0 (limit
+  2^31 - 1), never on axes 1 / 2 (limit 65535).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import KernelConfig
+from .utils import autotune_enabled, interpreter_enabled
+
+POISON_ENV = "HOPE_KERNELS_POISON"  # "1": fill kernel outputs with NaN before launch (always on in the interpreter)
+GRID_YZ_LIMIT = 65535                 # CUDA's limit on grid axes 1 and 2
+
+
+def default_config(configs: Sequence[KernelConfig]) -> KernelConfig:
+    (default,) = [c for c in configs if c.default]
+    return default
+
+
+def triton_configs(configs: Sequence[KernelConfig]) -> List[triton.Config]:
+    """Every config on a GPU with autotuning on; the default alone under the interpreter or AUTOTUNE=0."""
+    as_triton = lambda c: triton.Config(dict(c.meta), num_warps=c.num_warps, num_stages=c.num_stages)
+    chosen = configs if autotune_enabled() else [default_config(configs)]
+    return [as_triton(c) for c in chosen]
+
+
+def autotune(configs: Sequence[KernelConfig], key: Iterable[str], restore: Iterable[str] = ()):
+    """`triton.autotune` over `configs`; `restore` names the inputs the kernel writes in place.
+
+    Our own save/restore hooks rather than `restore_value`: they skip inputs passed as None (optional
+    states), which Triton releases differ on.
+    """
+    restore, saved = list(restore), {}
+
+    def save(kwargs, reset_only=False):
+        if not reset_only:
+            saved.update({n: kwargs[n].clone() for n in restore if kwargs.get(n) is not None})
+
+    def put_back(kwargs, exception=None):
+        for n, t in saved.items():
+            kwargs[n].copy_(t)
+        saved.clear()
+
+    hooks = dict(pre_hook=save, post_hook=put_back) if restore else {}
+    return triton.autotune(configs=triton_configs(configs), key=list(key), **hooks)
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """True only where bf16 tiles must become fp32 before tl.dot: bf16 inputs under the interpreter."""
+    return dtype == torch.bfloat16 and interpreter_enabled()
+
+
+@triton.jit
+def load_tile(ptrs, mask, UPCAST: tl.constexpr):
+    """A tile in the input dtype (fp32 where UPCAST), zero where masked: ready to feed tl.dot."""
+    x = tl.load(ptrs, mask=mask, other=0.)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer; NaN-filled under the interpreter (or HOPE_KERNELS_POISON=1) so unwritten elements show."""
+    if interpreter_enabled() or os.environ.get(POISON_ENV, "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def chunk_indices(cu_seqlens: Optional[torch.Tensor], BT: int) -> Optional[torch.Tensor]:
+    """[NT, 2] int32 (sequence, chunk within the sequence) of every real chunk of a packed batch.
+
+    Computed on the host from the offsets (one small sync; ops already read cu_seqlens to validate it).
+    """
+    if cu_seqlens is None:
+        return None
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    pairs = [(n, c) for n, L in enumerate(lens) for c in range(triton.cdiv(L, BT))]
+    if not pairs:
+        return torch.zeros(0, 2, dtype=torch.int32, device=cu_seqlens.device)
+    return torch.tensor(pairs, dtype=torch.int32, device=cu_seqlens.device)
+
+
+def chunk_offsets(cu_seqlens: Optional[torch.Tensor], BT: int) -> Optional[torch.Tensor]:
+    """[N + 1] int64: index of each packed sequence's first chunk in a per-chunk buffer."""
+    if cu_seqlens is None:
+        return None
+    n_chunks = torch.div(cu_seqlens[1:] - cu_seqlens[:-1] + BT - 1, BT, rounding_mode="floor")
+    return torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)]).to(torch.int64)
+
+
+def check_grid(grid: Sequence[int]) -> tuple:
+    """A launch grid, after checking axes 1 and 2 against CUDA's 65535 limit (axis 0 takes 2^31 - 1)."""
+    grid = tuple(int(g) for g in grid)
+    if grid[0] >= 2 ** 31 or any(g > GRID_YZ_LIMIT for g in grid[1:]):
+        raise ValueError(f"launch grid {grid} exceeds the CUDA grid limits (2^31 - 1, 65535, 65535)")
+    return grid
