@@ -217,3 +217,11 @@ def autocast_inputs(device: torch.device, *tensors):
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Recurrent states are float32 (float64 stays float64, for references and gradchecks)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def segments(T: int, batch: int, cu_seqlens):
+    """(batch_row, start, end) of every sequence: one per batch row, or one per cu_seqlens entry."""
+    if cu_seqlens is None:
+        return [(b, 0, T) for b in range(batch)]
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
