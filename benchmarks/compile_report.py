@@ -5,7 +5,7 @@
 
 Compiles each kernel config ahead of time for the given archs (sm_90 by default) and prints
 registers, local-memory spills, shared memory, the estimated occupancy and whether tensor-core
-instructions (HMMA / HGMMA) appear. Built on `hope_kernels.compile_check`.
+instructions (HMMA / HGMMA) appear. Built on `benchmarks.compile_check`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import List, Tuple
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.pop("TRITON_INTERPRET", None)  # a report compiles, it never interprets (and forks workers)
 
-from hope_kernels import compile_check as cc  # noqa: E402
+from benchmarks import compile_check as cc  # noqa: E402
 
 _SPECS: list = []  # set before the worker pool forks
 

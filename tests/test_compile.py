@@ -2,15 +2,16 @@
 
 One test per (kernel spec, arch), so pytest-xdist spreads the compiles. Each prints its rows of
 the compile report (`pytest -s` shows them): registers, local-memory spills, shared memory,
-occupancy, tensor-core instructions. A default config must not spill and must fit the
-shared-memory limit of the arch; every compiled config must compile.
+occupancy, tensor-core instructions with their operand type. A default config must not spill and
+must fit the shared-memory limit of the arch; every compiled config must compile; a kernel with
+bf16 / fp16 inputs must run its dots in that precision (no TF32 MMA, which halves the rate).
 
 To keep CI fast on 2 cores, non-default configs are compiled for sm_90 only and for one spec
 per kernel function; HOPE_KERNELS_COMPILE_ALL=1 compiles every config of every spec on both.
 """
 import pytest
 
-from hope_kernels import compile_check as cc
+from benchmarks import compile_check as cc
 
 SPECS, PROBLEMS = cc.collect_specs(cc.KERNEL_MODULES, strict=False)
 
@@ -34,9 +35,26 @@ def test_compiles(spec, arch):
         f"{spec.name} default config {default.config} spills registers on sm_{arch}: {default.spill_stores} bytes "
         f"of spill stores, {default.spill_loads} of loads, {default.spill_bytes} bytes of local memory per thread, "
         f"{default.registers} registers")
+    assert not (_low_precision(spec) and "TF32" in default.tensor_cores), (
+        f"{spec.name} has 16-bit inputs but its default config runs TF32 MMA on sm_{arch} ({default.tensor_cores}): "
+        "feed tl.dot the input dtype (fp32 intermediates cast down first)")
     assert default.fits_shared, (
         f"{spec.name} default config {default.config} needs {default.shared_bytes} bytes of shared memory, "
         f"more than the {limit} of sm_{arch}")
+
+
+def _low_precision(spec) -> bool:
+    return any(t in ("*bf16", "*fp16") for t in spec.signature.values())
+
+
+def test_mma_operand_types():
+    """The tensor-core column names the operand type, read from SASS or PTX."""
+    sass = "HGMMA.64x64x16.F32.BF16 gdesc[UR4], RZ ;\n HMMA.16816.F32 R4, R8, R12, R4 ;\n HMMA.1688.F32.TF32 R0"
+    assert cc.mma_types(sass, "sass") == {"HGMMA.BF16", "HMMA.F16", "HMMA.TF32"}
+    ptx = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};\n"
+           "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {%f1}, %rd1, %rd2, p, 1, 1;")
+    assert cc.mma_types(ptx, "ptx") == {"HMMA.BF16", "HGMMA.TF32"}
+    assert cc.mma_types("add.f32 %f1, %f2, %f3;", "ptx") == set()
 
 
 def test_occupancy_model():

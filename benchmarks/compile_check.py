@@ -1,16 +1,17 @@
 """Ahead-of-time compile check of every Triton kernel for sm_80 / sm_90, with no GPU needed.
 
-Each kernel module lists its kernels with `compile_specs()` (see `hope_kernels.aot`). For every
+Every op folder's `triton_kernels.py` lists its kernels with `compile_specs()` (see `hope_kernels.aot`). For every
 (spec, config, arch) this module runs `triton.compile` for that GPU target and reads off the
 cubin, with the `cuobjdump` shipped in the Triton wheel:
 
 - registers per thread and local memory per thread (stack frame + LOCAL: register spills in a
   Triton kernel; when nonzero, `ptxas -v` is rerun on the PTX for the exact spill stores/loads),
 - shared memory per block (Triton's dynamic shared memory + any static shared memory),
-- whether tensor-core instructions appear: read from the SASS (`cuobjdump -sass`: HMMA, HGMMA
-  on sm_90) when `sass=True`, else from the PTX (`mma.sync` becomes HMMA, `wgmma` HGMMA; ptxas
-  never creates tensor-core instructions the PTX does not ask for). Disassembly costs about a
-  second per kernel, so tests ask for it on default configs only,
+- which tensor-core instructions appear, with their operand type (`HGMMA.BF16`, `HMMA.F16`,
+  `HMMA.TF32`, ...): read from the SASS (`cuobjdump -sass`) when `sass=True`, else from the PTX
+  (`mma.sync` becomes HMMA, `wgmma` HGMMA; ptxas never creates tensor-core instructions the PTX
+  does not ask for). Disassembly costs about a second per kernel, so tests ask for it on default
+  configs only,
 - an occupancy estimate: resident warps per SM as limited by registers (65536 per SM,
   allocated per warp in units of 256), shared memory (per-SM capacity, 1 KiB reserved per
   block), the 64-warp / 32-block limits, over the 64 warps an SM can hold.
@@ -34,13 +35,19 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .aot import KernelConfig, KernelSpec
+from hope_kernels.aot import KernelConfig, KernelSpec
 
-KERNEL_MODULES = (
-    "hope_kernels.linear_attention.triton_kernels",
-    "hope_kernels.cms.triton_kernels",
-    "hope_kernels.ema.triton_kernels",
-)
+
+def _kernel_modules() -> Tuple[str, ...]:
+    """`hope_kernels.<op>.triton_kernels` of every op folder (found on disk, so a new op is never missed)."""
+    import hope_kernels
+
+    root = os.path.dirname(hope_kernels.__file__)
+    return tuple(f"hope_kernels.{d}.triton_kernels" for d in sorted(os.listdir(root))
+                 if os.path.isfile(os.path.join(root, d, "triton_kernels.py")))
+
+
+KERNEL_MODULES = _kernel_modules()
 ARCHS = (80, 90)
 
 
@@ -72,7 +79,7 @@ class CompileResult:
     spill_stores: Optional[int] = None
     spill_loads: Optional[int] = None
     shared_bytes: int = 0
-    tensor_cores: str = "-"       # "HGMMA", "HMMA", "HGMMA+HMMA" or "-"
+    tensor_cores: str = "-"       # MMA instructions with operand type, e.g. "HGMMA.BF16", "HMMA.F16+HMMA.TF32", or "-"
     tc_source: str = ""           # "sass" or "ptx": where tensor_cores was read
     warps_per_sm: int = 0
     occupancy: float = 0.0        # warps_per_sm / max warps per SM
@@ -261,14 +268,12 @@ def _measure(res: CompileResult, kernel, arch: int, sass: bool) -> None:
         res.registers = int(fields.get("REG", 0))
         res.spill_bytes = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
         res.shared_bytes = int(kernel.metadata.shared) + int(fields.get("SHARED", 0))
-        ptx = kernel.asm["ptx"]
-        mma = {name for name, pat in (("HGMMA", r"\bwgmma\.mma_async"), ("HMMA", r"\bmma\.sync"))
-               if re.search(pat, ptx)}
+        mma = mma_types(kernel.asm["ptx"], "ptx")
         res.tc_source = "ptx"
         if sass and mma:  # confirm on the machine code (nothing to confirm without mma in the PTX)
             code = subprocess.run([_tool("cuobjdump"), "-sass", cubin],
                                   capture_output=True, text=True, check=True).stdout
-            mma = set(re.findall(r"\b(HGMMA|HMMA)\.", code))
+            mma = mma_types(code, "sass")
         if sass:
             res.tc_source = "sass"
         res.tensor_cores = "+".join(sorted(mma)) if mma else "-"
@@ -276,6 +281,32 @@ def _measure(res: CompileResult, kernel, arch: int, sass: bool) -> None:
             res.spill_stores, res.spill_loads = _ptxas_spills(kernel.asm["ptx"], arch, tmp)
     res.warps_per_sm, res.limiter = occupancy(res.registers, res.shared_bytes, res.num_warps, arch)
     res.occupancy = res.warps_per_sm / LIMITS[arch].max_warps_per_sm
+
+
+_PTX_TYPES = {"bf16": "BF16", "f16": "F16", "tf32": "TF32", "f32": "TF32", "e4m3": "E4M3", "e5m2": "E5M2",
+              "s8": "S8", "u8": "U8", "f64": "F64"}
+
+
+def mma_types(code: str, kind: str) -> set:
+    """Tensor-core instructions with their operand type, e.g. {"HGMMA.BF16", "HMMA.TF32"}.
+
+    SASS spells the operand type after the accumulator (`HMMA.16816.F32.BF16`, `HGMMA.64x64x16.F32.BF16`,
+    `HMMA.1688.F32.TF32`); fp16 operands have no suffix (`HMMA.16816.F32`). PTX names the A operand:
+    `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`, `wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16`.
+    """
+    found = set()
+    if kind == "sass":
+        for op, rest in re.findall(r"\b(HGMMA|HMMA)\.([0-9A-Zx.]+)", code):
+            parts = rest.split(".")
+            operand = next((p for p in parts[2:] if p in ("BF16", "TF32", "F16", "E4M3", "E5M2")), "F16")
+            found.add(f"{op}.{operand}")
+        return found
+    for op, types in re.findall(r"\b(wgmma\.mma_async|mma\.sync)[.\w]*?\.m\d+n\d+k\d+((?:\.\w+)*)", code):
+        parts = [p for p in types.split(".") if p]
+        dtypes = [p for p in parts if p in _PTX_TYPES]
+        operand = _PTX_TYPES[dtypes[1]] if len(dtypes) > 1 else "?"
+        found.add(f"{'HGMMA' if op.startswith('wgmma') else 'HMMA'}.{operand}")
+    return found
 
 
 def _kernel_usage(usage: str, name: str) -> Dict[str, str]:
@@ -344,7 +375,7 @@ class _Server:
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hope_kernels.compile_check", "--serve"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.compile_check", "--serve"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, env=env)
         atexit.register(self.close)
@@ -468,7 +499,7 @@ def format_table(results: Sequence[CompileResult]) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
-        from hope_kernels import compile_check
+        from benchmarks import compile_check
 
         compile_check._serve()
     else:
