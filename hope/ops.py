@@ -13,8 +13,9 @@ from typing import Callable, Optional
 
 import hope_kernels
 from hope_kernels import reference
+from hope_kernels.utils import BACKENDS as KERNEL_BACKENDS
 
-BACKENDS = (None, "triton", "torch", "reference")
+BACKENDS = (None, *KERNEL_BACKENDS, "reference")  # the kernels' own set, plus the references
 OPS = ("linear_attention", "linear_attention_step", "cms_scan", "cms_step", "ema_update_")
 
 
