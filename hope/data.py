@@ -3,8 +3,10 @@ train / validation split and deterministic, checkpointable batch sampling. Nothi
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import platform
 import sysconfig
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -79,6 +81,13 @@ def read_corpus(files: Optional[Sequence[Union[str, os.PathLike]]] = None,
             break
     blob = b"".join(chunks)
     return blob[:max_bytes] if max_bytes is not None else blob
+
+
+def corpus_info(data: bytes, files: Optional[Sequence[Union[str, os.PathLike]]] = None) -> dict:
+    """What a run reads: its files (None: the default corpus, i.e. this Python's standard library,
+    which differs between Python versions), the Python version, the size and sha256 of the bytes."""
+    return {"files": None if files is None else [str(f) for f in files], "python": platform.python_version(),
+            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 # ---------------------------------------------------------------------- token stream
