@@ -134,9 +134,9 @@ class TrainingDiverged(RuntimeError):
 
 def checkpoint_step(path) -> str:
     """The step of the checkpoint at `path`, for messages ("?" when it cannot be read cheaply)."""
-    try:
-        return str(load_checkpoint(path)["step"])
-    except (ValueError, FileNotFoundError, KeyError):
+    try:   # mmap: the weights are not read
+        return str(int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]))
+    except Exception:  # noqa: BLE001 - only for a message
         return "?"
 
 
@@ -174,7 +174,7 @@ def rewrite_metrics(path: Path, through_step: Optional[int]) -> None:
     if through_step is not None:
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                rec = json.loads(line)
+                rec = json.loads(line, parse_constant=_reject_constant)
             except ValueError:
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= through_step:
@@ -182,6 +182,10 @@ def rewrite_metrics(path: Path, through_step: Optional[int]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 class StopSignals:
@@ -280,13 +284,14 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite:
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         temporary_path(ckpt_path).unlink(missing_ok=True)      # left by a save that was killed
-        if ckpt is None:
-            ckpt_path.unlink(missing_ok=True)                  # --overwrite: start over
+        replaced = ckpt is None and ckpt_path.is_file()
+        if replaced:
+            ckpt_path.unlink()                                 # --overwrite: start over
         rewrite_metrics(out_dir / METRICS_NAME, step if ckpt is not None else None)
         cfg.to_yaml(str(out_dir / "config.yaml"))
         (out_dir / RUN_INFO_NAME).write_text(json.dumps({**meta, "start_step": step}, indent=2) + "\n")
         if ckpt is None:
-            say(f"{'starting over' if overwrite else 'new run'} in {out_dir}: steps 0 -> {last}")
+            say(f"{'starting over (--overwrite)' if replaced else 'new run'} in {out_dir}: steps 0 -> {last}")
         else:
             say(f"resuming {out_dir} at step {step} -> {last}")
             old = (ckpt.get("meta") or {}).get("corpus") or {}
@@ -298,8 +303,8 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite:
     saved_step = step if ckpt is not None else None
 
     def diverged(s: int, what: str) -> TrainingDiverged:
-        kept = f"the last good checkpoint (step {saved_step})" if saved_step is not None else "no checkpoint (none"
-        kept += f" is kept in {out_dir}" if saved_step is not None else " was written yet)"
+        kept = (f"the last good checkpoint (step {saved_step}) is kept in {out_dir}" if saved_step is not None
+                else "no checkpoint had been written yet")
         hint = "lower train.lr" + (" or turn gradient clipping on (train.grad_clip > 0)" if not t.grad_clip else "")
         return TrainingDiverged(f"training diverged at step {s}: {what}. Nothing of that step was saved; "
                                 f"{kept}. Try again from there: {hint}.")
