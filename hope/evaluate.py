@@ -49,7 +49,7 @@ def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Opt
     stream = build_stream(cfg)
     trained_on = (ckpt.get("meta") or {}).get("corpus") or {}
     if not data_files and trained_on.get("sha256") not in (None, stream.corpus["sha256"]):
-        print(f"note: the default corpus differs from the one this checkpoint was trained on (Python "
+        print(f"note: the corpus differs from the one this checkpoint was trained on (Python "
               f"{trained_on.get('python')} there, {stream.corpus['python']} here): validation reads other text",
               file=sys.stderr)
     metrics = evaluate_loss(model, stream, batch_size or cfg.train.batch_size,

@@ -306,7 +306,7 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite:
         kept = (f"the last good checkpoint (step {saved_step}) is kept in {out_dir}" if saved_step is not None
                 else "no checkpoint had been written yet")
         hint = "lower train.lr" + (" or turn gradient clipping on (train.grad_clip > 0)" if not t.grad_clip else "")
-        return TrainingDiverged(f"training diverged at step {s}: {what}. Nothing of that step was saved; "
+        return TrainingDiverged(f"training diverged at step {s}: {what}. No checkpoint was written for it; "
                                 f"{kept}. Try again from there: {hint}.")
 
     def record_val(s: int) -> None:
@@ -374,7 +374,7 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite:
                     record_val(step)
                 if step % t.checkpoint_interval == 0 or step == last or stop_votes:
                     save(step)
-                if stop_votes:
+                if stop_votes and step < last:
                     result["stopped_by"] = signal.Signals(stop.signum or signal.SIGTERM).name
                     break
     finally:

@@ -168,6 +168,15 @@ def test_divergence_with_clipping_is_reported_as_divergence(tmp_path):
         hope_train.train(cfg)
 
 
+def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(finished_run, tmp_path, capsys):
+    ckpt = torch.load(finished_run / "ckpt.pt", weights_only=True)
+    ckpt["model"]["norm.weight"][0] = float("nan")
+    hope_checkpoint.save_checkpoint(tmp_path / "ckpt.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    with pytest.raises(SystemExit) as e:
+        hope_evaluate.main([str(tmp_path), "--batches", "1"])
+    assert e.value.code == 2 and "non-finite weights" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- finding 5: checkpoints never run code
 class _RunsCode:
     def __init__(self, marker):
@@ -245,6 +254,14 @@ def test_no_progress_prints_a_log_line_per_interval(tmp_path, capsys):
     assert all("loss" in line and "tokens/s" in line for line in lines)
 
 
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert hope_train.main(["--out-dir", str(tmp_path), "--max-steps", "3"] + SMALL) == 0
+    out, err = capsys.readouterr()
+    assert "\r" in err and "train:" in err                  # the bar, redrawn in place
+    assert "step 3/3 |" not in out                          # instead of log lines
+
+
 # ---------------------------------------------------------------------- finding 10: the corpus is recorded
 def test_run_records_python_version_and_corpus_hash(finished_run):
     want = hashlib.sha256(read_corpus(None, 100000)).hexdigest()
@@ -253,3 +270,11 @@ def test_run_records_python_version_and_corpus_hash(finished_run):
     for m in (meta, info):
         assert m["python"] == platform.python_version() and m["corpus"]["python"] == platform.python_version()
         assert m["corpus"]["sha256"] == want and m["corpus"]["bytes"] == 100000 and m["corpus"]["files"] is None
+
+
+def test_evaluate_notes_a_different_corpus(finished_run, tmp_path, capsys):
+    ckpt = torch.load(finished_run / "ckpt.pt", weights_only=True)
+    ckpt["meta"]["corpus"].update(sha256="0" * 64, python="2.7.18")
+    hope_checkpoint.save_checkpoint(tmp_path / "ckpt.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    assert hope_evaluate.main([str(tmp_path), "--batches", "1", "--max-new-tokens", "2"]) == 0
+    assert "the corpus differs from the one this checkpoint was trained on" in capsys.readouterr().err
