@@ -113,6 +113,7 @@ class TokenStream:
                 raise ValueError(f"the {name} split has {len(split)} tokens, fewer than seq_len + 2 = "
                                  f"{seq_len + 2}: give more data or a smaller seq_len / val_fraction")
         self.seq_len, self.seed, self.position = seq_len, seed, 0
+        self.corpus: Optional[dict] = None   # corpus_info() of the bytes, when built from a corpus
 
     @classmethod
     def from_bytes(cls, data: bytes, seq_len: int, val_fraction: float = 0.1, seed: int = 0) -> "TokenStream":
