@@ -8,12 +8,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["hope_kernels*", "hope*", "benchmarks*"]),
-    package_data={"hope": ["configs/*.yaml", "data/*.txt"]},
+    package_data={"hope": ["configs/*.yaml"]},
     install_requires=[
         # Any torch >= 2.3 will do: an installed CPU build is kept, never replaced by a CUDA one.
         "torch>=2.3",
         "triton>=3.0; platform_system == 'Linux'",
-        "einops",
         "numpy",
         "pyyaml",
         "tqdm",

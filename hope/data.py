@@ -3,8 +3,10 @@ train / validation split and deterministic, checkpointable batch sampling. Nothi
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import platform
 import sysconfig
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -81,6 +83,13 @@ def read_corpus(files: Optional[Sequence[Union[str, os.PathLike]]] = None,
     return blob[:max_bytes] if max_bytes is not None else blob
 
 
+def corpus_info(data: bytes, files: Optional[Sequence[Union[str, os.PathLike]]] = None) -> dict:
+    """What a run reads: its files (None: the default corpus, i.e. this Python's standard library,
+    which differs between Python versions), the Python version, the size and sha256 of the bytes."""
+    return {"files": None if files is None else [str(f) for f in files], "python": platform.python_version(),
+            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 # ---------------------------------------------------------------------- token stream
 class TokenStream:
     """One long token stream split into train (first 1 - val_fraction) and validation (the rest).
@@ -104,6 +113,7 @@ class TokenStream:
                 raise ValueError(f"the {name} split has {len(split)} tokens, fewer than seq_len + 2 = "
                                  f"{seq_len + 2}: give more data or a smaller seq_len / val_fraction")
         self.seq_len, self.seed, self.position = seq_len, seed, 0
+        self.corpus: Optional[dict] = None   # corpus_info() of the bytes, when built from a corpus
 
     @classmethod
     def from_bytes(cls, data: bytes, seq_len: int, val_fraction: float = 0.1, seed: int = 0) -> "TokenStream":

@@ -24,6 +24,11 @@ def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Opt
              prompt: str = "def ", max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: Optional[int] = 50, top_p: Optional[float] = None, seed: int = 0) -> dict:
     """Metrics of `checkpoint` (path, run directory or loaded dict) plus a generated sample."""
+    for name, value in (("batches", batches), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     ckpt = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
     base = {k: dict(v) for k, v in ckpt["config"].items()}
     base["train"]["device"] = device
@@ -35,10 +40,18 @@ def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Opt
     dev = pick_device(cfg.train.device)
     model = HOPE(cfg.model)
     model.load_state_dict(ckpt["model"])
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"the checkpoint holds non-finite weights (in {bad[:3]}): its run diverged")
     model.to(dev)
     if backend is not None:
         model.set_backend(backend)
     stream = build_stream(cfg)
+    trained_on = (ckpt.get("meta") or {}).get("corpus") or {}
+    if not data_files and trained_on.get("sha256") not in (None, stream.corpus["sha256"]):
+        print(f"note: the corpus differs from the one this checkpoint was trained on (Python "
+              f"{trained_on.get('python')} there, {stream.corpus['python']} here): validation reads other text",
+              file=sys.stderr)
     metrics = evaluate_loss(model, stream, batch_size or cfg.train.batch_size,
                             batches if batches is not None else cfg.train.eval_batches, dev, cfg.train.amp)
     tok = ByteTokenizer()
@@ -47,7 +60,7 @@ def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Opt
     out = model.generate(torch.tensor(tok.encode(prompt), device=dev), max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
     dt = time.perf_counter() - t0
-    return {**metrics, "step": int(ckpt["step"]), "sample": tok.decode(out),
+    return {**metrics, "step": int(ckpt["step"]), "corpus": stream.corpus, "sample": tok.decode(out),
             "generate_tokens_per_s": max_new_tokens / max(dt, 1e-9)}
 
 
@@ -55,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="hope-evaluate", description="Evaluate a HOPE checkpoint.")
     p.add_argument("checkpoint", help="checkpoint file or run directory (holding ckpt.pt)")
     p.add_argument("--data", nargs="+", help="text files / directories to evaluate on instead of the run's data")
-    p.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--batches", type=int, help="validation batches, >= 1 (default: the run's eval_batches)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=["triton", "torch", "reference"])

@@ -89,6 +89,18 @@ class HOPE(nn.Module):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             raise ValueError(f"tokens must be an integer tensor [B, T], got "
                              f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+        if tokens.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"tokens must hold integer token ids, got {tokens.dtype}")
+        if tokens.numel() == 0:
+            raise ValueError(f"tokens must hold at least one token per row, got shape {tuple(tokens.shape)}")
+        if not torch.compiler.is_compiling():   # one host sync; out-of-range ids would index garbage
+            V = self.config.vocab_size
+            if bool(((tokens < 0) | (tokens >= V)).any()):
+                raise ValueError(f"tokens must be ids in [0, vocab_size={V}), got values in "
+                                 f"[{tokens.min().item()}, {tokens.max().item()}]")
+            if targets is not None and bool((((targets < 0) & (targets != -100)) | (targets >= V)).any()):
+                raise ValueError(f"targets must be ids in [0, vocab_size={V}) or -100 (ignored), got values in "
+                                 f"[{targets.min().item()}, {targets.max().item()}]")
         offset = cache.length if cache is not None else 0
         x = self.embed(tokens, offset)
         for i, block in enumerate(self.blocks):
@@ -121,14 +133,18 @@ class HOPE(nn.Module):
         """
         device = next(self.parameters()).device
         if not isinstance(prompt, torch.Tensor):
-            flat = len(prompt) == 0 or isinstance(prompt[0], int)
+            flat = len(prompt) == 0 or not isinstance(prompt[0], (list, tuple, torch.Tensor))
             rows = [list(prompt)] if flat else [list(r) for r in prompt]
             if len({len(r) for r in rows}) != 1:
                 raise ValueError("prompts of one batch must have the same length")
-            prompt = torch.tensor(rows[0] if flat else rows, dtype=torch.long)
+            prompt = torch.tensor(rows[0] if flat else rows)
+            if prompt.numel() == 0:
+                prompt = prompt.long()
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise TypeError(f"prompt must hold integer token ids, got {prompt.dtype}")
         squeeze = prompt.dim() == 1
         seq = (prompt[None] if squeeze else prompt).to(device=device, dtype=torch.long)
-        if seq.dim() != 2 or seq.shape[1] == 0:
+        if seq.dim() != 2 or seq.shape[0] == 0 or seq.shape[1] == 0:
             raise ValueError(f"prompt must hold at least one token, shape [T] or [B, T]; got {tuple(prompt.shape)}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

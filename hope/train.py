@@ -13,7 +13,10 @@ import contextlib
 import json
 import math
 import os
+import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -22,8 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import ByteTokenizer, TokenStream, read_corpus
+from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint_path, rng_state, save_checkpoint,
+                         set_rng_state, temporary_path)
+from .data import ByteTokenizer, TokenStream, corpus_info, read_corpus
 from .model import HOPE
 from .optim import DeepMomentum
 from .run_config import RunConfig
@@ -51,7 +55,9 @@ def build_stream(cfg: RunConfig) -> TokenStream:
     if cfg.model.vocab_size < ByteTokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte vocabulary (256)")
     data = read_corpus(cfg.data.files, cfg.data.max_bytes)
-    return TokenStream.from_bytes(data, cfg.train.seq_len, cfg.data.val_fraction, cfg.train.seed)
+    stream = TokenStream.from_bytes(data, cfg.train.seq_len, cfg.data.val_fraction, cfg.train.seed)
+    stream.corpus = corpus_info(data, cfg.data.files)
+    return stream
 
 
 @torch.no_grad()
@@ -69,6 +75,8 @@ def evaluate_loss(model: torch.nn.Module, stream: TokenStream, batch_size: int, 
         count += y.numel()
     dt = time.perf_counter() - t0
     model.train(was_training)
+    if count == 0:
+        raise ValueError(f"no validation batches to evaluate (max_batches={max_batches})")
     loss = total / count
     return {"loss": loss, "bpb": loss / math.log(2), "ppl": math.exp(min(loss, 50.0)),
             "tokens_per_s": count / max(dt, 1e-9)}
@@ -109,13 +117,117 @@ def init_distributed():
     return rank, world, local_rank
 
 
+# ---------------------------------------------------------------------- run directories
+METRICS_NAME = "metrics.jsonl"
+RUN_INFO_NAME = "run.json"
+OPTIMIZER_KEYS = {"adamw": ("optimizer", "adam_betas"),
+                  "deep_momentum": ("optimizer", "momentum_betas", "deep_momentum", "momentum_normalize")}
+
+
+class RunExistsError(ValueError):
+    """The output directory holds a checkpoint and neither resume nor overwrite was asked for."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient, weight or validation loss: the run stops before saving it."""
+
+
+def checkpoint_step(path) -> str:
+    """The step of the checkpoint at `path`, for messages ("?" when it cannot be read cheaply)."""
+    try:   # mmap: the weights are not read
+        return str(int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]))
+    except Exception:  # noqa: BLE001 - only for a message
+        return "?"
+
+
+def refuse_existing(out_dir: Path) -> None:
+    ckpt = out_dir / CHECKPOINT_NAME
+    if ckpt.is_file():
+        raise RunExistsError(
+            f"{out_dir} already holds a checkpoint (step {checkpoint_step(ckpt)}); nothing was changed. "
+            f"Continue that run with `hope-train --resume {out_dir}`, start it over with --overwrite "
+            "(deletes its checkpoint and metrics), or pick another --out-dir.")
+
+
+def check_resumable(ckpt: dict, cfg: RunConfig) -> None:
+    """The checkpoint's model and optimizer settings must be this run's (their states must fit)."""
+    saved = dict(ckpt["config"]["model"], backend=cfg.model.backend)
+    if saved != dict(cfg.model.to_dict()):
+        diff = sorted(k for k in saved if saved[k] != cfg.model.to_dict().get(k))
+        raise ValueError(f"the checkpoint's model config differs from this run's in {diff}")
+    saved_t, now = ckpt["config"]["train"], cfg.to_dict()["train"]
+    keys = OPTIMIZER_KEYS[saved_t["optimizer"]]
+    diff = [k for k in keys if saved_t.get(k) != now.get(k)]
+    if diff:
+        got = ", ".join(f"{k}={saved_t.get(k)!r} (now {now.get(k)!r})" for k in diff)
+        raise ValueError(f"cannot resume: the checkpoint was trained with {got}, and its optimizer state does "
+                         "not carry over; resume with the checkpoint's optimizer settings, or start a new run "
+                         "(--overwrite or another --out-dir)")
+
+
+def rewrite_metrics(path: Path, through_step: Optional[int]) -> None:
+    """Keep the records of steps <= through_step (None: none), so that a resumed run logs each step
+    once; records past the checkpoint and a torn last line (a killed process) are dropped."""
+    if not path.exists():
+        return
+    kept = []
+    if through_step is not None:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line, parse_constant=_reject_constant)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= through_step:
+                kept.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+class StopSignals:
+    """SIGINT / SIGTERM ask the training loop to stop after the current step, with a checkpoint;
+    a second signal aborts at once (KeyboardInterrupt carrying the signal number)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            e = KeyboardInterrupt()
+            e.signum = signum
+            raise e
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------- the loop
-def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
+def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite: bool = False) -> dict:
     """Run (or resume) training; returns {"losses": {step: loss}, "val": [{step, loss, bpb}], ...}.
 
-    resume: a checkpoint path / run directory, or an already loaded checkpoint dict; its model
-    config must equal cfg.model. stop_at ends the run early at that step (with a checkpoint)
-    without changing the schedule, as if interrupted; a later resume continues exactly.
+    resume: a checkpoint path / run directory, or an already loaded checkpoint dict; its model and
+    optimizer settings must equal cfg's. The run writes to cfg.train.out_dir; without `resume` a
+    directory that holds a checkpoint is refused (RunExistsError) unless `overwrite`, which deletes
+    that checkpoint and the metrics and starts over. stop_at ends the run early at that step (with
+    a checkpoint) without changing the schedule; a later resume continues exactly. SIGINT/SIGTERM
+    stop the same way at the current step (result["stopped_by"]). A non-finite loss, gradient,
+    weight or validation loss raises TrainingDiverged before anything of that step is saved.
     """
     rank, world, local_rank = init_distributed()
     t = cfg.train
@@ -123,10 +235,22 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
     out_dir = Path(t.out_dir)
     ckpt = load_checkpoint(resume) if isinstance(resume, (str, os.PathLike)) else resume
     if ckpt is not None:
-        saved = dict(ckpt["config"]["model"], backend=cfg.model.backend)
-        if saved != dict(cfg.model.to_dict()):
-            diff = sorted(k for k in saved if saved[k] != cfg.model.to_dict().get(k))
-            raise ValueError(f"the checkpoint's model config differs from this run's in {diff}")
+        check_resumable(ckpt, cfg)
+    elif not overwrite:
+        refuse_existing(out_dir)
+    if stop_at is not None and stop_at < 1:
+        raise ValueError(f"--stop-at must be a step >= 1, got {stop_at}")
+    step = int(ckpt["step"]) if ckpt is not None else 0
+    last = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
+    is_main = rank == 0
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    result = {"losses": {}, "val": [], "out_dir": str(out_dir), "step": step, "stopped_by": None,
+              "checkpoint": None}
+    if step >= last:
+        result["nothing_to_do"] = True
+        if ckpt_path.is_file():
+            result["checkpoint"] = str(ckpt_path)
+        return result
 
     if t.num_threads is not None:
         torch.set_num_threads(t.num_threads)
@@ -137,122 +261,179 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None) -> dict:
     min_ratio = t.min_lr / t.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, min_ratio))
-    step = 0
+    meta = {"python": platform.python_version(), "torch": str(torch.__version__), "corpus": stream.corpus}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"the checkpoint's optimizer state does not fit this run's optimizer "
+                             f"({t.optimizer}): {type(e).__name__}: {e}") from None
         scheduler.load_state_dict(ckpt["scheduler"])
         stream.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
-        step = int(ckpt["step"])
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-
-    is_main = rank == 0
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(str(out_dir / "config.yaml"))
-    log = open(out_dir / "metrics.jsonl", "a") if is_main else None
-    result = {"losses": {}, "val": [], "out_dir": str(out_dir), "num_parameters": model.num_parameters()}
-    last = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
+    result["num_parameters"] = model.num_parameters()
     local_batch = t.batch_size // world if t.batch_size % world == 0 else None
     if local_batch is None:
         raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the number of processes {world}")
 
+    bar = _progress(step, last, t.progress and is_main and sys.stderr.isatty())
+    say = (lambda msg: _print(msg, bar)) if is_main else (lambda msg: None)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        temporary_path(ckpt_path).unlink(missing_ok=True)      # left by a save that was killed
+        replaced = ckpt is None and ckpt_path.is_file()
+        if replaced:
+            ckpt_path.unlink()                                 # --overwrite: start over
+        rewrite_metrics(out_dir / METRICS_NAME, step if ckpt is not None else None)
+        cfg.to_yaml(str(out_dir / "config.yaml"))
+        (out_dir / RUN_INFO_NAME).write_text(json.dumps({**meta, "start_step": step}, indent=2) + "\n")
+        if ckpt is None:
+            say(f"{'starting over (--overwrite)' if replaced else 'new run'} in {out_dir}: steps 0 -> {last}")
+        else:
+            say(f"resuming {out_dir} at step {step} -> {last}")
+            old = (ckpt.get("meta") or {}).get("corpus") or {}
+            if old.get("sha256") not in (None, stream.corpus["sha256"]):
+                print(f"warning: the corpus differs from the one this run was trained on (Python "
+                      f"{old.get('python')} -> {stream.corpus['python']}, sha256 {old['sha256'][:12]} -> "
+                      f"{stream.corpus['sha256'][:12]}): the resumed run reads other data", file=sys.stderr)
+    log = open(out_dir / METRICS_NAME, "a") if is_main else None
+    saved_step = step if ckpt is not None else None
+
+    def diverged(s: int, what: str) -> TrainingDiverged:
+        kept = (f"the last good checkpoint (step {saved_step}) is kept in {out_dir}" if saved_step is not None
+                else "no checkpoint had been written yet")
+        hint = "lower train.lr" + (" or turn gradient clipping on (train.grad_clip > 0)" if not t.grad_clip else "")
+        return TrainingDiverged(f"training diverged at step {s}: {what}. No checkpoint was written for it; "
+                                f"{kept}. Try again from there: {hint}.")
+
     def record_val(s: int) -> None:
         m = evaluate_loss(model, stream, local_batch, t.eval_batches, device, t.amp)
+        if not math.isfinite(m["loss"]):
+            raise diverged(s, f"the validation loss is {m['loss']}")
         result["val"].append({"step": s, **m})
         if is_main:
             _write(log, {"step": s, "val_loss": m["loss"], "val_bpb": m["bpb"]})
-            _print(f"step {s}: val loss {m['loss']:.4f}, {m['bpb']:.4f} bits/byte, ppl {m['ppl']:.2f}", t)
+            say(f"step {s}: val loss {m['loss']:.4f}, {m['bpb']:.4f} bits/byte, ppl {m['ppl']:.2f}")
 
-    if step == 0:
-        record_val(0)
-    bar = _progress(step, last, t.progress and is_main)
-    model.train()
-    tokens_per_step = t.batch_size * t.seq_len
-    t_start, tok_since = time.perf_counter(), 0
-    while step < last:
-        x, y = stream.next_batch(t.batch_size, rank, world, device)
-        with autocast(device, t.amp):
-            _, loss = ddp(x, y)
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        loss_val = loss.detach().float()
+    def save(s: int) -> None:
+        nonlocal saved_step
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise diverged(s, f"non-finite weights in {bad[:3]}")
+        if is_main:
+            save_checkpoint(ckpt_path, {
+                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "data": stream.state_dict(), "rng": rng_state(),
+                "step": s, "meta": meta})
         if world > 1:
-            dist.all_reduce(loss_val)
-            loss_val /= world
-        loss_val = loss_val.item()
-        result["losses"][step] = loss_val
-        tok_since += tokens_per_step
-        tps = tok_since / max(time.perf_counter() - t_start, 1e-9)
-        result["tokens_per_s"] = tps
+            dist.barrier()
+        saved_step = s
+
+    try:
+        if step == 0:
+            record_val(0)
+        model.train()
+        tokens_per_step = t.batch_size * t.seq_len
+        t_start, tok_since = time.perf_counter(), 0
+        with StopSignals() as stop:
+            while step < last:
+                x, y = stream.next_batch(t.batch_size, rank, world, device)
+                with autocast(device, t.amp):
+                    _, loss = ddp(x, y)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+                stats = torch.stack([loss.detach().float().reshape(()), gnorm.detach().float().to(loss.device),
+                                     loss.new_tensor(float(stop.signum is not None), dtype=torch.float32)])
+                if world > 1:
+                    dist.all_reduce(stats)      # the stop vote too: every rank stops at the same step
+                loss_val, gnorm_val, stop_votes = (v / world if i < 2 else v for i, v in enumerate(stats.tolist()))
+                if not (math.isfinite(loss_val) and math.isfinite(gnorm_val)):
+                    raise diverged(step + 1, f"the loss is {loss_val} and the gradient norm {gnorm_val}")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                result["losses"][step] = loss_val
+                tok_since += tokens_per_step
+                tps = tok_since / max(time.perf_counter() - t_start, 1e-9)
+                result["tokens_per_s"] = tps
+                lr = scheduler.get_last_lr()[0]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:,.0f}")
+                if is_main and step % t.log_interval == 0:
+                    _write(log, {"step": step, "loss": loss_val, "grad_norm": gnorm_val, "lr": lr,
+                                 "tokens_per_s": tps})
+                    if bar is None:
+                        say(f"step {step}/{last} | loss {loss_val:.4f} | grad norm {gnorm_val:.3g} | "
+                            f"lr {lr:.3g} | {tps:,.0f} tokens/s")
+                if step % t.eval_interval == 0 or step == t.max_steps:
+                    record_val(step)
+                if step % t.checkpoint_interval == 0 or step == last or stop_votes:
+                    save(step)
+                if stop_votes and step < last:
+                    result["stopped_by"] = signal.Signals(stop.signum or signal.SIGTERM).name
+                    break
+    finally:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:,.0f}")
-        if is_main and step % t.log_interval == 0:
-            _write(log, {"step": step, "loss": loss_val, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps})
-        if step % t.eval_interval == 0 or step == t.max_steps:
-            record_val(step)
-        if step % t.checkpoint_interval == 0 or step == last:
-            if is_main:
-                save_checkpoint(out_dir / CHECKPOINT_NAME, {
-                    "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "data": stream.state_dict(), "rng": rng_state(),
-                    "step": step})
-            if world > 1:
-                dist.barrier()
-    if bar is not None:
-        bar.close()
-    if log is not None:
-        log.close()
+            bar.close()
+        if log is not None:
+            log.close()
     result["step"] = step
+    result["checkpoint"] = str(ckpt_path) if saved_step == step else None
     return result
 
 
 def _progress(start: int, total: int, enabled: bool):
+    """A tqdm bar on a terminal only; redirected output gets plain log lines instead."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
 
-def _print(msg: str, t) -> None:
-    if t.progress:
-        from tqdm.auto import tqdm
-        tqdm.write(msg)
+def _print(msg: str, bar=None) -> None:
+    if bar is not None:
+        bar.write(msg)
     else:
         print(msg, flush=True)
 
 
 def _write(log, record: dict) -> None:
-    log.write(json.dumps(record) + "\n")
+    log.write(json.dumps(record, allow_nan=False) + "\n")   # never a NaN token: strict JSON
     log.flush()
 
 
 # ---------------------------------------------------------------------- command line
 def parse_args(argv: Optional[List[str]] = None):
-    p = argparse.ArgumentParser(prog="hope-train", description="Train a HOPE language model.")
+    p = argparse.ArgumentParser(
+        prog="hope-train", description="Train a HOPE language model.",
+        epilog="A run directory that holds a checkpoint is never overwritten silently: continue it with "
+               "--resume, or start over with --overwrite. SIGINT (Ctrl-C) / SIGTERM save a checkpoint at "
+               "the current step and exit with 130 / 143.")
     p.add_argument("--config", help="YAML config file, or the name of a built-in one (default, tiny); "
                                     "default: `default`, or the checkpoint's config with --resume")
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--out-dir")
+    p.add_argument("--out-dir", help="run directory (default: train.out_dir of the config; with --resume DIR: DIR)")
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--lr", type=float)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--backend", choices=["triton", "torch", "reference"])
     p.add_argument("--optimizer", choices=["adamw", "deep_momentum"])
-    p.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
-                   help="resume from a checkpoint file or run directory (no value: <out-dir>/ckpt.pt)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                      help="continue the run in this run directory (or from this checkpoint file, in its "
+                           "directory); no value: the run in --out-dir")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="start over in --out-dir even if it holds a checkpoint (deletes it and the metrics)")
     p.add_argument("--stop-at", type=int, help="stop at this step (with a checkpoint) without changing the schedule")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set model.dim=128 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="plain log lines instead of a progress bar (the default when output is not a terminal)")
     return p, p.parse_args(argv)
 
 
@@ -273,6 +454,7 @@ def config_from_args(args, base: Optional[dict] = None) -> RunConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser, args = parse_args(argv)
+    is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         ckpt = None
         if args.resume is not None:
@@ -280,19 +462,43 @@ def main(argv: Optional[List[str]] = None) -> int:
             if path == "auto":
                 path = args.out_dir or config_from_args(args).train.out_dir
             ckpt = load_checkpoint(path)
+            run_dir = resolve_checkpoint_path(path).parent
+            if args.out_dir is None:
+                args.out_dir = str(run_dir)       # continue in DIR, not in the out_dir saved inside
+            elif Path(args.out_dir).resolve() != run_dir.resolve():
+                refuse_existing(Path(args.out_dir))   # a branch of the run must not land on another run
         cfg = config_from_args(args, base=ckpt["config"] if ckpt is not None else None)
-        res = train(cfg, resume=ckpt, stop_at=args.stop_at)
+        res = train(cfg, resume=ckpt, stop_at=args.stop_at, overwrite=args.overwrite)
+    except TrainingDiverged as e:
+        print(f"hope-train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print("hope-train: aborted; nothing more was saved (an earlier checkpoint, if any, is kept)",
+              file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        v = res["val"][-1] if res["val"] else None
-        msg = f"done: step {res['step']}, {res.get('tokens_per_s', 0):,.0f} tokens/s"
-        if v is not None:
-            msg += f", val loss {v['loss']:.4f}, {v['bpb']:.4f} bits/byte (at step {v['step']})"
-        print(msg + f"; checkpoint in {res['out_dir']}", flush=True)
+    if not is_main:
+        return 0
+    out = res["out_dir"]
+    if res.get("nothing_to_do"):
+        print(f"nothing to do: {out} is at step {res['step']} (max_steps {cfg.train.max_steps}"
+              + (f", --stop-at {args.stop_at}" if args.stop_at is not None else "")
+              + "); raise --max-steps to train further", flush=True)
+        return 0
+    v = res["val"][-1] if res["val"] else None
+    msg = f"step {res['step']}, {res.get('tokens_per_s', 0):,.0f} tokens/s"
+    if v is not None:
+        msg += f", val loss {v['loss']:.4f}, {v['bpb']:.4f} bits/byte (at step {v['step']})"
+    saved = f"checkpoint {res['checkpoint']}" if res["checkpoint"] else "no checkpoint written"
+    if res["stopped_by"]:
+        print(f"stopped by {res['stopped_by']} at {msg}; {saved}. Continue with: hope-train --resume {out}",
+              flush=True)
+        return 128 + signal.Signals[res["stopped_by"]]
+    print(f"done: {msg}; {saved}", flush=True)
     return 0
 
 

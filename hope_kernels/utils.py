@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 from typing import Optional, Sequence
 
@@ -114,6 +115,8 @@ def check_qkv(q, k, v, lead: str):
     a scan, "B, H" for a step). Returns (q.shape, V, device)."""
     ndim = lead.count(",") + 2
     check_tensor("q", q, ndim, layout=f"[{lead}, K]")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q and k must have a head dimension K >= 1 [{lead}, K], got shape {tuple(q.shape)}")
     check_tensor("k", k, ndim, shape=tuple(q.shape), layout=f"[{lead}, K] like q")
     check_tensor("v", v, ndim, shape=tuple(q.shape[:-1]) + (None,), layout=f"[{lead}, V] like q")
     return tuple(q.shape), v.shape[-1], check_same_device(q=q, k=k, v=v)
@@ -177,6 +180,14 @@ def check_state(name: str, state, shape: Sequence[int], device: torch.device, la
     return state
 
 
+def check_state_dtype(name: str, *states) -> None:
+    """A state updated in place (the step ops) must already be float32 (float64 for references)."""
+    for s in states:
+        if s is not None and s.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 (recurrent states are float32 and updated in place), "
+                            f"got {s.dtype}")
+
+
 def check_chunk_size(chunk_size) -> int:
     """Tokens per chunk: a power of two >= 16 (the Triton tiles are chunk x head-dim, tl.dot needs >= 16)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
@@ -186,13 +197,26 @@ def check_chunk_size(chunk_size) -> int:
     return chunk_size
 
 
+def cap_chunk_size(chunk_size: int, seq_len: int) -> int:
+    """The chunk a dense (padded) path needs for T = seq_len tokens: no larger than T rounded up
+    to a power of two >= 16, so a huge chunk_size never allocates [chunk, chunk] tiles for a short T."""
+    return min(chunk_size, max(16, 1 << max(seq_len - 1, 0).bit_length()))
+
+
 def resolve_scale(scale, head_dim: int) -> float:
+    """`scale` as a finite float; None means head_dim ** -0.5."""
     if scale is None:
+        if head_dim <= 0:
+            raise ValueError(f"scale=None needs a head dimension K >= 1, got K = {head_dim}")
         return head_dim ** -0.5
     if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a single number, got a tensor of shape {tuple(scale.shape)}")
         scale = scale.item()
-    if not isinstance(scale, (int, float)):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
     return float(scale)
 
 

@@ -16,9 +16,10 @@ Forms accepted:
 - decay: `[M]` tau values in [0, 1], a tensor (any floating dtype) or a sequence of floats.
   tau = 1 leaves a module unchanged (frozen), tau = 0 replaces it by the update; both are
   sound EMAs (unlike `cms_scan`, nothing here takes log(tau)), so the closed interval is
-  allowed. Values outside [0, 1] (or NaN) raise ValueError; the tensor check costs one host
-  sync, once per decay tensor (until it is modified in place), and is skipped while
-  compiling / capturing a CUDA graph.
+  allowed. Values outside [0, 1] (or NaN) raise ValueError. A CPU decay tensor is checked on
+  every call; a GPU one costs one host sync, once per tensor until its version counter moves
+  (any in-place change through autograd-visible ops; writes through `.data` or a NumPy alias
+  are not seen there), and the check is skipped while compiling / capturing a CUDA graph.
 
 dtypes: states float32 / float16 / bfloat16 (float64 too), update any floating dtype; the
 math is float32 (float64 for float64 states) and the result is rounded once to the state dtype.
@@ -181,6 +182,8 @@ def _version(t: torch.Tensor) -> Optional[int]:
 
 
 def _already_checked(decay: torch.Tensor) -> bool:
+    if decay.device.type == "cpu":  # nothing to save on the CPU: check every time
+        return False
     entry = _CHECKED.get(id(decay))
     if entry is None or entry[0]() is not decay:
         return False

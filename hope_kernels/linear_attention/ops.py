@@ -85,7 +85,7 @@ def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1
             o, ht = _triton().LinearAttentionFunction.apply(q, k, v, h0, scale, causal, output_final_state, cu,
                                                             chunk_size, out_dtype)
         else:
-            o, ht = linear_attention_torch(q, k, v, scale, causal, h0, cu, chunk_size, sd)
+            o, ht = linear_attention_torch(q, k, v, scale, causal, h0, cu, utils.cap_chunk_size(chunk_size, T), sd)
             o = o.to(out_dtype)
         if normalize:
             o = (o[..., :V] / (o[..., V:] + eps)).to(dtype)
@@ -106,6 +106,7 @@ def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e
         raise TypeError("state must be given: S [B, H, K, V] (or (S, z) with normalize=True)")
     S, z = _check_state("state", state, normalize, B, H, K, V, device) if normalize else \
         (_check_state("state", state, normalize, B, H, K, V, device), None)
+    utils.check_state_dtype("state", S, z)
     scale = utils.resolve_scale(scale, K)
     backend = utils.resolve_backend(backend, device)
     q, k, v = utils.autocast_inputs(device, q, k, v)
