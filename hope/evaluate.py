@@ -15,6 +15,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .data import ByteTokenizer
 from .model import HOPE
+from .ops import BACKENDS
 from .run_config import RunConfig
 from .train import build_stream, evaluate_loss, pick_device
 
@@ -71,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batches", type=int, help="validation batches, >= 1 (default: the run's eval_batches)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", choices=["triton", "torch", "reference"])
+    p.add_argument("--backend", choices=[b for b in BACKENDS if b])
     p.add_argument("--prompt", default="def ")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)

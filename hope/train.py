@@ -29,6 +29,7 @@ from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint_pa
                          set_rng_state, temporary_path)
 from .data import ByteTokenizer, TokenStream, corpus_info, read_corpus
 from .model import HOPE
+from .ops import BACKENDS
 from .optim import DeepMomentum
 from .run_config import RunConfig
 
@@ -421,7 +422,7 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--lr", type=float)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", choices=["triton", "torch", "reference"])
+    p.add_argument("--backend", choices=[b for b in BACKENDS if b])
     p.add_argument("--optimizer", choices=["adamw", "deep_momentum"])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
