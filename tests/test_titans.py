@@ -8,7 +8,7 @@ import torch
 from hope_kernels import reference, titans_scan, titans_step
 from helpers import as_ref, assert_close, randn
 
-BACKENDS = ["torch"]
+BACKENDS = ["triton", "torch"]
 NAMES = ["q", "k", "v", "lr", "decay", "momentum", "S0", "Z0"]
 
 

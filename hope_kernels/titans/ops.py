@@ -19,6 +19,11 @@ import torch
 from .. import utils
 from .torch_chunked import titans_scan_torch, titans_step_torch
 
+def _triton():
+    from . import triton_kernels  # imported lazily: the torch backend works without Triton
+    return triton_kernels
+
+
 State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 # gate name -> (lower bound, lower bound included, upper bound, upper bound included)
 GATE_RANGES = {"lr": (0., True, float("inf"), False), "decay": (0., False, 1., True),
@@ -101,8 +106,11 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
     dtype = utils.check_same_dtype(q=q, k=k, v=v)
     sd = utils.state_dtype(dtype)
     with torch.autocast(device.type, enabled=False):
-        # TODO(titans): the Triton kernels; until they land the "triton" backend runs the torch path
-        o, S, Z = titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, sd)
+        if backend == "triton" and dtype != torch.float64:   # float64 (gradchecks) stays on the torch path
+            q, k, v = utils.contiguous(q, k, v)
+            o, S, Z = _triton().titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu)
+        else:
+            o, S, Z = titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, sd)
     if not output_final_state:
         return o.to(dtype), None
     return o.to(dtype), (S if momentum is None else (S, Z))
@@ -136,7 +144,11 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
     dtype = utils.check_same_dtype(q=q, k=k, v=v)
 
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        Sbar = S if block_state is None else block_state
-        # TODO(titans): the Triton step kernel; until it lands the "triton" backend runs the torch path
-        o = titans_step_torch(q, k, v, lr, decay, momentum, S, Z, Sbar, scale)
+        states = [s for s in (S, Z) if s is not None]
+        if backend == "triton" and dtype != torch.float64 and all(
+                s.dtype == torch.float32 and s.is_contiguous() for s in states):
+            o = _triton().titans_step_triton(q, k, v, lr, decay, momentum, S, Z, block_state, scale)
+        else:
+            o = titans_step_torch(q, k, v, lr, decay, momentum, S, Z, S if block_state is None else block_state,
+                                  scale)
     return o.to(dtype), state
