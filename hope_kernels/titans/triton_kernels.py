@@ -130,19 +130,21 @@ def titans_fwd_kernel(q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_seqlen
 
 
 # ----------------------------------------------------------------------------- chunked forward (period % BT == 0)
-@autotune(CHUNK_FWD_CONFIGS, key=["H", "K", "V", "BT", "HAS_DECAY", "HAS_MOMENTUM"])
+@autotune(CHUNK_FWD_CONFIGS, key=["H", "K", "V", "BT", "HAS_DECAY", "HAS_MOMENTUM", "DELTA"])
 @triton.jit
 def titans_chunk_fwd_kernel(q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_seqlens, scale, T, period,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
                             HAS_MOMENTUM: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                            IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr):
+                            IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DELTA: tl.constexpr):
     """Blocks of `period` tokens, chunks of BT | period: a chunk's gradients are taken at its block's start
     memory Sbar, so with x = lr (v - k Sbar) and the chunk-local coefficient matrices
     D[i, j] = d_{j+1}..d_i, M[i, j] = m_{j+1}..m_i, C = D M, a = D mu, gamma_i = d_1..d_i, mu_i = m_1..m_i:
 
         o = scale (gamma q S + a q Z + (q k^T * C) x)
         S <- gamma_e S + a_e Z + (C[e] k)^T x,     Z <- mu_e Z + (M[e] k)^T x     (e: the chunk's last token)
+
+    DELTA (period 1, no momentum: the gated delta rule) takes x from the UT transform of the chunk instead.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -175,11 +177,26 @@ def titans_chunk_fwd_kernel(q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_
             b_D = tl.exp(tl.where(causal, b_ld[:, None] - b_ld[None, :], float("-inf")))
             b_g = tl.exp(b_ld)
         else:
+            b_ld = tl.zeros([BT], dtype=tl.float32)
             b_D = tl.where(causal, 1., 0.)
             b_g = tl.full([BT], 1., tl.float32)
         e = tl.minimum(L - t0, BT) - 1                                      # the chunk's last real token
         last = o_t == e
-        b_x = b_lr[:, None] * (b_v - tl.dot(b_k, b_sb.to(dt)))              # [BT, BV] float32
+        if DELTA:
+            # period 1 (no momentum): x_i = lr_i (v_i - k_i S_{i-1}) by the UT transform,
+            # (I + A) x = lr (v - gamma_{i-1} k S) with A[i, j] = lr_i D[i-1, j] (k_i . k_j), j < i
+            b_lp = b_ld - tl.log(tl.load(decay + rows, mask=m_t, other=1.)) if HAS_DECAY else b_ld
+            b_Dp = tl.exp(tl.where(o_t[:, None] > o_t[None, :], b_lp[:, None] - b_ld[None, :], float("-inf")))
+            b_N = -b_lr[:, None] * b_Dp * tl.dot(b_k, tl.trans(b_k))
+            for i in range(1, BT):     # N = (I + A)^-1 - I by forward substitution, row by row
+                row_i = o_t == i
+                b_a = tl.sum(tl.where(row_i[:, None], b_N, 0.), 0)
+                b_a = b_a + tl.sum(b_a[:, None] * b_N, 0) * (o_t < i)
+                b_N = tl.where(row_i[:, None], b_a[None, :], b_N)
+            b_r = b_lr[:, None] * (b_v - tl.exp(b_lp)[:, None] * tl.dot(b_k, b_s.to(dt)))
+            b_x = b_r + tl.dot(b_N.to(dt), b_r.to(dt))
+        else:
+            b_x = b_lr[:, None] * (b_v - tl.dot(b_k, b_sb.to(dt)))          # [BT, BV] float32
         if HAS_MOMENTUM:
             # momentum may be exactly 0: a product is 0 when a zero lies in its span (counted by b_nz),
             # else exp of the difference of cumulative logs taken without the zeros
@@ -364,12 +381,14 @@ def titans_step_kernel(q, k, v, lr, decay, momentum, S, Z, Sbar, o, scale, H: tl
 
 
 # ----------------------------------------------------------------------------- launchers
-def chunk_tile(period: int, chunk_size: int, K: int):
+def chunk_tile(period: int, chunk_size: int, K: int, momentum: bool):
     """The chunked forward's chunk length, or None where the recurrent kernel runs.
 
-    16 where 16 divides the period (a chunk then lies inside one block) and K <= 64: larger chunks, and
-    K = 128 tiles, push the default config past 255 registers into spills (see the compile report)."""
-    return 16 if period % 16 == 0 and K <= 64 and chunk_size >= 16 else None
+    16 where K <= 64 and either 16 divides the period (a chunk then lies inside one block) or period = 1
+    without momentum (the UT transform). Larger chunks, and K = 128 tiles, push the default config past
+    255 registers into spills (see the compile report)."""
+    ok = period % 16 == 0 or (period == 1 and not momentum)
+    return 16 if ok and K <= 64 and chunk_size >= 16 else None
 
 
 def _forward(q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens, chunk_size):
@@ -382,10 +401,10 @@ def _forward(q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens, ch
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)
     flags = dict(H=H, K=K, V=V, BK=_block(K), HAS_DECAY=decay is not None, HAS_MOMENTUM=momentum is not None,
                  USE_INITIAL_STATE=h0 is not None, IS_VARLEN=cu_seqlens is not None)
-    BT = chunk_tile(period, chunk_size, K)
+    BT = chunk_tile(period, chunk_size, K, momentum is not None)
     kernel = titans_fwd_kernel if BT is None else titans_chunk_fwd_kernel
     if BT is not None:
-        flags.update(BT=BT, UPCAST=upcast_dots(q.dtype))
+        flags.update(BT=BT, UPCAST=upcast_dots(q.dtype), DELTA=period == 1)
     kernel[grid](q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_seqlens, scale, T, period, **flags)
     return o, ht, zt
 
@@ -514,7 +533,11 @@ def compile_specs():
         if D <= 64:   # the chunked forward (period % 16 == 0, K <= 64)
             specs.append(_spec(f"titans.chunk_fwd[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS, fwd_ptrs,
                                present, {"scale": "fp32", "T": "i32", "period": "i32"},
-                               dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False)))
+                               dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=False)))
+            if not mom:
+                specs.append(_spec(f"titans.chunk_fwd_delta[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS,
+                                   fwd_ptrs, present, {"scale": "fp32", "T": "i32", "period": "i32"},
+                                   dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=True)))
         bwd_ptrs = dict(q=dt, k=dt, v=dt, lr="fp32", decay="fp32", momentum="fp32", h0="fp32", z0="fp32", do=dt,
                         dht="fp32", dzt="fp32", dq="fp32", dk="fp32", dv=dt, dlr="fp32", ddecay="fp32",
                         dmomentum="fp32", dh0="fp32", dz0="fp32", ckpt="fp32", scratch="fp32",
