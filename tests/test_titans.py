@@ -119,13 +119,12 @@ def test_scan_awkward_shapes(backend, device, K, V, period, chunk_size):
 
 
 def test_chunked_forward_choice():
-    """The Triton forward is chunked (16 tokens) where 16 divides the period, or period = 1 without momentum
-    (UT transform), and K <= 64; the recurrent kernel runs elsewhere."""
+    """The Triton forward is chunked (16 tokens) where 16 divides the period, or period = 1 (UT transform),
+    and K <= 64; the recurrent kernel runs elsewhere."""
     from hope_kernels.titans.triton_kernels import chunk_tile
     periods = (1, 3, 8, 16, 24, 32, 48, 64)
-    assert [chunk_tile(p, 64, 64, False) for p in periods] == [16, None, None, 16, None, 16, 16, 16]
-    assert [chunk_tile(p, 64, 64, True) for p in periods] == [None, None, None, 16, None, 16, 16, 16]
-    assert chunk_tile(16, 64, 128, False) is None
+    assert [chunk_tile(p, 64, 64) for p in periods] == [16, None, None, 16, None, 16, 16, 16]
+    assert chunk_tile(16, 64, 128) is None and chunk_tile(1, 64, 128) is None
 
 
 def _fla_delta_rule(q, k, v, beta, S0):

@@ -144,7 +144,7 @@ def titans_chunk_fwd_kernel(q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_
         o = scale (gamma q S + a q Z + (q k^T * C) x)
         S <- gamma_e S + a_e Z + (C[e] k)^T x,     Z <- mu_e Z + (M[e] k)^T x     (e: the chunk's last token)
 
-    DELTA (period 1, no momentum: the gated delta rule) takes x from the UT transform of the chunk instead.
+    DELTA (period 1: the delta rule / DGD) takes x from the UT transform of the chunk instead.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -182,21 +182,6 @@ def titans_chunk_fwd_kernel(q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_
             b_g = tl.full([BT], 1., tl.float32)
         e = tl.minimum(L - t0, BT) - 1                                      # the chunk's last real token
         last = o_t == e
-        if DELTA:
-            # period 1 (no momentum): x_i = lr_i (v_i - k_i S_{i-1}) by the UT transform,
-            # (I + A) x = lr (v - gamma_{i-1} k S) with A[i, j] = lr_i D[i-1, j] (k_i . k_j), j < i
-            b_lp = b_ld - tl.log(tl.load(decay + rows, mask=m_t, other=1.)) if HAS_DECAY else b_ld
-            b_Dp = tl.exp(tl.where(o_t[:, None] > o_t[None, :], b_lp[:, None] - b_ld[None, :], float("-inf")))
-            b_N = -b_lr[:, None] * b_Dp * tl.dot(b_k, tl.trans(b_k))
-            for i in range(1, BT):     # N = (I + A)^-1 - I by forward substitution, row by row
-                row_i = o_t == i
-                b_a = tl.sum(tl.where(row_i[:, None], b_N, 0.), 0)
-                b_a = b_a + tl.sum(b_a[:, None] * b_N, 0) * (o_t < i)
-                b_N = tl.where(row_i[:, None], b_a[None, :], b_N)
-            b_r = b_lr[:, None] * (b_v - tl.exp(b_lp)[:, None] * tl.dot(b_k, b_s.to(dt)))
-            b_x = b_r + tl.dot(b_N.to(dt), b_r.to(dt))
-        else:
-            b_x = b_lr[:, None] * (b_v - tl.dot(b_k, b_sb.to(dt)))          # [BT, BV] float32
         if HAS_MOMENTUM:
             # momentum may be exactly 0: a product is 0 when a zero lies in its span (counted by b_nz),
             # else exp of the difference of cumulative logs taken without the zeros
@@ -213,6 +198,25 @@ def titans_chunk_fwd_kernel(q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_
             m_e = tl.sum(tl.where(last[:, None], b_M, 0.), 0)               # M[e, :]
         else:
             b_C = b_D
+        if DELTA:
+            # period 1: x_i = lr_i (v_i - k_i S_{i-1}) by the UT transform of the chunk,
+            # (I + A) x = lr (v - gamma_{i-1} k S - a_{i-1} k Z), A[i, j] = lr_i C[i-1, j] (k_i . k_j), j < i
+            b_lp = b_ld - tl.log(tl.load(decay + rows, mask=m_t, other=1.)) if HAS_DECAY else b_ld
+            b_Cp = tl.exp(tl.where(o_t[:, None] > o_t[None, :], b_lp[:, None] - b_ld[None, :], float("-inf")))
+            b_r = b_v - tl.exp(b_lp)[:, None] * tl.dot(b_k, b_s.to(dt))
+            if HAS_MOMENTUM:
+                b_r -= tl.sum(b_Cp * b_mu[None, :], 1)[:, None] * tl.dot(b_k, b_z.to(dt))
+                b_Cp = tl.dot(b_Cp.to(dt), b_M.to(dt))                      # D[i-1, :] -> C[i-1, :]
+            b_N = -b_lr[:, None] * b_Cp * tl.dot(b_k, tl.trans(b_k))
+            for i in range(1, BT):     # N = (I + A)^-1 - I by forward substitution, row by row
+                row_i = o_t == i
+                b_row = tl.sum(tl.where(row_i[:, None], b_N, 0.), 0)
+                b_row = b_row + tl.sum(b_row[:, None] * b_N, 0) * (o_t < i)
+                b_N = tl.where(row_i[:, None], b_row[None, :], b_N)
+            b_r = b_lr[:, None] * b_r
+            b_x = b_r + tl.dot(b_N.to(dt), b_r.to(dt))
+        else:
+            b_x = b_lr[:, None] * (b_v - tl.dot(b_k, b_sb.to(dt)))          # [BT, BV] float32
         b_A = tl.dot(b_q, tl.trans(b_k)) * b_C
         b_o = b_g[:, None] * tl.dot(b_q, b_s.to(dt)) + tl.dot(b_A.to(dt), b_x.to(dt))
         if HAS_MOMENTUM:
@@ -381,14 +385,13 @@ def titans_step_kernel(q, k, v, lr, decay, momentum, S, Z, Sbar, o, scale, H: tl
 
 
 # ----------------------------------------------------------------------------- launchers
-def chunk_tile(period: int, chunk_size: int, K: int, momentum: bool):
+def chunk_tile(period: int, chunk_size: int, K: int):
     """The chunked forward's chunk length, or None where the recurrent kernel runs.
 
     16 where K <= 64 and either 16 divides the period (a chunk then lies inside one block) or period = 1
-    without momentum (the UT transform). Larger chunks, and K = 128 tiles, push the default config past
-    255 registers into spills (see the compile report)."""
-    ok = period % 16 == 0 or (period == 1 and not momentum)
-    return 16 if ok and K <= 64 and chunk_size >= 16 else None
+    (the UT transform). Larger chunks, and K = 128 tiles, push the default config past 255 registers into
+    spills (see the compile report)."""
+    return 16 if (period % 16 == 0 or period == 1) and K <= 64 and chunk_size >= 16 else None
 
 
 def _forward(q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens, chunk_size):
@@ -401,7 +404,7 @@ def _forward(q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens, ch
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)
     flags = dict(H=H, K=K, V=V, BK=_block(K), HAS_DECAY=decay is not None, HAS_MOMENTUM=momentum is not None,
                  USE_INITIAL_STATE=h0 is not None, IS_VARLEN=cu_seqlens is not None)
-    BT = chunk_tile(period, chunk_size, K, momentum is not None)
+    BT = chunk_tile(period, chunk_size, K)
     kernel = titans_fwd_kernel if BT is None else titans_chunk_fwd_kernel
     if BT is not None:
         flags.update(BT=BT, UPCAST=upcast_dots(q.dtype), DELTA=period == 1)
@@ -534,10 +537,9 @@ def compile_specs():
             specs.append(_spec(f"titans.chunk_fwd[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS, fwd_ptrs,
                                present, {"scale": "fp32", "T": "i32", "period": "i32"},
                                dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=False)))
-            if not mom:
-                specs.append(_spec(f"titans.chunk_fwd_delta[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS,
-                                   fwd_ptrs, present, {"scale": "fp32", "T": "i32", "period": "i32"},
-                                   dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=True)))
+            specs.append(_spec(f"titans.chunk_fwd_delta[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS,
+                               fwd_ptrs, present, {"scale": "fp32", "T": "i32", "period": "i32"},
+                               dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=True)))
         bwd_ptrs = dict(q=dt, k=dt, v=dt, lr="fp32", decay="fp32", momentum="fp32", h0="fp32", z0="fp32", do=dt,
                         dht="fp32", dzt="fp32", dq="fp32", dk="fp32", dv=dt, dlr="fp32", ddecay="fp32",
                         dmomentum="fp32", dh0="fp32", dz0="fp32", ckpt="fp32", scratch="fp32",
