@@ -1,6 +1,6 @@
 """`python -m benchmarks`: speed, memory and numerics of every op against its references and peers.
 
-Runs each op (linear_attention causal / non-causal, cms_scan with / without mix, the step kernels,
+Runs each op (linear_attention causal / non-causal, cms_scan with / without mix, titans_scan, the step kernels,
 ema_update_) through each available provider (triton, torch, reference, sdpa, fla) in fwd, bwd and
 fwd+bwd over a sweep of T, prints a table and writes results.csv, results.json, table.txt and
 PNG plots into --out. Without CUDA it runs the CPU providers at small sizes in a few minutes.

@@ -8,8 +8,10 @@ tensor (differentiable for the scans). Providers:
 - "reference": `hope_kernels.reference`, the token-by-token recurrences (slow on purpose).
 - "sdpa":      softmax attention, `torch.nn.functional.scaled_dot_product_attention`, at the same
                shape (causal or not); for the step op, one query against a T-token KV cache.
-- "fla":       flash-linear-attention's `chunk_linear_attn` (linear attention) and
-               `chunk_simple_gla` (cms_scan as H*M decayed heads), only when `fla` imports (GPU).
+- "fla":       flash-linear-attention's `chunk_linear_attn` (linear attention),
+               `chunk_simple_gla` (cms_scan as H*M decayed heads) and `chunk_delta_rule`
+               (titans_scan with period 1, no decay, no momentum: the delta rule), only when `fla`
+               imports (GPU).
 """
 from __future__ import annotations
 
@@ -149,6 +151,32 @@ def _call_cms(provider, a):
     return _hk("cms_scan", provider)(a["q"], a["k"], a["v"], a["decay"], mix)[0]
 
 
+# titans_scan: unit-norm keys and lr in (0, 1) keep the inner gradient descent stable (lr ||k||^2 < 2)
+def _make_titans(gated: bool):
+    def make(s: Shape, dtype, device, grad):
+        inp = _make_la(s, dtype, device, grad)
+        inp.args["k"] = F.normalize(inp.args["k"].detach().float(), dim=-1).to(dtype).requires_grad_(grad)
+        gates = {"lr": (0.1, 0.9)} | ({"decay": (0.9, 1.0), "momentum": (0.0, 0.9)} if gated else {})
+        for name, (lo, hi) in gates.items():
+            g = lo + (hi - lo) * torch.rand(s.B, s.T, s.H, device=device)
+            inp.args[name] = g.requires_grad_(grad)
+            if grad:
+                inp.grads.append(name)
+        return inp
+    return make
+
+
+def _call_titans(period: int):
+    def call(provider, a):
+        if provider == "fla":  # the delta rule: fla's beta is our lr
+            from fla.ops.delta_rule import chunk_delta_rule
+            return chunk_delta_rule(a["q"], a["k"], a["v"], a["lr"].to(a["q"].dtype), scale=a["q"].shape[-1] ** -0.5,
+                                    **_fla_kwargs(chunk_delta_rule))[0]
+        gates = {n: a[n] for n in ("decay", "momentum") if n in a}
+        return _hk("titans_scan", provider)(a["q"], a["k"], a["v"], a["lr"], period=period, **gates)[0]
+    return call
+
+
 # linear_attention_step (SDPA: one query against a T-token KV cache)
 def _make_la_step(s: Shape, dtype, device, grad):
     args = {"q": _randn(s.B, s.H, s.K, dtype=dtype, device=device),
@@ -199,6 +227,8 @@ CASES: Dict[str, Case] = {c.name: c for c in [
     Case("linear_attention_noncausal", MODES, _SCAN_PROVIDERS + ("sdpa",), _make_la, _call_la(False), False),
     Case("cms_scan", MODES, _SCAN_PROVIDERS + ("fla",), _make_cms(False), _call_cms, False),
     Case("cms_scan_mix", MODES, _SCAN_PROVIDERS + ("fla",), _make_cms(True), _call_cms, False),
+    Case("titans_scan", MODES, _SCAN_PROVIDERS + ("fla",), _make_titans(False), _call_titans(1), False),
+    Case("titans_scan_blocks", MODES, _SCAN_PROVIDERS, _make_titans(True), _call_titans(64), False),
     Case("linear_attention_step", ("fwd",), _SCAN_PROVIDERS + ("sdpa",), _make_la_step, _call_la_step, True, True),
     Case("cms_step", ("fwd",), _SCAN_PROVIDERS, _make_cms_step, _call_cms_step, True, True),
     Case("ema_update_", ("fwd",), _SCAN_PROVIDERS, _make_ema, _call_ema, True, True),

@@ -18,6 +18,10 @@ FLOPs (one multiply-add = 2 FLOPs) are those of the chunked algorithm at chunk s
 - backward of the scans: 2 x forward (each forward product has two gradient products).
 - softmax attention (SDPA) at the same shape, head dim D = K: 4 B H T^2 D forward (halved when
   causal), backward 2.5 x forward (the recomputation convention of FlashAttention).
+- titans_scan, forward (chunk form, C = 64): per chunk the gradients at the block-start memory
+  (k S: 2 C K V), the intra-chunk [C, C] products (k k^T, q k^T: 4 C^2 K; their products with the
+  residuals: 4 C^2 V), the read-out q S (2 C K V) and the state update k^T u (2 C K V); the
+  UT transform of period 1 adds the triangular solve (C^3 / 3 per chunk, small). All times B H T / C.
 - step kernels: 4 B H K V for linear_attention_step; cms_step B H (K V + 5 M K V) (outer product
   once, then decay-update and read-out per memory); SDPA decode over a T-token KV cache 4 B H T D.
 - ema_update_: 3 M N with N the elements of one buffer; bytes 2 x 4 M N (float32 buffers read and
@@ -85,6 +89,15 @@ def _cms(s: Shape, e: int, mix: bool):
     return fwd_b, bwd_b, f, 2.0 * f
 
 
+def _titans(s: Shape, e: int, gates: int):
+    """`gates` per-token [B, T, H] inputs (lr, and decay / momentum when given)."""
+    n = s.B * s.T * s.H
+    C = min(CHUNK, s.T)
+    fwd_b, bwd_b = e * n * (2 * s.K + 2 * s.V) + 4 * n * gates, e * n * (4 * s.K + 3 * s.V) + 8 * n * gates
+    f = s.B * s.H * s.T * (6.0 * s.K * s.V + 4.0 * C * (s.K + s.V))
+    return fwd_b, bwd_b, f, 2.0 * f
+
+
 def _la_step(s: Shape, e: int, softmax: bool):
     bh = s.B * s.H
     if softmax:  # one query against a T-token KV cache
@@ -117,6 +130,8 @@ def _cost(op: str, provider: str, s: Shape, e: int) -> Tuple[float, float, float
         "linear_attention_noncausal": lambda: _linear_attention(s, e, False, softmax),
         "cms_scan": lambda: _cms(s, e, False),
         "cms_scan_mix": lambda: _cms(s, e, True),
+        "titans_scan": lambda: _titans(s, e, 1),
+        "titans_scan_blocks": lambda: _titans(s, e, 3),
         "linear_attention_step": lambda: _la_step(s, e, softmax),
         "cms_step": lambda: _cms_step(s, e),
         "ema_update_": lambda: _ema(s, e),
