@@ -52,7 +52,12 @@ def _configs(pairs):
 
 STATE_CONFIGS = _configs([(4, 2), (4, 1), (8, 2), (4, 3)])
 CHUNK_CONFIGS = _configs([(4, 2), (4, 3), (8, 2), (8, 3)])
-BWD_CONFIGS = _configs([(4, 2), (8, 2), (4, 3), (8, 3)])
+# the gradient kernels loop over V (dqk) or K (dv) in tiles chosen here: 64-wide tiles push the dq/dk
+# kernel to 255 registers on sm_80 (and into spills with fp32 inputs)
+DQK_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (32, 4, 2))
+               for bv in (32, 64) for w in (4, 8) for s in (2, 3)]
+DV_CONFIGS = [KernelConfig({"BK": bk}, num_warps=w, num_stages=s, default=(bk, w, s) == (32, 4, 2))
+              for bk in (32, 64) for w in (4, 8) for s in (2, 3)]
 REDUCE_CONFIGS = _configs([(4, 1), (8, 1)])
 STEP_CONFIGS = _configs([(4, 1), (2, 1), (8, 1)])   # 1 warp spills at K = 128
 
@@ -278,7 +283,7 @@ def chunk_o_kernel(
 
 # --------------------------------------------------------------------------- chunk-parallel gradients
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
-@autotune(BWD_CONFIGS, key=["H", "K", "V", "BT", "CAUSAL"])
+@autotune(DQK_CONFIGS, key=["H", "K", "V", "BT", "CAUSAL"])
 @triton.jit
 def chunk_dqk_kernel(
     q, k, v, do, h, dh, dq, dk, cu_seqlens, indices, scale, T,
@@ -286,7 +291,8 @@ def chunk_dqk_kernel(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """dq_c = scale (do_c h_c^T + ds_c k_c), dk_c = v_c G_c^T + scale ds_c^T q_c, ds_c = tril(do_c v_c^T);
-    grid (NT*H, NK). h / dh (h_c / G_c) as in chunk_o_kernel; non-causal drops the ds terms."""
+    grid (NT*H, NK) with K tiles of the plan's BK, looping over V in tiles of the config's BV.
+    h / dh (h_c / G_c) as in chunk_o_kernel; non-causal drops the ds terms."""
     i_ch, i_k = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
     i_n, t0, L = _chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
@@ -325,14 +331,15 @@ def chunk_dqk_kernel(
 
 
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
-@autotune(BWD_CONFIGS, key=["H", "K", "V", "BT", "CAUSAL"])
+@autotune(DV_CONFIGS, key=["H", "K", "V", "BT", "CAUSAL"])
 @triton.jit
 def chunk_dv_kernel(
     q, k, do, dh, dv, cu_seqlens, indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """dv_c = k_c G_c + scale triu(k_c q_c^T) do_c; grid (NT*H, NV); non-causal dv = k G_n."""
+    """dv_c = k_c G_c + scale triu(k_c q_c^T) do_c; grid (NT*H, NV) with V tiles of the plan's BV,
+    looping over K in tiles of the config's BK. Non-causal: dv = k G_n."""
     i_ch, i_v = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
     i_n, t0, L = _chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
@@ -457,10 +464,10 @@ def linear_attention_bwd(q, k, v, do, scale, causal, h0, dht, cu_seqlens, chunk_
     dh, dh0 = _states(plan, q, do, dht, scale, causal, cu_seqlens, need_dh0, True)
     dq, dk = empty(B, T, H, K, dtype=q.dtype, device=q.device), empty(B, T, H, K, dtype=k.dtype, device=q.device)
     dv = empty(B, T, H, V, dtype=v.dtype, device=q.device)
-    meta = dict(H=H, K=K, V=V, BT=plan.BT, BK=plan.BK, BV=plan.BV, CAUSAL=causal, UPCAST=upcast_dots(q.dtype))
+    meta = dict(H=H, K=K, V=V, BT=plan.BT, CAUSAL=causal, UPCAST=upcast_dots(q.dtype))
     _launch(chunk_dqk_kernel, plan.grids["dqk"], q, k, v, do, h, dh, dq, dk, cu_seqlens, plan.indices, scale, T,
-            **meta)
-    _launch(chunk_dv_kernel, plan.grids["dv"], q, k, do, dh, dv, cu_seqlens, plan.indices, scale, T, **meta)
+            BK=plan.BK, **meta)
+    _launch(chunk_dv_kernel, plan.grids["dv"], q, k, do, dh, dv, cu_seqlens, plan.indices, scale, T, BV=plan.BV, **meta)
     if need_dh0 and dh0 is None:
         dh0 = dht.clone() if dht is not None else torch.zeros(plan.N, H, K, V, device=q.device)
     return dq, dk, dv, (dh0 if need_dh0 else None)
@@ -550,10 +557,10 @@ def _scan_specs(D: int, dt: str, causal: bool):
     specs.append(_spec(f"linear_attention.o[{tag},{mode}]", chunk_o_kernel, CHUNK_CONFIGS,
                        {"q": x, "k": x, "v": x, "h": s, "o": x, **chunk},
                        {**tiles, "CAUSAL": causal, **up, **varlen}))
-    specs.append(_spec(f"linear_attention.dqk[{tag},{mode}]", chunk_dqk_kernel, BWD_CONFIGS,
+    specs.append(_spec(f"linear_attention.dqk[{tag},{mode}]", chunk_dqk_kernel, DQK_CONFIGS,
                        {"q": x, "k": x, "v": x, "do": x, "h": s, "dh": s, "dq": x, "dk": x, **chunk},
                        {**tiles, "CAUSAL": causal, **up, **varlen}))
-    specs.append(_spec(f"linear_attention.dv[{tag},{mode}]", chunk_dv_kernel, BWD_CONFIGS,
+    specs.append(_spec(f"linear_attention.dv[{tag},{mode}]", chunk_dv_kernel, DV_CONFIGS,
                        {"q": x, "k": x, "do": x, "dh": s, "dv": x, **chunk},
                        {**tiles, "CAUSAL": causal, **up, **varlen}))
     return specs
