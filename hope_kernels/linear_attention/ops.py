@@ -5,9 +5,9 @@
     normalize:  z_t = z_0 + sum_{s<=t} k_s (all s when non-causal),
                 o_t = (scale * q_t S_t) / (scale * q_t . z_t + eps)
 
-The scan (Triton or torch) computes the numerator scale * q_t S_t in the V columns of v; with
-normalize, the denominator comes from z_t, a float32 cumulative sum of k in torch, and the
-division runs under autograd. Float64 inputs run the torch path (backend=None), in float64.
+The scan (Triton or torch) computes scale * q_t S_t. With normalize that is the numerator; the
+denominator comes from z_t, a cumulative sum of k in torch (float32), and the division runs under
+autograd, so the kernels never see z. Float64 inputs run the torch path (backend=None), in float64.
 """
 from __future__ import annotations
 
