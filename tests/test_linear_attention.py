@@ -347,6 +347,25 @@ def test_every_launch_has_a_program_per_chunk_and_head(causal):
     assert max(_programs(g[n]) for n in bwd) >= T // 64 * B * H
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_launchers_use_the_plan_grids(causal, monkeypatch, device):
+    """What the tests above check of launch_plan is what the launchers launch."""
+    launched = []
+    launch = triton_kernels._launch
+    monkeypatch.setattr(triton_kernels, "_launch", lambda kernel, grid, *a, **kw: launched.append(grid) or
+                        launch(kernel, grid, *a, **kw))
+    cu = torch.tensor([0, 5, 40], device=device)
+    q, k, v, S0, _ = make_inputs(1, 40, 2, 16, 80, F16, device, N=2)
+    o, ht = linear_attention(q, k, v, initial_state=S0, output_final_state=True, causal=causal, cu_seqlens=cu,
+                             chunk_size=16, backend="triton")
+    (o.float().sum() + ht.sum()).backward()
+    plan = triton_kernels.launch_plan(1, 40, 2, 16, 80, 16, cu, causal=causal)
+    fwd = ["states", "o"] if causal else ["partials", "reduce", "o"]
+    bwd = ["states", "states", "dqk", "dv"] if causal else ["partials", "reduce", "partials", "reduce", "dqk", "dv"]
+    assert launched == [plan.grids[n] for n in fwd + bwd]
+    assert plan.NT == 4 and plan.grids["o"] == (8, 2)
+
+
 def test_packed_sequences_launch_real_chunks_within_the_grid_limits():
     """70 000 packed sequences x 2 heads: more than 65535 (sequence, head) pairs and chunks; every grid axis
     stays within its CUDA limit and the chunk-parallel launches cover exactly the real chunks."""

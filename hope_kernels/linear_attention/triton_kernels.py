@@ -438,14 +438,15 @@ def _states(plan, a, b, init, scale, causal, cu_seqlens, want_final, reverse):
     return total, total
 
 
-def linear_attention_fwd(q, k, v, scale, causal, h0, output_final_state, cu_seqlens, chunk_size):
+def linear_attention_fwd(q, k, v, scale, causal, h0, output_final_state, cu_seqlens, chunk_size, plan=None):
     """q, k: [B, T, H, K], v: [B, T, H, V] contiguous, one dtype; h0: [N, H, K, V] fp32 or None.
 
-    Returns o [B, T, H, V] in the input dtype and the final state (fp32) or None.
+    Returns o [B, T, H, V] in the input dtype and the final state (fp32) or None. `plan`: this call's
+    launch_plan when the caller has it already (the autograd Function reuses it for the backward).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    plan = launch_plan(B, T, H, K, V, chunk_size, cu_seqlens, causal)
+    plan = launch_plan(B, T, H, K, V, chunk_size, cu_seqlens, causal) if plan is None else plan
     h, ht = _states(plan, k, v, h0, 1.0, causal, cu_seqlens, output_final_state, False)
     o = empty(B, T, H, V, dtype=q.dtype, device=q.device)
     _launch(chunk_o_kernel, plan.grids["o"], q, k, v, h, o, cu_seqlens, plan.indices, scale, T,
@@ -455,11 +456,11 @@ def linear_attention_fwd(q, k, v, scale, causal, h0, output_final_state, cu_seql
     return o, (ht if output_final_state else None)
 
 
-def linear_attention_bwd(q, k, v, do, scale, causal, h0, dht, cu_seqlens, chunk_size, need_dh0):
+def linear_attention_bwd(q, k, v, do, scale, causal, h0, dht, cu_seqlens, chunk_size, need_dh0, plan=None):
     """Gradients (dq, dk, dv in the input dtype, dh0 fp32 or None); recomputes the chunk states."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    plan = launch_plan(B, T, H, K, V, chunk_size, cu_seqlens, causal)
+    plan = launch_plan(B, T, H, K, V, chunk_size, cu_seqlens, causal) if plan is None else plan
     h, _ = _states(plan, k, v, h0, 1.0, causal, cu_seqlens, False, False)
     dh, dh0 = _states(plan, q, do, dht, scale, causal, cu_seqlens, need_dh0, True)
     dq, dk = empty(B, T, H, K, dtype=q.dtype, device=q.device), empty(B, T, H, K, dtype=k.dtype, device=q.device)
@@ -476,14 +477,17 @@ def linear_attention_bwd(q, k, v, do, scale, causal, h0, dht, cu_seqlens, chunk_
 class LinearAttentionFunction(torch.autograd.Function):
     """o, S_T = linear attention of (q, k, v, S_0); gradients for q, k, v and S_0 (through S_T too).
 
-    Saved for backward: q, k, v, S_0 and the offsets; the chunk states are recomputed.
+    Saved for backward: q, k, v, S_0 and the launch plan (with cu_seqlens, its [NT, 2] chunk indices);
+    the chunk states are recomputed.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, h0, scale, causal, output_final_state, cu_seqlens, chunk_size):
-        o, ht = linear_attention_fwd(q, k, v, scale, causal, h0, output_final_state, cu_seqlens, chunk_size)
+        B, T, H, K = q.shape
+        plan = launch_plan(B, T, H, K, v.shape[-1], chunk_size, cu_seqlens, causal)
+        o, ht = linear_attention_fwd(q, k, v, scale, causal, h0, output_final_state, cu_seqlens, chunk_size, plan)
         ctx.save_for_backward(q, k, v, h0, cu_seqlens)
-        ctx.scale, ctx.causal, ctx.chunk_size = scale, causal, chunk_size
+        ctx.scale, ctx.causal, ctx.chunk_size, ctx.plan = scale, causal, chunk_size, plan
         ctx.set_materialize_grads(False)
         return o, ht
 
@@ -494,7 +498,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         dht = None if dht is None else dht.float().contiguous()
         need_dh0 = h0 is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dh0 = linear_attention_bwd(q, k, v, do, ctx.scale, ctx.causal, h0, dht, cu_seqlens,
-                                               ctx.chunk_size, need_dh0)
+                                               ctx.chunk_size, need_dh0, ctx.plan)
         return dq, dk, dv, dh0, None, None, None, None, None
 
 
