@@ -532,16 +532,16 @@ def _spec(name, kernel, configs, signature, constexprs):
                       constexprs=constexprs, configs=configs)
 
 
-def _scan_specs(D: int, dt: str, causal: bool):
+def _scan_specs(D: int, dt: str, causal: bool, varlen: bool = False):
     """The kernels of one causal / non-causal call at K = V = D with `dt` inputs, default chunk size."""
     x, f32 = f"*{dt}", "*fp32"
     _, BK, BV = launch_plan(1, 64, 1, D, D, 64)[:3]
     tiles = dict(H=4, K=D, V=D, BT=64, BK=BK, BV=BV)
     up = dict(UPCAST=False)   # compiled for a GPU: tiles go into tl.dot in their own dtype
-    varlen = dict(IS_VARLEN=True)
+    packed = dict(IS_VARLEN=varlen)
     seq = {"cu_seqlens": "*i64", "offsets": "*i64"}
     chunk = {"cu_seqlens": "*i64", "indices": "*i32", "scale": "fp32", "T": "i32"}
-    tag = f"K={D},V={D},{dt}"
+    tag = f"K={D},V={D},{dt}{',varlen' if varlen else ''}"
     mode = "causal" if causal else "noncausal"
     specs = []
     if causal:
@@ -550,32 +550,34 @@ def _scan_specs(D: int, dt: str, causal: bool):
                                STATE_CONFIGS,
                                {"a": x, "b": x, "h": x, "init": f32, "final": f32, **seq, "scale": "fp32", "T": "i32"},
                                {**tiles, "REVERSE": reverse, **up, "USE_INITIAL": True, "STORE_FINAL": True,
-                                **varlen}))
+                                **packed}))
     else:
         specs.append(_spec(f"linear_attention.partials[{tag}]", chunk_partial_kernel, CHUNK_CONFIGS,
-                           {"a": x, "b": x, "p": f32, **chunk}, {**tiles, **up, **varlen}))
+                           {"a": x, "b": x, "p": f32, **chunk}, {**tiles, **up, **packed}))
         specs.append(_spec(f"linear_attention.reduce[{tag}]", chunk_reduce_kernel, REDUCE_CONFIGS,
                            {"p": f32, "init": f32, "out": f32, **seq, "T": "i32"},
-                           {**tiles, "USE_INITIAL": True, **varlen}))
+                           {**tiles, "USE_INITIAL": True, **packed}))
     s = x if causal else f32   # chunk states are stored in the input dtype; the non-causal total in fp32
     specs.append(_spec(f"linear_attention.o[{tag},{mode}]", chunk_o_kernel, CHUNK_CONFIGS,
                        {"q": x, "k": x, "v": x, "h": s, "o": x, **chunk},
-                       {**tiles, "CAUSAL": causal, **up, **varlen}))
+                       {**tiles, "CAUSAL": causal, **up, **packed}))
     specs.append(_spec(f"linear_attention.dqk[{tag},{mode}]", chunk_dqk_kernel, DQK_CONFIGS,
                        {"q": x, "k": x, "v": x, "do": x, "h": s, "dh": s, "dq": x, "dk": x, **chunk},
-                       {**tiles, "CAUSAL": causal, **up, **varlen}))
+                       {**tiles, "CAUSAL": causal, **up, **packed}))
     specs.append(_spec(f"linear_attention.dv[{tag},{mode}]", chunk_dv_kernel, DV_CONFIGS,
                        {"q": x, "k": x, "do": x, "dh": s, "dv": x, **chunk},
-                       {**tiles, "CAUSAL": causal, **up, **varlen}))
+                       {**tiles, "CAUSAL": causal, **up, **packed}))
     return specs
 
 
 def compile_specs():
-    """Every kernel at K = V = 64, 128, 256 (bf16), 128 (fp16) and 64 (fp32), causal; non-causal at 128 bf16."""
+    """Every kernel at K = V = 64, 128, 256 (bf16), 128 (fp16) and 64 (fp32), causal; non-causal at 128 bf16;
+    packed sequences (cu_seqlens) at 128 bf16, causal and not."""
     specs = []
     for D, dt in ((64, "bf16"), (128, "bf16"), (256, "bf16"), (128, "fp16"), (64, "fp32")):
         specs += _scan_specs(D, dt, True)
     specs += _scan_specs(128, "bf16", False)
+    specs += _scan_specs(128, "bf16", True, varlen=True) + _scan_specs(128, "bf16", False, varlen=True)
     for D, normalize in ((64, False), (64, True), (128, False)):
         BK, BV = _step_tiles(D, D)
         c = dict(K=D, V=D, BK=BK, BV=BV, NORMALIZE=normalize)
