@@ -512,7 +512,7 @@ def torch_float64(*args, **kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal,normalize", [(True, False), (False, False), (True, True)])
 def test_gpu_large(D, causal, normalize, device):
     q, k, v, S0, z0 = make_inputs(2, 1024, 4, D, D, BF16, device, normalize=normalize)
