@@ -349,11 +349,11 @@ def test_every_launch_has_a_program_per_chunk_and_head(causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_launchers_use_the_plan_grids(causal, monkeypatch, device):
-    """What the tests above check of launch_plan is what the launchers launch."""
+    """What the tests of launch_plan check is what the launchers launch, in this order."""
     launched = []
     launch = triton_kernels._launch
-    monkeypatch.setattr(triton_kernels, "_launch", lambda kernel, grid, *a, **kw: launched.append(grid) or
-                        launch(kernel, grid, *a, **kw))
+    monkeypatch.setattr(triton_kernels, "_launch", lambda kernel, plan, name, *a, **kw: launched.append(
+        (name, plan.grids)) or launch(kernel, plan, name, *a, **kw))
     cu = torch.tensor([0, 5, 40], device=device)
     q, k, v, S0, _ = make_inputs(1, 40, 2, 16, 80, F16, device, N=2)
     o, ht = linear_attention(q, k, v, initial_state=S0, output_final_state=True, causal=causal, cu_seqlens=cu,
@@ -362,8 +362,17 @@ def test_launchers_use_the_plan_grids(causal, monkeypatch, device):
     plan = triton_kernels.launch_plan(1, 40, 2, 16, 80, 16, cu, causal=causal)
     fwd = ["states", "o"] if causal else ["partials", "reduce", "o"]
     bwd = ["states", "states", "dqk", "dv"] if causal else ["partials", "reduce", "partials", "reduce", "dqk", "dv"]
-    assert launched == [plan.grids[n] for n in fwd + bwd]
+    assert [n for n, _ in launched] == fwd + bwd and all(g == plan.grids for _, g in launched)
     assert plan.NT == 4 and plan.grids["o"] == (8, 2)
+
+
+def test_autotuned_tiles_only_narrow_the_grid():
+    """o, dqk and dv tune the tile of grid axis 1: the default config gives plan.grids, wider tiles fewer columns."""
+    plan = triton_kernels.launch_plan(2, 1000, 3, 256, 128, 64)
+    assert plan.grids["o"] == (2 * 16 * 3, 2) and plan.tuned["o"]({"BV": 128}) == (96, 1)
+    assert plan.grids["dqk"] == (96, 4) and plan.tuned["dqk"]({"BK": 128, "BV": 32}) == (96, 2)
+    for name, (tile, _, configs) in triton_kernels._GRID_TILES.items():
+        assert plan.tuned[name](triton_utils.default_config(configs).meta) == plan.grids[name]
 
 
 def test_packed_sequences_launch_real_chunks_within_the_grid_limits():

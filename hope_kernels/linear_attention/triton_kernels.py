@@ -32,14 +32,15 @@ pair from `triton_utils.chunk_indices`. Token offsets are int64.
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ..aot import KernelConfig, KernelSpec
-from ..triton_utils import autotune, check_grid, chunk_indices, chunk_offsets, empty, load_tile, upcast_dots
+from ..triton_utils import (autotune, check_grid, chunk_indices, chunk_offsets, default_config, empty, load_tile,
+                            upcast_dots)
 
 MAX_CHUNK = 128   # largest chunk the kernels tile (a larger chunk_size is capped here)
 MAX_TILE = 64     # K and V tiles of the state
@@ -51,13 +52,17 @@ def _configs(pairs):
 
 
 STATE_CONFIGS = _configs([(4, 2), (4, 1), (8, 2), (4, 3)])
-CHUNK_CONFIGS = _configs([(4, 2), (4, 3), (8, 2), (8, 3)])
-# the gradient kernels loop over V (dqk) or K (dv) in tiles chosen here: 64-wide tiles push the dq/dk
-# kernel to 255 registers on sm_80 (and into spills with fp32 inputs)
-DQK_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (32, 4, 2))
-               for bv in (32, 64) for w in (4, 8) for s in (2, 3)]
-DV_CONFIGS = [KernelConfig({"BK": bk}, num_warps=w, num_stages=s, default=(bk, w, s) == (32, 4, 2))
-              for bk in (32, 64) for w in (4, 8) for s in (2, 3)]
+PARTIAL_CONFIGS = _configs([(4, 2), (4, 3), (8, 2), (8, 3)])
+# The chunk-parallel kernels tune the tile of their grid's axis 1 (64 or 128 columns: a 128-wide tile
+# computes the chunk's [BT, BT] scores once per 128-wide head instead of twice) and of their inner
+# loop. Defaults: 64-wide grid tiles; the gradient kernels loop in 32-wide tiles (64 pushes the dq/dk
+# kernel to 255 registers on sm_80, and into spills with fp32 inputs).
+O_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (64, 4, 2))
+             for bv in (64, 128) for w in (4, 8) for s in (2, 3)]
+DQK_CONFIGS = [KernelConfig({"BK": bk, "BV": bv}, num_warps=w, num_stages=2, default=(bk, bv, w) == (64, 32, 4))
+               for bk in (64, 128) for bv in (32, 64) for w in (4, 8) if (bk, w) != (128, 4)]   # that one spills
+DV_CONFIGS = [KernelConfig({"BV": bv, "BK": bk}, num_warps=w, num_stages=2, default=(bv, bk, w) == (64, 32, 4))
+              for bv in (64, 128) for bk in (32, 64) for w in (4, 8)]
 REDUCE_CONFIGS = _configs([(4, 1), (8, 1)])
 STEP_CONFIGS = _configs([(4, 1), (2, 1), (8, 1)])   # 1 warp spills at K = 128
 
@@ -72,7 +77,12 @@ class Plan(NamedTuple):
     NT: int
     indices: Optional[torch.Tensor]   # [NT, 2] (sequence, chunk) with cu_seqlens
     offsets: Optional[torch.Tensor]   # [N + 1] first chunk of each sequence with cu_seqlens
-    grids: Dict[str, tuple]           # kernel launch -> grid, checked against the CUDA limits
+    grids: Dict[str, tuple]           # kernel -> grid at its default config, checked against the CUDA limits
+    tuned: Dict[str, Callable]        # o, dqk, dv: grid as a function of the config (autotuned axis-1 tile)
+
+
+# axis-1 tile of each chunk-parallel kernel: (config key, dimension it tiles, configs)
+_GRID_TILES = {"o": ("BV", "V", O_CONFIGS), "dqk": ("BK", "K", DQK_CONFIGS), "dv": ("BV", "V", DV_CONFIGS)}
 
 
 def chunk_rows(T: int, chunk_size: int) -> int:
@@ -86,7 +96,8 @@ def launch_plan(B: int, T: int, H: int, K: int, V: int, chunk_size: int, cu_seql
     Grids by kernel: "states" (causal, sequential: (N*H, NK, NV)), "partials" and "reduce" (non-causal),
     "o" (the forward's output), "dqk" and "dv" (backward); chunk-parallel grids put chunk x head on
     axis 0. The forward runs states (or partials, reduce) then o; the backward runs states twice (or
-    partials, reduce twice), dqk and dv.
+    partials, reduce twice), dqk and dv. Autotuning may widen the axis-1 tiles of o, dqk and dv
+    (`tuned`), which only shrinks axis 1.
     """
     BT = chunk_rows(T, chunk_size)
     BK, BV = (max(16, min(triton.next_power_of_2(d), MAX_TILE)) for d in (K, V))
@@ -96,13 +107,15 @@ def launch_plan(B: int, T: int, H: int, K: int, V: int, chunk_size: int, cu_seql
     else:
         indices, offsets = chunk_indices(cu_seqlens, BT), chunk_offsets(cu_seqlens, BT)
         N, NT = cu_seqlens.numel() - 1, indices.shape[0]
-    seq = (N * H, NK, NV)
-    grids = {"o": (NT * H, NV), "dqk": (NT * H, NK), "dv": (NT * H, NV)}
+    seq, dims = (N * H, NK, NV), {"K": K, "V": V}
+    tuned = {n: (lambda meta, tile=tile, d=dims[dim]: check_grid((NT * H, triton.cdiv(d, meta[tile]))))
+             for n, (tile, dim, _) in _GRID_TILES.items()}
+    grids = {n: tuned[n](default_config(configs).meta) for n, (_, _, configs) in _GRID_TILES.items()}
     if causal:
         grids["states"] = seq
     else:
         grids.update({"partials": (NT * H, NK, NV), "reduce": seq})
-    return Plan(BT, BK, BV, N, NT, indices, offsets, {n: check_grid(g) for n, g in grids.items()})
+    return Plan(BT, BK, BV, N, NT, indices, offsets, {n: check_grid(g) for n, g in grids.items()}, tuned)
 
 
 # --------------------------------------------------------------------------- jit helpers
@@ -185,7 +198,7 @@ def chunk_state_kernel(
 
 # --------------------------------------------------------------------------- non-causal state: partials + reduce
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
-@autotune(CHUNK_CONFIGS, key=["H", "K", "V", "BT"])
+@autotune(PARTIAL_CONFIGS, key=["H", "K", "V", "BT"])
 @triton.jit
 def chunk_partial_kernel(
     a, b, p, cu_seqlens, indices, scale, T,
@@ -238,14 +251,14 @@ def chunk_reduce_kernel(
 
 # --------------------------------------------------------------------------- chunk-parallel outputs
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
-@autotune(CHUNK_CONFIGS, key=["H", "K", "V", "BT", "CAUSAL"])
+@autotune(O_CONFIGS, key=["H", "K", "V", "BT", "CAUSAL"])
 @triton.jit
 def chunk_o_kernel(
     q, k, v, h, o, cu_seqlens, indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """o_c = scale (q_c h_c + tril(q_c k_c^T) v_c); grid (NT*H, NV).
+    """o_c = scale (q_c h_c + tril(q_c k_c^T) v_c); grid (NT*H, cdiv(V, BV)), looping over K in BK tiles.
 
     h: chunk-start states [NT, H, K, V] (causal), or one state per sequence [N, H, K, V] (non-causal,
     o_c = scale q_c S_n). o: [tokens, H, V].
@@ -291,7 +304,7 @@ def chunk_dqk_kernel(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """dq_c = scale (do_c h_c^T + ds_c k_c), dk_c = v_c G_c^T + scale ds_c^T q_c, ds_c = tril(do_c v_c^T);
-    grid (NT*H, NK) with K tiles of the plan's BK, looping over V in tiles of the config's BV.
+    grid (NT*H, cdiv(K, BK)), looping over V in BV tiles.
     h / dh (h_c / G_c) as in chunk_o_kernel; non-causal drops the ds terms."""
     i_ch, i_k = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
@@ -338,8 +351,8 @@ def chunk_dv_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """dv_c = k_c G_c + scale triu(k_c q_c^T) do_c; grid (NT*H, NV) with V tiles of the plan's BV,
-    looping over K in tiles of the config's BK. Non-causal: dv = k G_n."""
+    """dv_c = k_c G_c + scale triu(k_c q_c^T) do_c; grid (NT*H, cdiv(V, BV)), looping over K in BK tiles.
+    Non-causal: dv = k G_n."""
     i_ch, i_v = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
     i_n, t0, L = _chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
@@ -410,9 +423,10 @@ def linear_attention_step_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-def _launch(kernel, grid, *args, **meta):
-    if grid[0] > 0:
-        kernel[grid](*args, **meta)
+def _launch(kernel, plan, name, *args, **meta):
+    """Launch `kernel` on the plan's grid for `name` (nothing to launch when axis 0 is empty)."""
+    if plan.grids[name][0] > 0:
+        kernel[plan.tuned.get(name, plan.grids[name])](*args, **meta)
 
 
 def _states(plan, a, b, init, scale, causal, cu_seqlens, want_final, reverse):
@@ -427,14 +441,14 @@ def _states(plan, a, b, init, scale, causal, cu_seqlens, want_final, reverse):
     if causal:
         h = empty(plan.NT, H, K, V, dtype=a.dtype, device=a.device)
         final = empty(plan.N, H, K, V, dtype=torch.float32, device=a.device) if want_final else None
-        _launch(chunk_state_kernel, plan.grids["states"], a, b, h, init, final, cu_seqlens, plan.offsets,
+        _launch(chunk_state_kernel, plan, "states", a, b, h, init, final, cu_seqlens, plan.offsets,
                 scale, T, REVERSE=reverse, **meta)
         return h, final
     p = empty(plan.NT, H, K, V, dtype=torch.float32, device=a.device)
     total = empty(plan.N, H, K, V, dtype=torch.float32, device=a.device)
-    _launch(chunk_partial_kernel, plan.grids["partials"], a, b, p, cu_seqlens, plan.indices, scale, T, **meta)
+    _launch(chunk_partial_kernel, plan, "partials", a, b, p, cu_seqlens, plan.indices, scale, T, **meta)
     del meta["UPCAST"]
-    _launch(chunk_reduce_kernel, plan.grids["reduce"], p, init, total, cu_seqlens, plan.offsets, T, **meta)
+    _launch(chunk_reduce_kernel, plan, "reduce", p, init, total, cu_seqlens, plan.offsets, T, **meta)
     return total, total
 
 
@@ -449,8 +463,8 @@ def linear_attention_fwd(q, k, v, scale, causal, h0, output_final_state, cu_seql
     plan = launch_plan(B, T, H, K, V, chunk_size, cu_seqlens, causal) if plan is None else plan
     h, ht = _states(plan, k, v, h0, 1.0, causal, cu_seqlens, output_final_state, False)
     o = empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    _launch(chunk_o_kernel, plan.grids["o"], q, k, v, h, o, cu_seqlens, plan.indices, scale, T,
-            H=H, K=K, V=V, BT=plan.BT, BK=plan.BK, BV=plan.BV, CAUSAL=causal, UPCAST=upcast_dots(q.dtype))
+    _launch(chunk_o_kernel, plan, "o", q, k, v, h, o, cu_seqlens, plan.indices, scale, T,
+            H=H, K=K, V=V, BT=plan.BT, BK=plan.BK, CAUSAL=causal, UPCAST=upcast_dots(q.dtype))
     if ht is None and output_final_state:   # T == 0 or no sequences: the state passes through
         ht = h0.clone() if h0 is not None else torch.zeros(plan.N, H, K, V, device=q.device)
     return o, (ht if output_final_state else None)
@@ -466,9 +480,8 @@ def linear_attention_bwd(q, k, v, do, scale, causal, h0, dht, cu_seqlens, chunk_
     dq, dk = empty(B, T, H, K, dtype=q.dtype, device=q.device), empty(B, T, H, K, dtype=k.dtype, device=q.device)
     dv = empty(B, T, H, V, dtype=v.dtype, device=q.device)
     meta = dict(H=H, K=K, V=V, BT=plan.BT, CAUSAL=causal, UPCAST=upcast_dots(q.dtype))
-    _launch(chunk_dqk_kernel, plan.grids["dqk"], q, k, v, do, h, dh, dq, dk, cu_seqlens, plan.indices, scale, T,
-            BK=plan.BK, **meta)
-    _launch(chunk_dv_kernel, plan.grids["dv"], q, k, do, dh, dv, cu_seqlens, plan.indices, scale, T, BV=plan.BV, **meta)
+    _launch(chunk_dqk_kernel, plan, "dqk", q, k, v, do, h, dh, dq, dk, cu_seqlens, plan.indices, scale, T, **meta)
+    _launch(chunk_dv_kernel, plan, "dv", q, k, do, dh, dv, cu_seqlens, plan.indices, scale, T, **meta)
     if need_dh0 and dh0 is None:
         dh0 = dht.clone() if dht is not None else torch.zeros(plan.N, H, K, V, device=q.device)
     return dq, dk, dv, (dh0 if need_dh0 else None)
@@ -515,8 +528,8 @@ def linear_attention_step_triton(q, k, v, S, z, scale, eps, out_dtype):
     BK, BV = _step_tiles(K, V)
     NV = 1 if z is not None else triton.cdiv(V, BV)
     o = empty(B, H, V, dtype=out_dtype, device=q.device)
-    _launch(linear_attention_step_kernel, check_grid((B * H, NV)), q, k, v, o, S, z, scale, eps,
-            K=K, V=V, BK=BK, BV=BV)
+    if B * H > 0:
+        linear_attention_step_kernel[check_grid((B * H, NV))](q, k, v, o, S, z, scale, eps, K=K, V=V, BK=BK, BV=BV)
     return o
 
 
@@ -552,13 +565,13 @@ def _scan_specs(D: int, dt: str, causal: bool, varlen: bool = False):
                                {**tiles, "REVERSE": reverse, **up, "USE_INITIAL": True, "STORE_FINAL": True,
                                 **packed}))
     else:
-        specs.append(_spec(f"linear_attention.partials[{tag}]", chunk_partial_kernel, CHUNK_CONFIGS,
+        specs.append(_spec(f"linear_attention.partials[{tag}]", chunk_partial_kernel, PARTIAL_CONFIGS,
                            {"a": x, "b": x, "p": f32, **chunk}, {**tiles, **up, **packed}))
         specs.append(_spec(f"linear_attention.reduce[{tag}]", chunk_reduce_kernel, REDUCE_CONFIGS,
                            {"p": f32, "init": f32, "out": f32, **seq, "T": "i32"},
                            {**tiles, "USE_INITIAL": True, **packed}))
     s = x if causal else f32   # chunk states are stored in the input dtype; the non-causal total in fp32
-    specs.append(_spec(f"linear_attention.o[{tag},{mode}]", chunk_o_kernel, CHUNK_CONFIGS,
+    specs.append(_spec(f"linear_attention.o[{tag},{mode}]", chunk_o_kernel, O_CONFIGS,
                        {"q": x, "k": x, "v": x, "h": s, "o": x, **chunk},
                        {**tiles, "CAUSAL": causal, **up, **packed}))
     specs.append(_spec(f"linear_attention.dqk[{tag},{mode}]", chunk_dqk_kernel, DQK_CONFIGS,
