@@ -5,8 +5,14 @@ to one line. Notation (see DESIGN.md): B batch, T tokens, H heads, K key dim, V 
 M CMS memories, C chunk size (64), e bytes per input element, 4 bytes per float32 state element.
 
 Bytes are the compulsory traffic: every input read once, every output written once, a recurrent
-state read and written once per call. Tensors a kernel may re-read (chunk states, recomputation)
-are not counted, so the achieved bandwidth fraction is a lower bound on what the card delivered.
+state read and written once per call, plus, for linear attention, the chunk states of the
+chunk-parallel algorithm (`la_chunk_state_bytes`): with n = B H ceil(T / C) K V elements,
+causal forward 2 e n (h_c written by the state pass, read by the output kernel), backward 5 e n
+(h_c recomputed and read once, G_c written and read twice); non-causal forward 12 n (float32
+per-chunk partials written and read, the sequence state read per chunk), backward 28 n (two
+partial reductions, S read once and G twice per chunk). Inputs re-read by the backward's
+recomputation are not counted, so the achieved bandwidth fraction is a lower bound on what the
+card delivered.
 
 FLOPs (one multiply-add = 2 FLOPs) are those of the chunked algorithm at chunk size C:
 
@@ -68,6 +74,14 @@ def _sdpa_fwd_flops(s: Shape, causal: bool) -> float:
     return 4.0 * s.B * s.H * s.T * s.T * s.K * (0.5 if causal else 1.0)
 
 
+def la_chunk_state_bytes(s: Shape, e: int, causal: bool) -> Tuple[float, float]:
+    """(forward, backward) bytes of linear attention's chunk states (see the module docstring)."""
+    n = s.B * s.H * -(-s.T // CHUNK) * s.K * s.V
+    if causal:
+        return 2.0 * e * n, 5.0 * e * n
+    return 3.0 * STATE_BYTES * n, 7.0 * STATE_BYTES * n
+
+
 # (fwd bytes, bwd bytes, fwd flops, bwd flops) per (op, provider family); e = bytes per element
 def _linear_attention(s: Shape, e: int, causal: bool, softmax: bool):
     n = s.B * s.T * s.H
@@ -75,8 +89,9 @@ def _linear_attention(s: Shape, e: int, causal: bool, softmax: bool):
     if softmax:
         f = _sdpa_fwd_flops(s, causal)
         return fwd_b, bwd_b, f, 2.5 * f
+    state_f, state_b = la_chunk_state_bytes(s, e, causal)
     f = _la_fwd_flops(s, causal)
-    return fwd_b, bwd_b, f, 2.0 * f
+    return fwd_b + state_f, bwd_b + state_b, f, 2.0 * f
 
 
 def _cms(s: Shape, e: int, mix: bool):

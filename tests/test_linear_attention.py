@@ -1,13 +1,15 @@
 """linear_attention / linear_attention_step: both backends against the float64 reference.
 
 Kernels run in the Triton interpreter on CPU (where every kernel output buffer is NaN-poisoned,
-see triton_kernels._empty), so shapes stay small and the dtype x shape x flag matrix is a
+see triton_utils.empty), so shapes stay small and the dtype x shape x flag matrix is a
 representative set of cases rather than the full product.
 """
+import math
+
 import pytest
 import torch
 
-from hope_kernels import linear_attention, linear_attention_step, reference
+from hope_kernels import linear_attention, linear_attention_step, reference, triton_utils
 from hope_kernels.linear_attention import triton_kernels
 from helpers import as_ref, assert_close, randn
 
@@ -113,12 +115,38 @@ def test_torch_backend_long_sequence(causal, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunk_size_does_not_change_the_result(backend, device):
+    """Chunks of 16, 32 and 64 rows give the same outputs, states and gradients (T = 70: ragged tails)."""
     q, k, v, S0, _ = make_inputs(1, 70, 2, 16, 16, F32, device)
-    outs = [linear_attention(q, k, v, initial_state=S0, output_final_state=True, chunk_size=c, backend=backend)
-            for c in (16, 32, 128)]
-    for o, ht in outs[1:]:
-        assert_close("o", o, outs[0][0], F32, device)
-        assert_close("S_T", ht, outs[0][1], F32, device)
+    do = torch.randn(1, 70, 2, 16, device=device)
+    results = []
+    for c in (16, 32, 64):
+        o, ht = linear_attention(q, k, v, initial_state=S0, output_final_state=True, chunk_size=c, backend=backend)
+        results.append((o, ht, *torch.autograd.grad((o * do).sum() + ht.sum(), (q, k, v, S0))))
+    for other in results[1:]:
+        for name, a, b in zip(("o", "S_T", "dq", "dk", "dv", "dS0"), other, results[0]):
+            assert_close(name, a, b, F32, device, grad=name.startswith("d"))
+
+
+def test_chunk_size_sets_the_triton_tiles():
+    """The Triton launches follow chunk_size (capped at 128 rows and at T rounded up to a power of two)."""
+    assert [triton_kernels.launch_plan(1, 1024, 2, 64, 64, c).BT for c in (16, 32, 64, 128, 1 << 20)] == \
+        [16, 32, 64, 128, 128]
+    assert triton_kernels.launch_plan(1, 20, 2, 64, 64, 1 << 20).BT == 32
+    assert triton_kernels.launch_plan(1, 1024, 2, 64, 64, 16).grids["o"] == (128, 1)
+
+
+def test_torch_chunk_is_capped_at_the_sequence_length(monkeypatch):
+    """A huge chunk_size on a short sequence allocates nothing of the chunk's size."""
+    q, k, v, S0, _ = make_inputs(1, 32, 2, 16, 16, F32, "cpu")
+    seen = []
+    pad = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda x, p, *a, **kw: seen.append(p) or pad(x, p, *a, **kw))
+    o, ht = linear_attention(q, k, v, initial_state=S0, output_final_state=True, chunk_size=1 << 20, backend="torch")
+    assert not seen, "the torch path padded a 32-token sequence to the chunk size"
+    o_ref, ht_ref = reference.linear_attention(*(as_ref(t) for t in (q, k, v)), initial_state=as_ref(S0),
+                                               output_final_state=True)
+    assert_close("o", o, o_ref, F32, "cpu")
+    assert_close("S_T", ht, ht_ref, F32, "cpu")
 
 
 def test_float64_torch_backend_matches_the_reference():
@@ -143,7 +171,7 @@ def test_float64_gradcheck():
 
 # --------------------------------------------------------------------------- states
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("normalize,causal,dtype", [(False, True, F32), (True, True, BF16)])
+@pytest.mark.parametrize("normalize,causal,dtype", [(False, True, F32), (True, True, BF16), (False, True, F16)])
 def test_split_and_resume(backend, normalize, causal, dtype, device):
     """x[:, :t] then x[:, t:] resumed from the final state == one call: values and gradients."""
     B, T, H, K, V, t = 2, 45, 2, 32, 24, 20
@@ -168,7 +196,8 @@ def test_split_and_resume(backend, normalize, causal, dtype, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("index_dtype,normalize,causal", [(torch.int32, False, True), (torch.int64, True, False)])
+@pytest.mark.parametrize("index_dtype,normalize,causal", [(torch.int32, False, True), (torch.int64, True, False),
+                                                          (torch.int32, True, True)])
 def test_cu_seqlens_equals_loop_over_sequences(backend, index_dtype, normalize, causal, device):
     """Packed sequences (one of them empty) == one call per sequence, outputs, states and grads."""
     bounds = [0, 7, 7, 30, 45]
@@ -195,7 +224,7 @@ def test_cu_seqlens_equals_loop_over_sequences(backend, index_dtype, normalize, 
 
 # --------------------------------------------------------------------------- generation step
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("normalize,dtype", [(False, F32), (True, F32), (False, BF16)])
+@pytest.mark.parametrize("normalize,dtype", [(False, F32), (True, F32), (False, BF16), (True, F16)])
 def test_step_loop_equals_scan(backend, normalize, dtype, device):
     B, T, H, K, V = 2, 9, 2, 48, 40
     q, k, v, S0, z0 = (None if t is None else t.detach()
@@ -283,22 +312,103 @@ def test_final_state_is_none_unless_asked(device):
         assert linear_attention(q, k, v, backend=backend)[1] is None
 
 
-def test_kernel_buffers_are_nan_poisoned_in_the_interpreter(device):
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_buffers_are_nan_poisoned_in_the_interpreter(causal, device):
     """Every test above then fails on any element a kernel forgets to write."""
     if device.type != "cpu":
         pytest.skip("poisoning is automatic only in the interpreter")
-    buf = triton_kernels._empty(4, 3, dtype=torch.bfloat16, device=device)
+    buf = triton_utils.empty(4, 3, dtype=torch.bfloat16, device=device)
     assert torch.isnan(buf).all()
     # and a direct launch over the poisoned buffers writes every output element
     q, k, v, S0, _ = (None if t is None else t.detach() for t in make_inputs(1, 23, 1, 48, 40, F16, device))
     cu = torch.tensor([0, 0, 5, 23], device=device)
-    o, ht = triton_kernels.linear_attention_fwd(q, k, v, 0.5, True, S0[:1].expand(3, -1, -1, -1).contiguous(),
-                                                True, cu, 16, F16)
+    h0 = S0[:1].expand(3, -1, -1, -1).contiguous()
+    o, ht = triton_kernels.linear_attention_fwd(q, k, v, 0.5, causal, h0, True, cu, 16)
     do = torch.randn_like(o)
-    grads = triton_kernels.linear_attention_bwd(q, k, v, do, 0.5, True, S0[:1].expand(3, -1, -1, -1).contiguous(),
-                                                torch.randn_like(ht), cu, 16, True)
+    grads = triton_kernels.linear_attention_bwd(q, k, v, do, 0.5, causal, h0, torch.randn_like(ht), cu, 16, True)
     for t in (o, ht, *grads):
         assert not torch.isnan(t).any()
+
+
+# --------------------------------------------------------------------------- launch arithmetic and memory
+def _programs(grid):
+    return math.prod(grid)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_launch_has_a_program_per_chunk_and_head(causal):
+    """B = 1, H = 2, T = 1024, K = V = 64: the largest forward and backward launches have >= T/64 * B * H
+    programs (chunk-parallel), whatever the batch is."""
+    B, T, H = 1, 1024, 2
+    g = triton_kernels.launch_plan(B, T, H, 64, 64, 64, causal=causal).grids
+    fwd = ["states", "o"] if causal else ["partials", "reduce", "o"]
+    bwd = ["states", "dqk", "dv"] if causal else ["partials", "reduce", "dqk", "dv"]
+    assert max(_programs(g[n]) for n in fwd) >= T // 64 * B * H
+    assert max(_programs(g[n]) for n in bwd) >= T // 64 * B * H
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_launchers_use_the_plan_grids(causal, monkeypatch, device):
+    """What the tests of launch_plan check is what the launchers launch, in this order."""
+    launched = []
+    launch = triton_kernels._launch
+    monkeypatch.setattr(triton_kernels, "_launch", lambda kernel, plan, name, *a, **kw: launched.append(
+        (name, plan.grids)) or launch(kernel, plan, name, *a, **kw))
+    cu = torch.tensor([0, 5, 40], device=device)
+    q, k, v, S0, _ = make_inputs(1, 40, 2, 16, 80, F16, device, N=2)
+    o, ht = linear_attention(q, k, v, initial_state=S0, output_final_state=True, causal=causal, cu_seqlens=cu,
+                             chunk_size=16, backend="triton")
+    (o.float().sum() + ht.sum()).backward()
+    plan = triton_kernels.launch_plan(1, 40, 2, 16, 80, 16, cu, causal=causal)
+    fwd = ["states", "o"] if causal else ["partials", "reduce", "o"]
+    bwd = ["states", "states", "dqk", "dv"] if causal else ["partials", "reduce", "partials", "reduce", "dqk", "dv"]
+    assert [n for n, _ in launched] == fwd + bwd and all(g == plan.grids for _, g in launched)
+    assert plan.NT == 4 and plan.grids["o"] == (8, 2)
+
+
+def test_autotuned_tiles_only_narrow_the_grid():
+    """o, dqk and dv tune the tile of grid axis 1: the default config gives plan.grids, wider tiles fewer columns."""
+    plan = triton_kernels.launch_plan(2, 1000, 3, 256, 128, 64)
+    assert plan.grids["o"] == (2 * 16 * 3, 2) and plan.tuned["o"]({"BV": 128}) == (96, 1)
+    assert plan.grids["dqk"] == (96, 4) and plan.tuned["dqk"]({"BK": 128, "BV": 32}) == (96, 2)
+    for name, (tile, _, configs) in triton_kernels._GRID_TILES.items():
+        assert plan.tuned[name](triton_utils.default_config(configs).meta) == plan.grids[name]
+
+
+def test_packed_sequences_launch_real_chunks_within_the_grid_limits():
+    """70 000 packed sequences x 2 heads: more than 65535 (sequence, head) pairs and chunks; every grid axis
+    stays within its CUDA limit and the chunk-parallel launches cover exactly the real chunks."""
+    lens = torch.tensor([1, 100, 0] * 23334)[:70000]
+    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
+    H, T = 2, int(cu[-1])
+    for causal in (True, False):
+        plan = triton_kernels.launch_plan(1, T, H, 64, 256, 64, cu, causal=causal)
+        n_chunks = int(((lens + 63) // 64).sum())
+        assert plan.N * H > triton_utils.GRID_YZ_LIMIT and plan.NT * H > triton_utils.GRID_YZ_LIMIT
+        assert plan.NT == n_chunks and plan.indices.shape == (n_chunks, 2)
+        assert plan.grids["o"] == (n_chunks * H, 4) and plan.grids["dqk"] == (n_chunks * H, 1)
+        for grid in plan.grids.values():
+            assert triton_utils.check_grid(grid) == grid
+    # the check itself rejects what the old layout would launch: N * H on a limited axis
+    with pytest.raises(ValueError, match="grid"):
+        triton_utils.check_grid((1, 70000 * H, 1))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_memory_saved_for_backward(dtype, device):
+    """The forward saves q, k, v and S_0 (chunk states are recomputed): <= 1.5x the inputs + 2 states."""
+    B, T, H, K, V = 1, 256, 2, 64, 64
+    q, k, v, S0, _ = make_inputs(B, T, H, K, V, dtype, device)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        linear_attention(q, k, v, initial_state=S0, output_final_state=True, backend="triton")
+    inputs = sum(t.numel() * t.element_size() for t in (q, k, v))
+    state = S0.numel() * S0.element_size()
+    assert sum(saved.values()) <= 1.5 * inputs + 2 * state, (sum(saved.values()), inputs, state)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -372,6 +482,17 @@ def test_bad_step_input_raises(backend, name, mutate, exc, match):
         linear_attention_step(**kwargs)
 
 
+def test_float64_with_triton_raises_and_routes_to_torch_by_default(device):
+    q, k, v, S0 = (t.detach().double() for t in make_inputs(1, 8, 2, 16, 16, F32, device)[:4])
+    with pytest.raises(TypeError, match="float64"):
+        linear_attention(q, k, v, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        linear_attention_step(q[:, 0], k[:, 0], v[:, 0], S0.clone(), backend="triton")
+    o, _ = linear_attention(q, k, v)
+    assert o.dtype == torch.float64
+    assert_close("o", o, reference.linear_attention(q, k, v)[0], torch.float64, device)
+
+
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     d = _good()
@@ -400,7 +521,7 @@ def torch_float64(*args, **kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal,normalize", [(True, False), (False, False), (True, True)])
 def test_gpu_large(D, causal, normalize, device):
     q, k, v, S0, z0 = make_inputs(2, 1024, 4, D, D, BF16, device, normalize=normalize)

@@ -5,9 +5,9 @@
     normalize:  z_t = z_0 + sum_{s<=t} k_s (all s when non-causal),
                 o_t = (scale * q_t S_t) / (scale * q_t . z_t + eps)
 
-Normalisation runs the same scan on values augmented with a column of ones: the state
-[S | z] gives numerator and denominator in one pass (kept in float32), and the division
-happens outside the kernels, under autograd.
+The scan (Triton or torch) computes scale * q_t S_t. With normalize that is the numerator; the
+denominator comes from z_t, a cumulative sum of k in torch (float32), and the division runs under
+autograd, so the kernels never see z. Float64 inputs run the torch path (backend=None), in float64.
 """
 from __future__ import annotations
 
@@ -43,16 +43,45 @@ def _check_state(name: str, state, normalize: bool, N: int, H: int, K: int, V: i
     return utils.check_state(name, state, (N, H, K, V), device, "[N, H, K, V]")
 
 
+def _denominator(q, k, z0, scale, eps, causal, cu, sd):
+    """den_t = scale * q_t . z_t + eps and z_T, in the state dtype, differentiable.
+
+    z_t = z_0 + sum_{s<=t} k_s over t's sequence (all s of it when non-causal). Packed sequences take
+    a float64 cumulative sum of the whole row minus its value at their start (no cancellation).
+    """
+    B, T, H, K = k.shape
+    kf = k.to(sd)
+    if cu is None:
+        zT = kf.sum(1) if z0 is None else kf.sum(1) + z0
+        z = (kf.cumsum(1) if z0 is None else kf.cumsum(1) + z0[:, None]) if causal else zT[:, None]
+    else:
+        N = cu.numel() - 1
+        seg = torch.repeat_interleave(torch.arange(N, device=k.device), cu.diff(), output_size=T)
+        zT = kf.new_zeros(N, H, K).index_add(0, seg, kf[0])
+        if z0 is not None:
+            zT = zT + z0
+        if causal:
+            c = kf[0].double().cumsum(0)
+            before = torch.cat([c.new_zeros(1, H, K), c])[cu[:-1]]   # the row's sum before each sequence
+            z = (c - before[seg]).to(sd)
+            z = (z if z0 is None else z + z0[seg])[None]
+        else:
+            z = zT[seg][None]
+    return scale * (q.to(sd) * z).sum(-1, keepdim=True) + eps, zT
+
+
 def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1e-6, initial_state=None,
                      output_final_state=False, cu_seqlens=None, chunk_size=64, backend=None):
     """Linear attention over a sequence (see the module docstring for the math).
 
     Args:
-        q, k: [B, T, H, K]; v: [B, T, H, V] (float32, float16 or bfloat16).
+        q, k: [B, T, H, K]; v: [B, T, H, V] (float32, float16 or bfloat16; float64 runs the torch
+            path when backend is None and raises TypeError with backend="triton").
         scale: multiplies q; defaults to K ** -0.5.
         initial_state: S_0 [N, H, K, V] float32, or (S_0, z_0 [N, H, K]) with normalize.
         cu_seqlens: int32/int64 [N + 1] offsets of N sequences packed into one batch row (B == 1).
-        chunk_size: tokens per chunk (a power of two >= 16); a tuning knob, the result does not depend on it.
+        chunk_size: tokens per chunk (a power of two >= 16; Triton tiles at most 128 rows, and no backend
+            uses more rows than T has); a tuning knob, the result does not depend on it.
     Returns:
         o [B, T, H, V] in the input dtype, and the final state (float32, same structure as
         initial_state) when output_final_state, else None. Differentiable in q, k, v and initial_state.
@@ -63,35 +92,39 @@ def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1
     N = B if cu is None else cu.numel() - 1
     initial_state = _check_state("initial_state", initial_state, normalize, N, H, K, V, device)
     scale = utils.resolve_scale(scale, K)
+    explicit = backend
     backend = utils.resolve_backend(backend, device)
     q, k, v = utils.autocast_inputs(device, q, k, v)
     dtype = utils.check_same_dtype(q=q, k=k, v=v)
+    backend = _float64_backend(dtype, explicit, backend)
     sd = utils.state_dtype(dtype)
-    if dtype == torch.float64:  # the kernels accumulate in float32; float64 (gradchecks) runs in torch
-        backend = "torch"
 
     with torch.autocast(device.type, enabled=False):
-        h0 = initial_state
-        if normalize:
-            v = torch.cat([v, v.new_ones(B, T, H, 1)], -1)
-            if initial_state is not None:
-                S0, z0 = initial_state
-                h0 = torch.cat([S0.to(sd), z0.to(sd)[..., None]], -1)
-        if h0 is not None:
-            h0 = h0.to(sd)
-        out_dtype = sd if normalize else dtype
+        S0, z0 = initial_state if normalize and initial_state is not None else (initial_state, None)
+        if S0 is not None:
+            S0 = S0.to(sd)
         if backend == "triton":
-            q, k, v, h0 = utils.contiguous(q, k, v, h0)
-            o, ht = _triton().LinearAttentionFunction.apply(q, k, v, h0, scale, causal, output_final_state, cu,
-                                                            chunk_size, out_dtype)
+            q, k, v, S0 = utils.contiguous(q, k, v, S0)
+            o, ST = _triton().LinearAttentionFunction.apply(q, k, v, S0, scale, causal, output_final_state, cu,
+                                                            chunk_size)
         else:
-            o, ht = linear_attention_torch(q, k, v, scale, causal, h0, cu, utils.cap_chunk_size(chunk_size, T), sd)
-            o = o.to(out_dtype)
+            o, ST = linear_attention_torch(q, k, v, scale, causal, S0, cu, chunk_size, sd)
         if normalize:
-            o = (o[..., :V] / (o[..., V:] + eps)).to(dtype)
-            if ht is not None:
-                ht = (ht[..., :V].contiguous(), ht[..., V].contiguous())
-    return o, (ht if output_final_state else None)
+            den, zT = _denominator(q, k, None if z0 is None else z0.to(sd), scale, eps, causal, cu, sd)
+            o = o.to(sd) / den
+            ST = (ST, zT)
+        o = o.to(dtype)
+    return o, (ST if output_final_state else None)
+
+
+def _float64_backend(dtype: torch.dtype, explicit, backend: str) -> str:
+    """float64 runs the torch path; asking for Triton explicitly is an error (the kernels accumulate in fp32)."""
+    if dtype != torch.float64:
+        return backend
+    if explicit == "triton":
+        raise TypeError("backend='triton' takes float32, float16 or bfloat16 inputs, got float64 "
+                        "(backend=None or 'torch' runs float64 in PyTorch)")
+    return "torch"
 
 
 def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e-6, backend=None):
@@ -108,11 +141,11 @@ def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e
         (_check_state("state", state, normalize, B, H, K, V, device), None)
     utils.check_state_dtype("state", S, z)
     scale = utils.resolve_scale(scale, K)
+    explicit = backend
     backend = utils.resolve_backend(backend, device)
     q, k, v = utils.autocast_inputs(device, q, k, v)
     dtype = utils.check_same_dtype(q=q, k=k, v=v)
-    if dtype == torch.float64 or S.dtype == torch.float64:
-        backend = "torch"
+    backend = _float64_backend(torch.float64 if S.dtype == torch.float64 else dtype, explicit, backend)
 
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         if backend == "torch":

@@ -6,7 +6,7 @@ Within a chunk of BT tokens the causal output is
 
 and the chunk-start states S_{c-1} are one exclusive cumulative sum over the chunk states
 k_c^T v_c, so no Python loop runs over tokens (nor over chunks). Non-causal attention reads
-one state S = S_0 + K^T V. Normalisation is handled by the caller (augmented values).
+one state S = S_0 + K^T V. Normalisation is handled by the caller (ops.py divides by q . z).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _dense(q, k, v, scale: float, causal: bool, S0: Optional[torch.Tensor], chun
         if S0 is not None:
             S = S + S0
         return torch.einsum("bthk,bhkv->bthv", q, S) * scale, S
-    BT = chunk_size
+    BT = min(chunk_size, T)   # no chunk longer than the sequence (chunk_size may be huge)
     pad = (-T) % BT
     if pad:  # zero keys/values add nothing to the state; padded queries are cropped
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
