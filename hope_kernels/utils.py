@@ -197,12 +197,6 @@ def check_chunk_size(chunk_size) -> int:
     return chunk_size
 
 
-def cap_chunk_size(chunk_size: int, seq_len: int) -> int:
-    """The chunk a dense (padded) path needs for T = seq_len tokens: no larger than T rounded up
-    to a power of two >= 16, so a huge chunk_size never allocates [chunk, chunk] tiles for a short T."""
-    return min(chunk_size, max(16, 1 << max(seq_len - 1, 0).bit_length()))
-
-
 def resolve_scale(scale, head_dim: int) -> float:
     """`scale` as a finite float; None means head_dim ** -0.5."""
     if scale is None:
