@@ -124,13 +124,15 @@ def test_triton_provider_under_interpreter(tmp_path):
 
 @pytest.mark.parametrize("op", ["linear_attention", "linear_attention_noncausal", "cms_scan", "cms_scan_mix"])
 def test_roofline_bytes_match_the_tensors_of_a_forward(op):
-    """The forward bytes of roofline.py are exactly the inputs read plus the output written."""
+    """The forward bytes of roofline.py are exactly the inputs read plus the output written (plus,
+    for the CMS, its chunk states written and read once)."""
     s = Shape(B=2, T=48, H=3, K=16, V=8, M=3)
     case = CASES[op]
     inp = case.make(s, torch.bfloat16, torch.device("cpu"), False)
     out = case.call("torch", inp.args)
     read = sum(t.numel() * t.element_size() for n, t in inp.args.items() if n != "decay")
     nbytes, flops = roofline.cost(op, "torch", "fwd", s, torch.bfloat16)
-    assert nbytes == read + out.numel() * out.element_size()
+    states = roofline.cms_chunk_state_bytes(s, 2)[0] if op.startswith("cms") else 0
+    assert nbytes == read + out.numel() * out.element_size() + states
     b_bwd, f_bwd = roofline.cost(op, "torch", "bwd", s, torch.bfloat16)
     assert f_bwd == 2 * flops and b_bwd > nbytes

@@ -20,9 +20,11 @@ The chunk states are a transient of the forward: nothing per chunk is saved for 
 
 Backward, memory by memory (so every transient is [chunks, H, K, V], never x M), each memory
 three launches: cms_state_kernel again (its chunk-start states, recomputed), cms_bwd_dh_kernel
-(the reverse pass: dL/dS at the end of every chunk, state in registers, dL/dS_0), cms_bwd_kernel
-(one program per chunk x head, V tiles looped inside: dq, dk, dv accumulated over memories in
-fp32 buffers, dmix, and the decay-gradient partials). Decay gradient, with k' = (1 - tau) k:
+(the reverse pass: dL/dS at the end of every chunk, state in registers, dL/dS_0), cms_bwd_dv_kernel
+(one program per chunk x head x V tile: dv) and cms_bwd_kernel (one program per chunk x head, V
+tiles looped inside: dq, dk, dmix and the decay-gradient partials); dq, dk, dv are accumulated
+over the memories in fp32 buffers. dv has its own kernel because next to the dq / dk accumulators
+it pushed the gradient kernel into spills. Decay gradient, with k' = (1 - tau) k:
 dL/dtau = (dL/dg) / tau - sum_i k_i . dk'_i, where dL/dg is summed chunk by chunk with each
 exponent's own weight (i - j for a pair, i for tau^i, L - j, L): no large diagonal terms that
 cancel, so tau = 1e-3 keeps fp32 accuracy.
@@ -48,8 +50,9 @@ from ..triton_utils import autotune, check_grid, chunk_indices, chunk_offsets, e
 # ----------------------------------------------------------------------------- configs
 # Tiles are fixed by (K, V) (see `tiles`), so the grids do not depend on the tuned config.
 STATE_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 2)) for w in (4, 8) for s in (1, 2)]
-FWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 2)) for w in (4, 8) for s in (1, 2)]
-BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1)) for w in (4, 8) for s in (1, 2)]
+FWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1)) for w in (4, 8) for s in (1, 2)]
+DV_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1)) for w in (4, 8) for s in (1, 2)]
+BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 2)) for w in (4, 8) for s in (1, 2)]
 STEP_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
                 for bv in (16, 32, 64) for w in (2, 4)]
 CHUNK = 64          # default chunk length of the kernels (cms_scan's chunk_size)
@@ -71,13 +74,14 @@ def launch_grid(name: str, *, N: int, H: int, M: int, n_chunks: int, K: int, V: 
     """The grid of each launch, checked against CUDA's limits.
 
     "state": (N H M, K x V tiles) forward, "state1" / "dh": (N H, K x V tiles) one memory of the
-    backward, "fwd": (chunks x H, V tiles), "bwd": (chunks x H,). n_chunks counts the real chunks
-    (all sequences together).
+    backward, "fwd" / "dv": (chunks x H, V tiles), "bwd": (chunks x H,). n_chunks counts the real
+    chunks (all sequences together).
     """
     t = tiles(K, V)
     kv_tiles = triton.cdiv(K, t["BKS"]) * triton.cdiv(V, t["BVS"])
     grid = {"state": (N * H * M, kv_tiles), "state1": (N * H, kv_tiles), "dh": (N * H, kv_tiles),
-            "fwd": (n_chunks * H, triton.cdiv(V, t["BVO"])), "bwd": (n_chunks * H,)}[name]
+            "fwd": (n_chunks * H, triton.cdiv(V, t["BVO"])), "dv": (n_chunks * H, triton.cdiv(V, t["BVO"])),
+            "bwd": (n_chunks * H,)}[name]
     return check_grid(grid)
 
 
@@ -311,23 +315,90 @@ def cms_bwd_dh_kernel(q, decay, mix, do, dht, dh0, dhs, cu_seqlens, chunk_offs, 
     "COMPUTE_DDECAY": lambda a: a["dgs"] is not None,
     "IS_VARLEN": lambda a: a["cu_seqlens"] is not None,
 })
-@autotune(BWD_CONFIGS, key=["H", "K", "V", "BT", "MIX_PER_TOKEN"], restore=["dq", "dk", "dv"])
+@autotune(DV_CONFIGS, key=["H", "K", "V", "BT", "MIX_PER_TOKEN"], restore=["dv"])
+@triton.jit(do_not_specialize=["T", "i_m", "M", "NR", "NC"])
+def cms_bwd_dv_kernel(q, k, v, decay, mix, do, dhs, dv, dmix, dgs, chunk_idx, cu_seqlens, scale, T, i_m, M, NR, NC,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr,
+                      MIX_PER_TOKEN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_MIX: tl.constexpr,
+                      COMPUTE_DMIX: tl.constexpr, COMPUTE_DDECAY: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """dv of memory i_m for one (chunk, head, V tile), and the parts of dmix and of the decay gradient
+    that go through the intra-chunk scores. With dO_m = mix_i dO_i (or memory m's slice of dO), dS this
+    memory's chunk-end state gradient (dhs), D its decay mask, A = scale q k^T and dP = dO v^T:
+
+        dv = (1 - tau) ((A * D)^T dO_m + tau^{L-j} k dS)
+
+    written to the fp32 dv [rows, H, V] (memory 0) or added to it (ACCUMULATE). Partials over this V
+    tile (slot i_v of dmix [NV + 1, NR rows, H, M] and dgs [NV + 1, NC chunks, H, M, 2]):
+    dmix_i += (1 - tau) sum_j (A * D * dP)_ij; dL/dg += (1 - tau) sum (i - j) (A * D * dP_m);
+    sum k . dk' += sum A * D * dP_m (dP_m = mix_i dP)."""
+    i_th, i_v = tl.program_id(0), tl.program_id(1)
+    i_tg, i_h = i_th // H, i_th % H
+    row0, L = _chunk_rows(i_tg, T, chunk_idx, cu_seqlens, BT, IS_VARLEN)
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t, m_k, m_v = o_t < L, o_k < K, o_v < V
+    m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
+    b_q = _rows(q + i_h * K, row0, H * K, o_t, o_k, m_tk, UPCAST)
+    b_k = _rows(k + i_h * K, row0, H * K, o_t, o_k, m_tk, UPCAST)
+    if HAS_MIX:
+        b_do = _rows(do + i_h * V, row0, H * V, o_t, o_v, m_tv, UPCAST)
+    else:
+        b_do = _rows(do + (i_h * M + i_m) * V, row0, H * M * V, o_t, o_v, m_tv, UPCAST)
+    b_dh = load_tile(dhs + (i_tg.to(tl.int64) * H + i_h) * K * V + (o_k[:, None] * V + o_v[None, :]),
+                     m_k[:, None] & m_v[None, :], UPCAST)
+    tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
+    b_D, _, e_k = _decays(tl.log(tau), L, o_t)
+    b_mx = _mix_rows(mix, row0, i_h, i_m, o_t, m_t, H, M, HAS_MIX, MIX_PER_TOKEN)
+    b_AD = tl.dot(b_q, tl.trans(b_k)) * scale * b_D
+    b_dv = tl.dot(tl.trans((b_AD * (b_mx * (1 - tau))[:, None]).to(b_do.dtype)), b_do)
+    b_dv += tl.dot(b_k, b_dh) * (e_k * (1 - tau))[:, None]
+    if ACCUMULATE:
+        b_dv += tl.load(dv + row0 * (H * V) + i_h * V + (o_t[:, None] * (H * V) + o_v[None, :]), mask=m_tv, other=0.)
+    _store_rows(dv + i_h * V, row0, H * V, o_t, o_v, m_tv, b_dv)
+
+    if COMPUTE_DMIX or COMPUTE_DDECAY:
+        b_v = _rows(v + i_h * V, row0, H * V, o_t, o_v, m_tv, UPCAST)
+        b_ADdP = b_AD * tl.dot(b_do, tl.trans(b_v))
+    if COMPUTE_DMIX:
+        tl.store(dmix + i_v.to(tl.int64) * NR * H * M + (row0 * H + i_h) * M + i_m + o_t * (H * M),
+                 (1 - tau) * tl.sum(b_ADdP, axis=1), mask=m_t)
+    if COMPUTE_DDECAY:
+        b_ADdP *= b_mx[:, None]
+        diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+        p_g = dgs + ((i_v.to(tl.int64) * NC + i_tg) * H + i_h) * M * 2 + i_m * 2
+        tl.store(p_g, tl.sum(tl.sum(diff * b_ADdP, axis=1), axis=0) * (1 - tau))
+        tl.store(p_g + 1, tl.sum(tl.sum(b_ADdP, axis=1), axis=0))
+
+
+@triton.heuristics({
+    "HAS_MIX": lambda a: a["mix"] is not None,
+    "COMPUTE_DMIX": lambda a: a["dmix"] is not None,
+    "COMPUTE_DDECAY": lambda a: a["dgs"] is not None,
+    "IS_VARLEN": lambda a: a["cu_seqlens"] is not None,
+})
+@autotune(BWD_CONFIGS, key=["H", "K", "V", "BT", "MIX_PER_TOKEN"], restore=["dq", "dk"])
 @triton.jit(do_not_specialize=["T", "i_m", "M"])
-def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, chunk_idx, cu_seqlens, scale, T, i_m, M,
+def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dmix, dgs, chunk_idx, cu_seqlens, scale, T, i_m, M,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr,
                    MIX_PER_TOKEN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_MIX: tl.constexpr,
                    COMPUTE_DMIX: tl.constexpr, COMPUTE_DDECAY: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Gradients of memory i_m for one (chunk, head), V tiles looped inside; no loop-carried state.
+    """dq, dk of memory i_m for one (chunk, head), V tiles looped inside, no loop-carried state, and the
+    state parts of dmix and of the decay gradient. With dO_m, D, dP as in cms_bwd_dv_kernel and S this
+    memory's chunk-start state (hs):
 
-    With dO_m = mix_i dO_i (or memory m's slice of dO), hs / dhs this memory's chunk-start states and
-    chunk-end state gradients, D the decay mask and A = scale q k^T:
-        dP = dO_m v^T,   dq = scale ((1 - tau) (dP * D) k + tau^i dO_m S^T),
-        dk = (1 - tau) (scale (dP * D)^T q + tau^{L-j} v dS^T),
-        dv = (1 - tau) ((A * D)^T dO_m + tau^{L-j} k dS);
-    dq, dk, dv [rows, H, *] fp32 are written (memory 0) or accumulated (ACCUMULATE). dmix [rows, H, M]:
-    o_{m,i} . dO_i. dgs [chunks, H, M, 2]: this chunk's (dL/dg, sum_i k_i . dk'_i); the [BT, BK]
-    gradients are contracted without forming them: q_i . (dO_i S^T) = dO_i . (q_i S)."""
+        dq = scale ((1 - tau) (dP_m * D) k + tau^i dO_m S^T),
+        dk = (1 - tau) (scale (dP_m * D)^T q + tau^{L-j} v dS^T);
+
+    dq, dk [rows, H, K] fp32 are written (memory 0) or accumulated (ACCUMULATE). dmix [rows, H, M] and
+    dgs [chunks, H, M, 2] (the last slots of the buffers cms_bwd_dv_kernel fills): with
+    r_q,i = tau^i dO_i . (scale q_i S) and r_k,j = tau^{L-j} v_j . (k_j dS), formed without the
+    [BT, BK] gradients (q_i . (dO_i S^T) = dO_i . (q_i S)): dmix_i += r_q,i;
+    dL/dg += sum_i i mix_i r_q,i + (1 - tau) sum_j (L - j) r_k,j + L tau^L sum S * dS;
+    sum k . dk' += sum_j r_k,j."""
     i_th = tl.program_id(0)
     i_tg, i_h = i_th // H, i_th % H
     row0, L = _chunk_rows(i_tg, T, chunk_idx, cu_seqlens, BT, IS_VARLEN)
@@ -336,14 +407,6 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, chun
     o_k = tl.arange(0, BK)
     m_t, m_k = o_t < L, o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
-    b_q = _rows(q + i_h * K, row0, H * K, o_t, o_k, m_tk, UPCAST)
-    b_k = _rows(k + i_h * K, row0, H * K, o_t, o_k, m_tk, UPCAST)
-    tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
-    g = tl.log(tau)
-    b_D, e_q, e_k = _decays(g, L, o_t)
-    b_mx = _mix_rows(mix, row0, i_h, i_m, o_t, m_t, H, M, HAS_MIX, MIX_PER_TOKEN)
-    b_A = tl.dot(b_q, tl.trans(b_k)) * scale
-    b_Wv = (b_A * b_D * (b_mx * (1 - tau))[:, None]).to(b_q.dtype)
     if HAS_MIX:
         p_do, s_do = do + i_h * V, H * V
     else:
@@ -353,7 +416,7 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, chun
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)     # dO v^T (without the mix)
     b_dqs = tl.zeros([BT, BK], dtype=tl.float32)    # dO S^T
     b_dks = tl.zeros([BT, BK], dtype=tl.float32)    # v dS^T
-    hdh = 0.
+    b_hdh = tl.zeros([BK], dtype=tl.float32)        # sum over V of S * dS
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -366,38 +429,37 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, chun
         b_dP += tl.dot(b_do, tl.trans(b_v))
         b_dqs += tl.dot(b_do, tl.trans(b_h))
         b_dks += tl.dot(b_v, tl.trans(b_dh))
-        b_dv = tl.dot(tl.trans(b_Wv), b_do) + tl.dot(b_k, b_dh) * (e_k * (1 - tau))[:, None]
-        if ACCUMULATE:
-            b_dv += tl.load(dv + row0 * (H * V) + i_h * V + (o_t[:, None] * (H * V) + o_v[None, :]), mask=m_tv, other=0.)
-        _store_rows(dv + i_h * V, row0, H * V, o_t, o_v, m_tv, b_dv)
         if COMPUTE_DDECAY:
-            hdh += tl.sum(tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1), axis=0)
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+
+    b_q = _rows(q + i_h * K, row0, H * K, o_t, o_k, m_tk, UPCAST)
+    b_k = _rows(k + i_h * K, row0, H * K, o_t, o_k, m_tk, UPCAST)
+    tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
+    g = tl.log(tau)
+    b_D, e_q, e_k = _decays(g, L, o_t)
+    b_mx = _mix_rows(mix, row0, i_h, i_m, o_t, m_t, H, M, HAS_MIX, MIX_PER_TOKEN)
+    if COMPUTE_DMIX or COMPUTE_DDECAY:
+        r_q = e_q * scale * tl.sum(b_q.to(tl.float32) * b_dqs, axis=1)
+    if COMPUTE_DMIX:
+        tl.store(dmix + (row0 * H + i_h) * M + i_m + o_t * (H * M), r_q, mask=m_t)
+    if COMPUTE_DDECAY:
+        r_k = e_k * tl.sum(b_k.to(tl.float32) * b_dks, axis=1)
+        p_i = (o_t + 1).to(tl.float32)
+        d_g = tl.sum(p_i * r_q * b_mx, axis=0) + tl.sum(tl.where(m_t, L - p_i, 0.) * r_k, axis=0) * (1 - tau)
+        d_g += L.to(tl.float32) * tl.exp(L.to(tl.float32) * g) * tl.sum(b_hdh, axis=0)
+        p_g = dgs + ((i_tg.to(tl.int64) * H + i_h) * M + i_m) * 2
+        tl.store(p_g, d_g)
+        tl.store(p_g + 1, tl.sum(r_k, axis=0))
 
     b_dPD = b_dP * b_D * b_mx[:, None]              # dP_m * D
     b_dq = tl.dot(b_dPD.to(b_k.dtype), b_k) * (scale * (1 - tau)) + b_dqs * (scale * e_q * b_mx)[:, None]
-    b_dk = tl.dot(tl.trans(b_dPD).to(b_q.dtype), b_q) * (scale * (1 - tau)) + b_dks * ((1 - tau) * e_k)[:, None]
     if ACCUMULATE:
         b_dq += tl.load(dq + row0 * (H * K) + i_h * K + (o_t[:, None] * (H * K) + o_k[None, :]), mask=m_tk, other=0.)
-        b_dk += tl.load(dk + row0 * (H * K) + i_h * K + (o_t[:, None] * (H * K) + o_k[None, :]), mask=m_tk, other=0.)
     _store_rows(dq + i_h * K, row0, H * K, o_t, o_k, m_tk, b_dq)
+    b_dk = tl.dot(tl.trans(b_dPD).to(b_q.dtype), b_q) * (scale * (1 - tau)) + b_dks * ((1 - tau) * e_k)[:, None]
+    if ACCUMULATE:
+        b_dk += tl.load(dk + row0 * (H * K) + i_h * K + (o_t[:, None] * (H * K) + o_k[None, :]), mask=m_tk, other=0.)
     _store_rows(dk + i_h * K, row0, H * K, o_t, o_k, m_tk, b_dk)
-
-    if COMPUTE_DMIX or COMPUTE_DDECAY:
-        r_q = e_q * scale * tl.sum(b_q.to(tl.float32) * b_dqs, axis=1)      # tau^i dO_i . (scale q_i S)
-    if COMPUTE_DMIX:
-        b_dmix = (1 - tau) * tl.sum(b_A * b_D * b_dP, axis=1) + r_q
-        tl.store(dmix + (row0 * H + i_h) * M + i_m + o_t * (H * M), b_dmix, mask=m_t)
-    if COMPUTE_DDECAY:
-        p_i = (o_t + 1).to(tl.float32)
-        diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
-        r_k = e_k * tl.sum(b_k.to(tl.float32) * b_dks, axis=1)              # tau^{L-j} v_j . (k_j dS)
-        d_g = tl.sum(tl.sum(diff * b_dPD * b_A, axis=1), axis=0) * (1 - tau)
-        d_g += tl.sum(p_i * r_q * b_mx, axis=0)
-        d_g += tl.sum(tl.where(m_t, L - p_i, 0.) * r_k, axis=0) * (1 - tau)
-        d_g += L.to(tl.float32) * tl.exp(L.to(tl.float32) * g) * hdh
-        p_g = dgs + ((i_tg.to(tl.int64) * H + i_h) * M + i_m) * 2
-        tl.store(p_g, d_g)
-        tl.store(p_g + 1, tl.sum(tl.sum(b_dPD * b_A, axis=1), axis=0) + tl.sum(r_k, axis=0))
 
 
 # ----------------------------------------------------------------------------- one-token step
@@ -485,8 +547,10 @@ def _backward(q, k, v, tau, mix, h0, cu_seqlens, scale, BT, do, dht, need):
     f32 = dict(dtype=torch.float32, device=q.device)
     dq, dk, dv = empty(B, T, H, K, **f32), empty(B, T, H, K, **f32), empty(B, T, H, V, **f32)
     dh0 = empty(N, H, M, K, V, **f32) if need["h0"] else None
-    dmix = empty(B, T, H, M, **f32) if need["mix"] else None
-    dgs = torch.zeros(n_chunks, H, M, 2, **f32) if need["decay"] else None
+    NV = triton.cdiv(V, t["BVO"])
+    # dmix / decay partials: slots 0 .. NV-1 from the V tiles of cms_bwd_dv_kernel, slot NV from cms_bwd_kernel
+    dmix = empty(NV + 1, B, T, H, M, **f32) if need["mix"] else None
+    dgs = empty(NV + 1, n_chunks, H, M, 2, **f32) if need["decay"] else None
     dhs = empty(n_chunks, H, K, V, dtype=q.dtype, device=q.device)
     mix_per_token = mix is not None and mix.dim() == 4
     upcast = upcast_dots(q.dtype)
@@ -496,13 +560,16 @@ def _backward(q, k, v, tau, mix, h0, cu_seqlens, scale, BT, do, dht, need):
         cms_bwd_dh_kernel[launch_grid("dh", **dims)](
             q, tau, mix, do, dht, dh0, dhs, cu_seqlens, offs, scale, T, m, M, H=H, K=K, V=V, BT=BT,
             BK=t["BKS"], BV=t["BVS"], UPCAST=upcast, MIX_PER_TOKEN=mix_per_token)
-        cms_bwd_kernel[launch_grid("bwd", **dims)](
-            q, k, v, tau, mix, do, hs, dhs, dq, dk, dv, dmix, dgs, idx, cu_seqlens, scale, T, m, M,
-            H=H, K=K, V=V, BT=BT, BK=t["BK"], BV=t["BVB"], UPCAST=upcast, MIX_PER_TOKEN=mix_per_token,
-            ACCUMULATE=m > 0)
+        chunked = dict(H=H, K=K, V=V, BT=BT, BK=t["BK"], UPCAST=upcast, MIX_PER_TOKEN=mix_per_token, ACCUMULATE=m > 0)
+        cms_bwd_dv_kernel[launch_grid("dv", **dims)](q, k, v, tau, mix, do, dhs, dv, dmix, dgs, idx, cu_seqlens,
+                                                     scale, T, m, M, B * T, n_chunks, BV=t["BVO"], **chunked)
+        cms_bwd_kernel[launch_grid("bwd", **dims)](q, k, v, tau, mix, do, hs, dhs, dq, dk,
+                                                   None if dmix is None else dmix[NV], None if dgs is None else dgs[NV],
+                                                   idx, cu_seqlens, scale, T, m, M, BV=t["BVB"], **chunked)
+    dmix = None if dmix is None else dmix.sum(0)
     dtau = None
     if need["decay"]:
-        dg, kdk = dgs.unbind(-1)                                          # [chunks, H, M]
+        dg, kdk = dgs.sum(0).unbind(-1)                                   # [chunks, H, M]
         dtau = (dg / tau.to(torch.float32) - kdk).sum(0)
     return dq, dk, dv, dtau, dmix, dh0
 
@@ -611,16 +678,22 @@ def compile_specs():
                            dict(common, BK=t["BKS"], BV=t["BVS"], USE_INITIAL_STATE=True, STORE_FINAL_STATE=True)))
         specs.append(_spec(f"cms.fwd[{tag}]", cms_fwd_kernel, FWD_CONFIGS,
                            pick("q", "k", "v", "decay", "mix", "hs", "o", "chunk_idx", "cu_seqlens"), present,
-                           {"scale": "fp32", "T": "i32", "M": "i32"}, dict(common, mixed, BK=t["BK"], BV=t["BVO"])))
+                           {"scale": "fp32", "T": "i32", "M": "i32"}, dict(common, **mixed, BK=t["BK"], BV=t["BVO"])))
         specs.append(_spec(f"cms.bwd_dh[{tag}]", cms_bwd_dh_kernel, STATE_CONFIGS,
                            pick("q", "decay", "mix", "do", "dht", "dh0", "dhs", "cu_seqlens", "chunk_offs"), present,
                            {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32"},
-                           dict(common, mixed, BK=t["BKS"], BV=t["BVS"], USE_FINAL_GRAD=True, STORE_INITIAL_GRAD=True)))
+                           dict(common, **mixed, BK=t["BKS"], BV=t["BVS"], USE_FINAL_GRAD=True, STORE_INITIAL_GRAD=True)))
+        specs.append(_spec(f"cms.bwd_dv[{tag}]", cms_bwd_dv_kernel, DV_CONFIGS,
+                           pick("q", "k", "v", "decay", "mix", "do", "dhs", "dv", "dmix", "dgs", "chunk_idx",
+                                "cu_seqlens"), present,
+                           {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32", "NR": "i32", "NC": "i32"},
+                           dict(common, **mixed, BK=t["BK"], BV=t["BVO"], ACCUMULATE=True,
+                                COMPUTE_DMIX=mix is not None, COMPUTE_DDECAY=True)))
         specs.append(_spec(f"cms.bwd[{tag}]", cms_bwd_kernel, BWD_CONFIGS,
-                           pick("q", "k", "v", "decay", "mix", "do", "hs", "dhs", "dq", "dk", "dv", "dmix", "dgs",
+                           pick("q", "k", "v", "decay", "mix", "do", "hs", "dhs", "dq", "dk", "dmix", "dgs",
                                 "chunk_idx", "cu_seqlens"), present,
                            {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32"},
-                           dict(common, mixed, BK=t["BK"], BV=t["BVB"], ACCUMULATE=True,
+                           dict(common, **mixed, BK=t["BK"], BV=t["BVB"], ACCUMULATE=True,
                                 COMPUTE_DMIX=mix is not None, COMPUTE_DDECAY=True)))
     for D, dt, mix in ((64, "bf16", "batch"), (128, "fp32", None)):
         present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set())
