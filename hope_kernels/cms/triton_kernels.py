@@ -63,11 +63,17 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def tiles(K: int, V: int) -> dict:
-    """Tile sizes of every kernel: the state passes split K and V in 64-wide tiles (more programs on
-    the sequential pass), the chunk kernels hold the whole K and split V (forward) or loop over it
-    (backward, 32-wide to bound registers)."""
-    return dict(BK=_pad(K), BKS=min(64, _pad(K)), BVS=min(64, _pad(V)), BVO=min(64, _pad(V)), BVB=min(32, _pad(V)))
+STATE_PROGRAMS = 256  # the sequential state passes split K x V finer until they run about this many programs
+
+
+def tiles(K: int, V: int, sequences: int = STATE_PROGRAMS) -> dict:
+    """Tile sizes of every kernel. The state passes (one program per sequence x head [x memory] and
+    K x V tile, `sequences` of them before the tiling) use 64 x 64 tiles, or 64 x 32 where that leaves
+    fewer than STATE_PROGRAMS programs (small batch x heads: more of the GPU on the sequential pass;
+    64 rows keep sm_90's wgmma). The chunk kernels hold the whole K and split V (forward, dv) or loop over it in 32-wide
+    tiles (dq / dk kernel, to bound registers)."""
+    BS = 64 if sequences * triton.cdiv(K, 64) * triton.cdiv(V, 64) >= STATE_PROGRAMS else 32
+    return dict(BK=_pad(K), BKS=min(64, _pad(K)), BVS=min(BS, _pad(V)), BVO=min(64, _pad(V)), BVB=min(32, _pad(V)))
 
 
 def launch_grid(name: str, *, N: int, H: int, M: int, n_chunks: int, K: int, V: int) -> tuple:
@@ -77,9 +83,10 @@ def launch_grid(name: str, *, N: int, H: int, M: int, n_chunks: int, K: int, V: 
     backward, "fwd" / "dv": (chunks x H, V tiles), "bwd": (chunks x H,). n_chunks counts the real
     chunks (all sequences together).
     """
-    t = tiles(K, V)
+    sequences = N * H * (M if name == "state" else 1)
+    t = tiles(K, V, sequences)
     kv_tiles = triton.cdiv(K, t["BKS"]) * triton.cdiv(V, t["BVS"])
-    grid = {"state": (N * H * M, kv_tiles), "state1": (N * H, kv_tiles), "dh": (N * H, kv_tiles),
+    grid = {"state": (sequences, kv_tiles), "state1": (sequences, kv_tiles), "dh": (sequences, kv_tiles),
             "fwd": (n_chunks * H, triton.cdiv(V, t["BVO"])), "dv": (n_chunks * H, triton.cdiv(V, t["BVO"])),
             "bwd": (n_chunks * H,)}[name]
     return check_grid(grid)
@@ -506,7 +513,7 @@ def _states(k, v, tau, h0, cu_seqlens, offs, BT, m0, NM, final, N, n_chunks):
     if `final`, the final states of all memories ([N, H, M, K, V] fp32)."""
     _, T, H, K = k.shape
     V, M = v.shape[-1], tau.shape[-1]
-    t = tiles(K, V)
+    t = tiles(K, V, N * H * NM)
     hs = empty(n_chunks, H, NM, K, V, dtype=k.dtype, device=k.device)
     ht = empty(N, H, M, K, V, dtype=torch.float32, device=k.device) if final else None
     grid = launch_grid("state" if NM == M else "state1", N=N, H=H, M=M, n_chunks=n_chunks, K=K, V=V)
@@ -557,9 +564,10 @@ def _backward(q, k, v, tau, mix, h0, cu_seqlens, scale, BT, do, dht, need):
     dims = dict(N=N, H=H, M=M, n_chunks=n_chunks, K=K, V=V)
     for m in range(M):
         hs, _ = _states(k, v, tau, h0, cu_seqlens, offs, BT, m, 1, False, N, n_chunks)
+        ts = tiles(K, V, N * H)
         cms_bwd_dh_kernel[launch_grid("dh", **dims)](
             q, tau, mix, do, dht, dh0, dhs, cu_seqlens, offs, scale, T, m, M, H=H, K=K, V=V, BT=BT,
-            BK=t["BKS"], BV=t["BVS"], UPCAST=upcast, MIX_PER_TOKEN=mix_per_token)
+            BK=ts["BKS"], BV=ts["BVS"], UPCAST=upcast, MIX_PER_TOKEN=mix_per_token)
         chunked = dict(H=H, K=K, V=V, BT=BT, BK=t["BK"], UPCAST=upcast, MIX_PER_TOKEN=mix_per_token, ACCUMULATE=m > 0)
         cms_bwd_dv_kernel[launch_grid("dv", **dims)](q, k, v, tau, mix, do, dhs, dv, dmix, dgs, idx, cu_seqlens,
                                                      scale, T, m, M, B * T, n_chunks, BV=t["BVO"], **chunked)
@@ -648,7 +656,8 @@ def _spec(name, kernel, configs, pointers, present, scalars, constexprs):
 
 
 def compile_specs():
-    """Every kernel at K = V = 64 and 128, M = 4, 64-row chunks: bf16 and fp16 with each mix form, one fp32."""
+    """Every kernel at K = V = 64 and 128, M = 4, 64-row chunks: bf16 and fp16 with each mix form, one fp32
+    (the state passes also with their 32-wide tiles)."""
     specs = []
     scan_variants = (
         # K = V, dtype, mix form, varlen
@@ -672,17 +681,21 @@ def compile_specs():
                     dht="fp32", dh0="fp32", dq="fp32", dk="fp32", dv="fp32", dmix="fp32", dgs="fp32",
                     cu_seqlens="i64", chunk_offs="i64", chunk_idx="i32")
         pick = lambda *names: {n: ptrs[n] for n in names}
-        specs.append(_spec(f"cms.state[{tag}]", cms_state_kernel, STATE_CONFIGS,
-                           pick("k", "v", "decay", "h0", "ht", "hs", "cu_seqlens", "chunk_offs"), present,
-                           {"T": "i32", "m0": "i32", "NM": "i32", "M": "i32"},
-                           dict(common, BK=t["BKS"], BV=t["BVS"], USE_INITIAL_STATE=True, STORE_FINAL_STATE=True)))
+        # state passes: 64 x 64 tiles, and the 64 x 32 ones of small batch x heads (see `tiles`)
+        for BS in ((64, 32) if D == 64 and dt != "fp16" else (64,)):
+            st = dict(BK=t["BKS"], BV=min(BS, t["BVS"]))
+            stag = tag if BS == 64 else tag + ",BV=32"
+            specs.append(_spec(f"cms.state[{stag}]", cms_state_kernel, STATE_CONFIGS,
+                               pick("k", "v", "decay", "h0", "ht", "hs", "cu_seqlens", "chunk_offs"), present,
+                               {"T": "i32", "m0": "i32", "NM": "i32", "M": "i32"},
+                               dict(common, **st, USE_INITIAL_STATE=True, STORE_FINAL_STATE=True)))
+            specs.append(_spec(f"cms.bwd_dh[{stag}]", cms_bwd_dh_kernel, STATE_CONFIGS,
+                               pick("q", "decay", "mix", "do", "dht", "dh0", "dhs", "cu_seqlens", "chunk_offs"),
+                               present, {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32"},
+                               dict(common, **mixed, **st, USE_FINAL_GRAD=True, STORE_INITIAL_GRAD=True)))
         specs.append(_spec(f"cms.fwd[{tag}]", cms_fwd_kernel, FWD_CONFIGS,
                            pick("q", "k", "v", "decay", "mix", "hs", "o", "chunk_idx", "cu_seqlens"), present,
                            {"scale": "fp32", "T": "i32", "M": "i32"}, dict(common, **mixed, BK=t["BK"], BV=t["BVO"])))
-        specs.append(_spec(f"cms.bwd_dh[{tag}]", cms_bwd_dh_kernel, STATE_CONFIGS,
-                           pick("q", "decay", "mix", "do", "dht", "dh0", "dhs", "cu_seqlens", "chunk_offs"), present,
-                           {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32"},
-                           dict(common, **mixed, BK=t["BKS"], BV=t["BVS"], USE_FINAL_GRAD=True, STORE_INITIAL_GRAD=True)))
         specs.append(_spec(f"cms.bwd_dv[{tag}]", cms_bwd_dv_kernel, DV_CONFIGS,
                            pick("q", "k", "v", "decay", "mix", "do", "dhs", "dv", "dmix", "dgs", "chunk_idx",
                                 "cu_seqlens"), present,
