@@ -475,7 +475,7 @@ def test_scan_gpu_realistic(dtype, mix):
 
 @pytest.mark.gpu
 def test_scan_gpu_wide_heads_packed():
-    """K = V = 128 (the 32-row tile) with packed sequences, against a per-sequence loop."""
+    """K = V = 128 (whole-K tiles of 64-row chunks) with packed sequences, against a per-sequence loop."""
     lens = [300, 0, 513, 64]
     cu = torch.tensor([0] + lens).cumsum(0).cuda()
     q, k, v, decay, mx, s0 = _inputs(1, sum(lens), 2, 128, 128, 3, torch.bfloat16, "cuda", "HM", N=len(lens))

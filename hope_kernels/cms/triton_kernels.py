@@ -19,12 +19,12 @@ Forward, two launches (flash-linear-attention's chunk scheme, M memories folded 
 The chunk states are a transient of the forward: nothing per chunk is saved for backward.
 
 Backward, memory by memory (so every transient is [chunks, H, K, V], never x M), each memory
-three launches: cms_state_kernel again (its chunk-start states, recomputed), cms_bwd_dh_kernel
+four launches: cms_state_kernel again (its chunk-start states, recomputed), cms_bwd_dh_kernel
 (the reverse pass: dL/dS at the end of every chunk, state in registers, dL/dS_0), cms_bwd_dv_kernel
-(one program per chunk x head x V tile: dv) and cms_bwd_kernel (one program per chunk x head, V
-tiles looped inside: dq, dk, dmix and the decay-gradient partials); dq, dk, dv are accumulated
-over the memories in fp32 buffers. dv has its own kernel because next to the dq / dk accumulators
-it pushed the gradient kernel into spills. Decay gradient, with k' = (1 - tau) k:
+(one program per chunk x head x V tile: dv, and the score-side parts of dmix and of the decay
+gradient) and cms_bwd_kernel (one program per chunk x head, V tiles looped inside: dq, dk and the
+state-side parts); dq, dk, dv are accumulated over the memories in fp32 buffers. dv has its own
+kernel because next to the dq / dk accumulators it pushed the gradient kernel into spills. Decay gradient, with k' = (1 - tau) k:
 dL/dtau = (dL/dg) / tau - sum_i k_i . dk'_i, where dL/dg is summed chunk by chunk with each
 exponent's own weight (i - j for a pair, i for tau^i, L - j, L): no large diagonal terms that
 cancel, so tau = 1e-3 keeps fp32 accuracy.
@@ -531,10 +531,10 @@ def _layout(q, cu_seqlens, BT):
     return cu_seqlens.numel() - 1, idx, chunk_offsets(cu_seqlens, BT), idx.shape[0]
 
 
-def _forward(q, k, v, tau, mix, scale, h0, cu_seqlens, BT):
+def _forward(q, k, v, tau, mix, scale, h0, cu_seqlens, BT, layout):
     B, T, H, K = q.shape
     V, M = v.shape[-1], tau.shape[-1]
-    N, idx, offs, n_chunks = _layout(q, cu_seqlens, BT)
+    N, idx, offs, n_chunks = layout
     hs, ht = _states(k, v, tau, h0, cu_seqlens, offs, BT, 0, M, True, N, n_chunks)
     o = empty(*((B, T, H, V) if mix is not None else (B, T, H, M, V)), dtype=q.dtype, device=q.device)
     grid = launch_grid("fwd", N=N, H=H, M=M, n_chunks=n_chunks, K=K, V=V)
@@ -545,11 +545,11 @@ def _forward(q, k, v, tau, mix, scale, h0, cu_seqlens, BT):
     return o, ht
 
 
-def _backward(q, k, v, tau, mix, h0, cu_seqlens, scale, BT, do, dht, need):
+def _backward(q, k, v, tau, mix, h0, cu_seqlens, scale, BT, layout, do, dht, need):
     """dq, dk, dv, dtau, dmix, dh0 (None where not needed), memory by memory."""
     B, T, H, K = q.shape
     V, M = v.shape[-1], tau.shape[-1]
-    N, idx, offs, n_chunks = _layout(q, cu_seqlens, BT)
+    N, idx, offs, n_chunks = layout
     t = tiles(K, V)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq, dk, dv = empty(B, T, H, K, **f32), empty(B, T, H, K, **f32), empty(B, T, H, V, **f32)
@@ -588,9 +588,10 @@ class CmsScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tau, mix, h0, scale, output_final_state, cu_seqlens, BT):
         ctx.set_materialize_grads(False)
-        o, ht = _forward(q, k, v, tau, mix, scale, h0, cu_seqlens, BT)
+        layout = _layout(q, cu_seqlens, BT)     # packed batches: one host sync, reused by the backward
+        o, ht = _forward(q, k, v, tau, mix, scale, h0, cu_seqlens, BT, layout)
         ctx.save_for_backward(q, k, v, tau, mix, h0, cu_seqlens)
-        ctx.scale, ctx.BT = scale, BT
+        ctx.scale, ctx.BT, ctx.layout = scale, BT, layout
         if not output_final_state:
             ctx.mark_non_differentiable(ht)
         return o, ht
@@ -604,7 +605,7 @@ class CmsScanFunction(torch.autograd.Function):
             do = q.new_zeros((B, T, H, v.shape[-1]) if mix is not None else (B, T, H, M, v.shape[-1]))
         need = dict(decay=ctx.needs_input_grad[3], mix=mix is not None and ctx.needs_input_grad[4],
                     h0=ctx.needs_input_grad[5])
-        dq, dk, dv, dtau, dmix, dh0 = _backward(q, k, v, tau, mix, h0, cu_seqlens, ctx.scale, ctx.BT,
+        dq, dk, dv, dtau, dmix, dh0 = _backward(q, k, v, tau, mix, h0, cu_seqlens, ctx.scale, ctx.BT, ctx.layout,
                                                 do.contiguous(), None if dht is None else dht.contiguous(), need)
         if dmix is not None:
             dmix = (dmix if mix.dim() == 4 else dmix.sum((0, 1))).to(mix.dtype)
