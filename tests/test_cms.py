@@ -202,29 +202,32 @@ def test_split_and_resume(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64])
-def test_packed_sequences_equal_a_loop(backend, device, poison_empty, offsets_dtype):
+@pytest.mark.parametrize("offsets_dtype,dtype", [(torch.int32, torch.float32), (torch.int64, torch.float32),
+                                                 (torch.int64, torch.float16)])
+def test_packed_sequences_equal_a_loop(backend, device, poison_empty, offsets_dtype, dtype):
     """cu_seqlens (one sequence empty, one longer than a chunk) equals one call per sequence."""
     lens = [5, 0, 21, 9]
     cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(offsets_dtype).to(device)
     T, H, K, V, M = sum(lens), 2, 8, 12, 3
-    q, k, v, decay, mx, s0 = _inputs(1, T, H, K, V, M, torch.float32, device, "BTHM", per_head=True, N=len(lens))
+    q, k, v, decay, mx, s0 = _inputs(1, T, H, K, V, M, dtype, device, "BTHM", per_head=True, N=len(lens))
     o, st = cms_scan(q, k, v, decay, mx, initial_state=s0, output_final_state=True, cu_seqlens=cu,
                      chunk_size=16, backend=backend)
+    leaves = (q, k, v, decay, mx, s0)
+    refs = [as_ref(x) for x in leaves]
+    rq, rk, rv, rd, rm, rs = refs
     outs, finals = [], []
     for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
-        o_n, s_n = reference.cms_scan(q[:, a:b], k[:, a:b], v[:, a:b], decay, mx[:, a:b],
-                                      initial_state=s0[n:n + 1], output_final_state=True)
+        o_n, s_n = reference.cms_scan(rq[:, a:b], rk[:, a:b], rv[:, a:b], rd, rm[:, a:b],
+                                      initial_state=rs[n:n + 1], output_final_state=True)
         outs.append(o_n)
         finals.append(s_n)
     loop_o, loop_st = torch.cat(outs, 1), torch.cat(finals)
-    assert_close("o", o, loop_o.double(), torch.float32, device)
-    assert_close("state", st, loop_st.double(), torch.float32, device)
+    assert_close("o", o, loop_o, dtype, device)
+    assert_close("state", st, loop_st, dtype, device)
     assert torch.equal(st[1], s0[1].detach().float()), "an empty sequence keeps its initial state"
-    leaves = (q, k, v, decay, mx, s0)
-    g, g_loop = _grads([o, st], leaves), _grads([loop_o, loop_st], leaves)
-    for name, x in zip("q k v decay mix h0".split(), leaves):
-        assert_close("d" + name, g[id(x)], g_loop[id(x)].double(), torch.float32, device, grad=True)
+    g, g_loop = _grads([o, st], leaves), _grads([loop_o, loop_st], refs)
+    for name, x, r in zip("q k v decay mix h0".split(), leaves, refs):
+        assert_close("d" + name, g[id(x)], g_loop[id(r)], dtype, device, grad=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
