@@ -138,8 +138,8 @@ def _decays(g, L, o_t):
     """Causal decay mask tau^{i-j} (j <= i < L), tau^i and tau^{L-j}, all from exponents <= 0."""
     m_t = o_t < L
     causal = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
-    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
-    b_D = tl.where(causal, tl.exp(tl.where(causal, diff * g, 0.0)), 0.0)
+    # masked exponents: 1e30 * g <= -1e23 (tau < 1 - 1e-7) underflows exp to exactly 0
+    b_D = tl.exp(tl.where(causal, (o_t[:, None] - o_t[None, :]).to(tl.float32), 1e30) * g)
     e_q = tl.where(m_t, tl.exp((o_t + 1).to(tl.float32) * g), 0.0)
     e_k = tl.where(m_t, tl.exp(tl.where(m_t, (L - 1 - o_t).to(tl.float32) * g, 0.0)), 0.0)
     return b_D, e_q, e_k
