@@ -5,14 +5,16 @@ to one line. Notation (see DESIGN.md): B batch, T tokens, H heads, K key dim, V 
 M CMS memories, C chunk size (64), e bytes per input element, 4 bytes per float32 state element.
 
 Bytes are the compulsory traffic: every input read once, every output written once, a recurrent
-state read and written once per call, plus, for linear attention, the chunk states of the
-chunk-parallel algorithm (`la_chunk_state_bytes`): with n = B H ceil(T / C) K V elements,
-causal forward 2 e n (h_c written by the state pass, read by the output kernel), backward 5 e n
-(h_c recomputed and read once, G_c written and read twice); non-causal forward 12 n (float32
-per-chunk partials written and read, the sequence state read per chunk), backward 28 n (two
-partial reductions, S read once and G twice per chunk). Inputs re-read by the backward's
-recomputation are not counted, so the achieved bandwidth fraction is a lower bound on what the
-card delivered.
+state read and written once per call, plus the chunk states of the chunk-parallel algorithms.
+Linear attention (`la_chunk_state_bytes`), with n = B H ceil(T / C) K V elements: causal forward
+2 e n (h_c written by the state pass, read by the output kernel), backward 5 e n (h_c recomputed
+and read once, G_c written and read twice); non-causal forward 12 n (float32 per-chunk partials
+written and read, the sequence state read per chunk), backward 28 n (two partial reductions, S
+read once and G twice per chunk). cms_scan (`cms_chunk_state_bytes`, states in the input dtype):
+the forward writes and reads every chunk's starting state of every memory, 2 e NC H M K V with
+NC = B ceil(T / C) chunks, and the backward, which recomputes them memory by memory, writes and
+reads them and their gradients, 4 e NC H M K V. Inputs re-read by the backward's recomputation
+are not counted, so the achieved bandwidth fraction is a lower bound on what the card delivered.
 
 FLOPs (one multiply-add = 2 FLOPs) are those of the chunked algorithm at chunk size C:
 
@@ -94,12 +96,20 @@ def _linear_attention(s: Shape, e: int, causal: bool, softmax: bool):
     return fwd_b + state_f, bwd_b + state_b, f, 2.0 * f
 
 
+def cms_chunk_state_bytes(s: Shape, e: int) -> Tuple[float, float]:
+    """(forward, backward) bytes of cms_scan's chunk states: each written once and read once."""
+    states = e * s.B * -(-s.T // CHUNK) * s.H * s.M * s.K * s.V
+    return 2.0 * states, 4.0 * states
+
+
 def _cms(s: Shape, e: int, mix: bool):
     n = s.B * s.T * s.H
     if mix:
         fwd_b, bwd_b = e * n * (2 * s.K + 2 * s.V + s.M), e * n * (4 * s.K + 3 * s.V + 2 * s.M)
     else:
         fwd_b, bwd_b = e * n * (2 * s.K + s.V + s.M * s.V), e * n * (4 * s.K + 2 * s.V + s.M * s.V)
+    fwd_s, bwd_s = cms_chunk_state_bytes(s, e)
+    fwd_b, bwd_b = fwd_b + fwd_s, bwd_b + bwd_s
     f = _cms_fwd_flops(s, mix)
     return fwd_b, bwd_b, f, 2.0 * f
 

@@ -124,15 +124,18 @@ def test_triton_provider_under_interpreter(tmp_path):
 
 @pytest.mark.parametrize("op", ["linear_attention", "linear_attention_noncausal", "cms_scan", "cms_scan_mix"])
 def test_roofline_bytes_match_the_tensors_of_a_forward(op):
-    """The forward bytes of roofline.py are exactly the inputs read plus the output written (plus, for
-    linear attention, the chunk states written and read)."""
+    """The forward bytes of roofline.py are exactly the inputs read plus the output written, plus the
+    chunk states written and read (linear attention and the CMS)."""
     s = Shape(B=2, T=48, H=3, K=16, V=8, M=3)
     case = CASES[op]
     inp = case.make(s, torch.bfloat16, torch.device("cpu"), False)
     out = case.call("torch", inp.args)
     read = sum(t.numel() * t.element_size() for n, t in inp.args.items() if n != "decay")
     nbytes, flops = roofline.cost(op, "torch", "fwd", s, torch.bfloat16)
-    states = roofline.la_chunk_state_bytes(s, 2, op == "linear_attention")[0] if op.startswith("linear") else 0
+    if op.startswith("linear"):
+        states = roofline.la_chunk_state_bytes(s, 2, op == "linear_attention")[0]
+    else:
+        states = roofline.cms_chunk_state_bytes(s, 2)[0]
     assert nbytes == read + out.numel() * out.element_size() + states
     b_bwd, f_bwd = roofline.cost(op, "torch", "bwd", s, torch.bfloat16)
     assert f_bwd == 2 * flops and b_bwd > nbytes

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from hope_kernels import cms_scan, cms_step, reference
-from helpers import as_ref, assert_close, randn
+from hope_kernels.cms import triton_kernels as tk
+from hope_kernels.triton_utils import GRID_YZ_LIMIT, check_grid, chunk_indices
+from helpers import as_ref, assert_close, randn, simulated_autotuning
 
 BACKENDS = ["triton", "torch"]
 TAUS = [1e-3, 0.01, 0.5, 0.99, 0.9999]
@@ -86,6 +88,7 @@ CASES = [
     (torch.float32, "BTHM", True, True),
     (torch.float16, "BTHM", False, True),
     (torch.float16, None, True, False),
+    (torch.float16, "M", True, True),
     (torch.bfloat16, None, False, True),
     (torch.bfloat16, "HM", True, True),
 ]
@@ -199,29 +202,32 @@ def test_split_and_resume(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64])
-def test_packed_sequences_equal_a_loop(backend, device, poison_empty, offsets_dtype):
+@pytest.mark.parametrize("offsets_dtype,dtype", [(torch.int32, torch.float32), (torch.int64, torch.float32),
+                                                 (torch.int64, torch.float16)])
+def test_packed_sequences_equal_a_loop(backend, device, poison_empty, offsets_dtype, dtype):
     """cu_seqlens (one sequence empty, one longer than a chunk) equals one call per sequence."""
     lens = [5, 0, 21, 9]
     cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(offsets_dtype).to(device)
     T, H, K, V, M = sum(lens), 2, 8, 12, 3
-    q, k, v, decay, mx, s0 = _inputs(1, T, H, K, V, M, torch.float32, device, "BTHM", per_head=True, N=len(lens))
+    q, k, v, decay, mx, s0 = _inputs(1, T, H, K, V, M, dtype, device, "BTHM", per_head=True, N=len(lens))
     o, st = cms_scan(q, k, v, decay, mx, initial_state=s0, output_final_state=True, cu_seqlens=cu,
                      chunk_size=16, backend=backend)
+    leaves = (q, k, v, decay, mx, s0)
+    refs = [as_ref(x) for x in leaves]
+    rq, rk, rv, rd, rm, rs = refs
     outs, finals = [], []
     for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
-        o_n, s_n = reference.cms_scan(q[:, a:b], k[:, a:b], v[:, a:b], decay, mx[:, a:b],
-                                      initial_state=s0[n:n + 1], output_final_state=True)
+        o_n, s_n = reference.cms_scan(rq[:, a:b], rk[:, a:b], rv[:, a:b], rd, rm[:, a:b],
+                                      initial_state=rs[n:n + 1], output_final_state=True)
         outs.append(o_n)
         finals.append(s_n)
     loop_o, loop_st = torch.cat(outs, 1), torch.cat(finals)
-    assert_close("o", o, loop_o.double(), torch.float32, device)
-    assert_close("state", st, loop_st.double(), torch.float32, device)
+    assert_close("o", o, loop_o, dtype, device)
+    assert_close("state", st, loop_st, dtype, device)
     assert torch.equal(st[1], s0[1].detach().float()), "an empty sequence keeps its initial state"
-    leaves = (q, k, v, decay, mx, s0)
-    g, g_loop = _grads([o, st], leaves), _grads([loop_o, loop_st], leaves)
-    for name, x in zip("q k v decay mix h0".split(), leaves):
-        assert_close("d" + name, g[id(x)], g_loop[id(x)].double(), torch.float32, device, grad=True)
+    g, g_loop = _grads([o, st], leaves), _grads([loop_o, loop_st], refs)
+    for name, x, r in zip("q k v decay mix h0".split(), leaves, refs):
+        assert_close("d" + name, g[id(x)], g_loop[id(r)], dtype, device, grad=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -254,6 +260,101 @@ def test_gradients_of_a_subset_of_inputs(device, poison_empty, mix, decay_grad, 
     for name, x, r in zip("q k v decay mix".split(), (q, k, v, decay, mx), ref):
         if x is not None and x.requires_grad:
             assert_close("d" + name, g[id(x)], rg[id(r)], torch.float32, device, grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [16, 32, 1 << 20])
+def test_chunk_size_is_honoured(backend, device, monkeypatch, chunk_size):
+    """Every chunk length gives the reference's values; the Triton path launches one program per
+    (chunk of that length, head) (a chunk longer than the sequence is capped at it)."""
+    grids = []
+    real = tk.launch_grid
+    monkeypatch.setattr(tk, "launch_grid", lambda name, **kw: grids.append((name, kw)) or real(name, **kw))
+    T, H = 48, 2
+    _check_scan(backend, device, torch.float32, B=1, T=T, H=H, K=16, V=16, M=2, mix="HM", chunk_size=chunk_size)
+    if backend == "triton":
+        n_chunks = -(-T // min(chunk_size, 64))
+        assert {kw["n_chunks"] for _, kw in grids} == {n_chunks}
+        assert ("fwd", (n_chunks * H, 1)) in [(name, real(name, **kw)) for name, kw in grids]
+
+
+def test_float64_routes_to_torch_unless_triton_is_asked_for(device):
+    """backend=None runs float64 on the exact PyTorch path; backend="triton" refuses it."""
+    q, k, v, decay, mx, s0 = _inputs(1, 10, 1, 8, 8, 2, torch.float64, device, "M")
+    o, _ = cms_scan(q, k, v, decay, mx, initial_state=s0)
+    ro, _ = reference.cms_scan(q, k, v, decay, mx, initial_state=s0)
+    assert o.dtype == torch.float64
+    assert_close("o", o, ro, torch.float64, device)
+    with pytest.raises(TypeError, match="float64"):
+        cms_scan(q, k, v, decay, mx, initial_state=s0, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        cms_step(q[:, 0], k[:, 0], v[:, 0], decay, s0.detach().clone(), backend="triton")
+
+
+# ----------------------------------------------------------------------------- launch shape and memory
+def _programs(name, **dims):
+    grid = tk.launch_grid(name, **dims)
+    return grid[0] * (grid[1] if len(grid) > 1 else 1)
+
+
+def test_launches_have_chunk_parallelism():
+    """B=1, H=2, T=1024, K=V=64, M=4: the largest forward and backward launches each run at least
+    T/64 x B x H = 32 programs (the fused-chunk kernels launched 4 for the forward)."""
+    B, H, T, K, V, M = 1, 2, 1024, 64, 64, 4
+    dims = dict(N=B, H=H, M=M, n_chunks=B * T // tk.CHUNK, K=K, V=V)
+    assert max(_programs(n, **dims) for n in ("state", "fwd")) >= T // 64 * B * H
+    assert max(_programs(n, **dims) for n in ("state1", "dh", "dv", "bwd")) >= T // 64 * B * H
+
+
+def test_launch_grids_stay_in_cuda_limits_for_many_packed_sequences():
+    """70000 packed one-token sequences x 1 head: the counts that grow (sequences, chunks, heads,
+    memories) sit on grid axis 0; the old layout (N x H on axis 1) exceeded the 65535 limit."""
+    N, H, M, K, V = 70000, 1, 4, 64, 64
+    cu = torch.arange(N + 1)
+    n_chunks = chunk_indices(cu, tk.CHUNK).shape[0]
+    assert n_chunks == N
+    for name in ("state", "state1", "dh", "fwd", "dv", "bwd"):
+        grid = tk.launch_grid(name, N=N, H=H, M=M, n_chunks=n_chunks, K=K, V=V)
+        assert grid[0] >= N * H and all(g <= GRID_YZ_LIMIT for g in grid[1:]), (name, grid)
+    with pytest.raises(ValueError, match="grid"):
+        check_grid((1, N * H))
+
+
+def _saved_bytes(fn):
+    """Bytes autograd keeps for backward while `fn` runs (each storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("mix", [None, "BTHM"])
+def test_saved_memory_is_the_inputs(device, mix):
+    """The forward saves no per-chunk states: at most 1.5 x the inputs plus two states."""
+    B, T, H, K, V, M = 1, 128, 2, 16, 16, 4
+    q, k, v, decay, mx, s0 = _inputs(B, T, H, K, V, M, torch.float32, device, mix)
+    saved, (o, _) = _saved_bytes(lambda: cms_scan(q, k, v, decay, mx, initial_state=s0, backend="triton"))
+    inputs = sum(x.numel() * x.element_size() for x in (q, k, v, decay, mx) if x is not None)
+    assert 0 < saved <= 1.5 * inputs + 2 * s0.numel() * 4, (saved, inputs)
+    assert o.grad_fn is not None
+
+
+def test_backward_under_autotuning(device):
+    """The backward accumulates dq, dk, dv over memories in place: tuning must not add twice."""
+    q, k, v, decay, mx, s0 = _inputs(1, 20, 1, 16, 16, 2, torch.float32, device, "HM")
+    leaves = (q, k, v, decay, mx, s0)
+    o, st = cms_scan(q, k, v, decay, mx, initial_state=s0, output_final_state=True, backend="triton")
+    want = _grads([o, st], leaves)
+    with simulated_autotuning():
+        o, st = cms_scan(q, k, v, decay, mx, initial_state=s0, output_final_state=True, backend="triton")
+        got = _grads([o, st], leaves)
+    for name, x in zip("q k v decay mix h0".split(), leaves):
+        assert_close("d" + name, got[id(x)], want[id(x)].double(), torch.float32, device, grad=True)
 
 
 # ----------------------------------------------------------------------------- step
@@ -377,7 +478,7 @@ def test_scan_gpu_realistic(dtype, mix):
 
 @pytest.mark.gpu
 def test_scan_gpu_wide_heads_packed():
-    """K = V = 128 (the 32-row tile) with packed sequences, against a per-sequence loop."""
+    """K = V = 128 (whole-K tiles of 64-row chunks) with packed sequences, against a per-sequence loop."""
     lens = [300, 0, 513, 64]
     cu = torch.tensor([0] + lens).cumsum(0).cuda()
     q, k, v, decay, mx, s0 = _inputs(1, sum(lens), 2, 128, 128, 3, torch.bfloat16, "cuda", "HM", N=len(lens))

@@ -5,7 +5,8 @@
 M memories (one timescale tau_m each, shared by heads for decay [M], per head for [H, M]) read
 the same q, k, v. mix=None returns every memory's read-out o [B, T, H, M, V]; mix of shape [M],
 [H, M] or [B, T, H, M] returns o_t = sum_m mix_m o_{m,t}, [B, T, H, V]. States [N, H, M, K, V]
-are float32. See DESIGN.md ("cms_scan").
+are float32. float64 inputs run on the exact chunked PyTorch path when backend is None;
+backend="triton" with float64 raises TypeError. See DESIGN.md ("cms_scan").
 """
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ def _check_mix(mix, lead: tuple, H: int, M: int, device, layout: str):
     return mix.expand(H, M) if mix.dim() == 1 else mix
 
 
+def _route_float64(requested, backend: str, dtype: torch.dtype) -> str:
+    """float64 (references, gradchecks) runs on the exact chunked PyTorch path: backend=None (or the
+    environment default) routes it there; an explicit backend="triton" is refused."""
+    if dtype != torch.float64:
+        return backend
+    if requested == "triton":
+        raise TypeError("backend='triton' does not take float64 inputs (the kernels compute in float32); "
+                        "use backend=None or 'torch', which run float64 on the exact PyTorch path")
+    return "torch"
+
+
 def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output_final_state=False,
              cu_seqlens=None, chunk_size=64, backend=None):
     """Fused multi-timescale scan.
@@ -62,16 +74,16 @@ def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output
     utils.check_state("initial_state", initial_state, (N, H, M, K, V), device, "[N, H, M, K, V]")
     chunk_size = utils.check_chunk_size(chunk_size)
     scale = utils.resolve_scale(scale, K)
-    backend = utils.resolve_backend(backend, device)
+    requested, backend = backend, utils.resolve_backend(backend, device)
 
     # decay and states are never autocast: tau = 0.9999 rounds to 1 in half precision.
     q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
     utils.check_same_dtype(q=q, k=k, v=v)
     q, k, v = utils.contiguous(q, k, v)
-    if backend == "torch" or q.dtype == torch.float64:
-        # float64 (references, gradchecks) stays exact on the chunked PyTorch path.
+    backend = _route_float64(requested, backend, q.dtype)
+    if backend == "torch":
         return cms_scan_torch(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size)
-    from .fused import cms_scan_triton
+    from .triton_kernels import cms_scan_triton
     return cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size)
 
 
@@ -91,11 +103,12 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
         raise TypeError(f"state must be float32 (recurrent states are float32), got {state.dtype}")
     mix = _check_mix(mix, (B,), H, M, device, "[M], [H, M] or [B, H, M]")
     scale = utils.resolve_scale(scale, K)
-    backend = utils.resolve_backend(backend, device)
+    requested, backend = backend, utils.resolve_backend(backend, device)
 
     q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
     utils.check_same_dtype(q=q, k=k, v=v)
-    if backend == "torch" or state.dtype == torch.float64 or not state.is_contiguous():
+    backend = _route_float64(requested, backend, torch.float64 if torch.float64 in (q.dtype, state.dtype) else q.dtype)
+    if backend == "torch" or not state.is_contiguous():
         return cms_step_torch(q, k, v, tau, state, mix, scale)
-    from .fused import cms_step_triton
+    from .triton_kernels import cms_step_triton
     return cms_step_triton(q, k, v, tau, state, mix, scale)
