@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from hope_kernels.aot import KernelConfig, KernelSpec
+from hope_kernels.triton_utils import unwrap
 
 
 def _kernel_modules() -> Tuple[str, ...]:
@@ -170,19 +171,6 @@ def config_label(config: KernelConfig) -> str:
 
 
 # --------------------------------------------------------------------------- compiling
-def unwrap(fn):
-    """The raw JITFunction under any triton.autotune / triton.heuristics wrappers."""
-    from triton.runtime.jit import JITFunction
-
-    for _ in range(16):
-        if isinstance(fn, JITFunction):
-            return fn
-        if not hasattr(fn, "fn"):
-            break
-        fn = fn.fn
-    raise TypeError(f"{fn!r} is not a Triton kernel (@triton.jit)")
-
-
 def kernel_id(spec: KernelSpec) -> str:
     """Which kernel function a spec compiles ("module.name"); specs of one kernel share it."""
     kid = getattr(spec, "kernel_id", None)

@@ -10,6 +10,7 @@
   dtype before they feed a dot. The Triton interpreter computes bf16 dots on raw bits, so there (only)
   bf16 tiles are upcast to fp32 after loading; fp16 needs no upcast and tests the low-precision path.
 - `empty(...)`: kernel outputs, NaN-filled under the interpreter or HOPE_KERNELS_POISON=1.
+- `kernel_spec(...)`: a kernel's AOT compile description (`aot.KernelSpec`) from its pointer dtypes.
 - `chunk_indices(cu_seqlens, BT)`: the (sequence, chunk) pair of every real chunk of a packed batch, so
   chunk-parallel kernels launch one program per real chunk; grids put that count on axis 0 (limit
   2^31 - 1), never on axes 1 / 2 (limit 65535).
@@ -17,13 +18,13 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
 import triton
 import triton.language as tl
 
-from .aot import KernelConfig
+from .aot import KernelConfig, KernelSpec
 from .utils import autotune_enabled, interpreter_enabled
 
 POISON_ENV = "HOPE_KERNELS_POISON"  # "1": fill kernel outputs with NaN before launch (always on in the interpreter)
@@ -112,3 +113,29 @@ def check_grid(grid: Sequence[int]) -> tuple:
     if grid[0] >= 2 ** 31 or any(g > GRID_YZ_LIMIT for g in grid[1:]):
         raise ValueError(f"launch grid {grid} exceeds the CUDA grid limits (2^31 - 1, 65535, 65535)")
     return grid
+
+
+def unwrap(fn):
+    """The raw JITFunction under any triton.autotune / triton.heuristics wrappers."""
+    from triton.runtime.jit import JITFunction
+
+    for _ in range(16):
+        if isinstance(fn, JITFunction):
+            return fn
+        if not hasattr(fn, "fn"):
+            break
+        fn = fn.fn
+    raise TypeError(f"{fn!r} is not a Triton kernel (@triton.jit)")
+
+
+def kernel_spec(name: str, kernel, configs: Sequence[KernelConfig], pointers: Dict[str, str], present: Set[str],
+                scalars: Dict[str, str], constexprs: Dict[str, object]) -> KernelSpec:
+    """A KernelSpec: `pointers` maps argument -> dtype ("bf16", "fp32", "i64"), those not in `present`
+    are passed as None (optional inputs); `scalars` maps argument -> type ("i32", "fp32")."""
+    signature = {p: (f"*{dt}" if p in present else "constexpr") for p, dt in pointers.items()}
+    signature.update(scalars)
+    signature.update({c: "constexpr" for c in constexprs})
+    fixed = {p: None for p in pointers if p not in present}
+    fixed.update(constexprs)
+    return KernelSpec(name, unwrap(kernel), signature, fixed, list(configs),
+                      divisible_by_16=["T"] if "T" in scalars else [])

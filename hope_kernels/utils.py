@@ -64,6 +64,17 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return backend
 
 
+def route_float64(requested: Optional[str], backend: str, dtype: torch.dtype) -> str:
+    """float64 (references, gradchecks) runs the exact torch path: backend=None (or the environment
+    default) routes it there; an explicit backend="triton" is a TypeError (kernels compute in float32)."""
+    if dtype != torch.float64:
+        return backend
+    if requested == "triton":
+        raise TypeError("backend='triton' takes float32, float16 or bfloat16 inputs, got float64 "
+                        "(backend=None or 'torch' runs float64 on the exact PyTorch path)")
+    return "torch"
+
+
 def autotune_enabled() -> bool:
     """Autotune only on a real GPU: the interpreter has no driver to time configs with."""
     return not interpreter_enabled() and os.environ.get(AUTOTUNE_ENV, "1") != "0"

@@ -46,17 +46,6 @@ def _check_mix(mix, lead: tuple, H: int, M: int, device, layout: str):
     return mix.expand(H, M) if mix.dim() == 1 else mix
 
 
-def _route_float64(requested, backend: str, dtype: torch.dtype) -> str:
-    """float64 (references, gradchecks) runs on the exact chunked PyTorch path: backend=None (or the
-    environment default) routes it there; an explicit backend="triton" is refused."""
-    if dtype != torch.float64:
-        return backend
-    if requested == "triton":
-        raise TypeError("backend='triton' does not take float64 inputs (the kernels compute in float32); "
-                        "use backend=None or 'torch', which run float64 on the exact PyTorch path")
-    return "torch"
-
-
 def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output_final_state=False,
              cu_seqlens=None, chunk_size=64, backend=None):
     """Fused multi-timescale scan.
@@ -80,7 +69,7 @@ def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output
     q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
     utils.check_same_dtype(q=q, k=k, v=v)
     q, k, v = utils.contiguous(q, k, v)
-    backend = _route_float64(requested, backend, q.dtype)
+    backend = utils.route_float64(requested, backend, q.dtype)
     if backend == "torch":
         return cms_scan_torch(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size)
     from .triton_kernels import cms_scan_triton
@@ -107,7 +96,7 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
 
     q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
     utils.check_same_dtype(q=q, k=k, v=v)
-    backend = _route_float64(requested, backend, torch.float64 if torch.float64 in (q.dtype, state.dtype) else q.dtype)
+    backend = utils.route_float64(requested, backend, torch.float64 if torch.float64 in (q.dtype, state.dtype) else q.dtype)
     if backend == "torch" or not state.is_contiguous():
         return cms_step_torch(q, k, v, tau, state, mix, scale)
     from .triton_kernels import cms_step_triton

@@ -44,8 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..aot import KernelConfig, KernelSpec
-from ..triton_utils import autotune, check_grid, chunk_indices, chunk_offsets, empty, load_tile, upcast_dots
+from ..aot import KernelConfig
+from ..triton_utils import (autotune, check_grid, chunk_indices, chunk_offsets, empty, kernel_spec, load_tile,
+                            upcast_dots)
 
 # ----------------------------------------------------------------------------- configs
 # Tiles are fixed by (K, V) (see `tiles`), so the grids do not depend on the tuned config.
@@ -640,22 +641,6 @@ def cms_step_triton(q, k, v, tau, state, mix, scale):
 
 
 # ----------------------------------------------------------------------------- AOT compile specs
-def _unwrap(fn):
-    while not isinstance(fn, triton.runtime.jit.JITFunction) and hasattr(fn, "fn"):
-        fn = fn.fn
-    return fn
-
-
-def _spec(name, kernel, configs, pointers, present, scalars, constexprs):
-    """A KernelSpec: `pointers` name -> dtype; those not in `present` are passed as None."""
-    signature = {p: (f"*{dt}" if p in present else "constexpr") for p, dt in pointers.items()}
-    signature.update(scalars)
-    signature.update({c: "constexpr" for c in constexprs})
-    fixed = {p: None for p in pointers if p not in present}
-    fixed.update(constexprs)
-    return KernelSpec(name, _unwrap(kernel), signature, fixed, configs, divisible_by_16=["T"] if "T" in scalars else [])
-
-
 def compile_specs():
     """Every kernel at K = V = 64 and 128, M = 4, 64-row chunks: bf16 and fp16 with each mix form, one fp32
     (the state passes also with their 32-wide tiles)."""
@@ -686,24 +671,24 @@ def compile_specs():
         for BS in ((64, 32) if D == 64 and dt != "fp16" else (64,)):
             st = dict(BK=t["BKS"], BV=min(BS, t["BVS"]))
             stag = tag if BS == 64 else tag + ",BV=32"
-            specs.append(_spec(f"cms.state[{stag}]", cms_state_kernel, STATE_CONFIGS,
+            specs.append(kernel_spec(f"cms.state[{stag}]", cms_state_kernel, STATE_CONFIGS,
                                pick("k", "v", "decay", "h0", "ht", "hs", "cu_seqlens", "chunk_offs"), present,
                                {"T": "i32", "m0": "i32", "NM": "i32", "M": "i32"},
                                dict(common, **st, USE_INITIAL_STATE=True, STORE_FINAL_STATE=True)))
-            specs.append(_spec(f"cms.bwd_dh[{stag}]", cms_bwd_dh_kernel, STATE_CONFIGS,
+            specs.append(kernel_spec(f"cms.bwd_dh[{stag}]", cms_bwd_dh_kernel, STATE_CONFIGS,
                                pick("q", "decay", "mix", "do", "dht", "dh0", "dhs", "cu_seqlens", "chunk_offs"),
                                present, {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32"},
                                dict(common, **mixed, **st, USE_FINAL_GRAD=True, STORE_INITIAL_GRAD=True)))
-        specs.append(_spec(f"cms.fwd[{tag}]", cms_fwd_kernel, FWD_CONFIGS,
+        specs.append(kernel_spec(f"cms.fwd[{tag}]", cms_fwd_kernel, FWD_CONFIGS,
                            pick("q", "k", "v", "decay", "mix", "hs", "o", "chunk_idx", "cu_seqlens"), present,
                            {"scale": "fp32", "T": "i32", "M": "i32"}, dict(common, **mixed, BK=t["BK"], BV=t["BVO"])))
-        specs.append(_spec(f"cms.bwd_dv[{tag}]", cms_bwd_dv_kernel, DV_CONFIGS,
+        specs.append(kernel_spec(f"cms.bwd_dv[{tag}]", cms_bwd_dv_kernel, DV_CONFIGS,
                            pick("q", "k", "v", "decay", "mix", "do", "dhs", "dv", "dmix", "dgs", "chunk_idx",
                                 "cu_seqlens"), present,
                            {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32", "NR": "i32", "NC": "i32"},
                            dict(common, **mixed, BK=t["BK"], BV=t["BVO"], ACCUMULATE=True,
                                 COMPUTE_DMIX=mix is not None, COMPUTE_DDECAY=True)))
-        specs.append(_spec(f"cms.bwd[{tag}]", cms_bwd_kernel, BWD_CONFIGS,
+        specs.append(kernel_spec(f"cms.bwd[{tag}]", cms_bwd_kernel, BWD_CONFIGS,
                            pick("q", "k", "v", "decay", "mix", "do", "hs", "dhs", "dq", "dk", "dmix", "dgs",
                                 "chunk_idx", "cu_seqlens"), present,
                            {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32"},
@@ -712,7 +697,7 @@ def compile_specs():
     for D, dt, mix in ((64, "bf16", "batch"), (128, "fp32", None)):
         present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set())
         ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, state="fp32", o=dt)
-        specs.append(_spec(f"cms.step[K={D},V={D},M=4,{dt},mix={mix or 'none'}]", cms_step_kernel, STEP_CONFIGS,
+        specs.append(kernel_spec(f"cms.step[K={D},V={D},M=4,{dt},mix={mix or 'none'}]", cms_step_kernel, STEP_CONFIGS,
                            ptrs, present, {"scale": "fp32", "M": "i32"},
                            dict(H=4, K=D, V=D, BK=_pad(D), MIX_PER_BATCH=mix == "batch", HAS_MIX=mix is not None)))
     return specs

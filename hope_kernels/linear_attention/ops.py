@@ -96,7 +96,7 @@ def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1
     backend = utils.resolve_backend(backend, device)
     q, k, v = utils.autocast_inputs(device, q, k, v)
     dtype = utils.check_same_dtype(q=q, k=k, v=v)
-    backend = _float64_backend(dtype, explicit, backend)
+    backend = utils.route_float64(explicit, backend, dtype)
     sd = utils.state_dtype(dtype)
 
     with torch.autocast(device.type, enabled=False):
@@ -117,16 +117,6 @@ def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1
     return o, (ST if output_final_state else None)
 
 
-def _float64_backend(dtype: torch.dtype, explicit, backend: str) -> str:
-    """float64 runs the torch path; asking for Triton explicitly is an error (the kernels accumulate in fp32)."""
-    if dtype != torch.float64:
-        return backend
-    if explicit == "triton":
-        raise TypeError("backend='triton' takes float32, float16 or bfloat16 inputs, got float64 "
-                        "(backend=None or 'torch' runs float64 in PyTorch)")
-    return "torch"
-
-
 def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e-6, backend=None):
     """One causal token for generation: S += k v^T (z += k), o = scale q S (/ (scale q.z + eps)).
 
@@ -145,7 +135,7 @@ def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e
     backend = utils.resolve_backend(backend, device)
     q, k, v = utils.autocast_inputs(device, q, k, v)
     dtype = utils.check_same_dtype(q=q, k=k, v=v)
-    backend = _float64_backend(torch.float64 if S.dtype == torch.float64 else dtype, explicit, backend)
+    backend = utils.route_float64(explicit, backend, torch.float64 if S.dtype == torch.float64 else dtype)
 
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         if backend == "torch":

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..aot import KernelConfig, KernelSpec
-from ..triton_utils import (autotune, check_grid, chunk_indices, chunk_offsets, default_config, empty, load_tile,
+from ..triton_utils import (autotune, check_grid, chunk_indices, chunk_offsets, default_config, empty, load_tile, unwrap,
                             upcast_dots)
 
 MAX_CHUNK = 128   # largest chunk the kernels tile (a larger chunk_size is capped here)
@@ -534,14 +534,8 @@ def linear_attention_step_triton(q, k, v, S, z, scale, eps, out_dtype):
 
 
 # --------------------------------------------------------------------------- AOT descriptions
-def _unwrap(fn):
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    return fn
-
-
 def _spec(name, kernel, configs, signature, constexprs):
-    return KernelSpec(name=name, fn=_unwrap(kernel), signature={**signature, **{n: "constexpr" for n in constexprs}},
+    return KernelSpec(name=name, fn=unwrap(kernel), signature={**signature, **{n: "constexpr" for n in constexprs}},
                       constexprs=constexprs, configs=configs)
 
 
