@@ -97,6 +97,8 @@ CASES = [
     (torch.float32, 16, True, True, True, 2, 21, 32),
     (torch.float32, 24, True, True, True, 1, 45, 16),      # a block across chunk / checkpoint boundaries
     (torch.float32, 32, True, True, True, 1, 45, 16),      # two chunks per block (chunked Triton forward)
+    (torch.float32, 32, False, False, True, 1, 45, 16),    # ... and chunked Triton backward
+    (torch.float16, 16, False, False, True, 2, 37, 32),
     (torch.float16, 16, True, True, False, 1, 21, 16),
     (torch.float16, 1, True, False, True, 1, 21, 16),
     (torch.bfloat16, 16, False, False, True, 1, 21, 16),
@@ -125,6 +127,21 @@ def test_chunked_forward_choice():
     periods = (1, 3, 8, 16, 24, 32, 48, 64)
     assert [chunk_tile(p, 64, 64) for p in periods] == [16, None, None, 16, None, 16, 16, 16]
     assert chunk_tile(16, 64, 128) is None and chunk_tile(1, 64, 128) is None
+
+
+def test_chunked_backward_with_decay_equals_recurrent(device):
+    """The chunked backward's decay path (not selected: it spills registers, see compile_specs) against the
+    recurrent backward, on the same inputs and cotangents."""
+    from hope_kernels.titans import triton_kernels as tk
+    B, T, H, K, V = 1, 37, 2, 16, 32
+    q, k, v, lr, d, _, S0, _ = [None if x is None else x.detach()
+                                for x in _inputs(B, T, H, K, V, torch.float32, device, True, False)]
+    do, dht = randn(B, T, H, V, device=device), randn(B, H, K, V, device=device)
+    chunked = tk._chunk_backward(q, k, v, lr, d, S0, do, dht, 0.25, 16, None)
+    recurrent = tk._backward(q, k, v, lr, d, None, S0, None, do, dht, None, 0.25, 16, None, 64)
+    for name, a, b in zip(["dq", "dk", "dv", "dlr", "ddecay", "dm", "dS0"], chunked, recurrent):
+        if b is not None:
+            assert_close(name, a, b.double(), torch.float32, device, grad=True)
 
 
 def _fla_delta_rule(q, k, v, beta, S0):
@@ -175,11 +192,12 @@ def test_zero_momentum_and_unit_decay(backend, device):
 
 # ----------------------------------------------------------------------------- state: split, packed
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("period,momentum", [(16, True), (1, False), (4, True)])
-def test_split_and_resume(backend, device, period, momentum):
+@pytest.mark.parametrize("period,decay,momentum", [(16, True, True), (1, True, False), (4, True, True),
+                                                   (16, False, False)])
+def test_split_and_resume(backend, device, period, decay, momentum):
     """Two calls chained through the state (split at a multiple of period) equal one call, values and
     gradients (through the state pair too)."""
-    xs = _inputs(1, 40, 1, 16, 16, torch.float32, device, momentum=momentum)
+    xs = _inputs(1, 40, 1, 16, 16, torch.float32, device, decay=decay, momentum=momentum)
     q, k, v, lr, d, m, S0, Z0 = xs
     t = 16
     kw = dict(period=period, chunk_size=16, backend=backend)
@@ -198,13 +216,14 @@ def test_split_and_resume(backend, device, period, momentum):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("period,momentum", [(16, True), (1, False), (3, True)])
-def test_packed_sequences_equal_a_loop(backend, device, poison_empty, period, momentum):
+@pytest.mark.parametrize("period,decay,momentum", [(16, True, True), (1, True, False), (3, True, True),
+                                                   (32, False, False)])
+def test_packed_sequences_equal_a_loop(backend, device, poison_empty, period, decay, momentum):
     """cu_seqlens (one sequence empty, one longer than a chunk) equals one reference call per sequence;
     blocks count from each sequence's start."""
     lens = [3, 0, 35, 2]
     cu = torch.tensor([0] + lens).cumsum(0).to(device)
-    xs = _inputs(1, sum(lens), 1, 16, 16, torch.float32, device, momentum=momentum, N=len(lens))
+    xs = _inputs(1, sum(lens), 1, 16, 16, torch.float32, device, decay=decay, momentum=momentum, N=len(lens))
     q, k, v, lr, d, m, S0, Z0 = xs
     outs = _scan(titans_scan, xs, period=period, cu_seqlens=cu, chunk_size=16, backend=backend)
     parts = []

@@ -42,6 +42,9 @@ FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, 
 CHUNK_FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (16, 4, 1))
                      for bv in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
 BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 8) for w in (4, 8)]
+CHUNK_BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1))
+                     for w in (4, 8) for s in (1, 2)]
+CHUNK_BWD_BV = 16   # fixed (not autotuned): the partial sums are sized by it
 BWD_BV = 16     # fixed (not autotuned): the workspaces and partial sums are sized by it
 BWD_BT = 32     # tokens between checkpoints of the backward
 STEP_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
@@ -358,6 +361,141 @@ def titans_bwd_kernel(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt,
         tl.store(dz0 + off_kv, b_dz, mask=m_kv)
 
 
+# ----------------------------------------------------------------------------- chunked backward
+@autotune(CHUNK_BWD_CONFIGS, key=["H", "K", "V", "BT", "HAS_DECAY"])
+@triton.jit
+def titans_chunk_bwd_kernel(q, k, v, lr, decay, h0, do, dht, dq, dk, dv, dlr, ddecay, dh0, ckpt,
+                            cu_seqlens, chunk_offsets, scale, T, period, R,
+                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
+                            USE_INITIAL_STATE: tl.constexpr, USE_FINAL_GRAD: tl.constexpr,
+                            IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr):
+    """Backward of the chunked forward without momentum (period % BT == 0). Per chunk, with
+    x = lr (v - k Sbar), A = (q k^T) * D, o = scale (gamma q S0 + A x), S1 = gamma_e S0 + (D[e] k)^T x:
+
+        dx  = scale A^T do + (D[e] k) dS1;   dv = lr dx;   dlr = <dx, v - k Sbar>;   dSbar += -k^T (lr dx)
+        dq  = scale (gamma do S0^T + (do x^T * D) k);     dS0 = scale (gamma q)^T do + gamma_e dS1
+        dk  = scale (do x^T * D)^T q + D[e] (x dS1^T) - lr dx Sbar^T
+        dD  = scale (q k^T) * (do x^T),  dD[e] += rows of (k dS1) * x,  dgamma = scale rows of (q S0) * do
+        d log d_l = sum_{i >= l > j} dD[i, j] D[i, j] + sum_{i >= l} dgamma_i gamma_i   (+ gamma_e dS1 . S0)
+
+    Pass 1 replays the forward and checkpoints S0 of every chunk (Sbar of a chunk is the checkpoint of
+    its block's first chunk); pass 2 walks the chunks in reverse. dq, dk, dlr, ddecay: per-V-tile partials.
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    NV = tl.num_programs(0)
+    i_n, i_h = i_nh // H, i_nh % H
+    p_part = i_v.to(tl.int64) * R
+    bos, L = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    if IS_VARLEN:
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_bv = tl.arange(0, BV)
+    o_v = i_v * BV + o_bv
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    causal = o_t[:, None] >= o_t[None, :]
+    off_kv = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    off_t = o_k[:, None] * BV + o_bv[None, :]
+    TILE: tl.constexpr = BK * BV
+    NC = tl.cdiv(L, BT)
+    per_block = period // BT
+
+    # 1. replay the forward, checkpointing the chunk-start state
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_s = tl.load(h0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    b_sb = b_s
+    for c in range(0, NC):
+        t0 = c * BT
+        tl.store(ckpt + (((boc + c) * H + i_h) * NV + i_v) * TILE + off_t, b_s)
+        m_t = t0 + o_t < L
+        rows = (bos + t0 + o_t) * H + i_h
+        b_k = load_tile(k + rows[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], UPCAST)
+        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_lr = tl.load(lr + rows, mask=m_t, other=0.)
+        dt = b_k.dtype
+        b_sb = tl.where(c % per_block == 0, b_s, b_sb)
+        last = o_t == tl.minimum(L - t0, BT) - 1
+        if HAS_DECAY:
+            b_ld = tl.cumsum(tl.log(tl.load(decay + rows, mask=m_t, other=1.)), 0)
+            l_e = tl.sum(tl.where(last, b_ld, 0.), 0)
+            b_de = tl.exp(tl.where(o_t <= tl.minimum(L - t0, BT) - 1, l_e - b_ld, float("-inf")))   # D[e, :]
+            g_e = tl.exp(l_e)
+        else:
+            b_de = tl.where(m_t, 1., 0.)
+            g_e = 1.
+        b_x = b_lr[:, None] * (b_v - tl.dot(b_k, b_sb.to(dt)))
+        b_s = g_e * b_s + tl.dot(tl.trans((b_de[:, None] * b_k).to(dt)), b_x.to(dt))
+    tl.debug_barrier()
+
+    # 2. chunks in reverse
+    b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_GRAD:
+        b_ds = tl.load(dht + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    b_dsb = tl.zeros([BK, BV], dtype=tl.float32)
+    for c_rev in range(0, NC):
+        c = NC - 1 - c_rev
+        t0 = c * BT
+        n_c = tl.minimum(L - t0, BT)
+        m_t = o_t < n_c
+        rows = (bos + t0 + o_t) * H + i_h
+        b_s0 = tl.load(ckpt + (((boc + c) * H + i_h) * NV + i_v) * TILE + off_t)
+        b_sb = tl.load(ckpt + (((boc + c - c % per_block) * H + i_h) * NV + i_v) * TILE + off_t)
+        b_q = load_tile(q + rows[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], UPCAST)
+        b_k = load_tile(k + rows[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], UPCAST)
+        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_do = load_tile(do + rows[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], UPCAST)
+        b_lr = tl.load(lr + rows, mask=m_t, other=0.)
+        dt = b_q.dtype
+        last = o_t == n_c - 1
+        if HAS_DECAY:
+            b_dec = tl.load(decay + rows, mask=m_t, other=1.)
+            b_ld = tl.cumsum(tl.log(b_dec), 0)
+            b_D = tl.exp(tl.where(causal, b_ld[:, None] - b_ld[None, :], float("-inf")))
+            b_g = tl.exp(b_ld)
+        else:
+            b_D = tl.where(causal, 1., 0.)
+            b_g = tl.full([BT], 1., tl.float32)
+        b_de = tl.sum(tl.where(last[:, None], b_D, 0.), 0)                   # D[e, :]
+        g_e = tl.sum(tl.where(last, b_g, 0.), 0)
+        b_r = b_v - tl.dot(b_k, b_sb.to(dt))                                  # v - k Sbar
+        b_x = b_lr[:, None] * b_r
+        b_qk = tl.dot(b_q, tl.trans(b_k))
+        b_A = b_qk * b_D
+        b_dsd = b_ds.to(dt)
+        b_dx = scale * tl.dot(tl.trans(b_A.to(dt)), b_do) + b_de[:, None] * tl.dot(b_k, b_dsd)
+        b_dox = tl.dot(b_do, tl.trans(b_x.to(dt)))                            # do_i . x_j
+        b_dq = scale * (b_g[:, None] * tl.dot(b_do, tl.trans(b_s0.to(dt))) + tl.dot((b_dox * b_D).to(dt), b_k))
+        b_xds = tl.dot(b_x.to(dt), tl.trans(b_dsd))                           # x_j dS1^T: [BT, BK]
+        b_dlx = -b_lr[:, None] * b_dx                                         # d(k Sbar) of each token
+        b_dk = scale * tl.dot(tl.trans((b_dox * b_D).to(dt)), b_q) + b_de[:, None] * b_xds \
+            + tl.dot(b_dlx.to(dt), tl.trans(b_sb.to(dt)))
+        tl.store(dq + (p_part + rows)[:, None] * K + o_k[None, :], b_dq, mask=m_t[:, None] & m_k[None, :])
+        tl.store(dk + (p_part + rows)[:, None] * K + o_k[None, :], b_dk, mask=m_t[:, None] & m_k[None, :])
+        tl.store(dv + rows[:, None] * V + o_v[None, :], (b_lr[:, None] * b_dx).to(dv.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+        tl.store(dlr + p_part + rows, tl.sum(b_dx * b_r, 1), mask=m_t)
+        if HAS_DECAY:
+            # dD * D over i >= l > j, by a reverse cumsum over rows then a masked row sum
+            b_P = scale * b_qk * b_dox * b_D
+            b_P += tl.where(last[:, None], (tl.sum(b_xds * b_k, 1) * b_de)[None, :], 0.)
+            b_P = tl.sum(b_P, 0)[None, :] - tl.cumsum(b_P, 0) + b_P              # sum over i >= l (no flip)
+            b_dl = tl.sum(tl.where(o_t[:, None] > o_t[None, :], b_P, 0.), 1)
+            b_dg = scale * tl.sum(tl.dot(b_q, b_s0.to(dt)) * b_do, 1) * b_g
+            b_dg += tl.where(last, g_e * tl.sum(tl.sum(b_ds * b_s0, 1), 0), 0.)
+            b_dl += tl.sum(b_dg, 0) - tl.cumsum(b_dg, 0) + b_dg
+            tl.store(ddecay + p_part + rows, b_dl / b_dec, mask=m_t)
+        b_dsb += tl.dot(tl.trans(b_k), b_dlx.to(dt))
+        b_ds = g_e * b_ds + scale * tl.dot(tl.trans((b_g[:, None] * b_q).to(dt)), b_do)
+        b_ds = tl.where(c % per_block == 0, b_ds + b_dsb, b_ds)
+        b_dsb = tl.where(c % per_block == 0, 0., b_dsb)
+    tl.store(dh0 + off_kv, b_ds, mask=m_kv)
+
+
 # ----------------------------------------------------------------------------- one-token step
 @autotune(STEP_CONFIGS, key=["H", "K", "V", "HAS_DECAY", "HAS_MOMENTUM", "HAS_BLOCK"], restore=["S", "Z"])
 @triton.jit
@@ -420,7 +558,36 @@ def _chunk_offsets(cu_seqlens, BT: int):
     return torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
 
 
-def _backward(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt, scale, period, cu_seqlens):
+def _chunk_backward(q, k, v, lr, decay, h0, do, dht, scale, period, cu_seqlens):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BT, BK, BV = 16, _block(K), CHUNK_BWD_BV
+    NV = triton.cdiv(V, BV)
+    R = B * T * H
+    f32 = dict(dtype=torch.float32, device=q.device)
+    n_ckpt = B * triton.cdiv(T, BT) if cu_seqlens is None else triton.cdiv(T, BT) + N
+    ckpt = torch.empty(max(n_ckpt, 1), H, NV, BK, BV, **f32)
+    dq, dk = empty(NV, R, K, **f32), empty(NV, R, K, **f32)
+    dlr = empty(NV, R, **f32)
+    ddecay = empty(NV, R, **f32) if decay is not None else None
+    dv = empty(B, T, H, V, dtype=v.dtype, device=v.device)
+    dh0 = empty(N, H, K, V, **f32)
+    titans_chunk_bwd_kernel[(NV, N * H)](q, k, v, lr, decay, h0, do, dht, dq, dk, dv, dlr, ddecay, dh0, ckpt,
+                                         cu_seqlens, _chunk_offsets(cu_seqlens, BT), scale, T, period, R,
+                                         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DECAY=decay is not None,
+                                         USE_INITIAL_STATE=h0 is not None, USE_FINAL_GRAD=dht is not None,
+                                         IS_VARLEN=cu_seqlens is not None, UPCAST=upcast_dots(q.dtype))
+    gate = lambda g: None if g is None else g.sum(0).view(B, T, H)
+    return (dq.sum(0).view(B, T, H, K).to(q.dtype), dk.sum(0).view(B, T, H, K).to(k.dtype), dv,
+            gate(dlr), gate(ddecay), None, dh0, None)
+
+
+def _backward(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt, scale, period, cu_seqlens, chunk_size):
+    """The chunked backward where the forward was chunked over blocks without decay or momentum, else the
+    recurrent one. (With decay the chunked backward spills registers in every config: see compile_specs.)"""
+    if decay is None and momentum is None and period > 1 and chunk_tile(period, chunk_size, q.shape[-1]):
+        return _chunk_backward(q, k, v, lr, decay, h0, do, dht, scale, period, cu_seqlens)
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -457,7 +624,7 @@ class TitansScanFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens, chunk_size):
         o, ht, zt = _forward(q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens, chunk_size)
         ctx.save_for_backward(q, k, v, lr, decay, momentum, h0, z0, cu_seqlens)
-        ctx.scale, ctx.period = scale, period
+        ctx.scale, ctx.period, ctx.chunk_size = scale, period, chunk_size
         return o, ht, zt
 
     @staticmethod
@@ -470,7 +637,8 @@ class TitansScanFunction(torch.autograd.Function):
         if dht is None and dzt is not None:
             dht = torch.zeros_like(dzt)
         dht, dzt = (None if x is None else x.contiguous() for x in (dht, dzt))
-        grads = _backward(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt, ctx.scale, ctx.period, cu_seqlens)
+        grads = _backward(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt, ctx.scale, ctx.period, cu_seqlens,
+                          ctx.chunk_size)
         dq, dk, dv, dlr, dd, dm, dh0, dz0 = grads
         return (dq, dk, dv, dlr, dd, dm, dh0 if h0 is not None else None, dz0 if z0 is not None else None,
                 None, None, None, None)
@@ -521,6 +689,7 @@ def compile_specs():
     """Forward, backward and step at representative signatures (every config of each)."""
     specs = []
     for D, dt, decay, mom, varlen in ((64, "bf16", True, True, False), (64, "fp16", True, False, True),
+                                      (64, "bf16", False, False, False),
                                       (128, "bf16", True, True, False), (128, "fp32", False, False, False)):
         tag = f"K={D},V={D},{dt},{'decay' if decay else 'nodecay'},{'momentum' if mom else 'nomomentum'}" \
               + (",varlen" if varlen else "")
@@ -540,6 +709,16 @@ def compile_specs():
             specs.append(_spec(f"titans.chunk_fwd_delta[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS,
                                fwd_ptrs, present, {"scale": "fp32", "T": "i32", "period": "i32"},
                                dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=True)))
+        if D <= 64 and not mom and not decay:   # the chunked backward (period % 16 == 0, no decay, no momentum)
+            cb_ptrs = dict(q=dt, k=dt, v=dt, lr="fp32", decay="fp32", h0="fp32", do=dt, dht="fp32", dq="fp32",
+                           dk="fp32", dv=dt, dlr="fp32", ddecay="fp32", dh0="fp32", ckpt="fp32", cu_seqlens="i64",
+                           chunk_offsets="i64")
+            present = set(cb_ptrs) - ({"decay", "ddecay"} if not decay else set()) \
+                - ({"cu_seqlens", "chunk_offsets"} if not varlen else set())
+            specs.append(_spec(f"titans.chunk_bwd[{tag}]", titans_chunk_bwd_kernel, CHUNK_BWD_CONFIGS, cb_ptrs,
+                               present, {"scale": "fp32", "T": "i32", "period": "i32", "R": "i32"},
+                               dict(H=4, K=D, V=D, BT=16, BK=D, BV=CHUNK_BWD_BV, HAS_DECAY=decay,
+                                    USE_INITIAL_STATE=True, USE_FINAL_GRAD=True, IS_VARLEN=varlen, UPCAST=False)))
         bwd_ptrs = dict(q=dt, k=dt, v=dt, lr="fp32", decay="fp32", momentum="fp32", h0="fp32", z0="fp32", do=dt,
                         dht="fp32", dzt="fp32", dq="fp32", dk="fp32", dv=dt, dlr="fp32", ddecay="fp32",
                         dmomentum="fp32", dh0="fp32", dz0="fp32", ckpt="fp32", scratch="fp32",
