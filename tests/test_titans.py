@@ -363,3 +363,14 @@ def test_step_rejects_bad_input(over, exc, word):
     args.update(over)
     with pytest.raises(exc, match=word):
         titans_step(**args)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("period,decay,momentum", [(1, True, False), (1, True, True), (16, True, True),
+                                                   (64, False, False), (24, True, False)])
+def test_scan_gpu_realistic(dtype, period, decay, momentum):
+    """Realistic shapes on a GPU (tensor cores, TF32), every path: UT chunks, block chunks, recurrent."""
+    _check_scan("triton", "cuda", dtype, B=2, T=300, H=4, K=64, V=64, period=period, decay=decay,
+                momentum=momentum, h0=True, chunk_size=64)
