@@ -120,6 +120,21 @@ def test_scan_awkward_shapes(backend, device, K, V, period, chunk_size):
                 momentum=True, h0=True, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("period", [1, 16, 48])
+def test_long_sequence_extreme_gates_torch(period):
+    """T = 1024 with decays from 1e-3 to 1 and momenta from 0 to 0.99 (chunk-local log sums that
+    would overflow as products): finite and equal to the float64 reference."""
+    q, k, v, lr, d, m, S0, Z0 = [x.detach() for x in _inputs(1, 1024, 1, 8, 8, torch.float32, "cpu")]
+    d = torch.rand(1, 1024, 1) ** 4 * (1 - 1e-3) + 1e-3
+    m = torch.rand(1, 1024, 1) * 0.99
+    xs = [q, k, v, lr, d, m, S0, Z0]
+    outs = _scan(titans_scan, xs, period=period, backend="torch")
+    refs = _scan(reference.titans_scan, [x.double() for x in xs], period=period)
+    for name, out, ref in zip("oSZ", outs, refs):
+        assert torch.isfinite(out).all(), name
+        assert_close(name, out, ref, torch.float32, "cpu")
+
+
 def test_chunked_forward_choice():
     """The Triton forward is chunked (16 tokens) where 16 divides the period, or period = 1 (UT transform),
     and K <= 64; the recurrent kernel runs elsewhere."""
