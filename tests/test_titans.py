@@ -256,6 +256,20 @@ def test_packed_sequences_equal_a_loop(backend, device, poison_empty, period, de
             assert_close("d" + name, g[id(x)], g_loop[id(x)].double(), torch.float32, device, grad=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("period,decay,momentum", [(16, False, False), (3, True, True)])
+def test_final_state_only_gradient(backend, device, period, decay, momentum):
+    """A loss on the final state alone (no output gradient) still reaches every input."""
+    xs = _inputs(1, 20, 1, 16, 16, torch.float32, device, decay, momentum)
+    states = _scan(titans_scan, xs, period=period, chunk_size=16, backend=backend)[1:]
+    refs_in = [None if x is None else as_ref(x).cpu() for x in xs]
+    ref_states = _scan(reference.titans_scan, refs_in, period=period)[1:]
+    g, rg = _grads(states, xs), _grads(ref_states, refs_in)
+    for name, x, r in zip(NAMES, xs, refs_in):
+        if x is not None:
+            assert_close("d" + name, g[id(x)], rg[id(r)], torch.float32, device, grad=True)
+
+
 # ----------------------------------------------------------------------------- step
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,period,decay,momentum", [(torch.float32, 1, True, True),

@@ -1,4 +1,5 @@
-"""Triton kernels of the Titans memory: fused recurrent forward, its backward, and the one-token step.
+"""Triton kernels of the Titans memory: chunked and recurrent forwards, chunked and recurrent backwards,
+the one-token step, their launchers, the autograd.Function and the compile specs.
 
 Per token (DESIGN.md, "titans_scan"), with x_t = -lr_t (k_t Sbar_t - v_t):
 
@@ -6,12 +7,20 @@ Per token (DESIGN.md, "titans_scan"), with x_t = -lr_t (k_t Sbar_t - v_t):
     S_t = d_t S_{t-1} + Z_t,             o_t = scale q_t S_t
 
 Column j of G_t = -k_t^T x_t depends only on column j of Sbar_t and of v_t, so the whole recurrence
-splits exactly over V: one program owns a (sequence, head, V-tile) and keeps its [K, BV] tiles of
-S, Z and Sbar in float32 registers, one token at a time. That handles every case (any period,
-decay, momentum). The math is outer products and row sums (no tl.dot), in float32 whatever the
-input dtype.
+splits exactly over V: every kernel runs one program per (V-tile, sequence, head) holding float32
+[K, BV] tiles of the states.
 
-Backward (reverse pass), with adjoints dS of S_t, dZ of Z_t and dSbar accumulated over a block:
+Which kernels run (chunk_tile / _backward):
+- forward, 16 | period or period = 1, K <= 64: titans_chunk_fwd_kernel, chunks of 16 tokens with
+  tl.dot (block gradients as one matmul against the block-start memory, decay/momentum as masked
+  [16, 16] coefficient matrices; for period = 1 the UT transform of the chunk);
+- forward elsewhere (period 2..15 or not a multiple of 16, K = 128): titans_fwd_kernel, the token
+  recurrence in registers (outer products and row sums, float32);
+- backward, 16 | period without decay or momentum, K <= 64: titans_chunk_bwd_kernel (per-chunk
+  matmuls); everywhere else titans_bwd_kernel, the reverse token pass below;
+- titans_step_kernel: one token in place (autotuned with S and Z restored).
+
+Recurrent backward (reverse pass), with adjoints dS of S_t, dZ of Z_t and dSbar accumulated over a block:
 
     dS += scale q_t^T do_t;   dq_t = scale S_t do_t^T;   dZ' = dZ + dS (no momentum: dZ' = dS)
     dd_t = <dS, S_{t-1}>;     dm_t = <dZ', Z_{t-1}>;     dx = k_t dZ'
@@ -19,13 +28,13 @@ Backward (reverse pass), with adjoints dS of S_t, dZ of Z_t and dSbar accumulate
     dk_t = dZ' x_t^T + Sbar_t de^T;   dSbar += k_t^T de
     dZ <- m_t dZ';  dS <- d_t dS, plus dSbar (then reset) when t starts its block (Sbar_t = S_{t-1})
 
-The states are recomputed, never stored by the forward: the backward kernel first replays the
-forward over its sequence and writes a checkpoint (S, Z, Sbar) every BT tokens into a workspace,
-then walks the chunks in reverse, replaying each chunk from its checkpoint into a per-program
-scratch of BT + 1 states (slot j = the state after j tokens of the chunk) that the reverse loop
-reads. A barrier after each workspace write makes it visible to every thread of the program.
-dq, dk and the gate gradients are sums over V: each V-tile writes partials that the launcher
-sums. Token offsets are int64.
+No forward saves states: each backward kernel first replays the forward over its sequence and writes a
+checkpoint every BT tokens into a workspace; the recurrent one then replays each chunk from its
+checkpoint into a per-program scratch of BT + 1 states (slot j = the state after j tokens of the
+chunk) that the reverse loop reads. A barrier after each workspace write makes it visible to every
+thread of the program. dq, dk and the gate gradients are sums over V: each V-tile writes partials that
+the launcher sums. Token offsets are int64; bf16/fp16 tiles feed tl.dot as they are (fp32 intermediates
+cast to the input dtype first), upcast to fp32 only under the interpreter (UPCAST).
 """
 from __future__ import annotations
 
