@@ -144,16 +144,17 @@ def test_chunked_forward_choice():
     assert chunk_tile(16, 64, 128) is None and chunk_tile(1, 64, 128) is None
 
 
-def test_chunked_backward_with_decay_equals_recurrent(device):
-    """The chunked backward's decay path (not selected yet: it spills 8 bytes on sm_80) against the
-    recurrent backward, on the same inputs and cotangents."""
+@pytest.mark.parametrize("period", [16, 32])
+def test_chunked_backward_with_decay_equals_recurrent(device, period):
+    """The chunked backward with decay against the recurrent backward, on the same inputs and cotangents
+    (period 32, several chunks per block, is not selected: it spills 8 bytes on sm_80)."""
     from hope_kernels.titans import triton_kernels as tk
     B, T, H, K, V = 1, 37, 2, 16, 32
     q, k, v, lr, d, _, S0, _ = [None if x is None else x.detach()
                                 for x in _inputs(B, T, H, K, V, torch.float32, device, True, False)]
     do, dht = randn(B, T, H, V, device=device), randn(B, H, K, V, device=device)
-    chunked = tk._chunk_backward(q, k, v, lr, d, S0, do, dht, 0.25, 16, None)
-    recurrent = tk._backward(q, k, v, lr, d, None, S0, None, do, dht, None, 0.25, 16, None, 64)
+    chunked = tk._chunk_backward(q, k, v, lr, d, S0, do, dht, 0.25, period, None)
+    recurrent = tk._recurrent_backward(q, k, v, lr, d, None, S0, None, do, dht, None, 0.25, period, None)
     for name, a, b in zip(["dq", "dk", "dv", "dlr", "ddecay", "dm", "dS0"], chunked, recurrent):
         if b is not None:
             assert_close(name, a, b.double(), torch.float32, device, grad=True)

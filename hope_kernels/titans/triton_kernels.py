@@ -16,8 +16,9 @@ Which kernels run (chunk_tile / _backward):
   [16, 16] coefficient matrices; for period = 1 the UT transform of the chunk);
 - forward elsewhere (period 2..15 or not a multiple of 16, K = 128): titans_fwd_kernel, the token
   recurrence in registers (outer products and row sums, float32);
-- backward, 16 | period without decay or momentum, K <= 64: titans_chunk_bwd_kernel (per-chunk
-  matmuls); everywhere else titans_bwd_kernel, the reverse token pass below;
+- backward, 16 | period without momentum, and without decay unless period = 16, K <= 64:
+  titans_chunk_bwd_kernel (per-chunk matmuls); everywhere else titans_bwd_kernel, the reverse token
+  pass below;
 - titans_step_kernel: one token in place (autotuned with S and Z restored).
 
 Recurrent backward (reverse pass), with adjoints dS of S_t, dZ of Z_t and dSbar accumulated over a block:
@@ -371,14 +372,14 @@ def titans_bwd_kernel(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt,
 
 
 # ----------------------------------------------------------------------------- chunked backward
-@autotune(CHUNK_BWD_CONFIGS, key=["H", "K", "V", "BT", "HAS_DECAY"])
+@autotune(CHUNK_BWD_CONFIGS, key=["H", "K", "V", "BT", "HAS_DECAY", "ONE_CHUNK_BLOCKS"])
 @triton.jit
 def titans_chunk_bwd_kernel(q, k, v, lr, decay, h0, do, dht, dq, dk, dv, dlr, ddecay, dh0, ckpt,
                             cu_seqlens, chunk_offsets, scale, T, period, R,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
                             USE_INITIAL_STATE: tl.constexpr, USE_FINAL_GRAD: tl.constexpr,
-                            IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr):
+                            IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, ONE_CHUNK_BLOCKS: tl.constexpr):
     """Backward of the chunked forward without momentum (period % BT == 0). Per chunk, with
     x = lr (v - k Sbar), A = (q k^T) * D, o = scale (gamma q S0 + A x), S1 = gamma_e S0 + (D[e] k)^T x:
 
@@ -453,7 +454,10 @@ def titans_chunk_bwd_kernel(q, k, v, lr, decay, h0, do, dht, dq, dk, dv, dlr, dd
         m_t = o_t < n_c
         rows = (bos + t0 + o_t) * H + i_h
         b_s0 = tl.load(ckpt + (((boc + c) * H + i_h) * NV + i_v) * TILE + off_t)
-        b_sb = tl.load(ckpt + (((boc + c - c % per_block) * H + i_h) * NV + i_v) * TILE + off_t)
+        if ONE_CHUNK_BLOCKS:       # period == BT: every chunk starts its block, Sbar = S0
+            b_sb = b_s0
+        else:
+            b_sb = tl.load(ckpt + (((boc + c - c % per_block) * H + i_h) * NV + i_v) * TILE + off_t)
         b_q = load_tile(q + rows[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], UPCAST)
         b_k = load_tile(k + rows[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], UPCAST)
         b_v = tl.load(v + rows[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
@@ -497,10 +501,13 @@ def titans_chunk_bwd_kernel(q, k, v, lr, decay, h0, do, dht, dq, dk, dv, dlr, dd
         b_dk = scale * tl.dot(tl.trans((b_dox * b_D).to(dt)), b_q) \
             + b_de[:, None] * tl.dot(b_x.to(dt), tl.trans(b_dsd)) + tl.dot(b_dlx.to(dt), tl.trans(b_sb.to(dt)))
         tl.store(dk + (p_part + rows)[:, None] * K + o_k[None, :], b_dk, mask=m_t[:, None] & m_k[None, :])
-        b_dsb += tl.dot(tl.trans(b_k), b_dlx.to(dt))
         b_ds = g_e * b_ds + scale * tl.dot(tl.trans((b_g[:, None] * b_q).to(dt)), b_do)
-        b_ds = tl.where(c % per_block == 0, b_ds + b_dsb, b_ds)
-        b_dsb = tl.where(c % per_block == 0, 0., b_dsb)
+        if ONE_CHUNK_BLOCKS:
+            b_ds += tl.dot(tl.trans(b_k), b_dlx.to(dt))
+        else:
+            b_dsb += tl.dot(tl.trans(b_k), b_dlx.to(dt))
+            b_ds = tl.where(c % per_block == 0, b_ds + b_dsb, b_ds)
+            b_dsb = tl.where(c % per_block == 0, 0., b_dsb)
     tl.store(dh0 + off_kv, b_ds, mask=m_kv)
 
 
@@ -585,18 +592,25 @@ def _chunk_backward(q, k, v, lr, decay, h0, do, dht, scale, period, cu_seqlens):
                                          cu_seqlens, _chunk_offsets(cu_seqlens, BT), scale, T, period, R,
                                          H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DECAY=decay is not None,
                                          USE_INITIAL_STATE=h0 is not None, USE_FINAL_GRAD=dht is not None,
-                                         IS_VARLEN=cu_seqlens is not None, UPCAST=upcast_dots(q.dtype))
+                                         IS_VARLEN=cu_seqlens is not None, UPCAST=upcast_dots(q.dtype),
+                                         ONE_CHUNK_BLOCKS=period == BT)
     gate = lambda g: None if g is None else g.sum(0).view(B, T, H)
     return (dq.sum(0).view(B, T, H, K).to(q.dtype), dk.sum(0).view(B, T, H, K).to(k.dtype), dv,
             gate(dlr), gate(ddecay), None, dh0, None)
 
 
 def _backward(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt, scale, period, cu_seqlens, chunk_size):
-    """The chunked backward where the forward was chunked over blocks without decay or momentum, else the
-    recurrent one. With decay the chunked backward is exact (tested against the recurrent one) but its default
-    config spills 8 bytes per thread on sm_80, so it is not selected yet."""
-    if decay is None and momentum is None and period > 1 and chunk_tile(period, chunk_size, q.shape[-1]):
+    """The chunked backward where the forward was chunked over blocks without momentum, and either without
+    decay or with one chunk per block (period 16); else the recurrent one. The chunked backward with decay
+    and several chunks per block is exact (tested against the recurrent one) but its default config
+    spills 8 bytes per thread on sm_80, so it is not selected."""
+    chunked = chunk_tile(period, chunk_size, q.shape[-1])
+    if momentum is None and period > 1 and chunked and (decay is None or period == chunked):
         return _chunk_backward(q, k, v, lr, decay, h0, do, dht, scale, period, cu_seqlens)
+    return _recurrent_backward(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt, scale, period, cu_seqlens)
+
+
+def _recurrent_backward(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt, scale, period, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -718,16 +732,20 @@ def compile_specs():
             specs.append(_spec(f"titans.chunk_fwd_delta[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS,
                                fwd_ptrs, present, {"scale": "fp32", "T": "i32", "period": "i32"},
                                dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=True)))
-        if D <= 64 and not mom and not decay:   # the chunked backward (period % 16 == 0, no decay, no momentum)
+        if D <= 64 and not mom:   # the chunked backward (period % 16 == 0, no momentum)
             cb_ptrs = dict(q=dt, k=dt, v=dt, lr="fp32", decay="fp32", h0="fp32", do=dt, dht="fp32", dq="fp32",
                            dk="fp32", dv=dt, dlr="fp32", ddecay="fp32", dh0="fp32", ckpt="fp32", cu_seqlens="i64",
                            chunk_offsets="i64")
             present = set(cb_ptrs) - ({"decay", "ddecay"} if not decay else set()) \
                 - ({"cu_seqlens", "chunk_offsets"} if not varlen else set())
-            specs.append(_spec(f"titans.chunk_bwd[{tag}]", titans_chunk_bwd_kernel, CHUNK_BWD_CONFIGS, cb_ptrs,
-                               present, {"scale": "fp32", "T": "i32", "period": "i32", "R": "i32"},
-                               dict(H=4, K=D, V=D, BT=16, BK=D, BV=CHUNK_BWD_BV, HAS_DECAY=decay,
-                                    USE_INITIAL_STATE=True, USE_FINAL_GRAD=True, IS_VARLEN=varlen, UPCAST=False)))
+            # with decay only one chunk per block (period 16) is selected; without, any 16 | period
+            for one in ((True,) if decay else (True, False)):
+                specs.append(_spec(f"titans.chunk_bwd[{tag},{'period=16' if one else 'period=32'}]",
+                                   titans_chunk_bwd_kernel, CHUNK_BWD_CONFIGS, cb_ptrs, present,
+                                   {"scale": "fp32", "T": "i32", "period": "i32", "R": "i32"},
+                                   dict(H=4, K=D, V=D, BT=16, BK=D, BV=CHUNK_BWD_BV, HAS_DECAY=decay,
+                                        USE_INITIAL_STATE=True, USE_FINAL_GRAD=True, IS_VARLEN=varlen,
+                                        UPCAST=False, ONE_CHUNK_BLOCKS=one)))
         bwd_ptrs = dict(q=dt, k=dt, v=dt, lr="fp32", decay="fp32", momentum="fp32", h0="fp32", z0="fp32", do=dt,
                         dht="fp32", dzt="fp32", dq="fp32", dk="fp32", dv=dt, dlr="fp32", ddecay="fp32",
                         dmomentum="fp32", dh0="fp32", dz0="fp32", ckpt="fp32", scratch="fp32",
