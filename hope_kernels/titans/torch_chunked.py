@@ -24,7 +24,7 @@ cumulative products of a masked matrix (momentum may be exactly 0).
   (independent of the state, computed for all chunks at once).
 
 Everything that does not depend on the state is computed for all chunks at once; the Python
-loop over chunks does five small matmuls (seven with momentum), vectorised over batch and heads.
+loop over chunks does four small matmuls (up to seven with momentum), vectorised over batch and heads.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
 
 def _log_cumsum(g: Optional[torch.Tensor], shape, device) -> torch.Tensor:
     """Inclusive cumulative sum of log(g) over the last axis, in float64 (0 where g is None)."""
@@ -70,7 +71,8 @@ def _layout(T: int, period: int, L: int, device):
     src = torch.where((j[None, :] < period) & (src < T), src, T).reshape(-1)
     t = torch.arange(T, device=device)
     pos = (t // period) * Pp + t % period
-    used = -(-(int(pos[-1]) + 1) // L) * L     # drop chunks of the last block that hold no token
+    last = (T - 1) // period * Pp + (T - 1) % period
+    used = -(-(last + 1) // L) * L             # drop chunks of the last block that hold no token
     return src[:used], pos, Pp
 
 
