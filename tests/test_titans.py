@@ -395,6 +395,17 @@ def test_step_rejects_bad_input(over, exc, word):
         titans_step(**args)
 
 
+def test_float64_with_triton_raises_and_routes_to_torch_by_default():
+    q, k, v = (randn(1, 32, 2, 16, dtype=torch.float64) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    lr = torch.full((1, 32, 2), 0.5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        titans_scan(q, k, v, lr, backend="triton")
+    o, _ = titans_scan(q, k, v, lr, period=4)
+    want, _ = reference.titans_scan(q, k, v, lr, period=4)
+    assert_close("o", o, want, torch.float64, "cpu")
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

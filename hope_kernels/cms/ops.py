@@ -88,8 +88,7 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
     if state is None:
         raise ValueError("state must be a [B, H, M, K, V] float32 tensor (cms_step updates it in place)")
     utils.check_state("state", state, (B, H, M, K, V), device, "[B, H, M, K, V]")
-    if state.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"state must be float32 (recurrent states are float32), got {state.dtype}")
+    utils.check_state_dtype("state", state)
     mix = _check_mix(mix, (B,), H, M, device, "[M], [H, M] or [B, H, M]")
     scale = utils.resolve_scale(scale, K)
     requested, backend = backend, utils.resolve_backend(backend, device)

@@ -99,14 +99,15 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
                           "[N, H, K, V]")
     chunk_size = utils.check_chunk_size(chunk_size)
     scale = utils.resolve_scale(scale, K)
-    backend = utils.resolve_backend(backend, device)
+    requested, backend = backend, utils.resolve_backend(backend, device)
 
     # the gates and states are never autocast: decay = 0.9999 rounds to 1 in half precision
     q, k, v = utils.autocast_inputs(device, q, k, v)
     dtype = utils.check_same_dtype(q=q, k=k, v=v)
+    backend = utils.route_float64(requested, backend, dtype)
     sd = utils.state_dtype(dtype)
     with torch.autocast(device.type, enabled=False):
-        if backend == "triton" and dtype != torch.float64:   # float64 (gradchecks) stays on the torch path
+        if backend == "triton":
             q, k, v = utils.contiguous(q, k, v)
             o, S, Z = _triton().titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu,
                                                     chunk_size)
@@ -135,19 +136,17 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
         raise ValueError("state must be given: S [B, H, K, V] float32 (or (S, Z) with momentum); "
                          "titans_step updates it in place")
     S, Z = _check_state("state", state, momentum is not None, (B, H, K, V), device, "[B, H, K, V]")
-    for name, s in (("state", S), ("state[1]", Z)):
-        if s is not None and s.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float32 (recurrent states are float32), got {s.dtype}")
+    utils.check_state_dtype("state", S, Z)
     utils.check_state("block_state", block_state, (B, H, K, V), device, "[B, H, K, V]")
     scale = utils.resolve_scale(scale, K)
-    backend = utils.resolve_backend(backend, device)
+    requested, backend = backend, utils.resolve_backend(backend, device)
     q, k, v = utils.autocast_inputs(device, q, k, v)
     dtype = utils.check_same_dtype(q=q, k=k, v=v)
+    backend = utils.route_float64(requested, backend, torch.float64 if S.dtype == torch.float64 else dtype)
 
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         states = [s for s in (S, Z) if s is not None]
-        if backend == "triton" and dtype != torch.float64 and all(
-                s.dtype == torch.float32 and s.is_contiguous() for s in states):
+        if backend == "triton" and all(s.dtype == torch.float32 and s.is_contiguous() for s in states):
             o = _triton().titans_step_triton(q, k, v, lr, decay, momentum, S, Z, block_state, scale)
         else:
             o = titans_step_torch(q, k, v, lr, decay, momentum, S, Z, S if block_state is None else block_state,

@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..aot import KernelConfig, KernelSpec
-from ..triton_utils import autotune, empty, load_tile, upcast_dots
+from ..aot import KernelConfig
+from ..triton_utils import autotune, empty, kernel_spec, load_tile, upcast_dots
 
 # ----------------------------------------------------------------------------- configs
 FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
@@ -692,22 +692,6 @@ def titans_step_triton(q, k, v, lr, decay, momentum, S, Z, Sbar, scale):
 
 
 # ----------------------------------------------------------------------------- AOT compile specs
-def _unwrap(fn):
-    while not isinstance(fn, triton.runtime.jit.JITFunction) and hasattr(fn, "fn"):
-        fn = fn.fn
-    return fn
-
-
-def _spec(name, kernel, configs, pointers, present, scalars, constexprs):
-    """A KernelSpec: `pointers` name -> dtype; those not in `present` are passed as None."""
-    signature = {p: (f"*{dt}" if p in present else "constexpr") for p, dt in pointers.items()}
-    signature.update(scalars)
-    signature.update({c: "constexpr" for c in constexprs})
-    fixed = {p: None for p in pointers if p not in present}
-    fixed.update(constexprs)
-    return KernelSpec(name, _unwrap(kernel), signature, fixed, configs, divisible_by_16=["T"] if "T" in scalars else [])
-
-
 def compile_specs():
     """Forward, backward and step at representative signatures (every config of each)."""
     specs = []
@@ -723,13 +707,13 @@ def compile_specs():
                         ht="fp32", zt="fp32", cu_seqlens="i64")
         present = {"q", "k", "v", "o", "ht"} | gates | pairs | ({"zt"} if mom else set()) \
             | ({"cu_seqlens"} if varlen else set())
-        specs.append(_spec(f"titans.fwd[{tag}]", titans_fwd_kernel, FWD_CONFIGS, fwd_ptrs, present,
+        specs.append(kernel_spec(f"titans.fwd[{tag}]", titans_fwd_kernel, FWD_CONFIGS, fwd_ptrs, present,
                            {"scale": "fp32", "T": "i32", "period": "i32"}, dict(flags, USE_INITIAL_STATE=True)))
         if D <= 64:   # the chunked forward (period % 16 == 0, K <= 64)
-            specs.append(_spec(f"titans.chunk_fwd[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS, fwd_ptrs,
+            specs.append(kernel_spec(f"titans.chunk_fwd[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS, fwd_ptrs,
                                present, {"scale": "fp32", "T": "i32", "period": "i32"},
                                dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=False)))
-            specs.append(_spec(f"titans.chunk_fwd_delta[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS,
+            specs.append(kernel_spec(f"titans.chunk_fwd_delta[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS,
                                fwd_ptrs, present, {"scale": "fp32", "T": "i32", "period": "i32"},
                                dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=True)))
         if D <= 64 and not mom:   # the chunked backward (period % 16 == 0, no momentum)
@@ -740,7 +724,7 @@ def compile_specs():
                 - ({"cu_seqlens", "chunk_offsets"} if not varlen else set())
             # with decay only one chunk per block (period 16) is selected; without, any 16 | period
             for one in ((True,) if decay else (True, False)):
-                specs.append(_spec(f"titans.chunk_bwd[{tag},{'period=16' if one else 'period=32'}]",
+                specs.append(kernel_spec(f"titans.chunk_bwd[{tag},{'period=16' if one else 'period=32'}]",
                                    titans_chunk_bwd_kernel, CHUNK_BWD_CONFIGS, cb_ptrs, present,
                                    {"scale": "fp32", "T": "i32", "period": "i32", "R": "i32"},
                                    dict(H=4, K=D, V=D, BT=16, BK=D, BV=CHUNK_BWD_BV, HAS_DECAY=decay,
@@ -755,12 +739,12 @@ def compile_specs():
         present = {"q", "k", "v", "do", "dht", "ckpt", "scratch"} | gates | pairs | grads \
             | ({"cu_seqlens", "chunk_offsets"} if varlen else set())
         bwd_flags = dict(flags, BV=BWD_BV, BT=BWD_BT, USE_INITIAL_STATE=True, USE_FINAL_GRAD=True)
-        specs.append(_spec(f"titans.bwd[{tag}]", titans_bwd_kernel, BWD_CONFIGS, bwd_ptrs, present,
+        specs.append(kernel_spec(f"titans.bwd[{tag}]", titans_bwd_kernel, BWD_CONFIGS, bwd_ptrs, present,
                            {"scale": "fp32", "T": "i32", "period": "i32", "R": "i32"}, bwd_flags))
         step_ptrs = dict(q=dt, k=dt, v=dt, lr="fp32", decay="fp32", momentum="fp32", S="fp32", Z="fp32",
                          Sbar="fp32", o=dt)
         present = {"q", "k", "v", "S", "Sbar", "o"} | gates | ({"Z"} if mom else set())
-        specs.append(_spec(f"titans.step[{tag}]", titans_step_kernel, STEP_CONFIGS, step_ptrs, present,
+        specs.append(kernel_spec(f"titans.step[{tag}]", titans_step_kernel, STEP_CONFIGS, step_ptrs, present,
                            {"scale": "fp32"}, dict(H=4, K=D, V=D, BK=D, HAS_DECAY=decay, HAS_MOMENTUM=mom,
                                                    HAS_BLOCK=True)))
     return specs
