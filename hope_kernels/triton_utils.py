@@ -78,6 +78,34 @@ def load_tile(ptrs, mask, UPCAST: tl.constexpr):
     return x
 
 
+@triton.jit
+def seq_bounds(i_n, T, cu_seqlens, chunk_offs, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(first token as int64, length, index of its first chunk in per-chunk buffers) of sequence i_n."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        return bos, (eos - bos).to(tl.int32), tl.load(chunk_offs + i_n).to(tl.int64)
+    else:
+        return i_n.to(tl.int64) * T, T, i_n.to(tl.int64) * tl.cdiv(T, BT)
+
+
+@triton.jit
+def chunk_bounds(i_c, T, cu_seqlens, chunk_idx, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(sequence, first token as int64, rows) of the i_c-th real chunk of the batch (see chunk_indices)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_idx + 2 * i_c)
+        i_t = tl.load(chunk_idx + 2 * i_c + 1)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        NC = tl.cdiv(T, BT)
+        i_n, i_t = i_c // NC, i_c % NC
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    t0 = bos + i_t.to(tl.int64) * BT
+    return i_n, t0, tl.minimum(eos - t0, BT).to(tl.int32)
+
+
 def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An output buffer; NaN-filled under the interpreter (or HOPE_KERNELS_POISON=1) so unwritten elements show."""
     if interpreter_enabled() or os.environ.get(POISON_ENV, "0") == "1":

@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 
 from ..aot import KernelConfig
-from ..triton_utils import (autotune, check_grid, chunk_indices, chunk_offsets, empty, kernel_spec, load_tile,
-                            upcast_dots)
+from ..triton_utils import (autotune, check_grid, chunk_bounds, chunk_indices, chunk_offsets, empty, kernel_spec,
+                            load_tile, seq_bounds, upcast_dots)
 
 # ----------------------------------------------------------------------------- configs
 # Tiles are fixed by (K, V) (see `tiles`), so the grids do not depend on the tuned config.
@@ -94,35 +94,6 @@ def launch_grid(name: str, *, N: int, H: int, M: int, n_chunks: int, K: int, V: 
 
 
 # ----------------------------------------------------------------------------- helpers
-@triton.jit
-def _seq_bounds(i_n, T, cu_seqlens, chunk_offs, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(first row, length, index of the first chunk in the chunk-state buffer) of sequence i_n."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        boc = tl.load(chunk_offs + i_n).to(tl.int64)
-        return bos, (eos - bos).to(tl.int32), boc
-    else:
-        return i_n.to(tl.int64) * T, T, i_n.to(tl.int64) * tl.cdiv(T, BT)
-
-
-@triton.jit
-def _chunk_rows(i_tg, T, chunk_idx, cu_seqlens, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(first row as int64, number of rows) of the i_tg-th real chunk of the batch."""
-    if IS_VARLEN:
-        i_n = tl.load(chunk_idx + 2 * i_tg)
-        i_c = tl.load(chunk_idx + 2 * i_tg + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        NT = tl.cdiv(T, BT)
-        i_n, i_c = i_tg // NT, i_tg % NT
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-    row0 = bos + i_c * BT
-    return row0, tl.minimum(eos - row0, BT).to(tl.int32)
-
-
 @triton.jit
 def _rows(ptr, row0, stride, o_t, o_d, mask, UPCAST: tl.constexpr):
     """Tile [rows o_t, columns o_d] of a row-major tensor whose rows are `stride` apart, from row0 on."""
@@ -179,7 +150,7 @@ def cms_state_kernel(k, v, decay, h0, ht, hs, cu_seqlens, chunk_offs, T, m0, NM,
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     i_nh, i_ml = i_nhm // NM, i_nhm % NM
     i_n, i_h, i_m = i_nh // H, i_nh % H, m0 + i_ml
-    bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offs, BT, IS_VARLEN)
+    bos, T_seq, boc = seq_bounds(i_n, T, cu_seqlens, chunk_offs, BT, IS_VARLEN)
 
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -226,7 +197,7 @@ def cms_fwd_kernel(q, k, v, decay, mix, hs, o, chunk_idx, cu_seqlens, scale, T, 
     """
     i_th, i_v = tl.program_id(0), tl.program_id(1)
     i_tg, i_h = i_th // H, i_th % H
-    row0, L = _chunk_rows(i_tg, T, chunk_idx, cu_seqlens, BT, IS_VARLEN)
+    i_n, row0, L = chunk_bounds(i_tg, T, cu_seqlens, chunk_idx, BT, IS_VARLEN)
 
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -282,7 +253,7 @@ def cms_bwd_dh_kernel(q, decay, mix, do, dht, dh0, dhs, cu_seqlens, chunk_offs, 
     i_nh, i_kv = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T_seq, boc = _seq_bounds(i_n, T, cu_seqlens, chunk_offs, BT, IS_VARLEN)
+    bos, T_seq, boc = seq_bounds(i_n, T, cu_seqlens, chunk_offs, BT, IS_VARLEN)
 
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -342,7 +313,7 @@ def cms_bwd_dv_kernel(q, k, v, decay, mix, do, dhs, dv, dmix, dgs, chunk_idx, cu
     sum k . dk' += sum A * D * dP_m (dP_m = mix_i dP)."""
     i_th, i_v = tl.program_id(0), tl.program_id(1)
     i_tg, i_h = i_th // H, i_th % H
-    row0, L = _chunk_rows(i_tg, T, chunk_idx, cu_seqlens, BT, IS_VARLEN)
+    i_n, row0, L = chunk_bounds(i_tg, T, cu_seqlens, chunk_idx, BT, IS_VARLEN)
 
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -409,7 +380,7 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dmix, dgs, chunk_id
     sum k . dk' += sum_j r_k,j."""
     i_th = tl.program_id(0)
     i_tg, i_h = i_th // H, i_th % H
-    row0, L = _chunk_rows(i_tg, T, chunk_idx, cu_seqlens, BT, IS_VARLEN)
+    i_n, row0, L = chunk_bounds(i_tg, T, cu_seqlens, chunk_idx, BT, IS_VARLEN)
 
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)

@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from ..aot import KernelConfig, KernelSpec
-from ..triton_utils import (autotune, check_grid, chunk_indices, chunk_offsets, default_config, empty, load_tile, unwrap,
-                            upcast_dots)
+from ..triton_utils import (autotune, check_grid, chunk_bounds, chunk_indices, chunk_offsets, default_config, empty,
+                            load_tile, seq_bounds, unwrap, upcast_dots)
 
 MAX_CHUNK = 128   # largest chunk the kernels tile (a larger chunk_size is capped here)
 MAX_TILE = 64     # K and V tiles of the state
@@ -118,35 +118,6 @@ def launch_plan(B: int, T: int, H: int, K: int, V: int, chunk_size: int, cu_seql
     return Plan(BT, BK, BV, N, NT, indices, offsets, {n: check_grid(g) for n, g in grids.items()}, tuned)
 
 
-# --------------------------------------------------------------------------- jit helpers
-@triton.jit
-def _seq_bounds(i_n, T, cu_seqlens, offsets, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(first token, length, first chunk in the per-chunk buffers) of sequence i_n."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        return bos, (eos - bos).to(tl.int32), tl.load(offsets + i_n).to(tl.int64)
-    else:
-        return i_n.to(tl.int64) * T, T, i_n.to(tl.int64) * tl.cdiv(T, BT)
-
-
-@triton.jit
-def _chunk_bounds(i_c, T, cu_seqlens, indices, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(sequence, first token, rows) of chunk i_c of the flattened chunk list."""
-    if IS_VARLEN:
-        i_n = tl.load(indices + 2 * i_c)
-        i_t = tl.load(indices + 2 * i_c + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        NC = tl.cdiv(T, BT)
-        i_n, i_t = i_c // NC, i_c % NC
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-    t0 = bos + i_t.to(tl.int64) * BT
-    return i_n, t0, tl.minimum(eos - t0, BT).to(tl.int32)
-
-
 # --------------------------------------------------------------------------- sequential state pass
 @triton.heuristics({
     "USE_INITIAL": lambda a: a["init"] is not None,
@@ -169,7 +140,7 @@ def chunk_state_kernel(
     """
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, L, boc = _seq_bounds(i_n, T, cu_seqlens, offsets, BT, IS_VARLEN)
+    bos, L, boc = seq_bounds(i_n, T, cu_seqlens, offsets, BT, IS_VARLEN)
     NC = tl.cdiv(L, BT)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -208,7 +179,7 @@ def chunk_partial_kernel(
     """p_c = scale * a_c^T b_c for every chunk; grid (NT*H, NK, NV); p: [NT, H, K, V] float32."""
     i_ch, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_c, i_h = i_ch // H, i_ch % H
-    _, t0, L = _chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
+    _, t0, L = chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -236,7 +207,7 @@ def chunk_reduce_kernel(
     """out_n = init_n + sum of the partials p_c of sequence n's chunks; grid (N*H, NK, NV), all float32."""
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    _, L, boc = _seq_bounds(i_n, T, cu_seqlens, offsets, BT, IS_VARLEN)
+    _, L, boc = seq_bounds(i_n, T, cu_seqlens, offsets, BT, IS_VARLEN)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
@@ -265,7 +236,7 @@ def chunk_o_kernel(
     """
     i_ch, i_v = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
-    i_n, t0, L = _chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
+    i_n, t0, L = chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
     i_s = i_c if CAUSAL else i_n
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -308,7 +279,7 @@ def chunk_dqk_kernel(
     h / dh (h_c / G_c) as in chunk_o_kernel; non-causal drops the ds terms."""
     i_ch, i_k = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
-    i_n, t0, L = _chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
+    i_n, t0, L = chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
     i_s = i_c if CAUSAL else i_n
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -355,7 +326,7 @@ def chunk_dv_kernel(
     Non-causal: dv = k G_n."""
     i_ch, i_v = tl.program_id(0), tl.program_id(1)
     i_c, i_h = i_ch // H, i_ch % H
-    i_n, t0, L = _chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
+    i_n, t0, L = chunk_bounds(i_c, T, cu_seqlens, indices, BT, IS_VARLEN)
     i_s = i_c if CAUSAL else i_n
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
