@@ -15,7 +15,8 @@ import hope_kernels
 from hope_kernels import reference
 
 BACKENDS = (None, "triton", "torch", "reference")
-OPS = ("linear_attention", "linear_attention_step", "cms_scan", "cms_step", "ema_update_")
+OPS = ("linear_attention", "linear_attention_step", "cms_scan", "cms_step", "ema_update_", "titans_scan",
+       "titans_step")
 
 
 def check_backend(backend: Optional[str]) -> Optional[str]:
