@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .titans import TitansLayer, block_segments
+from .titans import TitansLayer, block_segments, up
 
 
 def _silu_grad(h: torch.Tensor) -> torch.Tensor:
@@ -57,23 +57,26 @@ class MLPLevel(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         B, T, D = x.shape
-        k, v = self.proj_kv(x).float().chunk(2, dim=-1)
+        k, v = up(self.proj_kv(x)).chunk(2, dim=-1)
         k = F.rms_norm(k, (D,))
-        lr = (self.lr_max / (self.period * D)) * torch.sigmoid(self.proj_lr(x).float() + self.lr_bias.float())
+        lr = (self.lr_max / (self.period * D)) * torch.sigmoid(up(self.proj_lr(x)) + up(self.lr_bias))
         cache = {} if cache is None else cache
         pos = cache.get("pos", 0)
-        w_in = cache.get("w_in", self.w_in.float().expand(B, *self.w_in.shape))
-        w_out = cache.get("w_out", self.w_out.float().expand(B, *self.w_out.shape))
+        w_in = cache.get("w_in", up(self.w_in).expand(B, *self.w_in.shape))
+        w_out = cache.get("w_out", up(self.w_out).expand(B, *self.w_out.shape))
         g_in, g_out = cache.get("g_in"), cache.get("g_out")
         ys = []
-        for a, b in block_segments(pos, T, self.period, per_block=True):
-            ys.append(torch.bmm(F.silu(torch.bmm(x[:, a:b].float(), w_in)), w_out))
+        segments = block_segments(pos, T, self.period, per_block=True)
+        sizes = [b - a for a, b in segments]   # split once: a slice's backward writes a full-length gradient
+        parts = zip(up(x).split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), lr.split(sizes, 1))
+        for (a, b), (xs, ks, vs, lrs) in zip(segments, parts):
+            ys.append(torch.bmm(F.silu(torch.bmm(xs, w_in)), w_out))
             # the block's inner-loss gradient at its start weights (explicit backward of the MLP)
-            hk = torch.bmm(k[:, a:b], w_in)
+            hk = torch.bmm(ks, w_in)
             ak = F.silu(hk)
-            err = (torch.bmm(ak, w_out) - v[:, a:b]) * lr[:, a:b]
+            err = (torch.bmm(ak, w_out) - vs) * lrs
             d_out = torch.bmm(ak.transpose(1, 2), err)
-            d_in = torch.bmm(k[:, a:b].transpose(1, 2), torch.bmm(err, w_out.transpose(1, 2)) * _silu_grad(hk))
+            d_in = torch.bmm(ks.transpose(1, 2), torch.bmm(err, w_out.transpose(1, 2)) * _silu_grad(hk))
             g_in = d_in if g_in is None else g_in + d_in
             g_out = d_out if g_out is None else g_out + d_out
             if (pos + b) % self.period == 0:

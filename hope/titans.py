@@ -84,8 +84,13 @@ class ShortConv(nn.Module):
         return F.conv1d(xx.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], groups=C).transpose(1, 2)
 
 
+def up(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (states and gates are float32 for half inputs; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
+    return x * torch.rsqrt(up(x).pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
 
 
 def block_segments(pos: int, T: int, period: int, per_block: bool) -> List[Tuple[int, int]]:
@@ -106,6 +111,11 @@ def block_segments(pos: int, T: int, period: int, per_block: bool) -> List[Tuple
     if s < T:
         out.append((s, T))
     return out
+
+
+def _split(t: Optional[torch.Tensor], sizes: List[int]):
+    """t split along time into `sizes` (a list of Nones for None)."""
+    return [None] * len(sizes) if t is None else t.split(sizes, 1)
 
 
 def _memory(state):
@@ -152,13 +162,13 @@ class TitansLayer(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def _lr(self, z: torch.Tensor) -> torch.Tensor:
-        return (self.lr_max / self.period) * torch.sigmoid(z.float() + self.lr_bias.float())
+        return (self.lr_max / self.period) * torch.sigmoid(up(z) + up(self.lr_bias))
 
     def _decay(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(z.float() + self.decay_bias.float())
+        return torch.sigmoid(up(z) + up(self.decay_bias))
 
     def _initial_state(self, B: int):
-        S = self.initial_memory.float().expand(B, *self.initial_memory.shape).clone()
+        S = up(self.initial_memory).expand(B, *self.initial_memory.shape).clone()
         return (S, torch.zeros_like(S)) if self.use_momentum else S
 
     def _run(self, q, k, v, lr, decay, mom, state, block_state, aligned: bool, step: bool):
@@ -175,21 +185,25 @@ class TitansLayer(nn.Module):
             return o[:, None], state
         if not aligned:
             delta = _memory(state) - block_state
-            v = v + torch.einsum("bthk,bhkv->bthv", k.float(), delta).to(v.dtype)
+            v = v + torch.einsum("bthk,bhkv->bthv", up(k), delta).to(v.dtype)
         return get_op("titans_scan", self.backend)(q, k, v, lr, decay, mom, 1.0, period=self.period,
                                                    initial_state=state, output_final_state=True)
 
     def _memory_pass(self, T, pos, state, block_state, read, step: bool, cached: bool):
         """Run the memory over T tokens (positions pos..), block by block where the keys depend on
-        the block-start memory (self-modifying), in one scan otherwise. `read(a, b, Mbar)` gives the
-        (q, k, v, lr, decay, momentum) of tokens a..b. Returns (o [B, T, H, V'], state, block_state).
-        A cached block-start memory is a copy: titans_step updates the state in place."""
+        the block-start memory (self-modifying), in one scan otherwise. `read(sizes)(i, Mbar)` gives
+        the (q, k, v, lr, decay, momentum) of the i-th stretch (inputs are split once, not sliced
+        per block: a slice's backward writes a full-length gradient).
+        Returns (o [B, T, H, V'], state, block_state). A cached block-start memory is a copy:
+        titans_step updates the state in place."""
+        segments = block_segments(pos, T, self.period, per_block=self.self_modifying)
+        read = read([b - a for a, b in segments])
         outs = []
-        for a, b in block_segments(pos, T, self.period, per_block=self.self_modifying):
+        for i, (a, b) in enumerate(segments):
             aligned = (pos + a) % self.period == 0
             if aligned:
                 block_state = _memory(state).clone() if cached else _memory(state)
-            o, state = self._run(*read(a, b, block_state), state, block_state, aligned, step)
+            o, state = self._run(*read(i, block_state), state, block_state, aligned, step)
             outs.append(o)
         if (pos + T) % self.period == 0:
             block_state = _memory(state).clone() if cached else _memory(state)
@@ -205,7 +219,7 @@ class TitansLayer(nn.Module):
         gates = self.proj_gates(x).view(B, T, -1, H) if self.proj_gates is not None else None
         mom = None
         if self.use_momentum:
-            mom = torch.sigmoid(gates[:, :, -1].float() + self.momentum_bias.float())
+            mom = torch.sigmoid(up(gates[:, :, -1]) + up(self.momentum_bias))
         pos = cache.get("pos", 0) if cache is not None else 0
         state = cache.get("state") if cache is not None else None
         state = self._initial_state(B) if state is None else state
@@ -217,26 +231,30 @@ class TitansLayer(nn.Module):
             q, u = (split_heads(t, H) for t in h.chunk(2, dim=-1))
             q = l2norm(q)
 
-            def read(a, b, Mbar):
-                """Keys, values, lr, decay of tokens a..b from the block-start memories (Eq. 90-91)."""
-                r = torch.einsum("bthd,bhdw->bthw", u[:, a:b].float(), Mbar)
-                kk, vv = l2norm(r[..., :D]), l2norm(r[..., D:2 * D])
-                vhat = torch.einsum("bthd,bhdw->bthw", vv, Mbar)            # self-generated values
-                return (q[:, a:b], kk.to(q.dtype), vhat.to(q.dtype), self._lr(r[..., 3 * D]),
-                        self._decay(r[..., 3 * D + 1]), None if mom is None else mom[:, a:b])
+            def read(sizes):
+                qs, us, ms = q.split(sizes, 1), up(u).split(sizes, 1), _split(mom, sizes)
+
+                def block(i, Mbar):
+                    """Keys, values, lr, decay of stretch i from the block-start memories (Eq. 90-91)."""
+                    r = torch.einsum("bthd,bhdw->bthw", us[i], Mbar)
+                    kk, vv = l2norm(r[..., :D]), l2norm(r[..., D:2 * D])
+                    vhat = torch.einsum("bthd,bhdw->bthw", vv, Mbar)            # self-generated values
+                    return (qs[i], kk.to(q.dtype), vhat.to(q.dtype), self._lr(r[..., 3 * D]),
+                            self._decay(r[..., 3 * D + 1]), ms[i])
+                return block
         else:
             q, k, v = (split_heads(t, H) for t in h.chunk(3, dim=-1))
             q, k = l2norm(q), l2norm(k)
             lr, decay = self._lr(gates[:, :, 0]), self._decay(gates[:, :, 1])
 
-            def read(a, b, Mbar):
-                return (q[:, a:b], k[:, a:b], v[:, a:b], lr[:, a:b], decay[:, a:b],
-                        None if mom is None else mom[:, a:b])
+            def read(sizes):
+                parts = [_split(t, sizes) for t in (q, k, v, lr, decay, mom)]
+                return lambda i, Mbar: tuple(p[i] for p in parts)
 
         o, state, block_state = self._memory_pass(T, pos, state, block_state, read, step, cache is not None)
         if self.self_modifying:
             o = o[..., 2 * D:3 * D]                          # the output memory's columns
         if cache is not None:
             cache.update(state=state, block_state=block_state, pos=pos + T)
-        o = F.rms_norm(o.float(), (D,)).to(x.dtype).reshape(B, T, H * D)
+        o = F.rms_norm(up(o), (D,)).to(x.dtype).reshape(B, T, H * D)
         return self.resid_dropout(self.proj(o * F.silu(self.proj_gate(x))))
