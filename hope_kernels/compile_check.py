@@ -40,6 +40,7 @@ KERNEL_MODULES = (
     "hope_kernels.linear_attention.triton_kernels",
     "hope_kernels.cms.triton_kernels",
     "hope_kernels.ema.triton_kernels",
+    "hope_kernels.titans.triton_kernels",
 )
 ARCHS = (80, 90)
 

@@ -1,0 +1,3 @@
+from .ops import titans_scan, titans_step
+
+__all__ = ["titans_scan", "titans_step"]

@@ -1,0 +1,154 @@
+"""Public entry points of the Titans memory (gradient-descent associative memory): checks and dispatch.
+
+    G_t = k_t^T (k_t Sbar_t - v_t)                 gradient of 1/2 ||k_t S - v_t||^2 at Sbar_t
+    Z_t = momentum_t Z_{t-1} - lr_t G_t            (no momentum: Z_t = -lr_t G_t)
+    S_t = decay_t S_{t-1} + Z_t                    (no decay: 1)
+    o_t = scale q_t S_t
+
+Sbar_t is the memory at the start of t's block, blocks of `period` tokens counted from each
+sequence's start (period = 1: Sbar_t = S_{t-1}, the online delta rule / DGD). lr, decay, momentum
+are per-token gates [B, T, H] with lr >= 0, decay in (0, 1], momentum in [0, 1). The state is
+S [N, H, K, V] float32, or the pair (S, Z) with momentum. See DESIGN.md ("titans_scan").
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import utils
+from .torch_chunked import titans_scan_torch, titans_step_torch
+
+def _triton():
+    from . import triton_kernels  # imported lazily: the torch backend works without Triton
+    return triton_kernels
+
+
+State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+# gate name -> (lower bound, lower bound included, upper bound, upper bound included)
+GATE_RANGES = {"lr": (0., True, float("inf"), False), "decay": (0., False, 1., True),
+               "momentum": (0., True, 1., False)}
+
+
+def _check_gate(name: str, g, lead: tuple, device, layout: str) -> Optional[torch.Tensor]:
+    """A per-token gate of shape `lead` on `device` with values in its range (one host sync)."""
+    if g is None:
+        return None
+    utils.check_tensor(name, g, len(lead), shape=lead, layout=layout)
+    if g.device != device:
+        raise ValueError(f"{name} is on {g.device} but the inputs are on {device}")
+    if not utils.skip_host_checks() and g.numel():
+        lo, lo_in, hi, hi_in = GATE_RANGES[name]
+        ok = ((g >= lo) if lo_in else (g > lo)) & ((g <= hi) if hi_in else (g < hi))
+        if not bool(ok.all()):   # NaN fails too
+            want = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+            raise ValueError(f"{name} must lie in {want}; got values in "
+                             f"[{g.min().item():.6g}, {g.max().item():.6g}]")
+    return g
+
+
+def _check_state(name: str, state, has_momentum: bool, shape: tuple, device, layout: str):
+    """S, or the pair (S, Z) when momentum is given; returns (S, Z) with Z None without momentum."""
+    if state is None:
+        return None, None
+    if has_momentum:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise ValueError(f"{name} must be the pair (S, Z), each {layout}, when momentum is given; "
+                             f"got {type(state).__name__}")
+        return (utils.check_state(f"{name}[0]", state[0], shape, device, layout),
+                utils.check_state(f"{name}[1]", state[1], shape, device, layout))
+    if isinstance(state, (tuple, list)):
+        raise ValueError(f"{name} must be a tensor {layout} without momentum, got a {type(state).__name__}")
+    return utils.check_state(name, state, shape, device, layout), None
+
+
+def _check_period(period) -> int:
+    if isinstance(period, bool) or not isinstance(period, int):
+        raise TypeError(f"period must be an int >= 1, got {type(period).__name__}")
+    if period < 1:
+        raise ValueError(f"period must be >= 1, got {period}")
+    return period
+
+
+def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1, initial_state=None,
+                output_final_state=False, cu_seqlens=None, chunk_size=64, backend=None):
+    """The Titans memory over a sequence (see the module docstring for the math).
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V] (float32, float16 or bfloat16).
+        lr, decay, momentum: [B, T, H] gates (decay, momentum optional).
+        scale: multiplies q; defaults to K ** -0.5.
+        period: tokens per gradient block (int >= 1).
+        initial_state: S_0 [N, H, K, V] float32, or (S_0, Z_0) with momentum (N = B, or the number
+            of sequences with cu_seqlens).
+        chunk_size: tokens per chunk (a power of two >= 16); a tuning knob, the result does not depend on it.
+    Returns:
+        o [B, T, H, V] in the input dtype, and the final state (float32; S, or (S, Z) with momentum)
+        when output_final_state, else None. Differentiable in q, k, v, lr, decay, momentum, initial_state.
+    """
+    (B, T, H, K), V, device = utils.check_qkv(q, k, v, "B, T, H")
+    lr = _check_gate("lr", lr, (B, T, H), device, "[B, T, H]")
+    if lr is None:
+        raise TypeError("lr must be a [B, T, H] tensor")
+    decay = _check_gate("decay", decay, (B, T, H), device, "[B, T, H]")
+    momentum = _check_gate("momentum", momentum, (B, T, H), device, "[B, T, H]")
+    period = _check_period(period)
+    cu = utils.check_cu_seqlens(cu_seqlens, B, T, device)
+    N = B if cu is None else cu.numel() - 1
+    S0, Z0 = _check_state("initial_state", initial_state, momentum is not None, (N, H, K, V), device,
+                          "[N, H, K, V]")
+    chunk_size = utils.check_chunk_size(chunk_size)
+    scale = utils.resolve_scale(scale, K)
+    backend = utils.resolve_backend(backend, device)
+
+    # the gates and states are never autocast: decay = 0.9999 rounds to 1 in half precision
+    q, k, v = utils.autocast_inputs(device, q, k, v)
+    dtype = utils.check_same_dtype(q=q, k=k, v=v)
+    sd = utils.state_dtype(dtype)
+    with torch.autocast(device.type, enabled=False):
+        if backend == "triton" and dtype != torch.float64:   # float64 (gradchecks) stays on the torch path
+            q, k, v = utils.contiguous(q, k, v)
+            o, S, Z = _triton().titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu)
+        else:
+            o, S, Z = titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, sd)
+    if not output_final_state:
+        return o.to(dtype), None
+    return o.to(dtype), (S if momentum is None else (S, Z))
+
+
+def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, block_state=None, backend=None):
+    """One token of titans_scan for generation, updating `state` in place.
+
+    q, k: [B, H, K]; v: [B, H, V]; lr, decay, momentum: [B, H]; state: S [B, H, K, V] float32, or
+    (S, Z) with momentum; block_state [B, H, K, V]: the memory the gradient is taken at (default: S,
+    the period = 1 rule; refresh it every `period` tokens to reproduce titans_scan with that period).
+    Returns (o [B, H, V] in the input dtype, state). Not differentiable (inference).
+    """
+    (B, H, K), V, device = utils.check_qkv(q, k, v, "B, H")
+    lr = _check_gate("lr", lr, (B, H), device, "[B, H]")
+    if lr is None:
+        raise TypeError("lr must be a [B, H] tensor")
+    decay = _check_gate("decay", decay, (B, H), device, "[B, H]")
+    momentum = _check_gate("momentum", momentum, (B, H), device, "[B, H]")
+    if state is None:
+        raise ValueError("state must be given: S [B, H, K, V] float32 (or (S, Z) with momentum); "
+                         "titans_step updates it in place")
+    S, Z = _check_state("state", state, momentum is not None, (B, H, K, V), device, "[B, H, K, V]")
+    for name, s in (("state", S), ("state[1]", Z)):
+        if s is not None and s.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 (recurrent states are float32), got {s.dtype}")
+    utils.check_state("block_state", block_state, (B, H, K, V), device, "[B, H, K, V]")
+    scale = utils.resolve_scale(scale, K)
+    backend = utils.resolve_backend(backend, device)
+    q, k, v = utils.autocast_inputs(device, q, k, v)
+    dtype = utils.check_same_dtype(q=q, k=k, v=v)
+
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        states = [s for s in (S, Z) if s is not None]
+        if backend == "triton" and dtype != torch.float64 and all(
+                s.dtype == torch.float32 and s.is_contiguous() for s in states):
+            o = _triton().titans_step_triton(q, k, v, lr, decay, momentum, S, Z, block_state, scale)
+        else:
+            o = titans_step_torch(q, k, v, lr, decay, momentum, S, Z, S if block_state is None else block_state,
+                                  scale)
+    return o.to(dtype), state
