@@ -13,8 +13,10 @@ accumulated over the block, taken at the block-start weights:
 
 Two memory kinds (`cms_memory`):
 - "linear": M_theta(k) = k S, one matrix per head: a TitansLayer (hope.titans) without the short
-  convolution, with period C^(l) on `titans_scan` (the kernel path). Its read q_t S_t sees the
-  block's gradients applied token by token (the op's rule), i.e. Eq. 71's sum up to t.
+  convolution, with period C^(l) on `titans_scan` (the kernel path), read at the key itself
+  (y_t = W_o (rmsnorm(k_t S_t) * silu(x_t W_g)): the level maps its input as an MLP does). The read
+  k_t S_t sees the block's gradients applied token by token (the op's rule), i.e. Eq. 71's sum up to
+  t taken at the block-start weights, rather than only theta_n.
 - "mlp": M_theta(z) = silu(z W_in) W_out (hidden size mlp_ratio * dim), block-parallel in torch:
   within block n the level reads y_t = M_{theta_n}(x_t), exactly Eq. 71 (a level whose period is
   longer than the sequence acts as a plain MLP at its meta-learned weights). Keys are unit-RMS
@@ -93,5 +95,5 @@ def make_level(config, period: int) -> nn.Module:
         return MLPLevel(c.dim, int(c.mlp_ratio * c.dim), period, lr_max=c.titans_lr_max, bias=c.bias,
                         dropout=c.dropout)
     return TitansLayer(c.dim, c.num_heads, c.head_dim, period=period, lr_max=c.titans_lr_max, conv_window=0,
-                       bias=c.bias, dropout=c.dropout, backend=c.backend)
+                       read_with_key=True, bias=c.bias, dropout=c.dropout, backend=c.backend)
 

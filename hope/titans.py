@@ -124,12 +124,13 @@ def _memory(state):
 
 class TitansLayer(nn.Module):
     """Titans (optionally self-modifying) over the sequence; see the module docstring.
-    x: [B, T, dim] -> [B, T, dim]. Also the memory of the paper's linear CMS levels (hope.levels)."""
+    x: [B, T, dim] -> [B, T, dim]. Also the memory of the paper's linear CMS levels (hope.levels),
+    which read it at the key (`read_with_key`: q_t = k_t, o_t = k_t S_t, as an MLP reads its input)."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None, *, period: int = 16,
                  self_modifying: bool = False, momentum: bool = False, lr_max: float = 1.0,
-                 conv_window: int = 4, bias: bool = False, dropout: float = 0.0,
-                 backend: Optional[str] = None):
+                 conv_window: int = 4, read_with_key: bool = False, bias: bool = False,
+                 dropout: float = 0.0, backend: Optional[str] = None):
         super().__init__()
         if not 0.0 < lr_max < 2.0:
             raise ValueError(f"lr_max must be in (0, 2) (gradient descent on the inner loss is stable "
@@ -140,9 +141,10 @@ class TitansLayer(nn.Module):
         H, D = num_heads, self.head_dim
         inner = H * D
         self.period, self.self_modifying, self.lr_max = period, self_modifying, lr_max
-        self.use_momentum = momentum
-        # static projections: q and either (k, v) or u, the output gate g; gates lr, decay (momentum)
-        self.proj_in = nn.Linear(dim, (2 if self_modifying else 3) * inner, bias=bias)
+        self.use_momentum, self.read_with_key = momentum, read_with_key and not self_modifying
+        # static projections: q (unless read_with_key) and either (k, v) or u, the output gate g;
+        # gates lr, decay (momentum)
+        self.proj_in = nn.Linear(dim, (2 if self_modifying or self.read_with_key else 3) * inner, bias=bias)
         self.proj_gate = nn.Linear(dim, inner, bias=bias)
         self.conv = ShortConv(self.proj_in.out_features, conv_window) if conv_window > 1 else None
         n_gates = (0 if self_modifying else 2) + (1 if momentum else 0)
@@ -243,8 +245,12 @@ class TitansLayer(nn.Module):
                             self._decay(r[..., 3 * D + 1]), ms[i])
                 return block
         else:
-            q, k, v = (split_heads(t, H) for t in h.chunk(3, dim=-1))
-            q, k = l2norm(q), l2norm(k)
+            if self.read_with_key:
+                k, v = (split_heads(t, H) for t in h.chunk(2, dim=-1))
+                q = k = l2norm(k)
+            else:
+                q, k, v = (split_heads(t, H) for t in h.chunk(3, dim=-1))
+                q, k = l2norm(q), l2norm(k)
             lr, decay = self._lr(gates[:, :, 0]), self._decay(gates[:, :, 1])
 
             def read(sizes):

@@ -60,7 +60,8 @@ def naive_titans(layer: TitansLayer, x):
                 names = {"k": slice(0, D), "v": slice(D, 2 * D), "mem": slice(2 * D, 3 * D),
                          "eta": slice(3 * D, 3 * D + 1), "alpha": slice(3 * D + 1, 3 * D + 2)}
             else:
-                q_all, k_all, v_all = (h[b, :, i * H * D:(i + 1) * H * D].view(T, H, D)[:, hh] for i in range(3))
+                parts = [h[b, :, i * H * D:(i + 1) * H * D].view(T, H, D)[:, hh] for i in range(h.shape[-1] // (H * D))]
+                q_all, k_all, v_all = [parts[0]] + parts if layer.read_with_key else parts
                 names = {"mem": slice(0, D)}
             M = {n: P0[:, s].clone() for n, s in names.items()}
             Z = {n: torch.zeros_like(m) for n, m in M.items()}
@@ -111,13 +112,15 @@ def naive_mlp_level(level: MLPLevel, x):
     return ys
 
 
-@pytest.mark.parametrize("self_modifying, momentum, period, conv", [
-    (False, False, 4, 4), (False, True, 3, 4), (False, False, 1, 0), (True, False, 4, 4), (True, True, 5, 4),
+@pytest.mark.parametrize("self_modifying, momentum, period, conv, read_with_key", [
+    (False, False, 4, 4, False), (False, True, 3, 4, False), (False, False, 1, 0, False), (False, False, 4, 0, True),
+    (True, False, 4, 4, False), (True, True, 5, 4, False),
 ])
-def test_titans_layer_equals_naive_recurrence(self_modifying, momentum, period, conv):
+def test_titans_layer_equals_naive_recurrence(self_modifying, momentum, period, conv, read_with_key):
     torch.manual_seed(0)
-    layer = TitansLayer(24, 2, 8, period=period, self_modifying=self_modifying, momentum=momentum,
-                        conv_window=conv, backend="reference").double()
+    kw = dict(period=period, self_modifying=self_modifying, momentum=momentum, conv_window=conv,
+              read_with_key=read_with_key)
+    layer = TitansLayer(24, 2, 8, **kw, backend="reference").double()
     with torch.no_grad():   # non-trivial conv, gates and memories
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -125,8 +128,7 @@ def test_titans_layer_equals_naive_recurrence(self_modifying, momentum, period, 
     with torch.no_grad():
         assert rel_err(layer(x), naive_titans(layer, x)) < 1e-10, "titans layer (reference op) vs naive"
     # the chunked torch op gives the same layer output in float32
-    layer32 = TitansLayer(24, 2, 8, period=period, self_modifying=self_modifying, momentum=momentum,
-                          conv_window=conv, backend="torch")
+    layer32 = TitansLayer(24, 2, 8, **kw, backend="torch")
     layer32.load_state_dict({k: t.float() for k, t in layer.state_dict().items()})
     with torch.no_grad():
         assert rel_err(layer32(x.float()), naive_titans(layer, x)) < 1e-4, "titans layer (torch op) vs naive"
