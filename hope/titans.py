@@ -81,7 +81,8 @@ class ShortConv(nn.Module):
         xx = torch.cat([hist.to(x.dtype), x], dim=1)
         if cache is not None:
             cache["conv"] = xx[:, xx.shape[1] - (self.window - 1):]
-        return F.conv1d(xx.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], groups=C).transpose(1, 2)
+        w = self.weight.to(x.dtype)   # shifted adds: faster on CPU than a grouped conv1d, forward and backward
+        return sum(w[:, i] * xx[:, i:i + T] for i in range(self.window))
 
 
 def up(x: torch.Tensor) -> torch.Tensor:
@@ -152,9 +153,9 @@ class TitansLayer(nn.Module):
         self.lr_bias = nn.Parameter(torch.zeros(H))
         self.decay_bias = nn.Parameter(torch.full((H,), 4.0))       # alpha ~ 0.98 at init
         self.momentum_bias = nn.Parameter(torch.zeros(H)) if momentum else None
-        if self_modifying:   # [M_k | M_v | M_mem | M_eta | M_alpha], identities and small read-outs
+        if self_modifying:   # [M_k | M_v | M_eta | M_alpha | M_mem]: identities and small read-outs
             eye = torch.eye(D).expand(H, D, D)
-            self.initial_memory = nn.Parameter(torch.cat([eye, eye, eye, 0.02 * torch.randn(H, D, 2)], -1))
+            self.initial_memory = nn.Parameter(torch.cat([eye, eye, 0.02 * torch.randn(H, D, 2), eye], -1))
         else:
             self.initial_memory = nn.Parameter(torch.zeros(H, D, D))
         self.proj = nn.Linear(inner, dim, bias=bias)
@@ -238,11 +239,12 @@ class TitansLayer(nn.Module):
 
                 def block(i, Mbar):
                     """Keys, values, lr, decay of stretch i from the block-start memories (Eq. 90-91)."""
-                    r = torch.einsum("bthd,bhdw->bthw", us[i], Mbar)
-                    kk, vv = l2norm(r[..., :D]), l2norm(r[..., D:2 * D])
+                    r = torch.einsum("bthd,bhdw->bthw", us[i], Mbar[..., :2 * D + 2])
+                    kk, vv, eta, alpha = r.split([D, D, 1, 1], dim=-1)
+                    kk, vv = l2norm(kk), l2norm(vv)
                     vhat = torch.einsum("bthd,bhdw->bthw", vv, Mbar)            # self-generated values
-                    return (qs[i], kk.to(q.dtype), vhat.to(q.dtype), self._lr(r[..., 3 * D]),
-                            self._decay(r[..., 3 * D + 1]), ms[i])
+                    return (qs[i], kk.to(q.dtype), vhat.to(q.dtype), self._lr(eta[..., 0]),
+                            self._decay(alpha[..., 0]), ms[i])
                 return block
         else:
             if self.read_with_key:
@@ -259,7 +261,7 @@ class TitansLayer(nn.Module):
 
         o, state, block_state = self._memory_pass(T, pos, state, block_state, read, step, cache is not None)
         if self.self_modifying:
-            o = o[..., 2 * D:3 * D]                          # the output memory's columns
+            o = o[..., 2 * D + 2:]                           # the output memory's columns
         if cache is not None:
             cache.update(state=state, block_state=block_state, pos=pos + T)
         o = F.rms_norm(up(o), (D,)).to(x.dtype).reshape(B, T, H * D)

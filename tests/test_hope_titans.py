@@ -57,8 +57,8 @@ def naive_titans(layer: TitansLayer, x):
             P0 = layer.initial_memory[hh]
             if layer.self_modifying:
                 q_all, u_all = h[b, :, :H * D].view(T, H, D)[:, hh], h[b, :, H * D:].view(T, H, D)[:, hh]
-                names = {"k": slice(0, D), "v": slice(D, 2 * D), "mem": slice(2 * D, 3 * D),
-                         "eta": slice(3 * D, 3 * D + 1), "alpha": slice(3 * D + 1, 3 * D + 2)}
+                names = {"k": slice(0, D), "v": slice(D, 2 * D), "eta": slice(2 * D, 2 * D + 1),
+                         "alpha": slice(2 * D + 1, 2 * D + 2), "mem": slice(2 * D + 2, 3 * D + 2)}
             else:
                 parts = [h[b, :, i * H * D:(i + 1) * H * D].view(T, H, D)[:, hh] for i in range(h.shape[-1] // (H * D))]
                 q_all, k_all, v_all = [parts[0]] + parts if layer.read_with_key else parts
