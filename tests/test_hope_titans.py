@@ -241,3 +241,16 @@ def test_shipped_configs_build(name):
 def test_bad_config_values(bad, match):
     with pytest.raises(ValueError, match=match):
         HOPEConfig(**dict(SMALL, **bad))
+
+
+@pytest.mark.parametrize("name", ["hope_paper_tiny", "hope_attention_tiny"])
+def test_train_and_evaluate_variant(name, tmp_path, capsys):
+    from hope import evaluate as hope_evaluate
+    from hope import train as hope_train
+    args = ["--config", name, "--max-steps", "3", "--out-dir", str(tmp_path), "--backend", "torch", "--no-progress",
+            "--set", "train.seq_len=32", "--set", "train.batch_size=4", "--set", "data.max_bytes=100000",
+            "--set", "train.eval_batches=1"]
+    assert hope_train.main(args) == 0
+    assert hope_evaluate.main([str(tmp_path), "--max-new-tokens", "4", "--batches", "1", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "done: step 3" in out and "bits/byte" in out
