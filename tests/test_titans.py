@@ -96,6 +96,7 @@ CASES = [
     (torch.float32, 16, True, False, True, 1, 21, 16),
     (torch.float32, 16, True, True, True, 2, 21, 32),
     (torch.float32, 24, True, True, True, 1, 45, 16),      # a block across chunk / checkpoint boundaries
+    (torch.float32, 32, True, True, True, 1, 45, 16),      # two chunks per block (chunked Triton forward)
     (torch.float16, 16, True, True, False, 1, 21, 16),
     (torch.float16, 1, True, False, True, 1, 21, 16),
     (torch.bfloat16, 16, False, False, True, 1, 21, 16),
@@ -115,6 +116,16 @@ def test_scan_matches_reference(backend, device, poison_empty, dtype, period, de
 def test_scan_awkward_shapes(backend, device, K, V, period, chunk_size):
     _check_scan(backend, device, torch.float32, B=1, T=50, H=1, K=K, V=V, period=period, decay=True,
                 momentum=True, h0=True, chunk_size=chunk_size)
+
+
+def test_chunked_forward_choice():
+    """The Triton forward is chunked (16 tokens) where 16 divides the period, or period = 1 without momentum
+    (UT transform), and K <= 64; the recurrent kernel runs elsewhere."""
+    from hope_kernels.titans.triton_kernels import chunk_tile
+    periods = (1, 3, 8, 16, 24, 32, 48, 64)
+    assert [chunk_tile(p, 64, 64, False) for p in periods] == [16, None, None, 16, None, 16, 16, 16]
+    assert [chunk_tile(p, 64, 64, True) for p in periods] == [None, None, None, 16, None, 16, 16, 16]
+    assert chunk_tile(16, 64, 128, False) is None
 
 
 def _fla_delta_rule(q, k, v, beta, S0):

@@ -108,7 +108,8 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
     with torch.autocast(device.type, enabled=False):
         if backend == "triton" and dtype != torch.float64:   # float64 (gradchecks) stays on the torch path
             q, k, v = utils.contiguous(q, k, v)
-            o, S, Z = _triton().titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu)
+            o, S, Z = _triton().titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu,
+                                                    chunk_size)
         else:
             o, S, Z = titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, sd)
     if not output_final_state:

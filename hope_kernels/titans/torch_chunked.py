@@ -93,11 +93,14 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
     src, pos, Pp = _layout(T, L if ut else period, L, dev)
     per_block = 1 if ut else Pp // L          # chunks per block: the gradient memory is refreshed at each first
 
+    padded = src.numel() != T                 # else the layout is the identity: no gather, no copy
+
     def chunks(x, fill=0.):                   # [B, T, H, *] -> [B, H, nC, L, *]
-        x = _pad(x, src, fill)
+        if padded:
+            x = _pad(x, src, fill)
         nC = x.shape[1] // L
         x = x.reshape(B, nC, L, H, *x.shape[3:])
-        return x.permute(0, 3, 1, 2, *range(4, x.dim()))
+        return x.permute(0, 3, 1, 2, *range(4, x.dim())).contiguous()
 
     qc, kc, vc = chunks(q), chunks(k), chunks(v)
     lrc = chunks(lr)
@@ -140,22 +143,29 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
     Kend = end_row(C).to(dt)[..., None] * kc
     g_end = gamma[:, :, ci, last].to(dt)[..., None, None]                  # [B, H, nC, 1, 1]
 
+    # per-chunk views by unbind: indexing inside the loop would make autograd scatter every chunk's
+    # gradient into a zero-filled copy of the whole tensor
+    U, W, Qs, Aqk, KendT = (x.unbind(2) for x in (U, W, Qs, Aqk, Kend.transpose(-1, -2).contiguous()))
+    g_end = g_end.unbind(2)
+    if Z is not None:
+        Qz, KzT = Qz.unbind(2), Kz.transpose(-1, -2).contiguous().unbind(2)
+        a_end, mu_end = (x.to(dt)[..., None, None].unbind(2) for x in (a_end, mu_end))
     outs = []
     Sg = S
     for c in range(nC):
         if c % per_block == 0:
             Sg = S
-        X = U[:, :, c] - W[:, :, c] @ Sg
-        o = Qs[:, :, c] @ S + Aqk[:, :, c] @ X
-        S_new = g_end[:, :, c] * S + Kend[:, :, c].transpose(-1, -2) @ X
+        X = U[c] - W[c] @ Sg
+        o = Qs[c] @ S + Aqk[c] @ X
+        S_new = g_end[c] * S + KendT[c] @ X
         if Z is not None:
-            o = o + Qz[:, :, c] @ Z
-            S_new = S_new + a_end[:, :, c].to(dt)[..., None, None] * Z
-            Z = mu_end[:, :, c].to(dt)[..., None, None] * Z + Kz[:, :, c].transpose(-1, -2) @ X
+            o = o + Qz[c] @ Z
+            S_new = S_new + a_end[c] * Z
+            Z = mu_end[c] * Z + KzT[c] @ X
         S = S_new
         outs.append(o)
     o = torch.stack(outs, 1).permute(0, 1, 3, 2, 4).reshape(B, nC * L, H, V)   # [B, nC, H, L, V] -> tokens
-    return o.index_select(1, pos), S, Z
+    return (o.index_select(1, pos) if padded else o), S, Z
 
 
 def titans_scan_torch(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0,

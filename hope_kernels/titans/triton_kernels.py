@@ -34,11 +34,13 @@ import triton
 import triton.language as tl
 
 from ..aot import KernelConfig, KernelSpec
-from ..triton_utils import autotune, empty
+from ..triton_utils import autotune, empty, load_tile, upcast_dots
 
 # ----------------------------------------------------------------------------- configs
 FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
                for bv in (16, 32, 64) for w in (2, 4, 8)]
+CHUNK_FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=s, default=(bv, w, s) == (16, 4, 1))
+                     for bv in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
 BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 8) for w in (4, 8)]
 BWD_BV = 16     # fixed (not autotuned): the workspaces and partial sums are sized by it
 BWD_BT = 32     # tokens between checkpoints of the backward
@@ -122,6 +124,108 @@ def titans_fwd_kernel(q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_seqlen
         b_s, b_z = _update(b_s, b_z, b_sb, b_k, b_v, b_lr, b_d, b_m, HAS_DECAY, HAS_MOMENTUM)
         b_o = tl.sum(b_q[:, None] * b_s, 0) * scale
         tl.store(o + row * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    tl.store(ht + off_kv, b_s, mask=m_kv)
+    if HAS_MOMENTUM:
+        tl.store(zt + off_kv, b_z, mask=m_kv)
+
+
+# ----------------------------------------------------------------------------- chunked forward (period % BT == 0)
+@autotune(CHUNK_FWD_CONFIGS, key=["H", "K", "V", "BT", "HAS_DECAY", "HAS_MOMENTUM", "DELTA"])
+@triton.jit
+def titans_chunk_fwd_kernel(q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_seqlens, scale, T, period,
+                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
+                            HAS_MOMENTUM: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+                            IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr, DELTA: tl.constexpr):
+    """Blocks of `period` tokens, chunks of BT | period: a chunk's gradients are taken at its block's start
+    memory Sbar, so with x = lr (v - k Sbar) and the chunk-local coefficient matrices
+    D[i, j] = d_{j+1}..d_i, M[i, j] = m_{j+1}..m_i, C = D M, a = D mu, gamma_i = d_1..d_i, mu_i = m_1..m_i:
+
+        o = scale (gamma q S + a q Z + (q k^T * C) x)
+        S <- gamma_e S + a_e Z + (C[e] k)^T x,     Z <- mu_e Z + (M[e] k)^T x     (e: the chunk's last token)
+
+    DELTA (period 1, no momentum: the gated delta rule) takes x from the UT transform of the chunk instead.
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, L = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    causal = o_t[:, None] >= o_t[None, :]
+    off_kv = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    b_z = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_s = tl.load(h0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
+        if HAS_MOMENTUM:
+            b_z = tl.load(z0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    b_sb = b_s
+    for t0 in range(0, L, BT):
+        m_t = t0 + o_t < L
+        rows = (bos + t0 + o_t) * H + i_h                                   # int64 [BT]
+        b_q = load_tile(q + rows[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], UPCAST)
+        b_k = load_tile(k + rows[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], UPCAST)
+        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_lr = tl.load(lr + rows, mask=m_t, other=0.)
+        dt = b_q.dtype
+        b_sb = tl.where(t0 % period == 0, b_s, b_sb)
+        if HAS_DECAY:
+            b_ld = tl.cumsum(tl.log(tl.load(decay + rows, mask=m_t, other=1.)), 0)
+            b_D = tl.exp(tl.where(causal, b_ld[:, None] - b_ld[None, :], float("-inf")))
+            b_g = tl.exp(b_ld)
+        else:
+            b_ld = tl.zeros([BT], dtype=tl.float32)
+            b_D = tl.where(causal, 1., 0.)
+            b_g = tl.full([BT], 1., tl.float32)
+        e = tl.minimum(L - t0, BT) - 1                                      # the chunk's last real token
+        last = o_t == e
+        if DELTA:
+            # period 1 (no momentum): x_i = lr_i (v_i - k_i S_{i-1}) by the UT transform,
+            # (I + A) x = lr (v - gamma_{i-1} k S) with A[i, j] = lr_i D[i-1, j] (k_i . k_j), j < i
+            b_lp = b_ld - tl.log(tl.load(decay + rows, mask=m_t, other=1.)) if HAS_DECAY else b_ld
+            b_Dp = tl.exp(tl.where(o_t[:, None] > o_t[None, :], b_lp[:, None] - b_ld[None, :], float("-inf")))
+            b_N = -b_lr[:, None] * b_Dp * tl.dot(b_k, tl.trans(b_k))
+            for i in range(1, BT):     # N = (I + A)^-1 - I by forward substitution, row by row
+                row_i = o_t == i
+                b_a = tl.sum(tl.where(row_i[:, None], b_N, 0.), 0)
+                b_a = b_a + tl.sum(b_a[:, None] * b_N, 0) * (o_t < i)
+                b_N = tl.where(row_i[:, None], b_a[None, :], b_N)
+            b_r = b_lr[:, None] * (b_v - tl.exp(b_lp)[:, None] * tl.dot(b_k, b_s.to(dt)))
+            b_x = b_r + tl.dot(b_N.to(dt), b_r.to(dt))
+        else:
+            b_x = b_lr[:, None] * (b_v - tl.dot(b_k, b_sb.to(dt)))          # [BT, BV] float32
+        if HAS_MOMENTUM:
+            # momentum may be exactly 0: a product is 0 when a zero lies in its span (counted by b_nz),
+            # else exp of the difference of cumulative logs taken without the zeros
+            b_m = tl.load(momentum + rows, mask=m_t, other=1.)
+            b_nz = tl.cumsum((b_m == 0).to(tl.int32), 0)
+            b_lm = tl.cumsum(tl.log(tl.where(b_m == 0, 1., b_m)), 0)
+            span = causal & (b_nz[:, None] == b_nz[None, :])
+            b_M = tl.exp(tl.where(span, b_lm[:, None] - b_lm[None, :], float("-inf")))
+            b_mu = tl.where(b_nz == 0, tl.exp(b_lm), 0.)
+            b_C = tl.dot(b_D.to(dt), b_M.to(dt))
+            b_a = tl.sum(b_D * b_mu[None, :], 1)
+            a_e = tl.sum(tl.where(last, b_a, 0.), 0)
+            mu_e = tl.sum(tl.where(last, b_mu, 0.), 0)
+            m_e = tl.sum(tl.where(last[:, None], b_M, 0.), 0)               # M[e, :]
+        else:
+            b_C = b_D
+        b_A = tl.dot(b_q, tl.trans(b_k)) * b_C
+        b_o = b_g[:, None] * tl.dot(b_q, b_s.to(dt)) + tl.dot(b_A.to(dt), b_x.to(dt))
+        if HAS_MOMENTUM:
+            b_o += b_a[:, None] * tl.dot(b_q, b_z.to(dt))
+        tl.store(o + rows[:, None] * V + o_v[None, :], (scale * b_o).to(o.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+        g_e = tl.sum(tl.where(last, b_g, 0.), 0)
+        c_e = tl.sum(tl.where(last[:, None], b_C, 0.), 0)                   # C[e, :]
+        b_s_new = g_e * b_s + tl.dot(tl.trans((c_e[:, None] * b_k).to(dt)), b_x.to(dt))
+        if HAS_MOMENTUM:
+            b_s_new += a_e * b_z
+            b_z = mu_e * b_z + tl.dot(tl.trans((m_e[:, None] * b_k).to(dt)), b_x.to(dt))
+        b_s = b_s_new
     tl.store(ht + off_kv, b_s, mask=m_kv)
     if HAS_MOMENTUM:
         tl.store(zt + off_kv, b_z, mask=m_kv)
@@ -277,7 +381,17 @@ def titans_step_kernel(q, k, v, lr, decay, momentum, S, Z, Sbar, o, scale, H: tl
 
 
 # ----------------------------------------------------------------------------- launchers
-def _forward(q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens):
+def chunk_tile(period: int, chunk_size: int, K: int, momentum: bool):
+    """The chunked forward's chunk length, or None where the recurrent kernel runs.
+
+    16 where K <= 64 and either 16 divides the period (a chunk then lies inside one block) or period = 1
+    without momentum (the UT transform). Larger chunks, and K = 128 tiles, push the default config past
+    255 registers into spills (see the compile report)."""
+    ok = period % 16 == 0 or (period == 1 and not momentum)
+    return 16 if ok and K <= 64 and chunk_size >= 16 else None
+
+
+def _forward(q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens, chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -285,10 +399,13 @@ def _forward(q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens):
     ht = empty(N, H, K, V, dtype=torch.float32, device=q.device)
     zt = empty(N, H, K, V, dtype=torch.float32, device=q.device) if momentum is not None else None
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), N * H)
-    titans_fwd_kernel[grid](q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_seqlens, scale, T, period,
-                            H=H, K=K, V=V, BK=_block(K), HAS_DECAY=decay is not None,
-                            HAS_MOMENTUM=momentum is not None, USE_INITIAL_STATE=h0 is not None,
-                            IS_VARLEN=cu_seqlens is not None)
+    flags = dict(H=H, K=K, V=V, BK=_block(K), HAS_DECAY=decay is not None, HAS_MOMENTUM=momentum is not None,
+                 USE_INITIAL_STATE=h0 is not None, IS_VARLEN=cu_seqlens is not None)
+    BT = chunk_tile(period, chunk_size, K, momentum is not None)
+    kernel = titans_fwd_kernel if BT is None else titans_chunk_fwd_kernel
+    if BT is not None:
+        flags.update(BT=BT, UPCAST=upcast_dots(q.dtype), DELTA=period == 1)
+    kernel[grid](q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_seqlens, scale, T, period, **flags)
     return o, ht, zt
 
 
@@ -334,8 +451,8 @@ class TitansScanFunction(torch.autograd.Function):
     """o, S_T, Z_T (None without momentum) = titans_scan(...); gates and states float32, contiguous."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens):
-        o, ht, zt = _forward(q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens)
+    def forward(ctx, q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens, chunk_size):
+        o, ht, zt = _forward(q, k, v, lr, decay, momentum, h0, z0, scale, period, cu_seqlens, chunk_size)
         ctx.save_for_backward(q, k, v, lr, decay, momentum, h0, z0, cu_seqlens)
         ctx.scale, ctx.period = scale, period
         return o, ht, zt
@@ -353,16 +470,16 @@ class TitansScanFunction(torch.autograd.Function):
         grads = _backward(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt, ctx.scale, ctx.period, cu_seqlens)
         dq, dk, dv, dlr, dd, dm, dh0, dz0 = grads
         return (dq, dk, dv, dlr, dd, dm, dh0 if h0 is not None else None, dz0 if z0 is not None else None,
-                None, None, None)
+                None, None, None, None)
 
 
-def titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu_seqlens):
+def titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu_seqlens, chunk_size):
     """q, k, v contiguous in one dtype; returns (o, S_T, Z_T or None)."""
     f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()
     lr, decay, momentum, S0, Z0 = (f32(x) for x in (lr, decay, momentum, S0, Z0))
     if momentum is not None and S0 is not None and Z0 is None:
         Z0 = torch.zeros_like(S0)
-    return TitansScanFunction.apply(q, k, v, lr, decay, momentum, S0, Z0, scale, period, cu_seqlens)
+    return TitansScanFunction.apply(q, k, v, lr, decay, momentum, S0, Z0, scale, period, cu_seqlens, chunk_size)
 
 
 def titans_step_triton(q, k, v, lr, decay, momentum, S, Z, Sbar, scale):
@@ -413,6 +530,14 @@ def compile_specs():
             | ({"cu_seqlens"} if varlen else set())
         specs.append(_spec(f"titans.fwd[{tag}]", titans_fwd_kernel, FWD_CONFIGS, fwd_ptrs, present,
                            {"scale": "fp32", "T": "i32", "period": "i32"}, dict(flags, USE_INITIAL_STATE=True)))
+        if D <= 64:   # the chunked forward (period % 16 == 0, K <= 64)
+            specs.append(_spec(f"titans.chunk_fwd[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS, fwd_ptrs,
+                               present, {"scale": "fp32", "T": "i32", "period": "i32"},
+                               dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=False)))
+            if not mom:
+                specs.append(_spec(f"titans.chunk_fwd_delta[{tag}]", titans_chunk_fwd_kernel, CHUNK_FWD_CONFIGS,
+                                   fwd_ptrs, present, {"scale": "fp32", "T": "i32", "period": "i32"},
+                                   dict(flags, BT=16, USE_INITIAL_STATE=True, UPCAST=False, DELTA=True)))
         bwd_ptrs = dict(q=dt, k=dt, v=dt, lr="fp32", decay="fp32", momentum="fp32", h0="fp32", z0="fp32", do=dt,
                         dht="fp32", dzt="fp32", dq="fp32", dk="fp32", dv=dt, dlr="fp32", ddecay="fp32",
                         dmomentum="fp32", dh0="fp32", dz0="fp32", ckpt="fp32", scratch="fp32",
