@@ -239,8 +239,8 @@ class TitansLayer(nn.Module):
 
                 def block(i, Mbar):
                     """Keys, values, lr, decay of stretch i from the block-start memories (Eq. 90-91)."""
-                    r = torch.einsum("bthd,bhdw->bthw", us[i], Mbar[..., :2 * D + 2])
-                    kk, vv, eta, alpha = r.split([D, D, 1, 1], dim=-1)
+                    r = torch.einsum("bthd,bhdw->bthw", us[i], Mbar)    # (reading M_mem too: cheaper than
+                    kk, vv, eta, alpha, _ = r.split([D, D, 1, 1, D], dim=-1)  # a slice of Mbar in backward)
                     kk, vv = l2norm(kk), l2norm(vv)
                     vhat = torch.einsum("bthd,bhdw->bthw", vv, Mbar)            # self-generated values
                     return (qs[i], kk.to(q.dtype), vhat.to(q.dtype), self._lr(eta[..., 0]),
