@@ -29,7 +29,7 @@ learned initial state, all read at the start of t's block (state at block start 
     o_t = q_t M_mem,t
 
 All five memories share the keys k_t, the step eta_t and the decay alpha_t (as in the paper), so they
-are one titans_scan memory of width 3D + 2 (the column blocks [M_k | M_v | M_mem | M_eta | M_alpha]):
+are one titans_scan memory of width 3D + 2 (the column blocks [M_k | M_v | M_eta | M_alpha | M_mem]):
 the gradient of a column block is that memory's own gradient. Since the keys and values of a block
 depend on the memories at the block's start, blocks are a loop: one titans_scan call per block.
 
