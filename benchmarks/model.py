@@ -59,18 +59,32 @@ class ModelBenchConfig:
     dtype: str = "float32"             # autocast dtype on GPU ("bfloat16"); float32 runs without autocast
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "hope" / "configs"
+# name -> HOPE keywords, or the shipped YAML config whose model section defines the variant
+VARIANTS = {
+    "transformer": dict(attention="softmax", use_cms=False),      # attention -> MLP
+    "seed": dict(attention="softmax", use_cms=True),              # attention -> decay CMS -> MLP
+    "titans": dict(attention="titans"),                           # Titans -> decay CMS -> MLP
+    "hope": "hope_paper.yaml",                                    # self-modifying Titans -> CMS levels
+    "hope-mlp": ("hope_paper.yaml", dict(cms_memory="mlp")),      # ... with 2-layer MLP levels
+    "hope-attention": "hope_attention.yaml",                      # softmax attention -> CMS levels
+}
+
+
 def default_config(gpu: bool, quick: bool = False) -> ModelBenchConfig:
     if gpu:
         return ModelBenchConfig(dim=512, num_layers=6, num_heads=8, num_memory_modules=4, batch=8,
                                 seq_len=1024 if not quick else 512, prompt_len=64, new_tokens=64 if not quick else 32,
                                 prefixes=(128, 512, 2048, 8192) if not quick else (128, 512, 2048),
-                                backends=("triton", "torch"), dtype="bfloat16")
+                                backends=("triton", "torch"), dtype="bfloat16",
+                                variants=() if quick else tuple(v for v in VARIANTS if v != "seed"))
     if quick:
         return ModelBenchConfig(dim=32, num_layers=1, num_heads=2, num_memory_modules=2, batch=1, seq_len=32,
                                 prompt_len=4, new_tokens=4, prefixes=(8, 32, 128), backends=("torch",),
                                 train_steps=2, latency_reps=3)
     return ModelBenchConfig(dim=128, num_layers=2, num_heads=4, num_memory_modules=4, batch=4, seq_len=256,
-                            prompt_len=16, new_tokens=32, prefixes=(32, 128, 512, 1024), backends=("torch", "reference"))
+                            prompt_len=16, new_tokens=32, prefixes=(32, 128, 512, 1024), backends=("torch", "reference"),
+                            variants=tuple(v for v in VARIANTS if v != "seed"))   # "seed" is the softmax row
 
 
 def _sync(device):
@@ -82,18 +96,6 @@ def _autocast(device, dtype: str):
     if dtype == "float32":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
-
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "hope" / "configs"
-# name -> HOPE keywords, or the shipped YAML config whose model section defines the variant
-VARIANTS = {
-    "transformer": dict(attention="softmax", use_cms=False),      # attention -> MLP
-    "seed": dict(attention="softmax", use_cms=True),              # attention -> decay CMS -> MLP
-    "titans": dict(attention="titans"),                           # Titans -> decay CMS -> MLP
-    "hope": "hope_paper.yaml",                                    # self-modifying Titans -> CMS levels
-    "hope-mlp": ("hope_paper.yaml", dict(cms_memory="mlp")),      # ... with 2-layer MLP levels
-    "hope-attention": "hope_attention.yaml",                      # softmax attention -> CMS levels
-}
 
 
 def variant_kwargs(name: str) -> dict:
@@ -330,7 +332,8 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default=None, help="comma list of triton,torch,reference")
     p.add_argument("--attentions", default="softmax,linear",
                    help="seed-block attention types to measure (throughput and latency); '' for none")
-    p.add_argument("--variants", default="", help=f"comma list of named variants: {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=None,
+                   help=f"comma list of named variants ({','.join(VARIANTS)}); default: all but --quick; '' for none")
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
@@ -350,7 +353,8 @@ def main(argv=None) -> int:
     if args.backends:
         cfg.backends = tuple(args.backends.split(","))
     cfg.attentions = tuple(a for a in args.attentions.split(",") if a)
-    cfg.variants = tuple(v for v in args.variants.split(",") if v)
+    if args.variants is not None:
+        cfg.variants = tuple(v for v in args.variants.split(",") if v)
     unknown = [v for v in cfg.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
