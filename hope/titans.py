@@ -143,13 +143,12 @@ class TitansLayer(nn.Module):
         inner = H * D
         self.period, self.self_modifying, self.lr_max = period, self_modifying, lr_max
         self.use_momentum, self.read_with_key = momentum, read_with_key and not self_modifying
-        # static projections: q (unless read_with_key) and either (k, v) or u, the output gate g;
-        # gates lr, decay (momentum)
-        self.proj_in = nn.Linear(dim, (2 if self_modifying or self.read_with_key else 3) * inner, bias=bias)
-        self.proj_gate = nn.Linear(dim, inner, bias=bias)
-        self.conv = ShortConv(self.proj_in.out_features, conv_window) if conv_window > 1 else None
+        # one static projection: q (unless read_with_key) and either (k, v) or u; the output gate g;
+        # the gates lr, decay (not when self-modifying: memories give them) and momentum, per head
         n_gates = (0 if self_modifying else 2) + (1 if momentum else 0)
-        self.proj_gates = nn.Linear(dim, n_gates * H, bias=False) if n_gates else None
+        self.splits = [(2 if self_modifying or self.read_with_key else 3) * inner, inner, n_gates * H]
+        self.proj_in = nn.Linear(dim, sum(self.splits), bias=bias)
+        self.conv = ShortConv(self.splits[0], conv_window) if conv_window > 1 else None
         self.lr_bias = nn.Parameter(torch.zeros(H))
         self.decay_bias = nn.Parameter(torch.full((H,), 4.0))       # alpha ~ 0.98 at init
         self.momentum_bias = nn.Parameter(torch.zeros(H)) if momentum else None
@@ -216,10 +215,10 @@ class TitansLayer(nn.Module):
     def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        h = self.proj_in(x)
+        h, g, gates = self.proj_in(x).split(self.splits, dim=-1)
         if self.conv is not None:
             h = self.conv(h, cache)
-        gates = self.proj_gates(x).view(B, T, -1, H) if self.proj_gates is not None else None
+        gates = gates.view(B, T, -1, H)
         mom = None
         if self.use_momentum:
             mom = torch.sigmoid(up(gates[:, :, -1]) + up(self.momentum_bias))
@@ -265,4 +264,4 @@ class TitansLayer(nn.Module):
         if cache is not None:
             cache.update(state=state, block_state=block_state, pos=pos + T)
         o = F.rms_norm(up(o), (D,)).to(x.dtype).reshape(B, T, H * D)
-        return self.resid_dropout(self.proj(o * F.silu(self.proj_gate(x))))
+        return self.resid_dropout(self.proj(o * F.silu(g)))

@@ -45,10 +45,10 @@ def naive_titans(layer: TitansLayer, x):
     """Token by token, every memory a separate matrix (Eq. 90-93 in DESIGN.md's form), float64."""
     B, T, _ = x.shape
     H, D, C = layer.num_heads, layer.head_dim, layer.period
-    h = layer.proj_in(x)
+    h, g, gates = layer.proj_in(x).split(layer.splits, -1)
     if layer.conv is not None:
         h = naive_conv(h, layer.conv.weight)
-    gates = layer.proj_gates(x).view(B, T, -1, H) if layer.proj_gates is not None else None
+    gates = gates.view(B, T, -1, H)
     lr_of = lambda z, hh: layer.lr_max / C * torch.sigmoid(z + layer.lr_bias[hh])          # noqa: E731
     decay_of = lambda z, hh: torch.sigmoid(z + layer.decay_bias[hh])                       # noqa: E731
     out = torch.empty(B, T, H, D, dtype=x.dtype)
@@ -88,7 +88,7 @@ def naive_titans(layer: TitansLayer, x):
                         M[n] = alpha * M[n] - eta * grad
                 out[b, t, hh] = q @ M["mem"]
     o = F.rms_norm(out, (D,)).reshape(B, T, H * D)
-    return layer.proj(o * F.silu(layer.proj_gate(x)))
+    return layer.proj(o * F.silu(g))
 
 
 def naive_mlp_level(level: MLPLevel, x):
