@@ -83,7 +83,8 @@ def default_config(gpu: bool, quick: bool = False) -> ModelBenchConfig:
                                 prompt_len=4, new_tokens=4, prefixes=(8, 32, 128), backends=("torch",),
                                 train_steps=2, latency_reps=3)
     return ModelBenchConfig(dim=128, num_layers=2, num_heads=4, num_memory_modules=4, batch=4, seq_len=256,
-                            prompt_len=16, new_tokens=32, prefixes=(32, 128, 512, 1024), backends=("torch", "reference"),
+                            prompt_len=16, new_tokens=32, prefixes=(32, 128, 512, 1024),
+                            backends=("torch", "reference"),
                             variants=tuple(v for v in VARIANTS if v != "seed"))   # "seed" is the softmax row
 
 
