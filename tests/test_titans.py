@@ -97,6 +97,8 @@ CASES = [
     (torch.float32, 16, True, True, True, 2, 21, 32),
     (torch.float32, 24, True, True, True, 1, 45, 16),      # a block across chunk / checkpoint boundaries
     (torch.float32, 32, True, True, True, 1, 45, 16),      # two chunks per block (chunked Triton forward)
+    (torch.float32, 32, False, False, True, 1, 45, 16),    # ... and chunked Triton backward
+    (torch.float16, 16, False, False, True, 2, 37, 32),
     (torch.float16, 16, True, True, False, 1, 21, 16),
     (torch.float16, 1, True, False, True, 1, 21, 16),
     (torch.bfloat16, 16, False, False, True, 1, 21, 16),
@@ -118,14 +120,44 @@ def test_scan_awkward_shapes(backend, device, K, V, period, chunk_size):
                 momentum=True, h0=True, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("period", [1, 16, 48])
+def test_long_sequence_extreme_gates_torch(period):
+    """T = 1024 with decays from 1e-3 to 1 and momenta from 0 to 0.99 (chunk-local log sums that
+    would overflow as products): finite and equal to the float64 reference."""
+    q, k, v, lr, d, m, S0, Z0 = [x.detach() for x in _inputs(1, 1024, 1, 8, 8, torch.float32, "cpu")]
+    d = torch.rand(1, 1024, 1) ** 4 * (1 - 1e-3) + 1e-3
+    m = torch.rand(1, 1024, 1) * 0.99
+    xs = [q, k, v, lr, d, m, S0, Z0]
+    outs = _scan(titans_scan, xs, period=period, backend="torch")
+    refs = _scan(reference.titans_scan, [x.double() for x in xs], period=period)
+    for name, out, ref in zip("oSZ", outs, refs):
+        assert torch.isfinite(out).all(), name
+        assert_close(name, out, ref, torch.float32, "cpu")
+
+
 def test_chunked_forward_choice():
-    """The Triton forward is chunked (16 tokens) where 16 divides the period, or period = 1 without momentum
-    (UT transform), and K <= 64; the recurrent kernel runs elsewhere."""
+    """The Triton forward is chunked (16 tokens) where 16 divides the period, or period = 1 (UT transform),
+    and K <= 64; the recurrent kernel runs elsewhere."""
     from hope_kernels.titans.triton_kernels import chunk_tile
     periods = (1, 3, 8, 16, 24, 32, 48, 64)
-    assert [chunk_tile(p, 64, 64, False) for p in periods] == [16, None, None, 16, None, 16, 16, 16]
-    assert [chunk_tile(p, 64, 64, True) for p in periods] == [None, None, None, 16, None, 16, 16, 16]
-    assert chunk_tile(16, 64, 128, False) is None
+    assert [chunk_tile(p, 64, 64) for p in periods] == [16, None, None, 16, None, 16, 16, 16]
+    assert chunk_tile(16, 64, 128) is None and chunk_tile(1, 64, 128) is None
+
+
+@pytest.mark.parametrize("period", [16, 32])
+def test_chunked_backward_with_decay_equals_recurrent(device, period):
+    """The chunked backward with decay against the recurrent backward, on the same inputs and cotangents
+    (period 32, several chunks per block, is not selected: it spills 8 bytes on sm_80)."""
+    from hope_kernels.titans import triton_kernels as tk
+    B, T, H, K, V = 1, 37, 2, 16, 32
+    q, k, v, lr, d, _, S0, _ = [None if x is None else x.detach()
+                                for x in _inputs(B, T, H, K, V, torch.float32, device, True, False)]
+    do, dht = randn(B, T, H, V, device=device), randn(B, H, K, V, device=device)
+    chunked = tk._chunk_backward(q, k, v, lr, d, S0, do, dht, 0.25, period, None)
+    recurrent = tk._recurrent_backward(q, k, v, lr, d, None, S0, None, do, dht, None, 0.25, period, None)
+    for name, a, b in zip(["dq", "dk", "dv", "dlr", "ddecay", "dm", "dS0"], chunked, recurrent):
+        if b is not None:
+            assert_close(name, a, b.double(), torch.float32, device, grad=True)
 
 
 def _fla_delta_rule(q, k, v, beta, S0):
@@ -176,11 +208,12 @@ def test_zero_momentum_and_unit_decay(backend, device):
 
 # ----------------------------------------------------------------------------- state: split, packed
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("period,momentum", [(16, True), (1, False), (4, True)])
-def test_split_and_resume(backend, device, period, momentum):
+@pytest.mark.parametrize("period,decay,momentum", [(16, True, True), (1, True, False), (4, True, True),
+                                                   (16, False, False)])
+def test_split_and_resume(backend, device, period, decay, momentum):
     """Two calls chained through the state (split at a multiple of period) equal one call, values and
     gradients (through the state pair too)."""
-    xs = _inputs(1, 40, 1, 16, 16, torch.float32, device, momentum=momentum)
+    xs = _inputs(1, 40, 1, 16, 16, torch.float32, device, decay=decay, momentum=momentum)
     q, k, v, lr, d, m, S0, Z0 = xs
     t = 16
     kw = dict(period=period, chunk_size=16, backend=backend)
@@ -199,13 +232,14 @@ def test_split_and_resume(backend, device, period, momentum):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("period,momentum", [(16, True), (1, False), (3, True)])
-def test_packed_sequences_equal_a_loop(backend, device, poison_empty, period, momentum):
+@pytest.mark.parametrize("period,decay,momentum", [(16, True, True), (1, True, False), (3, True, True),
+                                                   (32, False, False)])
+def test_packed_sequences_equal_a_loop(backend, device, poison_empty, period, decay, momentum):
     """cu_seqlens (one sequence empty, one longer than a chunk) equals one reference call per sequence;
     blocks count from each sequence's start."""
     lens = [3, 0, 35, 2]
     cu = torch.tensor([0] + lens).cumsum(0).to(device)
-    xs = _inputs(1, sum(lens), 1, 16, 16, torch.float32, device, momentum=momentum, N=len(lens))
+    xs = _inputs(1, sum(lens), 1, 16, 16, torch.float32, device, decay=decay, momentum=momentum, N=len(lens))
     q, k, v, lr, d, m, S0, Z0 = xs
     outs = _scan(titans_scan, xs, period=period, cu_seqlens=cu, chunk_size=16, backend=backend)
     parts = []
@@ -221,6 +255,20 @@ def test_packed_sequences_equal_a_loop(backend, device, poison_empty, period, mo
     for name, x in zip(NAMES, xs):
         if x is not None:
             assert_close("d" + name, g[id(x)], g_loop[id(x)].double(), torch.float32, device, grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("period,decay,momentum", [(16, False, False), (3, True, True)])
+def test_final_state_only_gradient(backend, device, period, decay, momentum):
+    """A loss on the final state alone (no output gradient) still reaches every input."""
+    xs = _inputs(1, 20, 1, 16, 16, torch.float32, device, decay, momentum)
+    states = _scan(titans_scan, xs, period=period, chunk_size=16, backend=backend)[1:]
+    refs_in = [None if x is None else as_ref(x).cpu() for x in xs]
+    ref_states = _scan(reference.titans_scan, refs_in, period=period)[1:]
+    g, rg = _grads(states, xs), _grads(ref_states, refs_in)
+    for name, x, r in zip(NAMES, xs, refs_in):
+        if x is not None:
+            assert_close("d" + name, g[id(x)], rg[id(r)], torch.float32, device, grad=True)
 
 
 # ----------------------------------------------------------------------------- step
@@ -345,3 +393,14 @@ def test_step_rejects_bad_input(over, exc, word):
     args.update(over)
     with pytest.raises(exc, match=word):
         titans_step(**args)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("period,decay,momentum", [(1, True, False), (1, True, True), (16, True, True),
+                                                   (64, False, False), (24, True, False)])
+def test_scan_gpu_realistic(dtype, period, decay, momentum):
+    """Realistic shapes on a GPU (tensor cores, TF32), every path: UT chunks, block chunks, recurrent."""
+    _check_scan("triton", "cuda", dtype, B=2, T=300, H=4, K=64, V=64, period=period, decay=decay,
+                momentum=momentum, h0=True, chunk_size=64)

@@ -17,20 +17,22 @@ cumulative products of a masked matrix (momentum may be exactly 0).
 * period >= 2: Sbar is the block-start memory, so X = lr (V - K Sbar) is one matmul against it.
   A chunk is a block (period <= chunk_size) or a piece of one (blocks are then padded to a
   multiple of chunk_size; padded tokens have k = 0, lr = 0 and are never read).
-* period = 1 without momentum (the gated delta rule, DGD): x_i depends on S_{i-1}, which the
-  WY / UT transform resolves inside the chunk:  (I + A) X = lr (V - gamma_{i-1} K S_0) with
-  A[i, j] = lr_i D[i-1, j] (k_i . k_j) for j < i, so X = U - W S_0 with U, W from one unit
-  lower-triangular solve per chunk (independent of the state, computed for all chunks at once).
-* period = 1 with momentum: chunks of one token (the token loop).
+* period = 1 (the delta rule / DGD, with or without momentum): x_i depends on S_{i-1} = gamma_{i-1} S_0
+  + a_{i-1} Z_0 + sum_{j<i} C[i-1, j] k_j^T x_j, which the WY / UT transform resolves inside the chunk:
+  (I + A) X = lr (V - gamma_{i-1} K S_0 - a_{i-1} K Z_0) with A[i, j] = lr_i C[i-1, j] (k_i . k_j) for
+  j < i, so X = U - W S_0 - W_z Z_0 with U, W, W_z from one unit lower-triangular solve per chunk
+  (independent of the state, computed for all chunks at once).
 
 Everything that does not depend on the state is computed for all chunks at once; the Python
-loop over chunks does five small matmuls (seven with momentum), vectorised over batch and heads.
+loop over chunks does four small matmuls (up to seven with momentum), vectorised over batch and heads.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+
 
 def _log_cumsum(g: Optional[torch.Tensor], shape, device) -> torch.Tensor:
     """Inclusive cumulative sum of log(g) over the last axis, in float64 (0 where g is None)."""
@@ -39,11 +41,11 @@ def _log_cumsum(g: Optional[torch.Tensor], shape, device) -> torch.Tensor:
     return g.double().log().cumsum(-1)
 
 
-def _seg_prod(Li: torch.Tensor, Lj: torch.Tensor, strict: bool = False) -> torch.Tensor:
-    """P[i, j] = exp(Li_i - Lj_j) where j <= i (j < i when strict), else 0; masked before the exp."""
-    L = Li.shape[-1]
-    mask = torch.ones(L, L, dtype=torch.bool, device=Li.device).tril(-1 if strict else 0)
-    return (Li[..., :, None] - Lj[..., None, :]).masked_fill(~mask, float("-inf")).exp()
+def _decay_products(LD: torch.Tensor) -> torch.Tensor:
+    """D[i, j] = exp(LD_i - LD_j) = d_{j+1} ... d_i where j <= i, else 0; masked before the exp."""
+    L = LD.shape[-1]
+    mask = torch.ones(L, L, dtype=torch.bool, device=LD.device).tril()
+    return (LD[..., :, None] - LD[..., None, :]).masked_fill(~mask, float("-inf")).exp()
 
 
 def _momentum_products(m: torch.Tensor):
@@ -69,7 +71,8 @@ def _layout(T: int, period: int, L: int, device):
     src = torch.where((j[None, :] < period) & (src < T), src, T).reshape(-1)
     t = torch.arange(T, device=device)
     pos = (t // period) * Pp + t % period
-    used = -(-(int(pos[-1]) + 1) // L) * L     # drop chunks of the last block that hold no token
+    last = (T - 1) // period * Pp + (T - 1) % period
+    used = -(-(last + 1) // L) * L             # drop chunks of the last block that hold no token
     return src[:used], pos, Pp
 
 
@@ -88,7 +91,7 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
     Z = None if momentum is None else (q.new_zeros(B, H, K, V) if Z0 is None else Z0)
     if T == 0:
         return q.new_zeros(B, 0, H, V), S, Z
-    ut = period == 1 and momentum is None
+    ut = period == 1
     L = chunk_size if ut else min(period, chunk_size)
     src, pos, Pp = _layout(T, L if ut else period, L, dev)
     per_block = 1 if ut else Pp // L          # chunks per block: the gradient memory is refreshed at each first
@@ -107,7 +110,7 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
     nC = qc.shape[2]
     shape = (B, H, nC, L)
     LD = _log_cumsum(None if decay is None else chunks(decay, 1.), shape, dev)
-    D = _seg_prod(LD, LD)                                                  # [B, H, nC, L, L] float64
+    D = _decay_products(LD)                                                # [B, H, nC, L, L] float64
     gamma = LD.exp()
     # the row of the chunk's last real token gives the chunk-end state (padding sits after it)
     n_real = torch.bincount(pos // L, minlength=nC)
@@ -127,15 +130,19 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
     else:
         C = D
     g = gamma[..., None].to(dt)
+    Wz = None
     if ut:
-        LE = LD - (0 if decay is None else chunks(decay, 1.).double().log())   # exclusive: sum_{l<i} log d_l
-        Dx = _seg_prod(LE, LD, strict=True).to(dt)                             # d_{j+1} .. d_{i-1}, j < i
-        A = lrc[..., None] * Dx * (kc @ kc.transpose(-1, -2))
+        # (I + A) X = lr (V - gamma_{i-1} K S_0 - a_{i-1} K Z_0),  A[i, j] = lr_i C[i-1, j] (k_i . k_j), j < i
+        prev = lambda x, first: F.pad(x[..., :-1], (1, 0), value=first)        # x_{i-1} along the chunk
+        C_prev = F.pad(C[..., :-1, :], (0, 0, 1, 0)).to(dt)
+        A = lrc[..., None] * C_prev * (kc @ kc.transpose(-1, -2))
+        rhs = [lrc[..., None] * vc, (lrc * prev(gamma, 1.).to(dt))[..., None] * kc]
+        if momentum is not None:
+            rhs.append((lrc * prev(a[..., 0], 0.).to(dt))[..., None] * kc)
         I = torch.eye(L, dtype=dt, device=dev)
-        Tm = I + A
-        W = torch.linalg.solve_triangular(Tm, lrc[..., None] * LE.exp().to(dt)[..., None] * kc,
-                                          upper=False, unitriangular=True)
-        U = torch.linalg.solve_triangular(Tm, lrc[..., None] * vc, upper=False, unitriangular=True)
+        sol = torch.linalg.solve_triangular(I + A, torch.cat(rhs, -1), upper=False, unitriangular=True)
+        U, W, *Wz = sol.split([V] + [K] * (len(rhs) - 1), -1)
+        Wz = Wz[0] if Wz else None
     else:
         W, U = lrc[..., None] * kc, lrc[..., None] * vc
     Qs = scale * g * qc
@@ -147,6 +154,8 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
     # gradient into a zero-filled copy of the whole tensor
     U, W, Qs, Aqk, KendT = (x.unbind(2) for x in (U, W, Qs, Aqk, Kend.transpose(-1, -2).contiguous()))
     g_end = g_end.unbind(2)
+    if Wz is not None:
+        Wz = Wz.unbind(2)
     if Z is not None:
         Qz, KzT = Qz.unbind(2), Kz.transpose(-1, -2).contiguous().unbind(2)
         a_end, mu_end = (x.to(dt)[..., None, None].unbind(2) for x in (a_end, mu_end))
@@ -156,6 +165,8 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
         if c % per_block == 0:
             Sg = S
         X = U[c] - W[c] @ Sg
+        if Wz is not None:
+            X = X - Wz[c] @ Z
         o = Qs[c] @ S + Aqk[c] @ X
         S_new = g_end[c] * S + KendT[c] @ X
         if Z is not None:
