@@ -1,8 +1,11 @@
 """`python -m benchmarks.model`: the HOPE language model end to end, per backend and attention type.
 
-Measures, for attention in {softmax, linear} and each backend (triton on GPU, torch, reference):
-- training tokens/s: forward + backward + a plain SGD update on random byte tokens [B, T] (no
-  torch.optim: its first use imports torch._dynamo, seconds of start-up for no timing change);
+Measures, for attention in {softmax, linear} (the seed block) and each named variant (--variants:
+transformer, seed, titans, hope = the paper's HOPE, hope-mlp, hope-attention), on each backend
+(triton on GPU, torch, reference):
+- training tokens/s: forward + backward + an update on random byte tokens [B, T]: a plain SGD step
+  (default) or torch.optim.AdamW (--optimizer adamw; its first use, in the untimed warm-up step,
+  imports torch._dynamo); the median over --train-steps timed steps;
 - generation tokens/s: `HOPE.generate` (greedy, KV / recurrent caches) from a short prompt;
 - latency per generated token vs prefix length P: one cached decode step after a P-token prefill
   (flat in P for the linear path, whose caches are fixed-size states; growing for softmax, whose
@@ -10,6 +13,11 @@ Measures, for attention in {softmax, linear} and each backend (triton on GPU, to
   without caches pays per token: growing with P for both).
 
 Writes model_results.csv / model_results.json and model_latency.png into --out.
+
+The paper's HOPE at the peer measurement's shape (issue 9), with the seed block and a Transformer:
+    python -m benchmarks.model --device cpu --threads 2 --backends torch --attentions "" \
+        --variants transformer,seed,hope --vocab 256 --dim 256 --layers 4 --heads 4 --batch 8 \
+        --seq-len 256 --optimizer adamw --train-steps 5
 """
 from __future__ import annotations
 
@@ -17,8 +25,10 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -41,9 +51,24 @@ class ModelBenchConfig:
     prefixes: Sequence[int]            # latency per token vs prefix length
     backends: Sequence[str]
     attentions: Sequence[str] = ("softmax", "linear")
+    variants: Sequence[str] = ()       # named variants (VARIANTS), measured for throughput
+    vocab_size: int = 256
+    optimizer: str = "sgd"             # "sgd" | "adamw"
     train_steps: int = 3
     latency_reps: int = 5
     dtype: str = "float32"             # autocast dtype on GPU ("bfloat16"); float32 runs without autocast
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "hope" / "configs"
+# name -> HOPE keywords, or the shipped YAML config whose model section defines the variant
+VARIANTS = {
+    "transformer": dict(attention="softmax", use_cms=False),      # attention -> MLP
+    "seed": dict(attention="softmax", use_cms=True),              # attention -> decay CMS -> MLP
+    "titans": dict(attention="titans"),                           # Titans -> decay CMS -> MLP
+    "hope": "hope_paper.yaml",                                    # self-modifying Titans -> CMS levels
+    "hope-mlp": ("hope_paper.yaml", dict(cms_memory="mlp")),      # ... with 2-layer MLP levels
+    "hope-attention": "hope_attention.yaml",                      # softmax attention -> CMS levels
+}
 
 
 def default_config(gpu: bool, quick: bool = False) -> ModelBenchConfig:
@@ -51,13 +76,16 @@ def default_config(gpu: bool, quick: bool = False) -> ModelBenchConfig:
         return ModelBenchConfig(dim=512, num_layers=6, num_heads=8, num_memory_modules=4, batch=8,
                                 seq_len=1024 if not quick else 512, prompt_len=64, new_tokens=64 if not quick else 32,
                                 prefixes=(128, 512, 2048, 8192) if not quick else (128, 512, 2048),
-                                backends=("triton", "torch"), dtype="bfloat16")
+                                backends=("triton", "torch"), dtype="bfloat16",
+                                variants=() if quick else tuple(v for v in VARIANTS if v != "seed"))
     if quick:
         return ModelBenchConfig(dim=32, num_layers=1, num_heads=2, num_memory_modules=2, batch=1, seq_len=32,
                                 prompt_len=4, new_tokens=4, prefixes=(8, 32, 128), backends=("torch",),
                                 train_steps=2, latency_reps=3)
     return ModelBenchConfig(dim=128, num_layers=2, num_heads=4, num_memory_modules=4, batch=4, seq_len=256,
-                            prompt_len=16, new_tokens=32, prefixes=(32, 128, 512, 1024), backends=("torch", "reference"))
+                            prompt_len=16, new_tokens=32, prefixes=(32, 128, 512, 1024),
+                            backends=("torch", "reference"),
+                            variants=tuple(v for v in VARIANTS if v != "seed"))   # "seed" is the softmax row
 
 
 def _sync(device):
@@ -71,42 +99,63 @@ def _autocast(device, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-def _build(cfg: ModelBenchConfig, attention: str, backend: str, device, max_len: int):
+def variant_kwargs(name: str) -> dict:
+    """HOPE keywords of a variant (an attention name alone means the seed block with that attention)."""
+    if name not in VARIANTS:
+        return dict(attention=name, use_cms=True)
+    spec = VARIANTS[name]
+    if isinstance(spec, dict):
+        return dict(spec)
+    path, extra = (spec, {}) if isinstance(spec, str) else spec
+    from hope import HOPEConfig
+    return {**HOPEConfig.from_yaml(str(CONFIG_DIR / path)).to_dict(), **extra}
+
+
+def _build(cfg: ModelBenchConfig, name: str, backend: str, device, max_len: int):
     from hope import HOPE
     torch.manual_seed(0)
-    return HOPE(vocab_size=256, dim=cfg.dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                num_memory_modules=cfg.num_memory_modules, use_cms=True, attention=attention,
-                max_seq_len=max_len, backend=backend).to(device)
+    kw = {**variant_kwargs(name), **dict(vocab_size=cfg.vocab_size, dim=cfg.dim, num_layers=cfg.num_layers,
+                                        num_heads=cfg.num_heads, head_dim=None, max_seq_len=max_len,
+                                        backend=backend)}
+    if kw.get("use_cms", True) and kw.get("cms", "decay") == "decay":
+        kw["num_memory_modules"] = cfg.num_memory_modules
+    return HOPE(**kw).to(device)
 
 
 def train_tokens_per_s(model, cfg: ModelBenchConfig, device) -> float:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    tokens = torch.randint(0, 256, (cfg.batch, cfg.seq_len + 1), device=device)
+    tokens = torch.randint(0, cfg.vocab_size, (cfg.batch, cfg.seq_len + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
+    opt = torch.optim.AdamW(params, lr=1e-4) if cfg.optimizer == "adamw" else None
 
     def step():
         with _autocast(device, cfg.dtype):
             loss = model(x, y)[1]
         loss.backward()
-        with torch.no_grad():
-            live = [p for p in params if p.grad is not None]
-            torch._foreach_add_(live, [p.grad for p in live], alpha=-1e-4)
+        if opt is not None:
+            opt.step()
+        else:
+            with torch.no_grad():
+                live = [p for p in params if p.grad is not None]
+                torch._foreach_add_(live, [p.grad for p in live], alpha=-1e-4)
         for p in params:
             p.grad = None
 
-    step()  # warm-up (Triton compilation, allocator)
-    _sync(device)
-    t0 = time.perf_counter()
+    step()  # warm-up (Triton compilation, allocator, optimizer state)
+    times = []
     for _ in range(cfg.train_steps):
+        _sync(device)
+        t0 = time.perf_counter()
         step()
-    _sync(device)
-    return cfg.batch * cfg.seq_len * cfg.train_steps / (time.perf_counter() - t0)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return cfg.batch * cfg.seq_len / statistics.median(times)
 
 
 @torch.no_grad()
 def generate_tokens_per_s(model, cfg: ModelBenchConfig, device) -> float:
-    prompt = torch.randint(0, 256, (cfg.batch, cfg.prompt_len), device=device)
+    prompt = torch.randint(0, cfg.vocab_size, (cfg.batch, cfg.prompt_len), device=device)
     with _autocast(device, cfg.dtype):
         model.generate(prompt, max_new_tokens=2, temperature=0.0)  # warm-up
         _sync(device)
@@ -120,7 +169,7 @@ def generate_tokens_per_s(model, cfg: ModelBenchConfig, device) -> float:
 def latency_per_token(model, cfg: ModelBenchConfig, device, prefix: int, cached: bool) -> List[float]:
     """Milliseconds for one more token after `prefix` tokens, with or without caches (reps of it)."""
     model.eval()
-    seq = torch.randint(0, 256, (1, prefix + 1), device=device)
+    seq = torch.randint(0, cfg.vocab_size, (1, prefix + 1), device=device)
     times = []
     with _autocast(device, cfg.dtype):
         for _ in range(cfg.latency_reps + 1):
@@ -144,7 +193,7 @@ def _throughput(cfg: ModelBenchConfig, device, max_len: int, result: Dict, log) 
         if backend == "triton" and triton_unavailable_reason(device):
             result["notes"].append(f"backend triton skipped: {triton_unavailable_reason(device)}")
             continue
-        for attention in cfg.attentions:
+        for attention in list(cfg.attentions) + list(cfg.variants):
             try:
                 model = _build(cfg, attention, backend, device, max_len)
                 train = train_tokens_per_s(model, cfg, device)
@@ -154,7 +203,8 @@ def _throughput(cfg: ModelBenchConfig, device, max_len: int, result: Dict, log) 
                 continue
             result["throughput"].append({"attention": attention, "backend": backend,
                                          "train_tokens_per_s": train, "generate_tokens_per_s": gen})
-            log(f"[model] {attention:7s} {backend:9s} train {train:10.1f} tok/s   generate {gen:8.1f} tok/s")
+            log(f"[model] {attention:14s} {backend:9s} train {train:10.1f} tok/s   generate {gen:8.1f} tok/s "
+                f"(load {os.getloadavg()[0]:.1f})")
 
 
 def _latency(cfg: ModelBenchConfig, device, max_len: int, result: Dict, log) -> None:
@@ -192,13 +242,15 @@ def run(cfg: ModelBenchConfig, device: torch.device, out_dir: Optional[str] = No
     if why:
         log(f"[model] skipped: {why}")
         return {"skipped": why}
-    result = {"config": asdict(cfg), "device": device.type, "throughput": [], "latency": [], "notes": []}
+    result = {"config": asdict(cfg), "device": device.type, "throughput": [], "latency": [], "notes": [],
+              "threads": torch.get_num_threads(), "load_before": os.getloadavg()}
     max_len = max(cfg.seq_len, cfg.prompt_len + cfg.new_tokens, max(cfg.prefixes) + 1)
     try:
         _throughput(cfg, device, max_len, result, log)
         _latency(cfg, device, max_len, result, log)
     except KeyboardInterrupt:  # Ctrl-C or `timeout -s INT`: keep what was measured
         result["notes"].append("interrupted: the model benchmark is incomplete")
+    result["load_after"] = os.getloadavg()
     if out_dir:
         write(result, out_dir)
     return result
@@ -208,11 +260,13 @@ def table(result: Dict) -> str:
     if "skipped" in result:
         return f"model benchmark skipped: {result['skipped']}"
     c = result["config"]
-    lines = [f"HOPE dim={c['dim']} layers={c['num_layers']} heads={c['num_heads']} M={c['num_memory_modules']} "
-             f"B={c['batch']} T={c['seq_len']} ({c['dtype']}, {result['device']})",
-             f"{'attention':9s} {'backend':9s} {'train tok/s':>12s} {'generate tok/s':>15s}"]
+    load = "".join(f", load {result[k][0]:.1f} {k[5:]}" for k in ("load_before", "load_after") if k in result)
+    lines = [f"HOPE vocab={c.get('vocab_size', 256)} dim={c['dim']} layers={c['num_layers']} heads={c['num_heads']} "
+             f"M={c['num_memory_modules']} B={c['batch']} T={c['seq_len']} ({c['dtype']}, {result['device']}, "
+             f"{result.get('threads', '?')} threads, {c.get('optimizer', 'sgd')}{load})",
+             f"{'model':14s} {'backend':9s} {'train tok/s':>12s} {'generate tok/s':>15s}"]
     for r in result["throughput"]:
-        lines.append(f"{r['attention']:9s} {r['backend']:9s} {r['train_tokens_per_s']:12.1f} "
+        lines.append(f"{r['attention']:14s} {r['backend']:9s} {r['train_tokens_per_s']:12.1f} "
                      f"{r['generate_tokens_per_s']:15.1f}")
     if result["latency"]:
         prefixes = sorted({r["prefix"] for r in result["latency"]})
@@ -277,7 +331,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="a tiny model (seconds)")
     p.add_argument("--backends", default=None, help="comma list of triton,torch,reference")
-    p.add_argument("--attentions", default="softmax,linear")
+    p.add_argument("--attentions", default="softmax,linear",
+                   help="seed-block attention types to measure (throughput and latency); '' for none")
+    p.add_argument("--variants", default=None,
+                   help=f"comma list of named variants ({','.join(VARIANTS)}); default: all but --quick; '' for none")
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
+    p.add_argument("--train-steps", type=int, default=None, help="timed training steps (median reported)")
     p.add_argument("--prefixes", default=None, help="comma list of prefix lengths for the latency curve")
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
@@ -292,10 +353,17 @@ def main(argv=None) -> int:
     cfg = default_config(device.type == "cuda", args.quick)
     if args.backends:
         cfg.backends = tuple(args.backends.split(","))
-    cfg.attentions = tuple(args.attentions.split(","))
+    cfg.attentions = tuple(a for a in args.attentions.split(",") if a)
+    if args.variants is not None:
+        cfg.variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
     if args.prefixes:
         cfg.prefixes = tuple(int(x) for x in args.prefixes.split(","))
-    for name, field in (("dim", "dim"), ("layers", "num_layers"), ("batch", "batch"), ("seq_len", "seq_len")):
+    for name, field in (("dim", "dim"), ("layers", "num_layers"), ("batch", "batch"), ("seq_len", "seq_len"),
+                        ("vocab", "vocab_size"), ("heads", "num_heads"), ("optimizer", "optimizer"),
+                        ("train_steps", "train_steps")):
         if getattr(args, name) is not None:
             setattr(cfg, field, getattr(args, name))
     result = run(cfg, device, args.out)

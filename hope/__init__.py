@@ -11,13 +11,16 @@ from .config import HOPEConfig
 from .data import ByteTokenizer, TokenStream, read_corpus
 from .generation import HOPECache
 from .layers import MLP, Embeddings, RMSNorm, RotaryEmbedding
+from .levels import MLPLevel
 from .memory import AssociativeMemory
 from .model import HOPE
 from .optim import DeepMomentum
+from .titans import TitansLayer
 from .ops import get_op
 
 __all__ = [
     "HOPE", "HOPEConfig", "HOPEBlock", "HOPECache", "SoftmaxAttention", "LinearAttention", "CMSLayer",
+    "TitansLayer", "MLPLevel",
     "MLP", "RMSNorm", "RotaryEmbedding", "Embeddings", "AssociativeMemory", "default_taus", "get_op",
     "DeepMomentum", "ByteTokenizer", "TokenStream", "read_corpus", "optim",
 ]

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 import yaml
 
 from .ops import BACKENDS
 
-ATTENTIONS = ("softmax", "linear")
+ATTENTIONS = ("softmax", "linear", "titans")
+CMS_KINDS = ("decay", "levels")
+CMS_MEMORIES = ("linear", "mlp")
 POSITIONS = ("rotary", "learned", "none")
 
 
@@ -54,7 +56,11 @@ def check_choice(obj, name: str, choices) -> None:
 
 @dataclass
 class HOPEConfig:
-    """The HOPE language model. Each block: x += attn(norm(x)); x += cms(norm(x)); x += mlp(norm(x))."""
+    """The HOPE language model. Each block: x += attn(norm(x)), then the CMS (see hope.block):
+
+    cms="decay":  x += cms(norm(x)); x += mlp(norm(x))      (the seed block; use_cms=False drops the CMS)
+    cms="levels": x += level_l(norm_l(x)) for each period    (the paper's CMS; it replaces the MLP)
+    """
 
     vocab_size: int = 256                 # 256 = the byte-level tokenizer
     dim: int = 512
@@ -63,12 +69,20 @@ class HOPEConfig:
     head_dim: Optional[int] = None        # None: dim // num_heads
     mlp_ratio: float = 4.0                # MLP hidden size = mlp_ratio * dim
     max_seq_len: int = 1024               # training context (and the learned-position table size)
-    attention: str = "softmax"            # "softmax" (SDPA) or "linear" (hope_kernels.linear_attention)
+    attention: str = "softmax"            # "softmax" (SDPA), "linear" (linear_attention), "titans" (titans_scan)
     position: str = "rotary"              # "rotary" | "learned" | "none" (rotary applies to softmax attention)
     rope_base: float = 10000.0
     linear_normalize: bool = True         # linear attention divides by q . sum(k)
+    titans_period: int = 16               # titans: gradients of a block of this many tokens at its start memory
+    self_modifying: bool = False          # titans: k, v, lr, decay are in-context memories (the paper's HOPE)
+    titans_momentum: bool = False         # titans: momentum on the memory's gradient steps
+    titans_lr_max: float = 1.0            # titans and CMS levels: inner step bound, in (0, 2)
+    titans_conv: int = 4                  # titans: causal depthwise conv window on q, k, v (<= 1: none)
     use_cms: bool = True
-    num_memory_modules: int = 4           # CMS timescales per head
+    cms: str = "decay"                    # "decay" (seed: cms_scan timescales, then an MLP) | "levels" (paper)
+    cms_periods: List[int] = dataclasses.field(default_factory=lambda: [16, 64, 256])  # levels: C^(l)
+    cms_memory: str = "linear"            # levels: "linear" (titans_scan matrix memory) | "mlp" (2-layer MLP)
+    num_memory_modules: int = 4           # CMS timescales per head (cms="decay")
     cms_tau_min: float = 0.01
     cms_tau_max: float = 0.99
     cms_learn_tau: bool = True
@@ -93,6 +107,17 @@ class HOPEConfig:
             check_int(self, "head_dim")
             check_positive(self, "head_dim")
         check_choice(self, "attention", ATTENTIONS)
+        check_choice(self, "cms", CMS_KINDS)
+        check_choice(self, "cms_memory", CMS_MEMORIES)
+        check_int(self, "titans_period", "titans_conv")
+        check_positive(self, "titans_period")
+        if not 0.0 < self.titans_lr_max < 2.0:
+            raise ValueError(f"titans_lr_max must be in (0, 2) (stable inner gradient descent), "
+                             f"got {self.titans_lr_max}")
+        if (not isinstance(self.cms_periods, (list, tuple)) or not self.cms_periods
+                or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.cms_periods)):
+            raise ValueError(f"cms_periods must be a non-empty list of positive integers, got {self.cms_periods!r}")
+        self.cms_periods = list(self.cms_periods)
         check_choice(self, "position", POSITIONS)
         check_choice(self, "backend", BACKENDS)
         if self.position == "rotary" and self.attention == "softmax" and self.resolved_head_dim % 2:
@@ -102,6 +127,17 @@ class HOPEConfig:
                              f"{self.cms_tau_min}, {self.cms_tau_max}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def cms_levels(self) -> bool:
+        return self.use_cms and self.cms == "levels"
+
+    @property
+    def residual_branches(self) -> int:
+        """Residual branches per block: attention, then the CMS levels or (decay CMS and) the MLP."""
+        if self.cms_levels:
+            return 1 + len(self.cms_periods)
+        return 3 if self.use_cms else 2
 
     @property
     def resolved_head_dim(self) -> int:

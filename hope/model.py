@@ -49,7 +49,7 @@ class HOPE(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             std = c.init_std
             if getattr(module, "residual_branch", False):
-                std = std / math.sqrt((3 if c.use_cms else 2) * c.num_layers)
+                std = std / math.sqrt(c.residual_branches * c.num_layers)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)

@@ -1,0 +1,261 @@
+"""The Titans layer, the paper's CMS levels and the HOPE variants built on them.
+
+- The layers equal independent token-by-token float64 implementations of their equations
+  (self-modifying Titans with five separate memories; an MLP level with autograd inner gradients).
+- Every variant trains end to end (a gradient for every outer parameter, learned initial memories
+  included), is causal, and generates with caches exactly what recomputing the prefix generates.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hope import HOPE, HOPEConfig
+from hope.levels import MLPLevel
+from hope.titans import TitansLayer, block_segments
+from helpers import rel_err
+
+V = 61
+SMALL = dict(vocab_size=V, dim=32, num_layers=2, num_heads=4, max_seq_len=64, backend="torch")
+VARIANTS = {
+    "titans": dict(attention="titans", titans_period=4),
+    "titans-momentum-period1": dict(attention="titans", titans_period=1, titans_momentum=True),
+    "self-modifying": dict(attention="titans", self_modifying=True, titans_period=4, use_cms=False),
+    "paper": dict(attention="titans", self_modifying=True, titans_period=4, cms="levels", cms_periods=[4, 8]),
+    "paper-momentum-mlp": dict(attention="titans", self_modifying=True, titans_momentum=True, titans_period=4,
+                               cms="levels", cms_memory="mlp", cms_periods=[4, 16]),
+    "hope-attention": dict(attention="softmax", cms="levels", cms_periods=[4, 8]),
+}
+
+
+# ---------------------------------------------------------------------- naive references (float64)
+def naive_conv(h, weight):
+    """y_t = sum_i w_i h_{t-w+1+i}, zeros before the start."""
+    w = weight.shape[1]
+    pad = torch.cat([h.new_zeros(h.shape[0], w - 1, h.shape[2]), h], 1)
+    return sum(weight[:, i] * pad[:, i:i + h.shape[1]] for i in range(w))
+
+
+def unit(x, eps=1e-6):
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def naive_titans(layer: TitansLayer, x):
+    """Token by token, every memory a separate matrix (Eq. 90-93 in DESIGN.md's form), float64."""
+    B, T, _ = x.shape
+    H, D, C = layer.num_heads, layer.head_dim, layer.period
+    h, g, gates = layer.proj_in(x).split(layer.splits, -1)
+    if layer.conv is not None:
+        h = naive_conv(h, layer.conv.weight)
+    gates = gates.view(B, T, -1, H)
+    lr_of = lambda z, hh: layer.lr_max / C * torch.sigmoid(z + layer.lr_bias[hh])          # noqa: E731
+    decay_of = lambda z, hh: torch.sigmoid(z + layer.decay_bias[hh])                       # noqa: E731
+    out = torch.empty(B, T, H, D, dtype=x.dtype)
+    for b in range(B):
+        for hh in range(H):
+            P0 = layer.initial_memory[hh]
+            if layer.self_modifying:
+                q_all, u_all = h[b, :, :H * D].view(T, H, D)[:, hh], h[b, :, H * D:].view(T, H, D)[:, hh]
+                names = {"k": slice(0, D), "v": slice(D, 2 * D), "eta": slice(2 * D, 2 * D + 1),
+                         "alpha": slice(2 * D + 1, 2 * D + 2), "mem": slice(2 * D + 2, 3 * D + 2)}
+            else:
+                parts = [h[b, :, i * H * D:(i + 1) * H * D].view(T, H, D)[:, hh] for i in range(h.shape[-1] // (H * D))]
+                q_all, k_all, v_all = [parts[0]] + parts if layer.read_with_key else parts
+                names = {"mem": slice(0, D)}
+            M = {n: P0[:, s].clone() for n, s in names.items()}
+            Z = {n: torch.zeros_like(m) for n, m in M.items()}
+            for t in range(T):
+                if t % C == 0:
+                    bar = {n: m.clone() for n, m in M.items()}
+                q = unit(q_all[t])
+                if layer.self_modifying:
+                    u = u_all[t]
+                    k, v = unit(u @ bar["k"]), unit(u @ bar["v"])
+                    eta, alpha = lr_of((u @ bar["eta"])[0], hh), decay_of((u @ bar["alpha"])[0], hh)
+                    targets = {n: v @ bar[n] for n in M}          # self-generated values
+                else:
+                    k, v = unit(k_all[t]), v_all[t]
+                    eta, alpha = lr_of(gates[b, t, 0, hh], hh), decay_of(gates[b, t, 1, hh], hh)
+                    targets = {"mem": v}
+                for n in M:
+                    grad = torch.outer(k, k @ bar[n] - targets[n])
+                    if layer.use_momentum:
+                        m = torch.sigmoid(gates[b, t, -1, hh] + layer.momentum_bias[hh])
+                        Z[n] = m * Z[n] - eta * grad
+                        M[n] = alpha * M[n] + Z[n]
+                    else:
+                        M[n] = alpha * M[n] - eta * grad
+                out[b, t, hh] = q @ M["mem"]
+    o = F.rms_norm(out, (D,)).reshape(B, T, H * D)
+    return layer.proj(o * F.silu(g))
+
+
+def naive_mlp_level(level: MLPLevel, x):
+    """y_t = M_{theta_n}(x_t); theta_{n+1} = theta_n - sum_t eta_t grad l_t(theta_n) by autograd (Eq. 71)."""
+    B, T, D = x.shape
+    k, v = level.proj_kv(x).chunk(2, -1)
+    k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True))
+    lr = level.lr_max / (level.period * D) * torch.sigmoid(level.proj_lr(x) + level.lr_bias)
+    ys = torch.empty_like(x)
+    for b in range(B):
+        w_in, w_out = level.w_in, level.w_out
+        for n in range(0, T, level.period):
+            blk = range(n, min(n + level.period, T))
+            for t in blk:
+                ys[b, t] = F.silu(x[b, t] @ w_in) @ w_out
+            a, c = w_in.detach().requires_grad_(), w_out.detach().requires_grad_()
+            loss = sum(lr[b, t, 0].detach() * 0.5 * (F.silu(k[b, t].detach() @ a) @ c - v[b, t].detach()).pow(2).sum()
+                       for t in blk)
+            g_in, g_out = torch.autograd.grad(loss, (a, c))
+            w_in, w_out = w_in - g_in, w_out - g_out
+    return ys
+
+
+@pytest.mark.parametrize("self_modifying, momentum, period, conv, read_with_key", [
+    (False, False, 4, 4, False), (False, True, 3, 4, False), (False, False, 1, 0, False), (False, False, 4, 0, True),
+    (True, False, 4, 4, False), (True, True, 5, 4, False),
+])
+def test_titans_layer_equals_naive_recurrence(self_modifying, momentum, period, conv, read_with_key):
+    torch.manual_seed(0)
+    kw = dict(period=period, self_modifying=self_modifying, momentum=momentum, conv_window=conv,
+              read_with_key=read_with_key)
+    layer = TitansLayer(24, 2, 8, **kw, backend="reference").double()
+    with torch.no_grad():   # non-trivial conv, gates and memories
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 13, 24, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(layer(x), naive_titans(layer, x)) < 1e-10, "titans layer (reference op) vs naive"
+    # the chunked torch op gives the same layer output and parameter gradients in float32
+    layer32 = TitansLayer(24, 2, 8, **kw, backend="torch")
+    layer32.load_state_dict({k: t.float() for k, t in layer.state_dict().items()})
+    w = torch.randn(2, 13, 24, dtype=torch.float64)
+    out32 = layer32(x.float())
+    (out32 * w.float()).sum().backward()
+    (naive_titans(layer, x) * w).sum().backward()
+    assert rel_err(out32, naive_titans(layer, x)) < 1e-4, "titans layer (torch op) vs naive"
+    for (name, p32), p64 in zip(layer32.named_parameters(), layer.parameters()):
+        assert rel_err(p32.grad, p64.grad) < 1e-3, f"gradient of {name}"
+
+
+def test_mlp_level_equals_naive_block_updates():
+    torch.manual_seed(0)
+    level = MLPLevel(16, 24, period=4, lr_max=1.5).double()
+    with torch.no_grad():
+        level.lr_bias.fill_(3.0)                       # large steps, so the updates matter
+        level.w_out.mul_(20)
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    with torch.no_grad():
+        got, first = level(x), level(x[:, :4])
+    want = naive_mlp_level(level, x)
+    assert rel_err(got, want) < 1e-10, "mlp level vs naive"
+    assert rel_err(first, got[:, :4]) < 1e-12, "the first block reads the initial weights"
+    static = torch.bmm(F.silu(x @ level.w_in), level.w_out.expand(2, -1, -1))
+    assert (got[:, 4:] - static[:, 4:]).abs().max() > 1e-3, "the fast weights did not move"
+
+
+def test_block_segments():
+    assert block_segments(0, 10, 4, True) == [(0, 4), (4, 8), (8, 10)]
+    assert block_segments(0, 10, 4, False) == [(0, 8), (8, 10)]
+    assert block_segments(6, 9, 4, True) == [(0, 2), (2, 6), (6, 9)]
+    assert block_segments(5, 1, 4, True) == [(0, 1)]
+    assert block_segments(3, 1, 4, False) == [(0, 1)]
+
+
+# ---------------------------------------------------------------------- the model variants
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_trains_end_to_end_and_is_causal(variant):
+    torch.manual_seed(0)
+    model = HOPE(**SMALL, **VARIANTS[variant])
+    tokens = torch.randint(0, V, (2, 19))
+    logits, loss = model(tokens, tokens.roll(-1, 1))
+    loss.backward()
+    bad = [n for n, p in model.named_parameters()
+           if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0]
+    assert not bad, f"no / zero / non-finite gradient for {bad}"
+    names = [n for n, _ in model.named_parameters()]
+    if model.config.attention == "titans":
+        assert any(n.endswith("attn.initial_memory") for n in names)
+    t2 = tokens.clone()
+    t2[:, 11] = (t2[:, 11] + 1) % V
+    with torch.no_grad():
+        a, b = model(tokens)[0], model(t2)[0]
+    assert torch.equal(a[:, :11], b[:, :11]) and not torch.allclose(a[:, 11:], b[:, 11:])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_cached_generation_equals_recompute(variant):
+    torch.manual_seed(1)
+    model = HOPE(**SMALL, **VARIANTS[variant])
+    prompt = torch.randint(0, V, (2, 7))                     # 7: the prompt ends inside a block
+    cached = model.generate(prompt, max_new_tokens=13, temperature=0.0)
+    full = model.generate(prompt, max_new_tokens=13, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, full)
+    # cached logits: a prefill ending mid-block, single steps across block ends, a chunk from mid-block
+    cache = model.new_cache()
+    with torch.no_grad():
+        parts = [model(cached[:, :7], cache=cache)[0]] + [model(cached[:, t:t + 1], cache=cache)[0]
+                                                          for t in range(7, 14)]
+        parts.append(model(cached[:, 14:], cache=cache)[0])
+        ref = model(cached)[0]
+    assert (torch.cat(parts, 1) - ref).abs().max() < 1e-5
+
+
+def test_paper_variant_on_triton_interpreter_matches_torch():
+    """The Triton titans kernels (scan and step) run the paper's HOPE as the torch path does."""
+    torch.manual_seed(2)
+    model = HOPE(**dict(SMALL, num_layers=1), **VARIANTS["paper"])
+    tokens = torch.randint(0, V, (1, 12))
+    with torch.no_grad():
+        a = model(tokens)[0]
+        b = model.set_backend("triton")(tokens)[0]
+    assert rel_err(b, a) < 1e-4, "triton vs torch logits"
+    prompt = tokens[:, :5]
+    assert torch.equal(model.generate(prompt, max_new_tokens=3, temperature=0.0),
+                       model.set_backend("torch").generate(prompt, max_new_tokens=3, temperature=0.0))
+
+
+def test_seed_api_and_block_layout_unchanged():
+    model = HOPE(vocab_size=97, dim=32, num_layers=2, num_heads=4, num_memory_modules=5, use_cms=True,
+                 backend="torch")
+    block = model.blocks[0]
+    assert model.config.cms == "decay" and block.cms is not None and block.mlp is not None
+    assert len(block.levels) == 0
+    paper = HOPE(**SMALL, **VARIANTS["paper"]).blocks[0]
+    assert paper.cms is None and paper.mlp is None and len(paper.levels) == 2
+
+
+@pytest.mark.parametrize("name", ["hope_paper", "hope_attention", "hope_paper_tiny", "hope_attention_tiny"])
+def test_shipped_configs_build(name):
+    from hope.run_config import RunConfig
+    cfg = RunConfig.load(name).model
+    assert cfg.cms == "levels" and (cfg.attention == "titans") == ("paper" in name)
+    if "tiny" in name:
+        model = HOPE(cfg, backend="torch")
+        logits, loss = model(torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (1, 9)))
+        assert torch.isfinite(loss) and abs(loss.item() - math.log(256)) < 0.5
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(titans_lr_max=2.0), "titans_lr_max"), (dict(titans_lr_max=0.0), "titans_lr_max"),
+    (dict(titans_period=0), "titans_period"), (dict(cms="both"), "cms"), (dict(cms_memory="deep"), "cms_memory"),
+    (dict(cms_periods=[]), "cms_periods"), (dict(cms_periods=[4, 0]), "cms_periods"),
+    (dict(attention="titan"), "attention"),
+])
+def test_bad_config_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        HOPEConfig(**dict(SMALL, **bad))
+
+
+@pytest.mark.parametrize("name", ["hope_paper_tiny", "hope_attention_tiny"])
+def test_train_and_evaluate_variant(name, tmp_path, capsys):
+    from hope import evaluate as hope_evaluate
+    from hope import train as hope_train
+    args = ["--config", name, "--max-steps", "3", "--out-dir", str(tmp_path), "--backend", "torch", "--no-progress",
+            "--set", "train.seq_len=32", "--set", "train.batch_size=4", "--set", "data.max_bytes=100000",
+            "--set", "train.eval_batches=1"]
+    assert hope_train.main(args) == 0
+    assert hope_evaluate.main([str(tmp_path), "--max-new-tokens", "4", "--batches", "1", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "done: step 3" in out and "bits/byte" in out
