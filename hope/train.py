@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint_path, rng_state, save_checkpoint,
                          set_rng_state, temporary_path)
 from .data import ByteTokenizer, TokenStream, corpus_info, read_corpus
+from .config import HOPEConfig
 from .model import HOPE
 from .ops import BACKENDS
 from .optim import DeepMomentum
@@ -152,9 +153,11 @@ def refuse_existing(out_dir: Path) -> None:
 
 def check_resumable(ckpt: dict, cfg: RunConfig) -> None:
     """The checkpoint's model and optimizer settings must be this run's (their states must fit)."""
-    saved = dict(ckpt["config"]["model"], backend=cfg.model.backend)
-    if saved != dict(cfg.model.to_dict()):
-        diff = sorted(k for k in saved if saved[k] != cfg.model.to_dict().get(k))
+    # through HOPEConfig, so fields added since the checkpoint was written take their defaults
+    saved = dict(HOPEConfig.from_dict(ckpt["config"]["model"]).to_dict(), backend=cfg.model.backend)
+    now = cfg.model.to_dict()
+    if saved != now:
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(f"the checkpoint's model config differs from this run's in {diff}")
     saved_t, now = ckpt["config"]["train"], cfg.to_dict()["train"]
     keys = OPTIMIZER_KEYS[saved_t["optimizer"]]
