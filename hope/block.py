@@ -3,6 +3,13 @@
     x = x + attn(norm_1(x))   # infinite frequency: a context-wide memory (softmax or linear attention)
     x = x + cms(norm_2(x))    # the Continuum Memory System: M timescales (if use_cms)
     x = x + mlp(norm_3(x))    # zero frequency: static weights
+
+The CMS's q, k, v pass a short causal convolution (cms_conv_size=4 tokens, hope/cms.py) before its
+memories: its keys can then describe the token before the value they store, so the memory recalls
+"what followed this key". Without it (cms_conv_size=1, the seed's first design) the memory can only
+count tokens, which hands MQAR a shortcut (guess a value not yet asked for: 0.52 accuracy) that stalls
+the attention's induction circuit; with it the block learns MQAR where the plain Transformer does and
+lowers byte-level bits/byte. Evidence and the ablation: README "What was found (issue 12)".
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ class HOPEBlock(nn.Module):
             self.cms = CMSLayer(c.dim, c.num_heads, c.num_memory_modules, c.head_dim, tau_min=c.cms_tau_min,
                                 tau_max=c.cms_tau_max, learn_tau=c.cms_learn_tau,
                                 per_head_tau=c.cms_per_head_tau, data_dependent_mix=c.cms_data_dependent_mix,
-                                bias=c.bias, dropout=c.dropout, backend=c.backend)
+                                conv_size=c.cms_conv_size, bias=c.bias, dropout=c.dropout, backend=c.backend)
         self.norm_mlp = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MLP(c.dim, int(c.mlp_ratio * c.dim), bias=c.bias, dropout=c.dropout)
 

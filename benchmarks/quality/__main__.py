@@ -42,11 +42,17 @@ def main(argv=None) -> int:
     p.add_argument("--main-seeds", default=None, help="seeds of the main MQAR setting (default 0,1,2)")
     p.add_argument("--sweep-seeds", default=None, help="seeds of the MQAR sweeps (default 0)")
     p.add_argument("--lm-seeds", default=None, help="seeds of the LM runs (default 0,1,2)")
+    p.add_argument("--sweep-steps", type=int, default=None, help="training steps of the MQAR sweeps (default 2000)")
+    p.add_argument("--reuse", nargs="*", default=(),
+                   help="runs.jsonl files of earlier runs (e.g. the issue-12 ablation's): a run with the same "
+                        "signature (config, task, budget, seed) is copied instead of trained again")
     a = p.parse_args(argv)
     plan = suite.QUICK if a.quick else suite.DEFAULT
     for arg, fieldname in ((a.main_seeds, "main_seeds"), (a.sweep_seeds, "sweep_seeds"), (a.lm_seeds, "lm_seeds")):
         if arg is not None:
             plan = dataclasses.replace(plan, **{fieldname: _seeds(arg)})
+    if a.sweep_steps is not None:
+        plan = dataclasses.replace(plan, sweep_steps=a.sweep_steps)
     out = Path(a.out or ("quality_quick" if a.quick else "quality_out"))
     out.mkdir(parents=True, exist_ok=True)
     workers = a.workers or (1 if a.quick else 2)
@@ -60,13 +66,13 @@ def main(argv=None) -> int:
     jobs = suite.jobs(plan, variants)
     print(f"{len(jobs)} training runs, {workers} at a time, into {out}/")
     t0, started, load0 = time.time(), time.strftime("%Y-%m-%d %H:%M", time.gmtime()), os.getloadavg()
-    records = run_all(jobs, out / "runs.jsonl", workers)
+    records = run_all(jobs, out / "runs.jsonl", workers, reuse=[Path(r) for r in a.reuse])
     meta = {"command": "python -m benchmarks.quality" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
             "started": started, "ended": time.strftime("%H:%M", time.gmtime()), "wall_s": time.time() - t0,
             "workers": workers, "load_start": " ".join(f"{x:.2f}" for x in load0),
             "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-            "skipped": skipped}
+            "skipped": skipped, "reused": sum(1 for r in records if r.get("reused_from"))}
     print(suite.write_report(plan, records, variants, out, meta))
     print(f"\nwrote {out}/quality.csv, quality.json, table.txt, summary.md, *.png ({time.time() - t0:.0f} s)")
     return 0

@@ -4,7 +4,9 @@
 
 Setting: MQAR with 4 pairs, 16 tokens (every key queried once), 2 layers, dim 64, 2 heads, M=3
 timescales, AdamW lr 1e-3 constant, batch 64, 3,000 steps, torch backend. Each cell changes one
-thing of the seed HOPE block (x += attn; x += cms; x += mlp). The designs that hope/block.py does not
+thing of the old seed HOPE block (x += attn; x += cms; x += mlp; no short convolution in the CMS,
+cms_conv_size=1) or of the new default (the CMS's q, k, v pass a short causal convolution,
+shift-initialised: see hope/cms.py). The designs that hope/block.py does not
 offer are applied here to a built model (`apply_design`): the CMS placement, a learned gate on its
 output, a per-head RMSNorm of its read-out, and which layers keep a CMS; `lr_scale` scales the CMS's
 learning rate (0 freezes it at its random initialisation). Writes runs.jsonl (resumable),
@@ -68,10 +70,11 @@ def _forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
 
 
 def apply_design(model: nn.Module, placement: str = "serial", gate: Optional[str] = None, out_norm: bool = False,
-                 cms_layers: Optional[Sequence[int]] = None) -> nn.Module:
+                 cms_layers: Optional[Sequence[int]] = None, shift_init: bool = False) -> nn.Module:
     """Rewire every block of a built HOPE (use_cms=True) in place: placement of the CMS (PLACEMENTS),
     gate None | "scalar" | "channel" (learned, initialised at 0), out_norm (HeadRMSNorm before the
-    CMS output projection), cms_layers (indices of the blocks that keep their CMS; None: all)."""
+    CMS output projection), cms_layers (indices of the blocks that keep their CMS; None: all),
+    shift_init (H3's init of the CMS short convolution: k_t reads x_{t-1}, q_t and v_t read x_t)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r}: expected one of {PLACEMENTS}")
     if gate not in (None, "scalar", "channel"):
@@ -84,6 +87,12 @@ def apply_design(model: nn.Module, placement: str = "serial", gate: Optional[str
         block.placement = placement
         dim = block.norm_attn.weight.numel()
         block.cms_gate = None if gate is None else nn.Parameter(torch.zeros(1 if gate == "scalar" else dim))
+        if shift_init and block.cms is not None:
+            w, inner = block.cms.conv.weight, block.cms.conv.weight.shape[0] // 3
+            with torch.no_grad():
+                w.zero_()
+                w[:inner, 0, -1] = w[2 * inner:, 0, -1] = 1.0
+                w[inner:2 * inner, 0, -2] = 1.0
         if out_norm and block.cms is not None:
             block.cms.proj = nn.Sequential(HeadRMSNorm(block.cms.num_heads, block.cms.head_dim), block.cms.proj)
         block.forward = types.MethodType(_forward, block)
@@ -95,29 +104,37 @@ SEED_HOPE = {"use_cms": True, "num_memory_modules": 3}
 # The lr is constant, so a run's curve at step 3,000 is what a 3,000-step run reports: the seed HOPE
 # cell runs 9,000 steps at the LONG_SEEDS and its table shows both (training length).
 LONG, LONG_SEEDS = 9000, (0,)
+OLD = {"cms_conv_size": 1}          # the seed HOPE block before issue 12: no short convolution
+MAIN_SEEDS = (0, 1, 2)              # the cells every seed runs; the others run the first --seeds only
 CELLS = [
     ("Transformer (no CMS)", {"use_cms": False}, None, None, None),
-    ("seed HOPE: serial", {}, None, None, LONG),
-    ("CMS in layer 2 only", {}, {"cms_layers": [1]}, None, None),
-    ("placement: parallel to attention", {}, {"placement": "parallel"}, None, None),
-    ("placement: after the MLP", {}, {"placement": "after_mlp"}, None, None),
-    ("gate: scalar, init 0", {}, {"gate": "scalar"}, None, None),
-    ("CMS lr x0.1", {}, None, {".cms.": 0.1}, None),
-    ("norm: per-head RMSNorm of the read-out", {}, {"out_norm": True}, None, None),
-    ("CMS in layer 1 only", {}, {"cms_layers": [0]}, None, None),
-    ("CMS frozen at init (lr 0)", {}, None, {".cms.": 0.0}, None),
-    ("gate: per channel, init 0", {}, {"gate": "channel"}, None, None),
-    ("placement: before attention", {}, {"placement": "before_attn"}, None, None),
+    ("old seed HOPE: serial", OLD, None, None, LONG),
+    ("new default: short causal conv in the CMS", {}, None, None, None),
+    ("old + CMS in layer 2 only", OLD, {"cms_layers": [1]}, None, None),
+    ("old + placement parallel to attention", OLD, {"placement": "parallel"}, None, None),
+    ("old + placement after the MLP", OLD, {"placement": "after_mlp"}, None, None),
+    ("old + gate: scalar, init 0", OLD, {"gate": "scalar"}, None, None),
+    ("old + CMS lr x0.1", OLD, None, {".cms.": 0.1}, None),
+    ("old + norm: per-head RMSNorm of the read-out", OLD, {"out_norm": True}, None, None),
+    ("old + CMS in layer 1 only", OLD, {"cms_layers": [0]}, None, None),
+    ("old + CMS frozen at init (lr 0)", OLD, None, {".cms.": 0.0}, None),
+    ("new + placement before attention", {}, {"placement": "before_attn"}, None, None),
+    ("new + shift-initialised conv (H3)", {}, {"shift_init": True}, None, None),
+    ("new + CMS lr x0.1", {}, None, {".cms.": 0.1}, None),
 ]
 BASE = {"dim": 64, "num_layers": 2, "num_heads": 2}
 TASK = {"num_pairs": 4, "seq_len": 16}
 STEPS = 3000
 
 
-def jobs(seeds: Sequence[int], cells=CELLS, steps: int = STEPS, eval_every: int = 250):
+def jobs(seeds: Sequence[int], cells=CELLS, steps: int = STEPS, eval_every: int = 250, extra_seeds=MAIN_SEEDS):
+    """Every cell at `seeds`; the first three cells (Transformer, old and new seed HOPE) also at extra_seeds."""
     out = []
-    for seed in seeds:        # seed-major: a cut-short run still has every cell at the first seeds
+    main = [c[0] for c in CELLS[:3]]
+    for seed in sorted(set(seeds) | set(extra_seeds)):   # seed-major: a cut-short run has every cell at seed 0
         for name, model, design, lr_scale, n in cells:
+            if seed not in seeds and name not in main:
+                continue
             n = n if n and seed in LONG_SEEDS else steps
             key = f"ablation|{name}|steps={n}|seed={seed}"
             out.append({"key": key, "cell": name, "task": "mqar", "task_args": TASK,
@@ -161,16 +178,18 @@ def report(records, out: Path, header: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality.ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0", help="seeds of every cell (the first three cells always run 0,1,2)")
     p.add_argument("--workers", type=int, default=1, help="parallel training processes (1 thread each)")
     p.add_argument("--cells", default=None, help="comma list of cell numbers (0-based) to run (default: all)")
     p.add_argument("--out", default="benchmarks/results/quality_issue12_ablation")
+    p.add_argument("--reuse", nargs="*", default=(), help="runs.jsonl files whose identical runs are copied (see runner)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = CELLS if a.cells is None else [CELLS[int(i)] for i in a.cells.split(",")]
     t0, up0 = time.time(), os.getloadavg()
-    records = run_all(jobs([int(s) for s in a.seeds.split(",")], cells), out / "runs.jsonl", a.workers)
+    records = run_all(jobs([int(s) for s in a.seeds.split(",")], cells), out / "runs.jsonl", a.workers,
+                      reuse=[Path(r) for r in a.reuse])
     header = (f"Issue 12 ablation: MQAR 4 pairs / 16 tokens, 2 layers, dim 64, 2 heads, M=3, AdamW lr 1e-3 "
               f"constant, batch 64, torch backend, 1 thread per run ({a.workers} parallel). Command: "
               f"`python -m benchmarks.quality.ablation --workers {a.workers}`. This invocation: "

@@ -14,9 +14,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import torch
+
+from hope import HOPEConfig
 
 from .lm import lm_stream
 from .mqar import MQARTask
@@ -56,20 +58,37 @@ def _summary(r: dict) -> str:
     return f"  {r['key']:<60} {metric}  {r['wall_s']:6.1f}s  load {r['load_end']:.1f}"
 
 
-def run_all(jobs: Iterable[dict], path: Path, workers: int = 1, verbose: bool = True) -> List[dict]:
+def signature(job: dict) -> str:
+    """What determines a run's result: the same signature trains the same model on the same batches."""
+    what = {k: job.get(k) for k in ("task", "task_args", "design", "lr_scale", "seed")}
+    model = HOPEConfig.from_dict(model_config(job)).to_dict()
+    return json.dumps({**what, "model": model, "budget": Budget(**job["budget"]).__dict__}, sort_keys=True)
+
+
+def _load(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_all(jobs: Iterable[dict], path: Path, workers: int = 1, verbose: bool = True,
+            reuse: Sequence[Path] = ()) -> List[dict]:
     """Run the jobs not yet in `path` (JSONL), `workers` processes at a time; return every record of
-    `jobs` (old and new), in the order of `jobs`."""
+    `jobs` (old and new), in the order of `jobs`. A run with the same signature in one of the `reuse`
+    files (e.g. the ablation's) is copied into `path` instead of trained again (training is deterministic)."""
     jobs = list(jobs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["key"]] = r
+    done = {r["key"]: r for r in _load(path)}
+    known = {signature(r): r for p in reuse for r in _load(Path(p))}
+    with open(path, "a") as f:
+        for j in jobs:
+            if j["key"] not in done and signature(j) in known:
+                r = {**known[signature(j)], **j, "reused_from": str(known[signature(j)]["key"])}
+                done[j["key"]] = r
+                f.write(json.dumps(r) + "\n")
     todo = [j for j in jobs if j["key"] not in done]
     if verbose and len(todo) < len(jobs):
-        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {path}; running {len(todo)}")
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {path} (or reused); running {len(todo)}")
     with open(path, "a") as f:
         def keep(r):
             done[r["key"]] = r

@@ -35,7 +35,7 @@ class Plan:
 
 
 DEFAULT = Plan(
-    base={"dim": 64, "num_layers": 2, "num_heads": 2},
+    base={"dim": 64, "num_layers": 2, "num_heads": 2, "num_memory_modules": 3},
     main_task=(4, 16), main_steps=3000, main_seeds=(0, 1, 2),
     pairs=(32, (2, 4, 8)), seq_lens=(4, (16, 32, 64)), widths=((8, 32), (32, 64, 128)),
     sweep_steps=2000, sweep_seeds=(0,),
@@ -44,7 +44,7 @@ DEFAULT = Plan(
     lm_seeds=(0, 1, 2),
 )
 QUICK = Plan(
-    base={"dim": 32, "num_layers": 2, "num_heads": 2},
+    base={"dim": 32, "num_layers": 2, "num_heads": 2, "num_memory_modules": 3},
     main_task=(1, 8), main_steps=150, main_seeds=(0,),     # one pair, queried at a random slot among noise
     pairs=(8, (1, 2)), seq_lens=(1, (8,)), widths=((1, 8), (16, 32)),
     sweep_steps=50, sweep_seeds=(0,),
@@ -231,6 +231,10 @@ def write_report(plan: Plan, records: List[dict], variants: Sequence[tuple], out
         "",
         *[f"![{p}]({p})" for p in pngs],
     ]
+    if meta.get("reused"):
+        lines += ["", f"{meta['reused']} of {len(records)} runs were copied from identical runs of the issue-12 "
+                      "ablation (--reuse; same config, task, budget and seed: training is deterministic); their "
+                      "wall times are those of the original runs."]
     if meta.get("skipped"):
         lines += ["", "Skipped (this HOPEConfig does not accept them yet): " + ", ".join(meta["skipped"])]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

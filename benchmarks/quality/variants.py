@@ -14,7 +14,7 @@ BOTH, LM_ONLY = ("mqar", "lm"), ("lm",)
 VARIANTS: List[Tuple[str, dict, tuple]] = [
     ("Transformer", {"attention": "softmax", "use_cms": False}, BOTH),
     ("linear attention", {"attention": "linear", "use_cms": False}, BOTH),
-    ("seed HOPE", {"attention": "softmax", "use_cms": True, "num_memory_modules": 3}, BOTH),
+    ("seed HOPE", {"attention": "softmax", "use_cms": True}, BOTH),
     ("Titans", {"attention": "titans", "use_cms": False}, BOTH),
     ("Titans, self-modifying", {"attention": "titans", "self_modifying": True, "use_cms": False}, BOTH),
     ("paper HOPE", {"attention": "titans", "self_modifying": True, "use_cms": True, "cms": "levels"}, BOTH),
