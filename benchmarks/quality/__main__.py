@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-seeds", default=None, help="seeds of the MQAR sweeps (default 0)")
     p.add_argument("--lm-seeds", default=None, help="seeds of the LM runs (default 0,1,2)")
     p.add_argument("--sweep-steps", type=int, default=None, help="training steps of the MQAR sweeps (default 2000)")
+    p.add_argument("--pairs", default=None, help="numbers of key-value pairs of the pairs sweep (default 2,4,8)")
+    p.add_argument("--widths", default=None, help="model widths of the width sweep (default 32,64,128)")
+    p.add_argument("--lm-steps", type=int, default=None, help="training steps of the LM runs (default 1000)")
     p.add_argument("--reuse", nargs="*", default=(),
                    help="runs.jsonl files of earlier runs (e.g. the issue-12 ablation's): a run with the same "
                         "signature (config, task, budget, seed) is copied instead of trained again")
@@ -53,6 +56,12 @@ def main(argv=None) -> int:
             plan = dataclasses.replace(plan, **{fieldname: _seeds(arg)})
     if a.sweep_steps is not None:
         plan = dataclasses.replace(plan, sweep_steps=a.sweep_steps)
+    if a.pairs is not None:
+        plan = dataclasses.replace(plan, pairs=(plan.pairs[0], _seeds(a.pairs)))
+    if a.widths is not None:
+        plan = dataclasses.replace(plan, widths=(plan.widths[0], _seeds(a.widths)))
+    if a.lm_steps is not None:
+        plan = dataclasses.replace(plan, lm={**plan.lm, "steps": a.lm_steps})
     out = Path(a.out or ("quality_quick" if a.quick else "quality_out"))
     out.mkdir(parents=True, exist_ok=True)
     workers = a.workers or (1 if a.quick else 2)

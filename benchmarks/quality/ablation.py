@@ -15,6 +15,7 @@ ablation.csv / .json, ablation.md and two plots into --out.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import types
@@ -188,8 +189,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cells = CELLS if a.cells is None else [CELLS[int(i)] for i in a.cells.split(",")]
     t0, up0 = time.time(), os.getloadavg()
-    records = run_all(jobs([int(s) for s in a.seeds.split(",")], cells), out / "runs.jsonl", a.workers,
-                      reuse=[Path(r) for r in a.reuse])
+    run_all(jobs([int(s) for s in a.seeds.split(",")], cells), out / "runs.jsonl", a.workers,
+            reuse=[Path(r) for r in a.reuse])
+    names = [c[0] for c in cells]     # the table: every run of these cells in runs.jsonl (any seeds)
+    records = [r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines()) if r["cell"] in names]
     header = (f"Issue 12 ablation: MQAR 4 pairs / 16 tokens, 2 layers, dim 64, 2 heads, M=3, AdamW lr 1e-3 "
               f"constant, batch 64, torch backend, 1 thread per run ({a.workers} parallel). Command: "
               f"`python -m benchmarks.quality.ablation --workers {a.workers}`. This invocation: "
