@@ -57,6 +57,8 @@ class CMSLayer(nn.Module):
         super().__init__()
         if num_memory_modules <= 0:
             raise ValueError(f"num_memory_modules must be positive, got {num_memory_modules}")
+        if conv_size < 1:
+            raise ValueError(f"conv_size must be >= 1 (1: no convolution), got {conv_size}")
         self.num_heads, self.num_memories = num_heads, num_memory_modules
         self.head_dim = _head_dim(dim, num_heads, head_dim)
         inner = num_heads * self.head_dim

@@ -111,3 +111,21 @@ def test_quick_suite_end_to_end(tmp_path):
     assert easy and all(r["accuracy"] >= 0.9 for r in easy), [r["accuracy"] for r in easy]
     assert all(1.0 < r["bpb"] < 8.0 for r in records if r["task"] == "lm")   # below uniform (8 bits)
     assert all(r["curve"] and r["params"] > 0 and r["wall_s"] > 0 for r in records)
+
+
+def test_cms_short_convolution_is_causal_and_optional():
+    """Issue 12's block: the CMS's q, k, v see the last cms_conv_size tokens, never later ones."""
+    from hope.cms import CMSLayer
+    torch.manual_seed(0)
+    layer = CMSLayer(32, 2, 3, backend="torch")
+    x = torch.randn(2, 12, 32)
+    y = x.clone()
+    y[:, 7:] = torch.randn(2, 5, 32)                       # change the future of position 6
+    a, b = layer(x), layer(y)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6) and not torch.allclose(a[:, 7:], b[:, 7:])
+    z = x.clone()
+    z[:, 3] = torch.randn(2, 32)                           # position 3 reaches 3..6 through the conv, and on
+    assert not torch.allclose(layer(z)[:, 4], a[:, 4])
+    assert layer.conv is not None and CMSLayer(32, 2, 3, conv_size=1).conv is None
+    with pytest.raises(ValueError, match="conv_size"):
+        CMSLayer(32, 2, 3, conv_size=0)

@@ -8,7 +8,8 @@ width, depth, optimizer and budget on
     counts in the table; one Transformer row has the seed HOPE's parameter count),
 then prints a table and writes quality.csv / quality.json (every run, with its learning curve),
 table.txt, summary.md and PNG plots into --out. Runs append to runs.jsonl as they finish, and a rerun
-with the same --out resumes. The default takes about 15 minutes on an idle 2-core CPU (2 workers).
+with the same --out resumes. The default is estimated at 15-20 minutes on an idle 2-core CPU
+(2 workers; from per-step costs); the committed run used a reduced plan, see README.
 """
 from __future__ import annotations
 
