@@ -120,6 +120,7 @@ CELLS = [
     ("old + CMS in layer 1 only", OLD, {"cms_layers": [0]}, None, None),
     ("old + CMS frozen at init (lr 0)", OLD, None, {".cms.": 0.0}, None),
     ("new + placement before attention", {}, {"placement": "before_attn"}, None, None),
+    ("new + placement after the MLP", {}, {"placement": "after_mlp"}, None, None),
     ("new + shift-initialised conv (H3)", {}, {"shift_init": True}, None, None),
     ("new + CMS lr x0.1", {}, None, {".cms.": 0.1}, None),
 ]
