@@ -10,6 +10,12 @@ timescales are log-spaced in 1 - tau from 1 - tau_min to 1 - tau_max, i.e. the h
 (M=5 with 0.01..0.99: tau = 0.01, 0.686, 0.900, 0.969, 0.99).
 tau is learnable when `learn_tau` (tau = sigmoid(logit), per head when `per_head_tau`); the gates
 g_t = softmax_m(x_t W_g + b_g) per head are data dependent ([B, T, H, M]), or static learned logits.
+
+With conv_size > 1, q, k and v pass a short causal depthwise convolution over the last conv_size
+tokens after their projection (as in H3, Mamba, GLA, DeltaNet): [q, k, v]_t = sum_{i<conv_size} w_i *
+(x_{t-i} W_qkv). A key can then hold the token before the value it is stored with, so the memory
+itself stores "key -> next token" pairs and recalls them (associative recall). Without it, k_t and
+v_t describe the same token and the memory mostly counts tokens (see benchmarks/quality/ablation.py).
 """
 from __future__ import annotations
 
@@ -46,15 +52,18 @@ class CMSLayer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_memory_modules: int, head_dim: Optional[int] = None, *,
                  tau_min: float = 0.01, tau_max: float = 0.99, learn_tau: bool = True,
-                 per_head_tau: bool = True, data_dependent_mix: bool = True, bias: bool = False,
-                 dropout: float = 0.0, backend: Optional[str] = None):
+                 per_head_tau: bool = True, data_dependent_mix: bool = True, conv_size: int = 4,
+                 bias: bool = False, dropout: float = 0.0, backend: Optional[str] = None):
         super().__init__()
         if num_memory_modules <= 0:
             raise ValueError(f"num_memory_modules must be positive, got {num_memory_modules}")
+        if conv_size < 1:
+            raise ValueError(f"conv_size must be >= 1 (1: no convolution), got {conv_size}")
         self.num_heads, self.num_memories = num_heads, num_memory_modules
         self.head_dim = _head_dim(dim, num_heads, head_dim)
         inner = num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
+        self.conv = nn.Conv1d(3 * inner, 3 * inner, conv_size, groups=3 * inner, bias=False) if conv_size > 1 else None
         self.proj = nn.Linear(inner, dim, bias=bias)
         self.proj.residual_branch = True
         tau = default_taus(num_memory_modules, tau_min, tau_max)
@@ -85,9 +94,23 @@ class CMSLayer(nn.Module):
         B, T, _ = x.shape
         return torch.softmax(self.gate(x).view(B, T, self.num_heads, -1).float(), dim=-1)
 
+    def short_conv(self, h: torch.Tensor, cache: Optional[dict]) -> torch.Tensor:
+        """Causal depthwise convolution of h [B, T, C] over time; the cache keeps the last conv_size - 1 rows."""
+        if self.conv is None:
+            return h
+        width = self.conv.kernel_size[0] - 1
+        past = cache.get("conv") if cache is not None else None
+        if past is None:
+            past = h.new_zeros(h.shape[0], width, h.shape[2])
+        hp = torch.cat([past, h], dim=1)
+        if cache is not None:
+            cache["conv"] = hp[:, -width:]
+        return self.conv(hp.transpose(1, 2)).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        qkv = self.short_conv(self.qkv(x), cache)
+        q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
         decay, mix = self.decay(), self.mixing(x).to(q.dtype)
         state = cache.get("state") if cache is not None else None
         if state is not None and T == 1:

@@ -88,6 +88,7 @@ class HOPEConfig:
     cms_learn_tau: bool = True
     cms_per_head_tau: bool = True
     cms_data_dependent_mix: bool = True
+    cms_conv_size: int = 4                # short causal conv on the CMS q, k, v (1: none; issue 12, hope/block.py)
     dropout: float = 0.0
     bias: bool = False
     tie_weights: bool = True              # output head shares the token embedding
@@ -96,9 +97,10 @@ class HOPEConfig:
     backend: Optional[str] = None         # None | "triton" | "torch" | "reference"
 
     def __post_init__(self):
-        check_int(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "num_memory_modules")
+        check_int(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "num_memory_modules",
+                  "cms_conv_size")
         check_positive(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len",
-                       "num_memory_modules", "mlp_ratio", "rope_base", "norm_eps", "init_std")
+                       "num_memory_modules", "cms_conv_size", "mlp_ratio", "rope_base", "norm_eps", "init_std")
         if self.head_dim is None:
             if self.dim % self.num_heads:
                 raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads} "

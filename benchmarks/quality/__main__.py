@@ -1,0 +1,92 @@
+"""`python -m benchmarks.quality`: does the memory help? Every model variant on MQAR and byte-level LM.
+
+Trains each variant of benchmarks/quality/variants.py (those this HOPEConfig accepts) with the same
+width, depth, optimizer and budget on
+  - MQAR (benchmarks/quality/mqar.py): the issue-12 setting (4 pairs, 16 tokens) over 3 seeds, a sweep
+    of the number of key-value pairs and of the sequence length at width 64, and of widths at 8 pairs;
+  - byte-level LM on hope.data's embedded corpus: validation bits/byte at equal steps (parameter
+    counts in the table; one Transformer row has the seed HOPE's parameter count),
+then prints a table and writes quality.csv / quality.json (every run, with its learning curve),
+table.txt, summary.md and PNG plots into --out. Runs append to runs.jsonl as they finish, and a rerun
+with the same --out resumes. The default is estimated at 15-20 minutes on an idle 2-core CPU
+(2 workers; from per-step costs); the committed run used a reduced plan, see README.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import suite
+from .runner import run_all
+from .variants import VARIANTS, available
+
+
+def _seeds(text: str):
+    return tuple(int(s) for s in text.split(",") if s.strip())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a tiny plan (seconds): checks the pipeline end to end")
+    p.add_argument("--out", default=None, help="output folder (default: quality_out/, or quality_quick/ with --quick)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="training processes at once, 1 thread each (default: 2, 1 with --quick)")
+    p.add_argument("--variants", default=None, help=f"comma list of variant names (default: all of {[v[0] for v in VARIANTS]})")
+    p.add_argument("--main-seeds", default=None, help="seeds of the main MQAR setting (default 0,1,2)")
+    p.add_argument("--sweep-seeds", default=None, help="seeds of the MQAR sweeps (default 0)")
+    p.add_argument("--lm-seeds", default=None, help="seeds of the LM runs (default 0,1,2)")
+    p.add_argument("--sweep-steps", type=int, default=None, help="training steps of the MQAR sweeps (default 2000)")
+    p.add_argument("--pairs", default=None, help="numbers of key-value pairs of the pairs sweep (default 2,4,8)")
+    p.add_argument("--widths", default=None, help="model widths of the width sweep (default 32,64,128)")
+    p.add_argument("--lm-steps", type=int, default=None, help="training steps of the LM runs (default 1000)")
+    p.add_argument("--reuse", nargs="*", default=(),
+                   help="runs.jsonl files of earlier runs (e.g. the issue-12 ablation's): a run with the same "
+                        "signature (config, task, budget, seed) is copied instead of trained again")
+    a = p.parse_args(argv)
+    plan = suite.QUICK if a.quick else suite.DEFAULT
+    for arg, fieldname in ((a.main_seeds, "main_seeds"), (a.sweep_seeds, "sweep_seeds"), (a.lm_seeds, "lm_seeds")):
+        if arg is not None:
+            plan = dataclasses.replace(plan, **{fieldname: _seeds(arg)})
+    if a.sweep_steps is not None:
+        plan = dataclasses.replace(plan, sweep_steps=a.sweep_steps)
+    if a.pairs is not None:
+        plan = dataclasses.replace(plan, pairs=(plan.pairs[0], _seeds(a.pairs)))
+    if a.widths is not None:
+        plan = dataclasses.replace(plan, widths=(plan.widths[0], _seeds(a.widths)))
+    if a.lm_steps is not None:
+        plan = dataclasses.replace(plan, lm={**plan.lm, "steps": a.lm_steps})
+    out = Path(a.out or ("quality_quick" if a.quick else "quality_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    workers = a.workers or (1 if a.quick else 2)
+    names = None if a.variants is None else [s.strip() for s in a.variants.split(",")]
+    try:
+        variants = available(names)
+    except ValueError as e:
+        p.error(str(e))
+    skipped = [v[0] for v in VARIANTS if (names is None or v[0] in names) and v[0] not in [x[0] for x in variants]]
+    torch.set_num_threads(1)
+    jobs = suite.jobs(plan, variants)
+    print(f"{len(jobs)} training runs, {workers} at a time, into {out}/")
+    t0, started, load0 = time.time(), time.strftime("%Y-%m-%d %H:%M", time.gmtime()), os.getloadavg()
+    records = run_all(jobs, out / "runs.jsonl", workers, reuse=[Path(r) for r in a.reuse])
+    meta = {"command": "python -m benchmarks.quality" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+            "started": started, "ended": time.strftime("%H:%M", time.gmtime()), "wall_s": time.time() - t0,
+            "workers": workers, "load_start": " ".join(f"{x:.2f}" for x in load0),
+            "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+            "skipped": skipped, "reused": sum(1 for r in records if r.get("reused_from"))}
+    print(suite.write_report(plan, records, variants, out, meta))
+    print(f"\nwrote {out}/quality.csv, quality.json, table.txt, summary.md, *.png ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Issue 12: why the seed's decaying CMS stops a softmax-attention HOPE block from solving MQAR.
+
+    python -m benchmarks.quality.ablation [--seeds 0,1,2] [--workers 2] [--out DIR]
+
+Setting: MQAR with 4 pairs, 16 tokens (every key queried once), 2 layers, dim 64, 2 heads, M=3
+timescales, AdamW lr 1e-3 constant, batch 64, 3,000 steps, torch backend. Each cell changes one
+thing of the old seed HOPE block (x += attn; x += cms; x += mlp; no short convolution in the CMS,
+cms_conv_size=1) or of the new default (the CMS's q, k, v pass a short causal convolution,
+shift-initialised: see hope/cms.py). The designs that hope/block.py does not
+offer are applied here to a built model (`apply_design`): the CMS placement, a learned gate on its
+output, a per-head RMSNorm of its read-out, and which layers keep a CMS; `lr_scale` scales the CMS's
+learning rate (0 freezes it at its random initialisation). Writes runs.jsonl (resumable),
+ablation.csv / .json, ablation.md and two plots into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import types
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .report import aggregate, at_step, markdown_table, mean_spread, plot_curves, plot_points, terminal_table, write_csv_json
+from .runner import run_all
+
+PLACEMENTS = ("serial", "parallel", "after_mlp", "before_attn")
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over each head's read-out o [B, T, H * D] (per-head group norm, as in RetNet / GLA)."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_heads, self.eps = num_heads, eps
+        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:
+        B, T, _ = o.shape
+        h = o.float().view(B, T, self.num_heads, -1)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h.view(B, T, -1) * self.weight).to(o.dtype)
+
+
+def _forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    """The HOPE block with the CMS at self.placement and its output times self.cms_gate (if any)."""
+    def cms(h):
+        y = self.cms(self.norm_cms(h))
+        return y if self.cms_gate is None else y * self.cms_gate.to(y.dtype)
+    attn = lambda h: self.attn(self.norm_attn(h))
+    mlp = lambda h: self.mlp(self.norm_mlp(h))
+    if self.cms is None:
+        x = x + attn(x)
+    elif self.placement == "serial":
+        x = x + attn(x)
+        x = x + cms(x)
+    elif self.placement == "parallel":
+        x = x + attn(x) + cms(x)
+    elif self.placement == "before_attn":
+        x = x + cms(x)
+        x = x + attn(x)
+    else:  # after_mlp
+        x = x + attn(x)
+        x = x + mlp(x)
+        return x + cms(x)
+    return x + mlp(x)
+
+
+def apply_design(model: nn.Module, placement: str = "serial", gate: Optional[str] = None, out_norm: bool = False,
+                 cms_layers: Optional[Sequence[int]] = None, shift_init: bool = False) -> nn.Module:
+    """Rewire every block of a built HOPE (use_cms=True) in place: placement of the CMS (PLACEMENTS),
+    gate None | "scalar" | "channel" (learned, initialised at 0), out_norm (HeadRMSNorm before the
+    CMS output projection), cms_layers (indices of the blocks that keep their CMS; None: all),
+    shift_init (H3's init of the CMS short convolution: k_t reads x_{t-1}, q_t and v_t read x_t)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r}: expected one of {PLACEMENTS}")
+    if gate not in (None, "scalar", "channel"):
+        raise ValueError(f"gate={gate!r}: expected None, 'scalar' or 'channel'")
+    for i, block in enumerate(model.blocks):
+        if block.cms is None:
+            raise ValueError("apply_design needs a model built with use_cms=True")
+        if cms_layers is not None and i not in cms_layers:
+            block.cms = None
+        block.placement = placement
+        dim = block.norm_attn.weight.numel()
+        block.cms_gate = None if gate is None else nn.Parameter(torch.zeros(1 if gate == "scalar" else dim))
+        if shift_init and block.cms is not None:
+            w, inner = block.cms.conv.weight, block.cms.conv.weight.shape[0] // 3
+            with torch.no_grad():
+                w.zero_()
+                w[:inner, 0, -1] = w[2 * inner:, 0, -1] = 1.0
+                w[inner:2 * inner, 0, -2] = 1.0
+        if out_norm and block.cms is not None:
+            block.cms.proj = nn.Sequential(HeadRMSNorm(block.cms.num_heads, block.cms.head_dim), block.cms.proj)
+        block.forward = types.MethodType(_forward, block)
+    return model
+
+
+# (name, model overrides, design, lr_scale, steps); None = the defaults below.
+SEED_HOPE = {"use_cms": True, "num_memory_modules": 3}
+# The lr is constant, so a run's curve at step 3,000 is what a 3,000-step run reports: the seed HOPE
+# cell runs 9,000 steps at the LONG_SEEDS and its table shows both (training length).
+LONG, LONG_SEEDS = 9000, (0,)
+OLD = {"cms_conv_size": 1}          # the seed HOPE block before issue 12: no short convolution
+MAIN_SEEDS = (0, 1, 2)              # the cells every seed runs; the others run the first --seeds only
+CELLS = [
+    ("Transformer (no CMS)", {"use_cms": False}, None, None, None),
+    ("old seed HOPE: serial", OLD, None, None, LONG),
+    ("new default: short causal conv in the CMS", {}, None, None, None),
+    ("old + CMS in layer 2 only", OLD, {"cms_layers": [1]}, None, None),
+    ("old + placement parallel to attention", OLD, {"placement": "parallel"}, None, None),
+    ("old + placement after the MLP", OLD, {"placement": "after_mlp"}, None, None),
+    ("old + gate: scalar, init 0", OLD, {"gate": "scalar"}, None, None),
+    ("old + CMS lr x0.1", OLD, None, {".cms.": 0.1}, None),
+    ("old + norm: per-head RMSNorm of the read-out", OLD, {"out_norm": True}, None, None),
+    ("old + CMS in layer 1 only", OLD, {"cms_layers": [0]}, None, None),
+    ("old + CMS frozen at init (lr 0)", OLD, None, {".cms.": 0.0}, None),
+    ("new + placement before attention", {}, {"placement": "before_attn"}, None, None),
+    ("new + placement after the MLP", {}, {"placement": "after_mlp"}, None, None),
+    ("new + shift-initialised conv (H3)", {}, {"shift_init": True}, None, None),
+    ("new + CMS lr x0.1", {}, None, {".cms.": 0.1}, None),
+]
+BASE = {"dim": 64, "num_layers": 2, "num_heads": 2}
+TASK = {"num_pairs": 4, "seq_len": 16}
+STEPS = 3000
+
+
+def jobs(seeds: Sequence[int], cells=CELLS, steps: int = STEPS, eval_every: int = 250, extra_seeds=MAIN_SEEDS):
+    """Every cell at `seeds`; the first three cells (Transformer, old and new seed HOPE) also at extra_seeds."""
+    out = []
+    main = [c[0] for c in CELLS[:3]]
+    for seed in sorted(set(seeds) | set(extra_seeds)):   # seed-major: a cut-short run has every cell at seed 0
+        for name, model, design, lr_scale, n in cells:
+            if seed not in seeds and name not in main:
+                continue
+            n = n if n and seed in LONG_SEEDS else steps
+            key = f"ablation|{name}|steps={n}|seed={seed}"
+            out.append({"key": key, "cell": name, "task": "mqar", "task_args": TASK,
+                        "model": {**BASE, **SEED_HOPE, **model}, "design": design, "lr_scale": lr_scale,
+                        "budget": {"steps": n, "eval_every": eval_every}, "seed": seed, "steps": n})
+    return out
+
+
+COLUMNS = [
+    ("cell", lambda r: r["cell"]),
+    ("steps", lambda r: f"{r['steps']:,}"),
+    ("params", lambda r: f"{r['params'] / 1e3:.0f}k"),
+    ("MQAR accuracy: mean ± std [min, max]", mean_spread),
+    ("per seed", lambda r: ", ".join(f"{v:.2f}" for v in r["values"])),
+    ("seeds", lambda r: ",".join(map(str, r["seeds"]))),
+    ("wall s/run", lambda r: f"{r['wall_s']:.0f}"),
+]
+
+
+def report(records, out: Path, header: str) -> str:
+    records = [at_step(r, STEPS) for r in records if r["steps"] > STEPS] + list(records)
+    records.sort(key=lambda r: ([c[0] for c in CELLS].index(r["cell"]) if r["cell"] in [c[0] for c in CELLS]
+                                else len(CELLS), r["steps"], r["seed"]))
+    rows = aggregate(records, ["cell", "steps"], "accuracy")
+    md = markdown_table(rows, COLUMNS)
+    (out / "ablation.md").write_text(header + "\n\n" + md + "\n")
+    write_csv_json(records, out / "ablation", ["cell", "steps", "seed", "accuracy", "params", "wall_s",
+                                               "load_start", "load_end", "finished", "design", "lr_scale"])
+    plot_points(rows, lambda r: r["cell"] + ("" if r["steps"] == STEPS else f" ({r['steps']:,} steps)"), "MQAR accuracy (held-out)",
+                "Issue 12 ablation: 4 pairs, 16 tokens, 2 layers, dim 64 (dots: seeds)", out / "ablation.png",
+                hline=1.0)
+    by = {}
+    for r in records:
+        if r["steps"] == max(x["steps"] for x in records if x["cell"] == r["cell"]):
+            by.setdefault(r["cell"], []).append(r)
+    plot_curves(by, "accuracy", "MQAR accuracy", "Learning curves (mean, band: min-max over seeds)",
+                out / "ablation_curves.png")
+    return terminal_table(rows, COLUMNS)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality.ablation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0", help="seeds of every cell (the first three cells always run 0,1,2)")
+    p.add_argument("--workers", type=int, default=1, help="parallel training processes (1 thread each)")
+    p.add_argument("--cells", default=None, help="comma list of cell numbers (0-based) to run (default: all)")
+    p.add_argument("--out", default="benchmarks/results/quality_issue12_ablation")
+    p.add_argument("--reuse", nargs="*", default=(), help="runs.jsonl files whose identical runs are copied (see runner)")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = CELLS if a.cells is None else [CELLS[int(i)] for i in a.cells.split(",")]
+    t0, up0 = time.time(), os.getloadavg()
+    run_all(jobs([int(s) for s in a.seeds.split(",")], cells), out / "runs.jsonl", a.workers,
+            reuse=[Path(r) for r in a.reuse])
+    names = [c[0] for c in cells]     # the table: every run of these cells in runs.jsonl (any seeds)
+    records = [r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines()) if r["cell"] in names]
+    header = (f"Issue 12 ablation: MQAR 4 pairs / 16 tokens, 2 layers, dim 64, 2 heads, M=3, AdamW lr 1e-3 "
+              f"constant, batch 64, torch backend, 1 thread per run ({a.workers} parallel). Command: "
+              f"`python -m benchmarks.quality.ablation --workers {a.workers}`. This invocation: "
+              f"{time.time() - t0:.0f} s, load average at start {up0[0]:.2f}, at end {os.getloadavg()[0]:.2f}.")
+    print(report(records, out, header))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

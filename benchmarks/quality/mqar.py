@@ -1,0 +1,91 @@
+"""MQAR, multi-query associative recall (Zoology, Arora et al. 2023): the project's own seeded generator.
+
+Vocabulary (`vocab_size = num_keys + num_values + num_noise`, default 64 + 64 + 16 = 144):
+
+    keys    [0, num_keys)                          distinct within a sequence
+    values  [num_keys, num_keys + num_values)      drawn with replacement
+    noise   [num_keys + num_values, vocab_size)    fill the gap between the pairs and the queries
+
+A sequence of length T >= 4 N holds N key-value pairs, then the queries:
+
+    k_1 v_1 k_2 v_2 ... k_N v_N | query region of T - 2N tokens
+
+Every key is queried once (the default, num_queries = N) in a random order; a query is the key
+followed by its value (teacher forcing: the model sees the answers to earlier queries, as in Zoology).
+The query pairs sit at random, non-overlapping even offsets of the query region (consecutive when
+T = 4 N, as in the 4-pair, 16-token setting of issue 12); the other positions hold noise tokens.
+Targets are -100 everywhere except at each query key, where the target is that key's value: the
+accuracy is argmax == value over the query positions only (chance 1 / num_values).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class MQARTask:
+    num_pairs: int = 4
+    seq_len: int = 16
+    num_keys: int = 64
+    num_values: int = 64
+    num_noise: int = 16
+    num_queries: Optional[int] = None     # None: every key is queried
+
+    def __post_init__(self):
+        if self.num_pairs < 1 or self.num_pairs > self.num_keys:
+            raise ValueError(f"num_pairs must be in [1, num_keys={self.num_keys}], got {self.num_pairs}")
+        if self.seq_len < 2 * self.num_pairs + 2 * self.queries:
+            raise ValueError(f"seq_len={self.seq_len} cannot hold {self.num_pairs} pairs and {self.queries} "
+                             f"queries (need >= {2 * self.num_pairs + 2 * self.queries})")
+        if self.queries > self.num_pairs or self.queries < 1:
+            raise ValueError(f"num_queries must be in [1, num_pairs], got {self.num_queries}")
+        if self.num_noise < 1 and self.seq_len > 2 * self.num_pairs + 2 * self.queries:
+            raise ValueError("a query region with gaps needs num_noise >= 1")
+
+    @property
+    def queries(self) -> int:
+        return self.num_pairs if self.num_queries is None else self.num_queries
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_keys + self.num_values + self.num_noise
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [B, T] long, targets [B, T] long with -100 off the query keys)."""
+        B, N, Q, T = batch_size, self.num_pairs, self.queries, self.seq_len
+        keys = torch.rand(B, self.num_keys, generator=generator).argsort(dim=1)[:, :N]     # distinct
+        values = self.num_keys + torch.randint(0, self.num_values, (B, N), generator=generator)
+        tokens = self.num_keys + self.num_values + torch.randint(0, max(self.num_noise, 1), (B, T),
+                                                                 generator=generator)
+        targets = torch.full((B, T), -100, dtype=torch.long)
+        rows = torch.arange(B)[:, None]
+        tokens[:, 0:2 * N:2], tokens[:, 1:2 * N:2] = keys, values
+        which = torch.rand(B, N, generator=generator).argsort(dim=1)[:, :Q]               # queried pairs, in order
+        slots = (T - 2 * N) // 2                                                          # 2-token query slots
+        slot = torch.rand(B, slots, generator=generator).argsort(dim=1)[:, :Q].sort(dim=1).values
+        pos = 2 * N + 2 * slot                                                            # [B, Q] query key positions
+        tokens[rows, pos] = keys.gather(1, which)
+        tokens[rows, pos + 1] = values.gather(1, which)
+        targets[rows, pos] = values.gather(1, which)
+        return tokens, targets
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[int, int]:
+    """(correct, counted) over the positions whose target is not -100."""
+    mask = targets != -100
+    return int((logits.argmax(-1)[mask] == targets[mask]).sum()), int(mask.sum())
+
+
+def accuracy_by_pair(logits: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, num_pairs: int):
+    """(correct [N], counted [N]): accuracy split by the queried key's pair index (0 = the first
+    pair, N - 1 = the last, nearest the queries)."""
+    right = logits.argmax(-1) == targets
+    correct, count = torch.zeros(num_pairs, dtype=torch.long), torch.zeros(num_pairs, dtype=torch.long)
+    b, p = (targets != -100).nonzero(as_tuple=True)
+    pair = (tokens[b, :2 * num_pairs:2] == tokens[b, p][:, None]).float().argmax(1)
+    correct.index_add_(0, pair, right[b, p].long())
+    count.index_add_(0, pair, torch.ones_like(pair))
+    return correct, count

@@ -1,0 +1,131 @@
+"""The quality suite (benchmarks/quality): the MQAR generator's documented layout, the variant table,
+the ablation's block designs, and `python -m benchmarks.quality --quick` end to end (seconds)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.quality.ablation import apply_design
+from benchmarks.quality.mqar import MQARTask, accuracy, accuracy_by_pair
+from benchmarks.quality.variants import VARIANTS, available, unsupported
+from hope import HOPE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("num_pairs, seq_len", [(4, 16), (2, 32), (8, 32), (1, 8)])
+def test_mqar_layout(num_pairs, seq_len):
+    task = MQARTask(num_pairs=num_pairs, seq_len=seq_len)
+    x, y = task.batch(64, torch.Generator().manual_seed(3))
+    assert x.shape == y.shape == (64, seq_len) and x.dtype == y.dtype == torch.long
+    K, V = task.num_keys, task.num_values
+    keys, values = x[:, 0:2 * num_pairs:2], x[:, 1:2 * num_pairs:2]
+    assert ((keys >= 0) & (keys < K)).all() and ((values >= K) & (values < K + V)).all()
+    assert all(len(set(row.tolist())) == num_pairs for row in keys)          # distinct keys
+    assert (y[:, :2 * num_pairs] == -100).all()                              # no target in the pairs
+    for b in range(64):
+        pos = (y[b] != -100).nonzero().flatten()
+        assert len(pos) == num_pairs and (pos % 2 == 0).all()               # every key once, even offsets
+        assert sorted(x[b, pos].tolist()) == sorted(keys[b].tolist())
+        for p in pos.tolist():
+            i = keys[b].tolist().index(int(x[b, p]))
+            assert y[b, p] == values[b, i] == x[b, p + 1]                    # target = its value, shown next
+        rest = torch.ones(seq_len, dtype=torch.bool)
+        rest[:2 * num_pairs] = False
+        rest[pos], rest[pos + 1] = False, False
+        assert (x[b, rest] >= K + V).all() and (x[b] < task.vocab_size).all()  # the gap is noise
+    again, _ = task.batch(64, torch.Generator().manual_seed(3))
+    other, _ = task.batch(64, torch.Generator().manual_seed(4))
+    assert torch.equal(x, again) and not torch.equal(x, other)
+
+
+def test_mqar_rejects_impossible_tasks_and_scores_accuracy():
+    with pytest.raises(ValueError, match="seq_len"):
+        MQARTask(num_pairs=4, seq_len=15)
+    with pytest.raises(ValueError, match="num_pairs"):
+        MQARTask(num_pairs=65)
+    task = MQARTask(num_pairs=3, seq_len=16)
+    x, y = task.batch(8, torch.Generator().manual_seed(0))
+    logits = torch.nn.functional.one_hot(y.clamp(min=0), task.vocab_size).float()
+    logits[:4] = 0                                     # half the rows wrong (argmax 0 is a key)
+    assert accuracy(logits, y) == (12, 24)
+    correct, count = accuracy_by_pair(logits, x, y, 3)
+    assert count.tolist() == [8, 8, 8] and correct.tolist() == [4, 4, 4]
+
+
+def test_variant_table_skips_what_hopeconfig_rejects(capsys):
+    assert unsupported({"attention": "softmax", "use_cms": False}) is None
+    assert "no_such_knob" in unsupported({"no_such_knob": 1})
+    names = [v[0] for v in available()]
+    assert {"Transformer", "linear attention", "seed HOPE"} <= set(names)
+    skipped = [v[0] for v in VARIANTS if v[0] not in names]
+    out = capsys.readouterr().out
+    assert all(f"skipping variant {n!r}" in out for n in skipped)
+    with pytest.raises(ValueError, match="unknown variant"):
+        available(["Transformer", "nope"])
+
+
+def test_ablation_designs():
+    """Gate at 0: the block computes the Transformer block exactly; placements differ from each other."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=40, dim=32, num_layers=2, num_heads=2, max_seq_len=16, backend="torch")
+    x = torch.randint(0, 40, (2, 16))
+    hope = HOPE(**cfg, use_cms=True)
+    plain = HOPE(**cfg, use_cms=False)
+    plain.load_state_dict({k: v for k, v in hope.state_dict().items() if "cms" not in k})
+    gated = apply_design(HOPE(**cfg, use_cms=True), gate="channel")
+    gated.load_state_dict(hope.state_dict(), strict=False)
+    assert torch.allclose(gated(x)[0], plain(x)[0], atol=1e-6)
+    outs = {}
+    for placement in ("serial", "parallel", "after_mlp", "before_attn"):
+        m = apply_design(HOPE(**cfg, use_cms=True), placement=placement)
+        m.load_state_dict(hope.state_dict())
+        outs[placement] = m(x)[0]
+    assert torch.allclose(outs["serial"], hope(x)[0], atol=1e-6)   # "serial" is the seed block
+    vals = list(outs.values())
+    assert all(not torch.allclose(a, b) for i, a in enumerate(vals) for b in vals[i + 1:])
+    with pytest.raises(ValueError, match="placement"):
+        apply_design(hope, placement="sideways")
+
+
+def test_quick_suite_end_to_end(tmp_path):
+    """`--quick` writes every output, and softmax attention learns the easy setting (chance 1/8)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for name in ("quality.csv", "quality.json", "table.txt", "summary.md", "mqar_accuracy.png",
+                 "mqar_curves.png", "lm_curves.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    records = json.loads((tmp_path / "quality.json").read_text())
+    variants = [v[0] for v in available(verbose=False)]
+    for v in variants:
+        assert {r["task"] for r in records if r["variant"] == v} >= ({"lm"} if "x6" in v else {"mqar", "lm"}), v
+        assert v in (tmp_path / "table.txt").read_text()
+    easy = [r for r in records if r["task"] == "mqar" and r["variant"] == "Transformer"
+            and (r["num_pairs"], r["seq_len"], r["dim"]) == (1, 8, 32)]
+    assert easy and all(r["accuracy"] >= 0.9 for r in easy), [r["accuracy"] for r in easy]
+    assert all(1.0 < r["bpb"] < 8.0 for r in records if r["task"] == "lm")   # below uniform (8 bits)
+    assert all(r["curve"] and r["params"] > 0 and r["wall_s"] > 0 for r in records)
+
+
+def test_cms_short_convolution_is_causal_and_optional():
+    """Issue 12's block: the CMS's q, k, v see the last cms_conv_size tokens, never later ones."""
+    from hope.cms import CMSLayer
+    torch.manual_seed(0)
+    layer = CMSLayer(32, 2, 3, backend="torch")
+    x = torch.randn(2, 12, 32)
+    y = x.clone()
+    y[:, 7:] = torch.randn(2, 5, 32)                       # change the future of position 6
+    a, b = layer(x), layer(y)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6) and not torch.allclose(a[:, 7:], b[:, 7:])
+    z = x.clone()
+    z[:, 3] = torch.randn(2, 32)                           # position 3 reaches 3..6 through the conv, and on
+    assert not torch.allclose(layer(z)[:, 4], a[:, 4])
+    assert layer.conv is not None and CMSLayer(32, 2, 3, conv_size=1).conv is None
+    with pytest.raises(ValueError, match="conv_size"):
+        CMSLayer(32, 2, 3, conv_size=0)
