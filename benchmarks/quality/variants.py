@@ -1,7 +1,8 @@
 """The model variants: each is a row of HOPEConfig overrides on a shared base (width, depth, heads).
 
-Adding a variant is one line. A variant whose keys or values this HOPEConfig does not accept yet
-(e.g. the Titans memories before they land) is skipped with a note, not an error.
+Adding a variant is one line. A variant whose keys or values this HOPEConfig does not accept is skipped
+with a note, not an error. "Titans" uses the default gradient period (16: chunk-wise); "period 1" is the
+exact online delta gradient descent (the delta rule with decay, as DeltaNet / Gated DeltaNet).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ VARIANTS: List[Tuple[str, dict, tuple]] = [
     ("linear attention", {"attention": "linear", "use_cms": False}, BOTH),
     ("seed HOPE", {"attention": "softmax", "use_cms": True}, BOTH),
     ("Titans", {"attention": "titans", "use_cms": False}, BOTH),
+    ("Titans, period 1 (DGD)", {"attention": "titans", "titans_period": 1, "use_cms": False}, BOTH),
     ("Titans, self-modifying", {"attention": "titans", "self_modifying": True, "use_cms": False}, BOTH),
     ("paper HOPE", {"attention": "titans", "self_modifying": True, "use_cms": True, "cms": "levels"}, BOTH),
     ("Hope-attention", {"attention": "softmax", "use_cms": True, "cms": "levels"}, BOTH),
