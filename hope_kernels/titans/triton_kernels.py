@@ -67,6 +67,19 @@ def _block(n: int) -> int:
 
 
 @triton.jit
+def _initial_state(h0, z0, off_kv, m_kv, BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+                   HAS_MOMENTUM: tl.constexpr):
+    """The [BK, BV] tiles of S0 and Z0 in float32 (zeros where not given)."""
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    b_z = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_s = tl.load(h0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
+        if HAS_MOMENTUM:
+            b_z = tl.load(z0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    return b_s, b_z
+
+
+@triton.jit
 def _bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
     """First token (int64, flattened over B*T) and length of sequence i_n."""
     if IS_VARLEN:
@@ -122,12 +135,7 @@ def titans_fwd_kernel(q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_seqlen
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     off_kv = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-    b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    b_z = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_s = tl.load(h0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
-        if HAS_MOMENTUM:
-            b_z = tl.load(z0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    b_s, b_z = _initial_state(h0, z0, off_kv, m_kv, BK, BV, USE_INITIAL_STATE, HAS_MOMENTUM)
     b_sb = b_s
     for i in range(0, L):
         row = (bos + i) * H + i_h
@@ -169,12 +177,7 @@ def titans_chunk_fwd_kernel(q, k, v, lr, decay, momentum, o, h0, z0, ht, zt, cu_
     m_kv = m_k[:, None] & m_v[None, :]
     causal = o_t[:, None] >= o_t[None, :]
     off_kv = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-    b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    b_z = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_s = tl.load(h0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
-        if HAS_MOMENTUM:
-            b_z = tl.load(z0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    b_s, b_z = _initial_state(h0, z0, off_kv, m_kv, BK, BV, USE_INITIAL_STATE, HAS_MOMENTUM)
     b_sb = b_s
     for t0 in range(0, L, BT):
         m_t = t0 + o_t < L
@@ -279,12 +282,7 @@ def titans_bwd_kernel(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt,
     p_scr = scratch + (i_nh * NV + i_v).to(tl.int64) * (BT + 1) * 2 * TILE
 
     # 1. replay the forward; checkpoint (S, Z, Sbar) before every BT-th token
-    b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    b_z = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_s = tl.load(h0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
-        if HAS_MOMENTUM:
-            b_z = tl.load(z0 + off_kv, mask=m_kv, other=0.).to(tl.float32)
+    b_s, b_z = _initial_state(h0, z0, off_kv, m_kv, BK, BV, USE_INITIAL_STATE, HAS_MOMENTUM)
     b_sb = b_s
     for i in range(0, L):
         if i % BT == 0:
