@@ -12,10 +12,12 @@ tau is learnable when `learn_tau` (tau = sigmoid(logit), per head when `per_head
 g_t = softmax_m(x_t W_g + b_g) per head are data dependent ([B, T, H, M]), or static learned logits.
 
 With conv_size > 1, q, k and v pass a short causal depthwise convolution over the last conv_size
-tokens after their projection (as in H3, Mamba, GLA, DeltaNet): [q, k, v]_t = sum_{i<conv_size} w_i *
-(x_{t-i} W_qkv). A key can then hold the token before the value it is stored with, so the memory
-itself stores "key -> next token" pairs and recalls them (associative recall). Without it, k_t and
-v_t describe the same token and the memory mostly counts tokens (see benchmarks/quality/ablation.py).
+tokens after their projection (hope.layers.ShortConv, as in H3, Mamba, GLA, DeltaNet): [q, k, v]_t =
+sum_{i<conv_size} w_i * (x_{t-i} W_qkv). A key can then hold the token before the value it is stored
+with, so the memory itself stores "key -> next token" pairs and recalls them (associative recall).
+Without it, k_t and v_t describe the same token and the memory mostly counts tokens (see
+benchmarks/quality/ablation.py). With `gated_readout` the read-out is the one of the Titans layer
+(and GLA / Gated DeltaNet), y_t = W_o (rmsnorm(o_t) * silu(x_t W_g)) per head, else y_t = W_o o_t.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .attention import _head_dim
-from .layers import split_heads
+from .layers import ShortConv, gated_readout, split_heads
 from .ops import check_backend, get_op
 
 # tau = sigmoid(logit) is kept inside [1e-3, 1 - 1e-4], where the kernels are numerically safe.
@@ -53,6 +55,7 @@ class CMSLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_memory_modules: int, head_dim: Optional[int] = None, *,
                  tau_min: float = 0.01, tau_max: float = 0.99, learn_tau: bool = True,
                  per_head_tau: bool = True, data_dependent_mix: bool = True, conv_size: int = 4,
+                 gated_readout: bool = True,
                  bias: bool = False, dropout: float = 0.0, backend: Optional[str] = None):
         super().__init__()
         if num_memory_modules <= 0:
@@ -63,7 +66,8 @@ class CMSLayer(nn.Module):
         self.head_dim = _head_dim(dim, num_heads, head_dim)
         inner = num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
-        self.conv = nn.Conv1d(3 * inner, 3 * inner, conv_size, groups=3 * inner, bias=False) if conv_size > 1 else None
+        self.conv = ShortConv(3 * inner, conv_size, init="uniform") if conv_size > 1 else None
+        self.out_gate = nn.Linear(dim, inner, bias=bias) if gated_readout else None
         self.proj = nn.Linear(inner, dim, bias=bias)
         self.proj.residual_branch = True
         tau = default_taus(num_memory_modules, tau_min, tau_max)
@@ -94,22 +98,9 @@ class CMSLayer(nn.Module):
         B, T, _ = x.shape
         return torch.softmax(self.gate(x).view(B, T, self.num_heads, -1).float(), dim=-1)
 
-    def short_conv(self, h: torch.Tensor, cache: Optional[dict]) -> torch.Tensor:
-        """Causal depthwise convolution of h [B, T, C] over time; the cache keeps the last conv_size - 1 rows."""
-        if self.conv is None:
-            return h
-        width = self.conv.kernel_size[0] - 1
-        past = cache.get("conv") if cache is not None else None
-        if past is None:
-            past = h.new_zeros(h.shape[0], width, h.shape[2])
-        hp = torch.cat([past, h], dim=1)
-        if cache is not None:
-            cache["conv"] = hp[:, -width:]
-        return self.conv(hp.transpose(1, 2)).transpose(1, 2)
-
     def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.short_conv(self.qkv(x), cache)
+        qkv = self.qkv(x) if self.conv is None else self.conv(self.qkv(x), cache)
         q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
         decay, mix = self.decay(), self.mixing(x).to(q.dtype)
         state = cache.get("state") if cache is not None else None
@@ -122,4 +113,5 @@ class CMSLayer(nn.Module):
             o, state = scan(q, k, v, decay, mix, initial_state=state, output_final_state=cache is not None)
         if cache is not None:
             cache["state"] = state
-        return self.resid_dropout(self.proj(o.reshape(B, T, -1)))
+        y = o.reshape(B, T, -1) if self.out_gate is None else gated_readout(o, self.out_gate(x))
+        return self.resid_dropout(self.proj(y))

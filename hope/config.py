@@ -89,6 +89,7 @@ class HOPEConfig:
     cms_per_head_tau: bool = True
     cms_data_dependent_mix: bool = True
     cms_conv_size: int = 4                # short causal conv on the CMS q, k, v (1: none; issue 12, hope/block.py)
+    cms_gated_readout: bool = True        # CMS read-out W_o (rmsnorm(o) * silu(x W_g)) (False: W_o o; issue 12)
     dropout: float = 0.0
     bias: bool = False
     tie_weights: bool = True              # output head shares the token embedding

@@ -1,6 +1,9 @@
-"""Small building blocks shared by the HOPE layers: RMSNorm, the static MLP, rotary positions, embeddings."""
+"""Small building blocks shared by the HOPE layers: RMSNorm, the static MLP, rotary positions, embeddings,
+the short causal convolution and the gated read-out of the memories."""
 from __future__ import annotations
 
+import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -84,3 +87,44 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, T, H * D] -> [B, T, H, D]."""
     B, T, _ = x.shape
     return x.view(B, T, num_heads, -1)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time: y_t = sum_{i<w} c_i x_{t-w+1+i} per channel (zeros
+    before the sequence start), as in H3, Mamba, GLA and DeltaNet. x: [B, T, C] -> [B, T, C].
+
+    init="identity": c = [0, .., 0, 1] (the layer starts as a no-op); "uniform": U(-1/sqrt(w), 1/sqrt(w))
+    (nn.Conv1d's default). The cache (generation) keeps the last w - 1 inputs."""
+
+    def __init__(self, channels: int, window: int = 4, init: str = "identity"):
+        super().__init__()
+        if init not in ("identity", "uniform"):
+            raise ValueError(f"init={init!r}: expected 'identity' or 'uniform'")
+        self.window = window
+        weight = torch.zeros(channels, window)
+        if init == "identity":
+            weight[:, -1] = 1.0
+        else:
+            weight.uniform_(-1 / math.sqrt(window), 1 / math.sqrt(window))
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        hist = cache.get("conv") if cache is not None else None
+        if hist is None:
+            hist = x.new_zeros(B, self.window - 1, C)
+        xx = torch.cat([hist.to(x.dtype), x], dim=1)
+        if cache is not None:
+            cache["conv"] = xx[:, xx.shape[1] - (self.window - 1):]
+        w = self.weight.to(x.dtype)   # shifted adds: faster on CPU than a grouped conv1d, forward and backward
+        return sum(w[:, i] * xx[:, i:i + T] for i in range(self.window))
+
+
+def gated_readout(o: torch.Tensor, g: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The memories' read-out before the output projection (as in GLA / Gated DeltaNet):
+    rmsnorm(o) per head (no weight, in float32) times silu(g). o: [B, T, H, D], g: [B, T, H * D]
+    -> [B, T, H * D] in g's dtype. eps keeps a near-empty memory's read-out (|o|^2 << eps) small
+    rather than blowing its rounding error up to unit size."""
+    B, T, H, D = o.shape
+    o = F.rms_norm(o.to(torch.promote_types(o.dtype, torch.float32)), (D,), eps=eps).to(g.dtype)
+    return o.reshape(B, T, H * D) * F.silu(g)

@@ -54,35 +54,10 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import _head_dim
-from .layers import split_heads
+from .layers import ShortConv, gated_readout, split_heads
 from .ops import check_backend, get_op
-
-
-class ShortConv(nn.Module):
-    """Causal depthwise convolution over time: y_t = sum_{i<w} c_i x_{t-w+1+i} per channel
-    (zeros before the sequence start). Initialised to the identity (c = [0, .., 0, 1]).
-    The cache keeps the last w - 1 inputs. x: [B, T, C] -> [B, T, C]."""
-
-    def __init__(self, channels: int, window: int = 4):
-        super().__init__()
-        self.window = window
-        weight = torch.zeros(channels, window)
-        weight[:, -1] = 1.0
-        self.weight = nn.Parameter(weight)
-
-    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
-        B, T, C = x.shape
-        hist = cache.get("conv") if cache is not None else None
-        if hist is None:
-            hist = x.new_zeros(B, self.window - 1, C)
-        xx = torch.cat([hist.to(x.dtype), x], dim=1)
-        if cache is not None:
-            cache["conv"] = xx[:, xx.shape[1] - (self.window - 1):]
-        w = self.weight.to(x.dtype)   # shifted adds: faster on CPU than a grouped conv1d, forward and backward
-        return sum(w[:, i] * xx[:, i:i + T] for i in range(self.window))
 
 
 def up(x: torch.Tensor) -> torch.Tensor:
@@ -125,8 +100,9 @@ def _memory(state):
 
 class TitansLayer(nn.Module):
     """Titans (optionally self-modifying) over the sequence; see the module docstring.
-    x: [B, T, dim] -> [B, T, dim]. Also the memory of the paper's linear CMS levels (hope.levels),
-    which read it at the key (`read_with_key`: q_t = k_t, o_t = k_t S_t, as an MLP reads its input)."""
+    x: [B, T, dim] -> [B, T, dim]. Also the memory of the paper's linear CMS levels (hope.levels,
+    `read_with_key`): a level reads at the key and at its block-start memory, o_t = k_t Sbar_n (Eq. 71,
+    as an MLP with weights Sbar_n reads its input); the block's updates are seen from the next block on."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None, *, period: int = 16,
                  self_modifying: bool = False, momentum: bool = False, lr_max: float = 1.0,
@@ -198,14 +174,17 @@ class TitansLayer(nn.Module):
         per block: a slice's backward writes a full-length gradient).
         Returns (o [B, T, H, V'], state, block_state). A cached block-start memory is a copy:
         titans_step updates the state in place."""
-        segments = block_segments(pos, T, self.period, per_block=self.self_modifying)
+        segments = block_segments(pos, T, self.period, per_block=self.self_modifying or self.read_with_key)
         read = read([b - a for a, b in segments])
         outs = []
         for i, (a, b) in enumerate(segments):
             aligned = (pos + a) % self.period == 0
             if aligned:
                 block_state = _memory(state).clone() if cached else _memory(state)
-            o, state = self._run(*read(i, block_state), state, block_state, aligned, step)
+            inputs = read(i, block_state)
+            o, state = self._run(*inputs, state, block_state, aligned, step)
+            if self.read_with_key:   # a CMS level reads its block-start memory (Eq. 71)
+                o = torch.einsum("bthk,bhkv->bthv", up(inputs[0]), block_state).to(o.dtype)
             outs.append(o)
         if (pos + T) % self.period == 0:
             block_state = _memory(state).clone() if cached else _memory(state)
@@ -263,5 +242,4 @@ class TitansLayer(nn.Module):
             o = o[..., 2 * D + 2:]                           # the output memory's columns
         if cache is not None:
             cache.update(state=state, block_state=block_state, pos=pos + T)
-        o = F.rms_norm(up(o), (D,)).to(x.dtype).reshape(B, T, H * D)
-        return self.resid_dropout(self.proj(o * F.silu(g)))
+        return self.resid_dropout(self.proj(gated_readout(o, g)))

@@ -36,22 +36,28 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny plan (seconds): checks the pipeline end to end")
+    p.add_argument("--full", action="store_true",
+                   help="three seeds of the main setting and the LM, and all three sweeps at 2,000 steps (hours)")
     p.add_argument("--out", default=None, help="output folder (default: quality_out/, or quality_quick/ with --quick)")
     p.add_argument("--workers", type=int, default=None,
                    help="training processes at once, 1 thread each (default: 2, 1 with --quick)")
     p.add_argument("--variants", default=None, help=f"comma list of variant names (default: all of {[v[0] for v in VARIANTS]})")
-    p.add_argument("--main-seeds", default=None, help="seeds of the main MQAR setting (default 0,1,2)")
+    p.add_argument("--main-seeds", default=None, help="seeds of the main MQAR setting (default 0; --full 0,1,2)")
     p.add_argument("--sweep-seeds", default=None, help="seeds of the MQAR sweeps (default 0)")
-    p.add_argument("--lm-seeds", default=None, help="seeds of the LM runs (default 0,1,2)")
-    p.add_argument("--sweep-steps", type=int, default=None, help="training steps of the MQAR sweeps (default 2000)")
-    p.add_argument("--pairs", default=None, help="numbers of key-value pairs of the pairs sweep (default 2,4,8)")
-    p.add_argument("--widths", default=None, help="model widths of the width sweep (default 32,64,128)")
-    p.add_argument("--lm-steps", type=int, default=None, help="training steps of the LM runs (default 1000)")
+    p.add_argument("--lm-seeds", default=None, help="seeds of the LM runs (default 0; --full 0,1,2)")
+    p.add_argument("--sweep-steps", type=int, default=None,
+                   help="training steps of the MQAR sweeps (default 1000; --full 2000)")
+    p.add_argument("--pairs", default=None, help="numbers of key-value pairs of the pairs sweep (default 2,8; "
+                                                 "--full 2,4,8)")
+    p.add_argument("--widths", default=None, help="model widths of the width sweep (default none; --full 32,64,128)")
+    p.add_argument("--lm-steps", type=int, default=None, help="training steps of the LM runs (default 600)")
     p.add_argument("--reuse", nargs="*", default=(),
                    help="runs.jsonl files of earlier runs (e.g. the issue-12 ablation's): a run with the same "
                         "signature (config, task, budget, seed) is copied instead of trained again")
     a = p.parse_args(argv)
-    plan = suite.QUICK if a.quick else suite.DEFAULT
+    if a.quick and a.full:
+        p.error("--quick and --full exclude each other")
+    plan = suite.QUICK if a.quick else suite.FULL if a.full else suite.DEFAULT
     for arg, fieldname in ((a.main_seeds, "main_seeds"), (a.sweep_seeds, "sweep_seeds"), (a.lm_seeds, "lm_seeds")):
         if arg is not None:
             plan = dataclasses.replace(plan, **{fieldname: _seeds(arg)})

@@ -5,8 +5,10 @@
 Setting: MQAR with 4 pairs, 16 tokens (every key queried once), 2 layers, dim 64, 2 heads, M=3
 timescales, AdamW lr 1e-3 constant, batch 64, 3,000 steps, torch backend. Each cell changes one
 thing of the old seed HOPE block (x += attn; x += cms; x += mlp; no short convolution in the CMS,
-cms_conv_size=1) or of the new default (the CMS's q, k, v pass a short causal convolution,
-shift-initialised: see hope/cms.py). The designs that hope/block.py does not
+cms_conv_size=1, read-out W_o o), of the "conv" block (the CMS's q, k, v pass a short causal
+convolution: the default of stop 13) or is the new default (conv and the gated read-out
+W_o (rmsnorm(o) * silu(x W_g)): see hope/cms.py). One cell is Hope-attention, whose CMS levels read
+their block-start weights (Eq. 71, hope/levels.py). The designs that hope/block.py does not
 offer are applied here to a built model (`apply_design`): the CMS placement, a learned gate on its
 output, a per-head RMSNorm of its read-out, and which layers keep a CMS; `lr_scale` scales the CMS's
 learning rate (0 freezes it at its random initialisation). Writes runs.jsonl (resumable),
@@ -92,8 +94,8 @@ def apply_design(model: nn.Module, placement: str = "serial", gate: Optional[str
             w, inner = block.cms.conv.weight, block.cms.conv.weight.shape[0] // 3
             with torch.no_grad():
                 w.zero_()
-                w[:inner, 0, -1] = w[2 * inner:, 0, -1] = 1.0
-                w[inner:2 * inner, 0, -2] = 1.0
+                w[:inner, -1] = w[2 * inner:, -1] = 1.0
+                w[inner:2 * inner, -2] = 1.0
         if out_norm and block.cms is not None:
             block.cms.proj = nn.Sequential(HeadRMSNorm(block.cms.num_heads, block.cms.head_dim), block.cms.proj)
         block.forward = types.MethodType(_forward, block)
@@ -105,12 +107,16 @@ SEED_HOPE = {"use_cms": True, "num_memory_modules": 3}
 # The lr is constant, so a run's curve at step 3,000 is what a 3,000-step run reports: the seed HOPE
 # cell runs 9,000 steps at the LONG_SEEDS and its table shows both (training length).
 LONG, LONG_SEEDS = 9000, (0,)
-OLD = {"cms_conv_size": 1}          # the seed HOPE block before issue 12: no short convolution
-MAIN_SEEDS = (0, 1, 2)              # the cells every seed runs; the others run the first --seeds only
+OLD = {"cms_conv_size": 1, "cms_gated_readout": False}   # the seed HOPE block before issue 12
+CONV = {"cms_gated_readout": False}                      # + the short causal conv (the default of stop 13)
+MAIN_SEEDS = (0, 1, 2)              # the MAIN cells run these seeds too; the others run --seeds only
 CELLS = [
     ("Transformer (no CMS)", {"use_cms": False}, None, None, None),
     ("old seed HOPE: serial", OLD, None, None, LONG),
-    ("new default: short causal conv in the CMS", {}, None, None, None),
+    ("conv: short causal conv in the CMS", CONV, None, None, None),
+    ("new default: conv + gated read-out", {}, None, None, None),
+    ("Hope-attention: levels read block-start weights (Eq. 71)", {"cms": "levels"}, None, None, None),
+    ("gated read-out without the conv", {"cms_conv_size": 1}, None, None, None),
     ("old + CMS in layer 2 only", OLD, {"cms_layers": [1]}, None, None),
     ("old + placement parallel to attention", OLD, {"placement": "parallel"}, None, None),
     ("old + placement after the MLP", OLD, {"placement": "after_mlp"}, None, None),
@@ -119,20 +125,21 @@ CELLS = [
     ("old + norm: per-head RMSNorm of the read-out", OLD, {"out_norm": True}, None, None),
     ("old + CMS in layer 1 only", OLD, {"cms_layers": [0]}, None, None),
     ("old + CMS frozen at init (lr 0)", OLD, None, {".cms.": 0.0}, None),
-    ("new + placement before attention", {}, {"placement": "before_attn"}, None, None),
-    ("new + placement after the MLP", {}, {"placement": "after_mlp"}, None, None),
-    ("new + shift-initialised conv (H3)", {}, {"shift_init": True}, None, None),
-    ("new + CMS lr x0.1", {}, None, {".cms.": 0.1}, None),
+    ("conv + placement before attention", CONV, {"placement": "before_attn"}, None, None),
+    ("conv + placement after the MLP", CONV, {"placement": "after_mlp"}, None, None),
+    ("conv + shift-initialised conv (H3)", CONV, {"shift_init": True}, None, None),
+    ("conv + CMS lr x0.1", CONV, None, {".cms.": 0.1}, None),
 ]
+MAIN = [c[0] for c in CELLS[:5]]
 BASE = {"dim": 64, "num_layers": 2, "num_heads": 2}
 TASK = {"num_pairs": 4, "seq_len": 16}
 STEPS = 3000
 
 
 def jobs(seeds: Sequence[int], cells=CELLS, steps: int = STEPS, eval_every: int = 250, extra_seeds=MAIN_SEEDS):
-    """Every cell at `seeds`; the first three cells (Transformer, old and new seed HOPE) also at extra_seeds."""
+    """Every cell at `seeds`; the MAIN cells also at extra_seeds."""
     out = []
-    main = [c[0] for c in CELLS[:3]]
+    main = MAIN
     for seed in sorted(set(seeds) | set(extra_seeds)):   # seed-major: a cut-short run has every cell at seed 0
         for name, model, design, lr_scale, n in cells:
             if seed not in seeds and name not in main:

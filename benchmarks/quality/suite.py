@@ -34,14 +34,21 @@ class Plan:
     eval_every: int = 250
 
 
+BASE = {"dim": 64, "num_layers": 2, "num_heads": 2, "num_memory_modules": 3}
+LM = {"seq_len": 64, "max_bytes": 1_000_000, "steps": 600, "batch_size": 16, "eval_every": 100, "eval_size": 256}
+# `python -m benchmarks.quality`: every variant once (seed 0) on the issue-12 setting, one short pairs
+# sweep and the LM; about 15 minutes on an idle 2-core CPU (2 workers; measured, see README).
 DEFAULT = Plan(
-    base={"dim": 64, "num_layers": 2, "num_heads": 2, "num_memory_modules": 3},
-    main_task=(4, 16), main_steps=3000, main_seeds=(0, 1, 2),
+    base=BASE, main_task=(4, 16), main_steps=3000, main_seeds=(0,),
+    pairs=(32, (2, 8)), seq_lens=(4, ()), widths=((8, 32), ()),
+    sweep_steps=1000, sweep_seeds=(0,), lm=LM, lm_seeds=(0,),
+)
+# `--full`: three seeds of the main setting and the LM, and the three sweeps (pairs, length, width)
+# long enough for the Transformer's induction phase change; hours on the same machine.
+FULL = Plan(
+    base=BASE, main_task=(4, 16), main_steps=3000, main_seeds=(0, 1, 2),
     pairs=(32, (2, 4, 8)), seq_lens=(4, (16, 32, 64)), widths=((8, 32), (32, 64, 128)),
-    sweep_steps=2000, sweep_seeds=(0,),
-    lm={"seq_len": 64, "max_bytes": 1_000_000, "steps": 1000, "batch_size": 16, "eval_every": 100,
-        "eval_size": 256},
-    lm_seeds=(0, 1, 2),
+    sweep_steps=2000, sweep_seeds=(0,), lm=LM, lm_seeds=(0, 1, 2),
 )
 QUICK = Plan(
     base={"dim": 32, "num_layers": 2, "num_heads": 2, "num_memory_modules": 3},
@@ -166,7 +173,6 @@ def plots(plan: Plan, records: List[dict], variants: Sequence[tuple], out: Path)
     names = [v[0] for v in variants]
     mq = [r for r in records if r["task"] == "mqar"]
     dim = plan.base["dim"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     panels = [
         ("number of key-value pairs N", f"T={plan.pairs[0]}, d={dim}", plan.pairs[1],
          lambda x: dict(num_pairs=x, seq_len=plan.pairs[0], dim=dim)),
@@ -175,6 +181,9 @@ def plots(plan: Plan, records: List[dict], variants: Sequence[tuple], out: Path)
         ("model width d", f"N={plan.widths[0][0]}, T={plan.widths[0][1]}", plan.widths[1],
          lambda x: dict(num_pairs=plan.widths[0][0], seq_len=plan.widths[0][1], dim=x)),
     ]
+    panels = [pn for pn in panels if pn[2]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4.2), squeeze=False)
+    axes = axes[0]
     for ax, (xlabel, title, xs, where) in zip(axes, panels):
         for name in names:
             pts = [(x, r["accuracy"]) for x in xs for r in _select(mq, plan.sweep_steps, variant=name, **where(x))]

@@ -92,7 +92,7 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
     if T == 0:
         return q.new_zeros(B, 0, H, V), S, Z
     ut = period == 1
-    L = chunk_size if ut else min(period, chunk_size)
+    L = min(chunk_size if ut else min(period, chunk_size), T)   # a short sequence is one unpadded chunk
     src, pos, Pp = _layout(T, L if ut else period, L, dev)
     per_block = 1 if ut else Pp // L          # chunks per block: the gradient memory is refreshed at each first
 
