@@ -61,7 +61,7 @@ class HOPEBlock(nn.Module):
             self.cms = CMSLayer(c.dim, c.num_heads, c.num_memory_modules, c.head_dim, tau_min=c.cms_tau_min,
                                 tau_max=c.cms_tau_max, learn_tau=c.cms_learn_tau,
                                 per_head_tau=c.cms_per_head_tau, data_dependent_mix=c.cms_data_dependent_mix,
-                                conv_size=c.cms_conv_size, gated_readout=c.cms_gated_readout,
+                                conv_size=c.cms_conv_size, gated_readout=c.cms_gated_readout, update=c.cms_update,
                                 bias=c.bias, dropout=c.dropout, backend=c.backend)
         if not c.cms_levels:
             self.norm_mlp = RMSNorm(c.dim, c.norm_eps)

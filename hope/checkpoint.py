@@ -16,7 +16,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-FORMAT = "hope-checkpoint-v2"   # v2: no NumPy objects inside (v1 held NumPy's RNG state as an array)
+# v3: the models of issue 12 (the CMS delta-rule write and gated read-out, CMS levels reading their
+# block-start weights): a v2 file would load into another model. v2: no NumPy objects inside (v1 held
+# NumPy's RNG state as an array).
+FORMAT = "hope-checkpoint-v3"
 CHECKPOINT_NAME = "ckpt.pt"
 
 
@@ -91,8 +94,11 @@ def load_checkpoint(path, map_location: Optional[str] = "cpu") -> dict:
         raise ValueError(f"{p} is not a readable hope checkpoint: {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else None
+        older = isinstance(got, str) and got.startswith("hope-checkpoint-v")
         raise ValueError(f"{p} is not a hope checkpoint (expected format {FORMAT!r}"
-                         + (f", got {got!r})" if got else ")"))
+                         + (f", got {got!r}" if got else "") + ")"
+                         + ("; it was written by an older version whose models compute differently: retrain"
+                            if older else ""))
     return ckpt
 
 

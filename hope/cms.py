@@ -1,9 +1,19 @@
 """The CMS layer: a Continuum Memory System of M associative memories, one timescale each.
 
-Per head, M memories read the same q, k, v (through `hope_kernels.cms_scan`):
+Per head, M memories read the same q, k, v; tau_m is memory m's retention per token. Two write rules
+(`update`):
 
-    S_{m,t} = tau_m S_{m,t-1} + (1 - tau_m) k_t v_t^T,    o_t = sum_m g_{t,m} scale q_t S_{m,t}
+    "delta" (default): S_{m,t} = tau_m S_{m,t-1} - beta_t k_t^T (k_t S_{m,t-1} - v_t)   q, k unit vectors
+    "outer":           S_{m,t} = tau_m S_{m,t-1} + (1 - tau_m) k_t^T v_t                 (the seed's rule)
 
+    o_t = sum_m g_{t,m} scale q_t S_{m,t}
+
+"outer" runs on `hope_kernels.cms_scan` (the fused multi-timescale kernel); "delta" is one gradient
+step on 1/2 ||k S - v||^2 per token (the delta rule with decay, as Gated DeltaNet / Titans at period 1;
+beta_t = sigmoid(x_t w_beta + b) per head, <= 1, so the step is stable for unit keys) and runs on
+`hope_kernels.titans_scan` with period 1, the M memories of a head as M heads of one scan (scale 1).
+The delta rule overwrites what a key stored instead of adding to it: a value seen twice is not counted
+twice, which takes away the shortcut that held the seed HOPE on an MQAR plateau (issue 12, README).
 tau_m near 1 is a slow memory (horizon ~ 1 / (1 - tau_m) tokens), near 0 a fast one. The default
 timescales are log-spaced in 1 - tau from 1 - tau_min to 1 - tau_max, i.e. the horizons
 1/(1 - tau) form a geometric series covering the spectrum evenly on a log scale
@@ -29,10 +39,12 @@ import torch.nn as nn
 
 from .attention import _head_dim
 from .layers import ShortConv, gated_readout, split_heads
+from .titans import l2norm, up
 from .ops import check_backend, get_op
 
 # tau = sigmoid(logit) is kept inside [1e-3, 1 - 1e-4], where the kernels are numerically safe.
 LOGIT_MIN, LOGIT_MAX = math.log(1e-3 / (1 - 1e-3)), math.log((1 - 1e-4) / 1e-4)
+UPDATES = ("delta", "outer")
 
 
 def default_taus(num_memory_modules: int, tau_min: float = 0.01, tau_max: float = 0.99) -> torch.Tensor:
@@ -48,26 +60,30 @@ def default_taus(num_memory_modules: int, tau_min: float = 0.01, tau_max: float 
 class CMSLayer(nn.Module):
     """Multi-timescale associative memory over the sequence. x: [B, T, dim] -> [B, T, dim].
 
-    The cache (generation) holds the memories S: [B, H, M, K, V]; a new token then costs one
-    `cms_step`, O(1) in the sequence length.
+    The cache (generation) holds the memories: S [B, H, M, K, V] ("outer") or [B, H * M, K, V]
+    ("delta"); a new token then costs one `cms_step` / `titans_step`, O(1) in the sequence length.
     """
 
     def __init__(self, dim: int, num_heads: int, num_memory_modules: int, head_dim: Optional[int] = None, *,
                  tau_min: float = 0.01, tau_max: float = 0.99, learn_tau: bool = True,
                  per_head_tau: bool = True, data_dependent_mix: bool = True, conv_size: int = 4,
-                 gated_readout: bool = True,
+                 gated_readout: bool = True, update: str = "delta",
                  bias: bool = False, dropout: float = 0.0, backend: Optional[str] = None):
         super().__init__()
         if num_memory_modules <= 0:
             raise ValueError(f"num_memory_modules must be positive, got {num_memory_modules}")
         if conv_size < 1:
             raise ValueError(f"conv_size must be >= 1 (1: no convolution), got {conv_size}")
+        if update not in UPDATES:
+            raise ValueError(f"update={update!r}: expected one of {UPDATES}")
+        self.update = update
         self.num_heads, self.num_memories = num_heads, num_memory_modules
         self.head_dim = _head_dim(dim, num_heads, head_dim)
         inner = num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
         self.conv = ShortConv(3 * inner, conv_size, init="uniform") if conv_size > 1 else None
         self.out_gate = nn.Linear(dim, inner, bias=bias) if gated_readout else None
+        self.beta = nn.Linear(dim, num_heads, bias=True) if update == "delta" else None
         self.proj = nn.Linear(inner, dim, bias=bias)
         self.proj.residual_branch = True
         tau = default_taus(num_memory_modules, tau_min, tau_max)
@@ -98,13 +114,33 @@ class CMSLayer(nn.Module):
         B, T, _ = x.shape
         return torch.softmax(self.gate(x).view(B, T, self.num_heads, -1).float(), dim=-1)
 
+    def _delta(self, q, k, v, x, decay, mix, state, cache):
+        """The "delta" rule: memory m of head h is head h * M + m of one titans_scan (period 1)."""
+        B, T, H, D = q.shape
+        M = self.num_memories
+        fold = lambda t: t.unsqueeze(3).expand(B, T, H, M, t.shape[-1]).reshape(B, T, H * M, t.shape[-1])
+        q, k, v = fold(l2norm(q)), fold(l2norm(k)), fold(v)
+        beta = torch.sigmoid(up(self.beta(x)))[..., None].expand(B, T, H, M).reshape(B, T, H * M)
+        tau = decay.expand(H, M).reshape(1, 1, H * M).expand(B, T, H * M)
+        if state is not None and T == 1:
+            o, state = get_op("titans_step", self.backend)(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state,
+                                                           tau[:, 0], None, 1.0)
+            o = o[:, None]
+        else:
+            o, state = get_op("titans_scan", self.backend)(q, k, v, beta, tau, None, 1.0, period=1,
+                                                           initial_state=state,
+                                                           output_final_state=cache is not None)
+        return (o.view(B, T, H, M, D) * mix[..., None].to(o.dtype)).sum(3), state
+
     def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x) if self.conv is None else self.conv(self.qkv(x), cache)
         q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
         decay, mix = self.decay(), self.mixing(x).to(q.dtype)
         state = cache.get("state") if cache is not None else None
-        if state is not None and T == 1:
+        if self.update == "delta":
+            o, state = self._delta(q, k, v, x, decay, mix, state, cache)
+        elif state is not None and T == 1:
             step = get_op("cms_step", self.backend)
             o, state = step(q[:, 0], k[:, 0], v[:, 0], decay, state, mix if mix.dim() == 2 else mix[:, 0])
             o = o[:, None]

@@ -12,6 +12,7 @@ from .ops import BACKENDS
 ATTENTIONS = ("softmax", "linear", "titans")
 CMS_KINDS = ("decay", "levels")
 CMS_MEMORIES = ("linear", "mlp")
+CMS_UPDATES = ("delta", "outer")
 POSITIONS = ("rotary", "learned", "none")
 
 
@@ -90,6 +91,7 @@ class HOPEConfig:
     cms_data_dependent_mix: bool = True
     cms_conv_size: int = 4                # short causal conv on the CMS q, k, v (1: none; issue 12, hope/block.py)
     cms_gated_readout: bool = True        # CMS read-out W_o (rmsnorm(o) * silu(x W_g)) (False: W_o o; issue 12)
+    cms_update: str = "delta"             # CMS write: "delta" (titans_scan, period 1) | "outer" (cms_scan; issue 12)
     dropout: float = 0.0
     bias: bool = False
     tie_weights: bool = True              # output head shares the token embedding
@@ -112,6 +114,7 @@ class HOPEConfig:
         check_choice(self, "attention", ATTENTIONS)
         check_choice(self, "cms", CMS_KINDS)
         check_choice(self, "cms_memory", CMS_MEMORIES)
+        check_choice(self, "cms_update", CMS_UPDATES)
         check_int(self, "titans_period", "titans_conv")
         check_positive(self, "titans_period")
         if not 0.0 < self.titans_lr_max < 2.0:

@@ -22,6 +22,9 @@ def _layers():
         "linear_attention_unnormalized": lambda: LinearAttention(D, H, normalize=False),
         "cms_data_mix": lambda: CMSLayer(D, H, M),
         "cms_static_mix_shared_tau": lambda: CMSLayer(D, H, M, per_head_tau=False, data_dependent_mix=False),
+        "cms_outer": lambda: CMSLayer(D, H, M, update="outer"),
+        "cms_outer_static_mix_plain": lambda: CMSLayer(D, H, M, update="outer", data_dependent_mix=False,
+                                                       gated_readout=False, conv_size=1),
         "softmax_attention": lambda: SoftmaxAttention(D, H),
         "block_softmax": lambda: HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M)),
         "block_linear": lambda: HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M, attention="linear")),
@@ -67,7 +70,8 @@ def test_layer_matches_reference(name, backend):
         assert_close(f"{name} d{n}", p.grad, p_ref.grad, torch.float32, "cpu", grad=True, readout=readout)
 
 
-@pytest.mark.parametrize("name", ["linear_attention", "cms_data_mix", "softmax_attention"])
+@pytest.mark.parametrize("name", ["linear_attention", "cms_data_mix", "cms_static_mix_shared_tau", "cms_outer",
+                                  "softmax_attention"])
 def test_layer_cache_continues_sequence(name):
     """Prefill on x[:, :t], then a chunk, then single tokens (the step ops): same as one call on x."""
     layer = _set_backend(_randomize(_layers()[name]()), "torch").eval()

@@ -278,3 +278,10 @@ def test_evaluate_notes_a_different_corpus(finished_run, tmp_path, capsys):
     hope_checkpoint.save_checkpoint(tmp_path / "ckpt.pt", {k: v for k, v in ckpt.items() if k != "format"})
     assert hope_evaluate.main([str(tmp_path), "--batches", "1", "--max-new-tokens", "2"]) == 0
     assert "the corpus differs from the one this checkpoint was trained on" in capsys.readouterr().err
+
+
+def test_checkpoint_of_an_older_format_is_refused_with_a_reason(tmp_path):
+    """Format v2 checkpoints hold models that compute differently now (issue 12): refused, told to retrain."""
+    torch.save({"format": "hope-checkpoint-v2", "step": 1}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="older version.*retrain"):
+        hope_checkpoint.load_checkpoint(tmp_path / "ckpt.pt")

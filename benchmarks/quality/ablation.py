@@ -4,11 +4,12 @@
 
 Setting: MQAR with 4 pairs, 16 tokens (every key queried once), 2 layers, dim 64, 2 heads, M=3
 timescales, AdamW lr 1e-3 constant, batch 64, 3,000 steps, torch backend. Each cell changes one
-thing of the old seed HOPE block (x += attn; x += cms; x += mlp; no short convolution in the CMS,
-cms_conv_size=1, read-out W_o o), of the "conv" block (the CMS's q, k, v pass a short causal
-convolution: the default of stop 13) or is the new default (conv and the gated read-out
-W_o (rmsnorm(o) * silu(x W_g)): see hope/cms.py). One cell is Hope-attention, whose CMS levels read
-their block-start weights (Eq. 71, hope/levels.py). The designs that hope/block.py does not
+thing of the old seed HOPE block (x += attn; x += cms; x += mlp; the seed's "outer" write
+S = tau S + (1 - tau) k^T v; no short convolution in the CMS, cms_conv_size=1; read-out W_o o), of the
+"conv" block (the CMS's q, k, v pass a short causal convolution: the default of stop 13) or adds the
+gated read-out W_o (rmsnorm(o) * silu(x W_g)) and then the delta-rule write (the new default, see
+hope/cms.py). One cell is Hope-attention, whose CMS levels read their block-start weights (Eq. 71,
+hope/levels.py). The designs that hope/block.py does not
 offer are applied here to a built model (`apply_design`): the CMS placement, a learned gate on its
 output, a per-head RMSNorm of its read-out, and which layers keep a CMS; `lr_scale` scales the CMS's
 learning rate (0 freezes it at its random initialisation). Writes runs.jsonl (resumable),
@@ -107,16 +108,19 @@ SEED_HOPE = {"use_cms": True, "num_memory_modules": 3}
 # The lr is constant, so a run's curve at step 3,000 is what a 3,000-step run reports: the seed HOPE
 # cell runs 9,000 steps at the LONG_SEEDS and its table shows both (training length).
 LONG, LONG_SEEDS = 9000, (0,)
-OLD = {"cms_conv_size": 1, "cms_gated_readout": False}   # the seed HOPE block before issue 12
-CONV = {"cms_gated_readout": False}                      # + the short causal conv (the default of stop 13)
+OUTER = {"cms_update": "outer"}                                  # the seed's write rule (cms_scan)
+OLD = {**OUTER, "cms_conv_size": 1, "cms_gated_readout": False}   # the seed HOPE block before issue 12
+CONV = {**OUTER, "cms_gated_readout": False}                      # + the short causal conv (stop 13's default)
 MAIN_SEEDS = (0, 1, 2)              # the MAIN cells run these seeds too; the others run --seeds only
 CELLS = [
     ("Transformer (no CMS)", {"use_cms": False}, None, None, None),
     ("old seed HOPE: serial", OLD, None, None, LONG),
     ("conv: short causal conv in the CMS", CONV, None, None, None),
-    ("new default: conv + gated read-out", {}, None, None, None),
+    ("conv + gated read-out", OUTER, None, None, None),
+    ("new default: conv + gated read-out + delta-rule update", {}, None, None, None),
     ("Hope-attention: levels read block-start weights (Eq. 71)", {"cms": "levels"}, None, None, None),
-    ("gated read-out without the conv", {"cms_conv_size": 1}, None, None, None),
+    ("gated read-out without the conv", {**OUTER, "cms_conv_size": 1}, None, None, None),
+    ("delta-rule update without the conv", {"cms_conv_size": 1}, None, None, None),
     ("old + CMS in layer 2 only", OLD, {"cms_layers": [1]}, None, None),
     ("old + placement parallel to attention", OLD, {"placement": "parallel"}, None, None),
     ("old + placement after the MLP", OLD, {"placement": "after_mlp"}, None, None),
@@ -130,7 +134,7 @@ CELLS = [
     ("conv + shift-initialised conv (H3)", CONV, {"shift_init": True}, None, None),
     ("conv + CMS lr x0.1", CONV, None, {".cms.": 0.1}, None),
 ]
-MAIN = [c[0] for c in CELLS[:5]]
+MAIN = [c[0] for c in CELLS[:6]]
 BASE = {"dim": 64, "num_layers": 2, "num_heads": 2}
 TASK = {"num_pairs": 4, "seq_len": 16}
 STEPS = 3000
