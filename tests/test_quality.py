@@ -156,3 +156,7 @@ def test_cms_update_rules():
         CMSLayer(16, 1, 1, update="hebb")
     with pytest.raises(ValueError, match="cms_update"):
         HOPEConfig(cms_update="hebb")
+
+
+def test_variant_names_can_be_listed_on_the_command_line():
+    assert all("," not in name for name, _, _ in VARIANTS)       # --variants splits on commas

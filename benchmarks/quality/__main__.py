@@ -2,14 +2,15 @@
 
 Trains each variant of benchmarks/quality/variants.py (those this HOPEConfig accepts) with the same
 width, depth, optimizer and budget on
-  - MQAR (benchmarks/quality/mqar.py): the issue-12 setting (4 pairs, 16 tokens) over 3 seeds, a sweep
-    of the number of key-value pairs and of the sequence length at width 64, and of widths at 8 pairs;
-  - byte-level LM on hope.data's embedded corpus: validation bits/byte at equal steps (parameter
+  - MQAR (benchmarks/quality/mqar.py): the issue-12 setting (4 pairs, 16 tokens, 3,000 steps) and a
+    sweep of the number of key-value pairs (2 and 8 pairs in 32 tokens, 1,000 steps);
+  - byte-level LM on hope.data's embedded corpus: validation bits/byte at equal steps (600; parameter
     counts in the table; one Transformer row has the seed HOPE's parameter count),
-then prints a table and writes quality.csv / quality.json (every run, with its learning curve),
+one seed each: about 15 minutes on an idle 2-core CPU (README: the measured time). `--full` runs three
+seeds of the main setting and of the LM, and the pairs, sequence-length and width sweeps at 2,000 steps
+(hours). It prints a table and writes quality.csv / quality.json (every run, with its learning curve),
 table.txt, summary.md and PNG plots into --out. Runs append to runs.jsonl as they finish, and a rerun
-with the same --out resumes. The default is estimated at 15-20 minutes on an idle 2-core CPU
-(2 workers; from per-step costs); the committed run used a reduced plan, see README.
+with the same --out resumes (also to add seeds or variants to an earlier run).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The model variants: each is a row of HOPEConfig overrides on a shared base (width, depth, heads).
 
-Adding a variant is one line. A variant whose keys or values this HOPEConfig does not accept is skipped
-with a note, not an error. "Titans" uses the default gradient period (16: chunk-wise); "period 1" is the
+Adding a variant is one line; names hold no commas (`--variants` is a comma list). A variant whose
+keys or values this HOPEConfig does not accept is skipped with a note, not an error. "Titans" uses the default gradient period (16: chunk-wise); "period 1" is the
 exact online delta gradient descent (the delta rule with decay, as DeltaNet / Gated DeltaNet).
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ VARIANTS: List[Tuple[str, dict, tuple]] = [
     ("linear attention", {"attention": "linear", "use_cms": False}, BOTH),
     ("seed HOPE", {"attention": "softmax", "use_cms": True}, BOTH),
     ("Titans", {"attention": "titans", "use_cms": False}, BOTH),
-    ("Titans, period 1 (DGD)", {"attention": "titans", "titans_period": 1, "use_cms": False}, BOTH),
-    ("Titans, self-modifying", {"attention": "titans", "self_modifying": True, "use_cms": False}, BOTH),
+    ("Titans period 1 (DGD)", {"attention": "titans", "titans_period": 1, "use_cms": False}, BOTH),
+    ("self-modifying Titans", {"attention": "titans", "self_modifying": True, "use_cms": False}, BOTH),
     ("paper HOPE", {"attention": "titans", "self_modifying": True, "use_cms": True, "cms": "levels"}, BOTH),
     ("Hope-attention", {"attention": "softmax", "use_cms": True, "cms": "levels"}, BOTH),
     # the Transformer with the MLP widened to the seed HOPE's parameter count (equal-parameter LM row)
-    ("Transformer, wider MLP (params of seed HOPE)", {"attention": "softmax", "use_cms": False,
+    ("Transformer with seed HOPE params (wider MLP)", {"attention": "softmax", "use_cms": False,
                                                      "mlp_ratio": 6.65625}, LM_ONLY),
 ]
 
