@@ -17,17 +17,25 @@ D, H, M, B, T = 32, 2, 3, 2, 24
 
 
 def _layers():
+    # CMS layers without the gated read-out: rmsnorm(o) is the same torch code on every backend and
+    # normalises each row of the memory's read, blowing the fp32 rounding of near-empty rows (the
+    # first tokens) up to ~1e-3; the memory op's agreement is what differs between backends.
+    # gated_readout is tested on its own (test_gated_readout).
     return {
         "linear_attention": lambda: LinearAttention(D, H, normalize=True),
         "linear_attention_unnormalized": lambda: LinearAttention(D, H, normalize=False),
-        "cms_data_mix": lambda: CMSLayer(D, H, M),
-        "cms_static_mix_shared_tau": lambda: CMSLayer(D, H, M, per_head_tau=False, data_dependent_mix=False),
-        "cms_outer": lambda: CMSLayer(D, H, M, update="outer"),
+        "cms_data_mix": lambda: CMSLayer(D, H, M, gated_readout=False),
+        "cms_static_mix_shared_tau": lambda: CMSLayer(D, H, M, per_head_tau=False, data_dependent_mix=False,
+                                                      gated_readout=False),
+        "cms_outer": lambda: CMSLayer(D, H, M, update="outer", gated_readout=False),
+        "cms_gated": lambda: CMSLayer(D, H, M),
         "cms_outer_static_mix_plain": lambda: CMSLayer(D, H, M, update="outer", data_dependent_mix=False,
                                                        gated_readout=False, conv_size=1),
         "softmax_attention": lambda: SoftmaxAttention(D, H),
-        "block_softmax": lambda: HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M)),
-        "block_linear": lambda: HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M, attention="linear")),
+        "block_softmax": lambda: HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M,
+                                                      cms_gated_readout=False)),
+        "block_linear": lambda: HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M, attention="linear",
+                                                     cms_gated_readout=False)),
     }
 
 
@@ -52,7 +60,7 @@ def _set_backend(module, backend):
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("name", list(_layers()))
+@pytest.mark.parametrize("name", [n for n in _layers() if n != "cms_gated"])
 def test_layer_matches_reference(name, backend):
     layer = _randomize(_layers()[name]())
     ref = _set_backend(copy.deepcopy(layer).double(), "reference")
@@ -64,14 +72,13 @@ def test_layer_matches_reference(name, backend):
     w = torch.randn_like(out_ref)
     (out * w.float()).sum().backward()
     (out_ref * w).sum().backward()
-    readout = any(getattr(m, "out_gate", None) is not None for m in layer.modules())   # normalised CMS read-out
-    assert_close(f"{name} dx", x.grad, x64.grad, torch.float32, "cpu", grad=True, readout=readout)
+    assert_close(f"{name} dx", x.grad, x64.grad, torch.float32, "cpu", grad=True)
     for (n, p), (_, p_ref) in zip(layer.named_parameters(), ref.named_parameters()):
-        assert_close(f"{name} d{n}", p.grad, p_ref.grad, torch.float32, "cpu", grad=True, readout=readout)
+        assert_close(f"{name} d{n}", p.grad, p_ref.grad, torch.float32, "cpu", grad=True)
 
 
 @pytest.mark.parametrize("name", ["linear_attention", "cms_data_mix", "cms_static_mix_shared_tau", "cms_outer",
-                                  "softmax_attention"])
+                                  "cms_gated", "softmax_attention"])
 def test_layer_cache_continues_sequence(name):
     """Prefill on x[:, :t], then a chunk, then single tokens (the step ops): same as one call on x."""
     layer = _set_backend(_randomize(_layers()[name]()), "torch").eval()
@@ -166,3 +173,19 @@ def test_associative_memory_recall_and_capacity():
     assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="keys"):
         mem.store(torch.randn(2, 15), torch.randn(2, 8))
+
+
+def test_gated_readout():
+    """y = rmsnorm(o) per head (no weight) * silu(g), against float64; the default CMS layer uses it and
+    its cached steps continue the sequence (test_layer_cache_continues_sequence[cms_gated])."""
+    from hope.layers import gated_readout
+    torch.manual_seed(0)
+    o, g = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 24)
+    o[0, 0] = 1e-30                                          # an empty memory reads finite values
+    y = gated_readout(o, g)
+    o64 = o.double()
+    want = (o64 / torch.sqrt(o64.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)).reshape(2, 5, 24)
+    want = want * torch.nn.functional.silu(g.double())
+    assert y.shape == (2, 5, 24) and torch.isfinite(y).all()
+    assert_close("gated read-out", y, want, torch.float32, "cpu")
+    assert CMSLayer(D, H, M).out_gate is not None and CMSLayer(D, H, M, gated_readout=False).out_gate is None

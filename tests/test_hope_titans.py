@@ -87,7 +87,7 @@ def naive_titans(layer: TitansLayer, x):
                     else:
                         M[n] = alpha * M[n] - eta * grad
                 out[b, t, hh] = q @ (bar["mem"] if layer.read_with_key else M["mem"])   # a level reads Sbar (Eq. 71)
-    o = F.rms_norm(out, (D,), eps=1e-5).reshape(B, T, H * D)
+    o = F.rms_norm(out, (D,)).reshape(B, T, H * D)
     return layer.proj(o * F.silu(g))
 
 

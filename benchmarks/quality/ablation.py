@@ -129,10 +129,10 @@ CELLS = [
     ("old + norm: per-head RMSNorm of the read-out", OLD, {"out_norm": True}, None, None),
     ("old + CMS in layer 1 only", OLD, {"cms_layers": [0]}, None, None),
     ("old + CMS frozen at init (lr 0)", OLD, None, {".cms.": 0.0}, None),
-    ("conv + placement before attention", CONV, {"placement": "before_attn"}, None, None),
-    ("conv + placement after the MLP", CONV, {"placement": "after_mlp"}, None, None),
-    ("conv + shift-initialised conv (H3)", CONV, {"shift_init": True}, None, None),
-    ("conv + CMS lr x0.1", CONV, None, {".cms.": 0.1}, None),
+    ("conv + placement before attention (stop 13)", CONV, {"placement": "before_attn"}, None, None),
+    ("conv + placement after the MLP (stop 13)", CONV, {"placement": "after_mlp"}, None, None),
+    ("conv + shift-initialised conv (H3) (stop 13)", CONV, {"shift_init": True}, None, None),
+    ("conv + CMS lr x0.1 (stop 13)", CONV, None, {".cms.": 0.1}, None),
 ]
 MAIN = [c[0] for c in CELLS[:6]]
 BASE = {"dim": 64, "num_layers": 2, "num_heads": 2}
@@ -208,7 +208,11 @@ def main(argv=None) -> int:
     header = (f"Issue 12 ablation: MQAR 4 pairs / 16 tokens, 2 layers, dim 64, 2 heads, M=3, AdamW lr 1e-3 "
               f"constant, batch 64, torch backend, 1 thread per run ({a.workers} parallel). Command: "
               f"`python -m benchmarks.quality.ablation --workers {a.workers}`. This invocation: "
-              f"{time.time() - t0:.0f} s, load average at start {up0[0]:.2f}, at end {os.getloadavg()[0]:.2f}.")
+              f"{time.time() - t0:.0f} s, load average at start {up0[0]:.2f}, at end {os.getloadavg()[0]:.2f}. "
+              "Cells marked (stop 13) ran on the code of stop 13 (c9e3a77), whose CMS convolution was an "
+              "nn.Conv1d with the same initial weights as ShortConv(init='uniform'); the old block's cells "
+              "compute the same as today's code. Wall times of runs made while other jobs shared the "
+              "machine are inflated (load average per run in ablation.csv).")
     print(report(records, out, header))
     return 0
 
