@@ -120,12 +120,11 @@ class ShortConv(nn.Module):
         return sum(w[:, i] * xx[:, i:i + T] for i in range(self.window))
 
 
-def gated_readout(o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def gated_readout(o: torch.Tensor, g: torch.Tensor, eps: Optional[float] = None) -> torch.Tensor:
     """The memories' read-out before the output projection (as in GLA / Gated DeltaNet):
-    rmsnorm(o) per head (no weight, in float32, eps the dtype's epsilon) times silu(g).
-    o: [B, T, H, D], g: [B, T, H * D] -> [B, T, H * D] in g's dtype. The tiny eps matters: a memory
-    that starts empty (Titans' S_0 = 0) is read at full scale from its first write; eps = 1e-5 damps
-    those reads and holds Titans (period 1) on the MQAR plateau (0.53 instead of 0.99)."""
+    rmsnorm(o) per head (no weight, in float32) times silu(g). o: [B, T, H, D], g: [B, T, H * D]
+    -> [B, T, H * D] in g's dtype. eps (None: float32's epsilon) sets how far a near-empty memory's
+    read is damped instead of scaled up to unit size; the layers choose it (hope/cms.py, hope/titans.py)."""
     B, T, H, D = o.shape
-    o = F.rms_norm(o.to(torch.promote_types(o.dtype, torch.float32)), (D,)).to(g.dtype)
+    o = F.rms_norm(o.to(torch.promote_types(o.dtype, torch.float32)), (D,), eps=eps).to(g.dtype)
     return o.reshape(B, T, H * D) * F.silu(g)

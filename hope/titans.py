@@ -242,4 +242,6 @@ class TitansLayer(nn.Module):
             o = o[..., 2 * D + 2:]                           # the output memory's columns
         if cache is not None:
             cache.update(state=state, block_state=block_state, pos=pos + T)
+        # float32's epsilon: the memory starts empty and must be read at full scale from its first write
+        # (eps = 1e-5 holds Titans period 1 on the MQAR plateau: 0.53 instead of 0.99 on seeds 0 and 1)
         return self.resid_dropout(self.proj(gated_readout(o, g)))
