@@ -10,13 +10,14 @@
 Variants by config: seed (attention="softmax", cms="decay"), the paper's HOPE (attention="titans",
 self_modifying=True, cms="levels"), Hope-attention (attention="softmax", cms="levels").
 
-The seed CMS's q, k, v pass a short causal convolution (cms_conv_size=4 tokens, hope/cms.py) before its
-memories: its keys can then describe the token before the value they store, so the memory recalls
-"what followed this key". Without it (cms_conv_size=1, the seed's first design) the memory mostly counts
-tokens, which hands MQAR a shortcut (guess a value not yet asked for: 0.53 accuracy) that delays the
-attention's induction circuit past a 3,000-step budget (~3,500 steps instead of ~1,700); with it the
-block leaves that plateau within the budget (0.977 vs the Transformer's 1.000, mean of 3 seeds) and lowers
-byte-level bits/byte. Evidence and the ablation: README "What was found (issue 12)".
+The seed CMS (hope/cms.py; issue 12, README "What was found"): its q, k, v pass a short causal
+convolution (cms_conv_size=4), so a key can describe the token before the value it stores, and each
+memory writes with the delta rule (cms_update="delta": S = tau S - beta k^T (k S - v)), which overwrites
+what a key stored instead of adding to it. With the seed's additive write (cms_update="outer") the
+memory counts tokens, which hands MQAR a shortcut (guess a value not yet asked for: 0.53) that delays
+the attention's induction circuit; with both changes the block matches the Transformer on MQAR (0.999
+vs 1.000, 3 seeds) and beats it on byte-level LM. The CMS levels read their block-start weights
+(Eq. 71) for the same reason.
 """
 from __future__ import annotations
 
