@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ..aot import KernelConfig
-from ..triton_utils import autotune, empty, kernel_spec, load_tile, upcast_dots
+from ..triton_utils import autotune, empty, kernel_spec, load_tile, seq_bounds, upcast_dots
 
 # ----------------------------------------------------------------------------- configs
 FWD_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
@@ -266,11 +266,7 @@ def titans_bwd_kernel(q, k, v, lr, decay, momentum, h0, z0, do, dht, dzt,
     NV = tl.num_programs(0)
     i_n, i_h = i_nh // H, i_nh % H
     p_part = i_v.to(tl.int64) * R                              # this V-tile's partials
-    bos, L = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    if IS_VARLEN:
-        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    bos, L, boc = seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     o_k = tl.arange(0, BK)
     o_bv = tl.arange(0, BV)
     o_v = i_v * BV + o_bv
@@ -394,11 +390,7 @@ def titans_chunk_bwd_kernel(q, k, v, lr, decay, h0, do, dht, dq, dk, dv, dlr, dd
     NV = tl.num_programs(0)
     i_n, i_h = i_nh // H, i_nh % H
     p_part = i_v.to(tl.int64) * R
-    bos, L = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    if IS_VARLEN:
-        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    bos, L, boc = seq_bounds(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_bv = tl.arange(0, BV)
