@@ -143,10 +143,9 @@ STEPS = 3000
 def jobs(seeds: Sequence[int], cells=CELLS, steps: int = STEPS, eval_every: int = 250, extra_seeds=MAIN_SEEDS):
     """Every cell at `seeds`; the MAIN cells also at extra_seeds."""
     out = []
-    main = MAIN
     for seed in sorted(set(seeds) | set(extra_seeds)):   # seed-major: a cut-short run has every cell at seed 0
         for name, model, design, lr_scale, n in cells:
-            if seed not in seeds and name not in main:
+            if seed not in seeds and name not in MAIN:
                 continue
             n = n if n and seed in LONG_SEEDS else steps
             key = f"ablation|{name}|steps={n}|seed={seed}"
