@@ -16,6 +16,7 @@ import torch
 BACKENDS = ("triton", "torch")
 BACKEND_ENV = "HOPE_KERNELS_BACKEND"
 AUTOTUNE_ENV = "HOPE_KERNELS_AUTOTUNE"  # "0" pins every kernel to its default config
+DEBUG_ENV = "HOPE_KERNELS_DEBUG"        # "1": check tensor values on GPUs too (a host sync per check)
 
 
 # --------------------------------------------------------------------------- backends
@@ -177,8 +178,16 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def skip_host_checks() -> bool:
-    return _capturing()
+def skip_host_checks(device: Optional[torch.device] = None) -> bool:
+    """True where a check of tensor *values* (gate ranges) would cost a device-to-host sync.
+
+    Value checks are free on CPU tensors and run there; on other devices they run only with
+    HOPE_KERNELS_DEBUG=1; never while compiling or capturing a CUDA graph (DESIGN.md, Errors)."""
+    if _capturing():
+        return True
+    if device is None or torch.device(device).type == "cpu":
+        return False
+    return os.environ.get(DEBUG_ENV, "0") != "1"
 
 
 def check_state(name: str, state, shape: Sequence[int], device: torch.device, layout: str) -> Optional[torch.Tensor]:

@@ -23,7 +23,7 @@ def _check_decay(decay, H: int, device) -> torch.Tensor:
         raise ValueError(f"decay must have shape [M] or [H, M] with H = {H}, got {tuple(decay.shape)}")
     if decay.device != device:
         raise ValueError(f"decay is on {decay.device} but the inputs are on {device}")
-    if not utils.skip_host_checks():
+    if not utils.skip_host_checks(device):
         ok = bool(((decay > 0) & (decay < 1)).all())   # one host sync; NaN fails too
         if not ok:
             raise ValueError("decay (tau) must lie strictly inside (0, 1); got values in "

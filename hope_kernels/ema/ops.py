@@ -150,7 +150,7 @@ def _check_list(name: str, tensors, shape) -> List[torch.Tensor]:
 def _check_decay(decay, M: int, device: torch.device, state_dt: torch.dtype) -> torch.Tensor:
     if isinstance(decay, torch.Tensor):
         check_tensor("decay", decay, 1, shape=(M,), layout="[M]")
-        if not skip_host_checks() and not _already_checked(decay):
+        if not skip_host_checks(decay.device) and not _already_checked(decay):
             bad = ~((decay >= 0) & (decay <= 1))
             if bool(bad.any()):
                 raise ValueError(f"decay values must lie in [0, 1], got {decay[bad].tolist()[:4]} "
