@@ -2,10 +2,16 @@
 
 A checkpoint holds only tensors and plain Python data (dicts, lists, tuples, numbers, strings), so
 it loads with `torch.load(weights_only=True)`: a file that would need any other object to unpickle
-(and so could run code while loading) is refused with a ValueError.
+(and so could run code while loading) is refused with a ValueError. It carries the sha256 of its
+contents (every tensor's dtype, shape and bytes, and the plain data), checked on load: a file
+changed after it was written is refused as corrupted. Files written before the digest existed
+load unchecked.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
 import os
 import pickle
 import random
@@ -21,6 +27,9 @@ import torch
 # NumPy's RNG state as an array).
 FORMAT = "hope-checkpoint-v3"
 CHECKPOINT_NAME = "ckpt.pt"
+DIGEST_KEY = "sha256"
+REQUIRED = {"config": dict, "model": dict, "step": int}   # what every reader of a checkpoint needs
+RESUME = {"optimizer": dict, "scheduler": dict, "data": dict, "rng": dict}   # what a resume needs too
 
 
 def rng_state() -> dict:
@@ -45,18 +54,59 @@ def set_rng_state(state: dict) -> None:
 
 
 def temporary_path(path) -> Path:
+    """Where this process writes `path` before renaming it: `<path>.tmp.<pid>`, so that two
+    processes never write one temporary file."""
     path = Path(path)
-    return path.with_suffix(path.suffix + ".tmp")
+    return path.with_name(f"{path.name}.tmp.{os.getpid()}")
+
+
+def remove_temporaries(path) -> None:
+    """Temporary files of `path` left by killed processes (any pid; call it holding the run's lock)."""
+    path = Path(path)
+    for f in glob.glob(glob.escape(str(path)) + ".tmp*"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f)
+
+
+def payload_digest(obj) -> str:
+    """sha256 over a checkpoint's contents: every tensor's dtype, shape and bytes, and the plain data
+    (types, keys in order, reprs of numbers and strings)."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}".encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{type(o).__name__[0]}{len(o)}".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"{type(o).__name__}:{o!r};".encode())
+    walk(obj)
+    return h.hexdigest()
 
 
 def save_checkpoint(path, payload: dict) -> Path:
-    """torch.save to a temporary file, then rename: a crash or an interrupt never leaves a
-    half-written checkpoint, and the temporary file is removed when the save fails."""
+    """torch.save (with the contents' digest) to this process's temporary file, then rename: a crash
+    or an interrupt never leaves a half-written checkpoint, and the temporary file is removed when
+    the save fails (a full disk raises the OSError of the write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
+    obj = {"format": FORMAT, **{k: v for k, v in payload.items() if k not in ("format", DIGEST_KEY)}}
+    obj[DIGEST_KEY] = payload_digest(obj)
     try:
-        torch.save({"format": FORMAT, **payload}, tmp)
+        with open(tmp, "wb") as f:     # through a Python file: a failed write raises its OSError
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -68,16 +118,20 @@ def resolve_checkpoint_path(path) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / CHECKPOINT_NAME
+    if p.exists() and not p.is_file():
+        raise ValueError(f"{p} is not a checkpoint: not a regular file")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}"
                                 + (f" (no {CHECKPOINT_NAME} in that directory)" if Path(path).is_dir() else ""))
     return p
 
 
-def load_checkpoint(path, map_location: Optional[str] = "cpu") -> dict:
+def load_checkpoint(path, map_location: Optional[str] = "cpu", *, for_resume: bool = False) -> dict:
     """Load a checkpoint written by save_checkpoint (a file, or a run directory holding ckpt.pt).
 
-    Only tensors and plain data are unpickled (weights_only=True); anything else is refused."""
+    Only tensors and plain data are unpickled (weights_only=True); anything else is refused, and so
+    is a file whose digest does not match its contents (corrupted) or that lacks what a checkpoint
+    holds (`for_resume`: the optimizer, scheduler, data and RNG states too)."""
     p = resolve_checkpoint_path(path)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
@@ -89,9 +143,11 @@ def load_checkpoint(path, map_location: Optional[str] = "cpu") -> dict:
                              "hope checkpoints never "
                              "hold such objects (checkpoints older than format v2 held NumPy arrays: "
                              "retrain); do not load files you do not trust.") from None
-        raise ValueError(f"{p} is not a readable hope checkpoint: {_first_line(e)}") from None
+        raise ValueError(f"{p} is not a readable hope checkpoint (corrupted, truncated or another kind of "
+                         f"file): {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - any other failure means "not a checkpoint"
-        raise ValueError(f"{p} is not a readable hope checkpoint: {type(e).__name__}: {_first_line(e)}") from None
+        raise ValueError(f"{p} is not a readable hope checkpoint (corrupted, truncated or another kind of "
+                         f"file): {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else None
         older = isinstance(got, str) and got.startswith("hope-checkpoint-v")
@@ -99,7 +155,35 @@ def load_checkpoint(path, map_location: Optional[str] = "cpu") -> dict:
                          + (f", got {got!r}" if got else "") + ")"
                          + ("; it was written by an older version whose models compute differently: retrain"
                             if older else ""))
+    want = dict(REQUIRED, **(RESUME if for_resume else {}))
+    wrong = [k for k, kind in want.items() if not isinstance(ckpt.get(k), kind) or isinstance(ckpt.get(k), bool)]
+    if wrong:
+        raise ValueError(f"{p} is not a hope checkpoint: it says format {FORMAT!r} but lacks {wrong} "
+                         "(or holds them with the wrong type)")
+    stored = ckpt.pop(DIGEST_KEY, None)
+    if stored is not None and stored != payload_digest(ckpt):
+        raise ValueError(f"{p} is corrupted: its contents do not match the sha256 written with it; "
+                         "do not use it (resume from another copy, or retrain)")
+    bad = [k for k, v in ckpt["model"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{p} is not a hope checkpoint: its model weights hold non-tensors ({bad[:3]})")
     return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict, where) -> None:
+    """model.load_state_dict(state), after checking that every weight is there with the model's shape
+    (a ValueError naming the first misfits otherwise)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or extra or shapes:
+        parts = [f"{what} {names[:3]}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                 for what, names in (("missing", missing), ("unexpected", extra), ("wrong shape:", shapes))
+                 if names]
+        raise ValueError(f"the weights in {where} do not fit the model of its config: {'; '.join(parts)}")
+    model.load_state_dict(state)
 
 
 def _first_line(e: Exception) -> str:

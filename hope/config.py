@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any, List, Mapping, Optional
 
@@ -27,12 +29,61 @@ def check_keys(cls, data: Mapping[str, Any], where: str) -> dict:
         raise ValueError(f"unknown {where} key(s) {unknown}; known keys: {sorted(known)}")
     out = dict(data)
     for k, v in data.items():
-        if isinstance(v, str) and "float" in str(known[k].type):
-            try:
+        kind = str(known[k].type)
+        if "float" not in kind:
+            continue
+        try:
+            if isinstance(v, str):
                 out[k] = float(v)
-            except ValueError:
-                raise ValueError(f"{where}.{k} must be a number, got {v!r}") from None
+            elif isinstance(v, (list, tuple)) and kind.startswith(("List", "list")):
+                out[k] = [float(x) if isinstance(x, str) else x for x in v]
+        except ValueError:
+            raise ValueError(f"{where}.{k} must be {_describe(kind)}, got {v!r}") from None
     return out
+
+
+_TYPE = re.compile(r"(Optional\[)?(List\[)?(int|float|bool|str)\]?\]?")
+
+
+def _describe(kind: str) -> str:
+    m = _TYPE.fullmatch(kind.replace(" ", ""))
+    if m is None:
+        return kind
+    base = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}[m.group(3)]
+    if m.group(2):
+        base = "a list of " + {"int": "integers", "float": "finite numbers", "bool": "booleans",
+                               "str": "strings"}[m.group(3)]
+    return base + (" or null" if m.group(1) else "")
+
+
+def _is(value, base: str) -> bool:
+    if base == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if base == "int":
+        return isinstance(value, int)
+    if base == "float":
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, str)
+
+
+def check_types(obj) -> None:
+    """Every field of the dataclass `obj` holds a value of its annotated type (int, float, bool, str,
+    Optional[...] and List[...] of those); floats must be finite (NaN and inf are refused).
+    A ValueError names the field, what it must be and what it got."""
+    for f in fields(obj):
+        kind = str(f.type).replace(" ", "")
+        m = _TYPE.fullmatch(kind)
+        if m is None:
+            continue
+        v = getattr(obj, f.name)
+        if m.group(1) and v is None:
+            continue
+        ok = (isinstance(v, (list, tuple)) and all(_is(x, m.group(3)) for x in v)) if m.group(2) \
+            else _is(v, m.group(3))
+        if not ok:
+            raise ValueError(f"{f.name} must be {_describe(kind)}, got {v!r}")
 
 
 def check_positive(obj, *names: str) -> None:
@@ -100,6 +151,7 @@ class HOPEConfig:
     backend: Optional[str] = None         # None | "triton" | "torch" | "reference"
 
     def __post_init__(self):
+        check_types(self)
         check_int(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "num_memory_modules",
                   "cms_conv_size")
         check_positive(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len",
@@ -175,13 +227,24 @@ class HOPEConfig:
 
 def load_yaml(path_or_text: str) -> dict:
     import os
-    if os.path.exists(path_or_text):
-        with open(path_or_text, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    elif "\n" in path_or_text or ":" in path_or_text and not path_or_text.endswith((".yaml", ".yml")):
-        data = yaml.safe_load(path_or_text)
-    else:
-        raise FileNotFoundError(f"config file not found: {path_or_text}")
+    if os.path.isdir(path_or_text):
+        raise ValueError(f"config {path_or_text} is a directory, not a YAML file")
+    try:
+        if os.path.exists(path_or_text):
+            where = f"config file {path_or_text}"
+            with open(path_or_text, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        elif "\n" in path_or_text or ":" in path_or_text and not path_or_text.endswith((".yaml", ".yml")):
+            where = "config text"
+            data = yaml.safe_load(path_or_text)
+        else:
+            raise FileNotFoundError(f"config file not found: {path_or_text}")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{where} is not UTF-8 text") from None
     if data is None:
         data = {}
     if not isinstance(data, Mapping):

@@ -68,13 +68,18 @@ def read_corpus(files: Optional[Sequence[Union[str, os.PathLike]]] = None,
                 paths += sorted(q for q in p.rglob("*") if q.is_file())
             elif p.is_file():
                 paths.append(p)
+            elif p.exists():
+                raise ValueError(f"data file {f} is not a regular file or a directory")
             else:
                 raise FileNotFoundError(f"data file not found: {f}")
         if not paths:
             raise ValueError(f"no data files found in {list(map(str, files))}")
     chunks, total = [], 0
-    for p in paths:
-        data = p.read_bytes() + DOC_SEPARATOR
+    for p in paths:              # read no byte past max_bytes
+        left = None if max_bytes is None else max_bytes - total
+        with open(p, "rb") as fh:
+            data = fh.read() if left is None else fh.read(left)
+        data += DOC_SEPARATOR
         chunks.append(data)
         total += len(data)
         if max_bytes is not None and total >= max_bytes:

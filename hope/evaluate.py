@@ -12,12 +12,13 @@ from typing import List, Optional
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_model_state
 from .data import ByteTokenizer
+from .generation import check_max_new_tokens, check_sampling
 from .model import HOPE
 from .ops import BACKENDS
 from .run_config import RunConfig
-from .train import build_stream, evaluate_loss, pick_device
+from .runtime import build_stream, check_backend_runs, evaluate_loss, one_line, pick_device
 
 
 def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Optional[int] = None,
@@ -28,8 +29,10 @@ def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Opt
     for name, value in (("batches", batches), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt must be a non-empty text, got {prompt!r}")
     ckpt = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
     base = {k: dict(v) for k, v in ckpt["config"].items()}
     base["train"]["device"] = device
@@ -39,8 +42,9 @@ def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Opt
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     dev = pick_device(cfg.train.device)
+    check_backend_runs(backend if backend is not None else cfg.model.backend, dev)
     model = HOPE(cfg.model)
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt["model"], checkpoint if not isinstance(checkpoint, dict) else "the checkpoint")
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise ValueError(f"the checkpoint holds non-finite weights (in {bad[:3]}): its run diverged")
@@ -84,8 +88,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         r = evaluate(a.checkpoint, data_files=a.data, batches=a.batches, batch_size=a.batch_size,
                      device=a.device, backend=a.backend, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
                      temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    except (ValueError, TypeError, OSError) as e:
+        p.exit(2, f"{p.prog}: error: {one_line(e)}\n")
     print(f"checkpoint step {r['step']}")
     print(f"validation loss {r['loss']:.4f} nats/byte | {r['bpb']:.4f} bits/byte | "
           f"perplexity {r['ppl']:.2f} | {r['tokens_per_s']:,.0f} tokens/s")

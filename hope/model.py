@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .block import HOPEBlock
 from .config import HOPEConfig
-from .generation import HOPECache, sample_next
+from .generation import HOPECache, check_max_new_tokens, check_sampling, sample_next
 from .layers import Embeddings, RMSNorm
 from .ops import check_backend
 
@@ -132,6 +132,11 @@ class HOPE(nn.Module):
         Returns the prompt followed by the new tokens, with the prompt's rank.
         """
         device = next(self.parameters()).device
+        if isinstance(prompt, (str, bytes)):
+            raise TypeError(f"prompt must hold token ids (a tensor or a list of ints), got {type(prompt).__name__}: "
+                            "encode text first (e.g. hope.data.ByteTokenizer().encode)")
+        check_max_new_tokens(max_new_tokens)
+        check_sampling(temperature, top_k, top_p)
         if not isinstance(prompt, torch.Tensor):
             flat = len(prompt) == 0 or not isinstance(prompt[0], (list, tuple, torch.Tensor))
             rows = [list(prompt)] if flat else [list(r) for r in prompt]
@@ -146,8 +151,10 @@ class HOPE(nn.Module):
         seq = (prompt[None] if squeeze else prompt).to(device=device, dtype=torch.long)
         if seq.dim() != 2 or seq.shape[0] == 0 or seq.shape[1] == 0:
             raise ValueError(f"prompt must hold at least one token, shape [T] or [B, T]; got {tuple(prompt.shape)}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        need = seq.shape[1] + max(max_new_tokens - 1, 0)    # the last new token is not fed back
+        if self.config.position == "learned" and need > self.config.max_seq_len:
+            raise ValueError(f"prompt length {seq.shape[1]} with max_new_tokens={max_new_tokens} needs {need} "
+                             f"positions, more than max_seq_len={self.config.max_seq_len} (learned positions)")
         was_training = self.training
         self.eval()
         try:

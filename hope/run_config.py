@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
 import yaml
 
-from .config import HOPEConfig, check_choice, check_int, check_keys, check_positive, load_yaml
+from .config import HOPEConfig, check_choice, check_int, check_keys, check_positive, check_types, load_yaml
 
 OPTIMIZERS = ("adamw", "deep_momentum")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -21,13 +23,18 @@ class DataConfig:
     val_fraction: float = 0.1
 
     def __post_init__(self):
+        if isinstance(self.files, str):
+            self.files = [self.files]
+        check_types(self)
+        if self.files is not None:
+            if not self.files or not all(self.files):
+                raise ValueError(f"files must be null (the default corpus) or a list of file / directory "
+                                 f"paths, none empty, got {self.files!r}")
+            self.files = list(self.files)
         if self.max_bytes is not None:
-            check_int(self, "max_bytes")
             check_positive(self, "max_bytes")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if isinstance(self.files, str):
-            self.files = [self.files]
 
 
 @dataclass
@@ -57,6 +64,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_types(self)
         check_int(self, "seq_len", "batch_size", "max_steps", "warmup_steps", "eval_interval",
                   "eval_batches", "checkpoint_interval", "log_interval", "seed")
         check_positive(self, "seq_len", "batch_size", "max_steps", "lr", "eval_interval", "eval_batches",
@@ -70,6 +78,22 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} must not exceed lr={self.lr}")
+        for name, size in (("adam_betas", 2), ("momentum_betas", None)):
+            betas = getattr(self, name)
+            if (size is not None and len(betas) != size) or not betas or not all(0 <= b < 1 for b in betas):
+                raise ValueError(f"{name} must be a list of {size or 'one or more'} numbers in [0, 1), "
+                                 f"got {betas!r}")
+            setattr(self, name, [float(b) for b in betas])
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def _in_section(msg: str, section: str, kind) -> str:
+    """A field's error message with the field named as section.key."""
+    first = re.match(r"\w+", msg)
+    if first and first.group() in {f.name for f in dataclasses.fields(kind)}:
+        return f"{section}.{msg}"
+    return msg if msg.startswith(("unknown", f"{section}.")) else f"{section}: {msg}"
 
 
 @dataclass
@@ -90,7 +114,10 @@ class RunConfig:
             sec = data.get(name) or {}
             if not isinstance(sec, Mapping):
                 raise ValueError(f"config section {name!r} must be a mapping, got {type(sec).__name__}")
-            parts[name] = kind(**check_keys(kind, sec, name))
+            try:
+                parts[name] = kind(**check_keys(kind, sec, name))
+            except ValueError as e:
+                raise ValueError(_in_section(str(e), name, kind)) from None
         if parts["train"].seq_len > parts["model"].max_seq_len and parts["model"].position == "learned":
             raise ValueError(f"train.seq_len={parts['train'].seq_len} exceeds model.max_seq_len="
                              f"{parts['model'].max_seq_len} (learned positions)")
@@ -112,7 +139,11 @@ class RunConfig:
                 raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
             sec = data.setdefault(section, {}) or {}
             data[section] = sec
-            sec[name] = yaml.safe_load(value)
+            try:
+                sec[name] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"override {item!r}: {value!r} is not a YAML value "
+                                 f"({str(e).splitlines()[0]})") from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:

@@ -25,73 +25,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, resolve_checkpoint_path, rng_state, save_checkpoint,
-                         set_rng_state, temporary_path)
-from .data import ByteTokenizer, TokenStream, corpus_info, read_corpus
-from .config import HOPEConfig
+from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, load_model_state, remove_temporaries,
+                         resolve_checkpoint_path, rng_state, save_checkpoint, set_rng_state, temporary_path)
 from .model import HOPE
 from .ops import BACKENDS
 from .optim import DeepMomentum
 from .run_config import RunConfig
+from .runtime import (RunLock, autocast, build_stream, check_backend_runs, disk_of, evaluate_loss, lr_factor,
+                      one_line, pick_device)
 
 
-# ---------------------------------------------------------------------- pieces shared with evaluate
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA device is available")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
-
-
-def autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def build_stream(cfg: RunConfig) -> TokenStream:
-    if cfg.model.vocab_size < ByteTokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the byte vocabulary (256)")
-    data = read_corpus(cfg.data.files, cfg.data.max_bytes)
-    stream = TokenStream.from_bytes(data, cfg.train.seq_len, cfg.data.val_fraction, cfg.train.seed)
-    stream.corpus = corpus_info(data, cfg.data.files)
-    return stream
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, stream: TokenStream, batch_size: int, max_batches: Optional[int],
-                  device: torch.device, amp: bool = True) -> dict:
-    """Mean next-token loss over validation windows: loss (nats), bits per byte (= bits per token
-    for the byte tokenizer), perplexity and tokens per second."""
-    was_training = model.training
-    model.eval()
-    total, count, t0 = 0.0, 0, time.perf_counter()
-    for x, y in stream.val_batches(batch_size, max_batches, device):
-        with autocast(device, amp):
-            _, loss = model(x, y)
-        total += loss.item() * y.numel()
-        count += y.numel()
-    dt = time.perf_counter() - t0
-    model.train(was_training)
-    if count == 0:
-        raise ValueError(f"no validation batches to evaluate (max_batches={max_batches})")
-    loss = total / count
-    return {"loss": loss, "bpb": loss / math.log(2), "ppl": math.exp(min(loss, 50.0)),
-            "tokens_per_s": count / max(dt, 1e-9)}
-
-
-def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine from 1 to min_ratio at max_steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
+# ---------------------------------------------------------------------- the optimizer
 def build_optimizer(model: HOPE, cfg: RunConfig) -> torch.optim.Optimizer:
     """Weight decay on matrices only (not on norms, biases, tau logits)."""
     t = cfg.train
@@ -122,16 +66,24 @@ def init_distributed():
 # ---------------------------------------------------------------------- run directories
 METRICS_NAME = "metrics.jsonl"
 RUN_INFO_NAME = "run.json"
-OPTIMIZER_KEYS = {"adamw": ("optimizer", "adam_betas"),
-                  "deep_momentum": ("optimizer", "momentum_betas", "deep_momentum", "momentum_normalize")}
+CONFIG_NAME = "config.yaml"
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RUN_INFO_NAME)
+# what a resumed run may change (applied, and recorded in run.json); every other key must be the checkpoint's
+RESUMABLE_CHANGES = ("train.max_steps", "train.out_dir", "train.device", "train.num_threads", "train.progress",
+                     "train.log_interval", "train.eval_interval", "train.eval_batches",
+                     "train.checkpoint_interval", "model.backend")
 
 
 class RunExistsError(ValueError):
-    """The output directory holds a checkpoint and neither resume nor overwrite was asked for."""
+    """The output directory holds files of a run and neither resume nor overwrite was asked for."""
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient, weight or validation loss: the run stops before saving it."""
+
+
+class RunWriteError(RuntimeError):
+    """A file of the run could not be written (a full disk): the run stops, the last checkpoint stays."""
 
 
 def checkpoint_step(path) -> str:
@@ -143,30 +95,49 @@ def checkpoint_step(path) -> str:
 
 
 def refuse_existing(out_dir: Path) -> None:
+    """A directory holding any file of a run (a checkpoint, or a config / metrics of a run killed before
+    its first checkpoint) is refused (RunExistsError) without --resume / --overwrite."""
     ckpt = out_dir / CHECKPOINT_NAME
     if ckpt.is_file():
         raise RunExistsError(
             f"{out_dir} already holds a checkpoint (step {checkpoint_step(ckpt)}); nothing was changed. "
             f"Continue that run with `hope-train --resume {out_dir}`, start it over with --overwrite "
             "(deletes its checkpoint and metrics), or pick another --out-dir.")
+    present = [f for f in RUN_FILES if (out_dir / f).exists()]
+    if present:
+        raise RunExistsError(
+            f"{out_dir} already holds files of a run ({', '.join(present)}) but no checkpoint; nothing was "
+            "changed. Start over there with --overwrite (deletes them), or pick another --out-dir.")
 
 
-def check_resumable(ckpt: dict, cfg: RunConfig) -> None:
-    """The checkpoint's model and optimizer settings must be this run's (their states must fit)."""
-    # through HOPEConfig, so fields added since the checkpoint was written take their defaults
-    saved = dict(HOPEConfig.from_dict(ckpt["config"]["model"]).to_dict(), backend=cfg.model.backend)
-    now = cfg.model.to_dict()
-    if saved != now:
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise ValueError(f"the checkpoint's model config differs from this run's in {diff}")
-    saved_t, now = ckpt["config"]["train"], cfg.to_dict()["train"]
-    keys = OPTIMIZER_KEYS[saved_t["optimizer"]]
-    diff = [k for k in keys if saved_t.get(k) != now.get(k)]
-    if diff:
-        got = ", ".join(f"{k}={saved_t.get(k)!r} (now {now.get(k)!r})" for k in diff)
-        raise ValueError(f"cannot resume: the checkpoint was trained with {got}, and its optimizer state does "
-                         "not carry over; resume with the checkpoint's optimizer settings, or start a new run "
-                         "(--overwrite or another --out-dir)")
+def _flat(cfg: dict) -> dict:
+    return {f"{section}.{k}": v for section, values in cfg.items() for k, v in values.items()}
+
+
+def check_resumable(ckpt: dict, cfg: RunConfig) -> dict:
+    """A resumed run is the checkpoint's run: cfg may differ from the checkpoint's config only in
+    RESUMABLE_CHANGES. Returns those changes {key: [checkpoint's value, this run's]}."""
+    # through RunConfig, so fields added since the checkpoint was written take their defaults
+    saved, now = _flat(RunConfig.from_dict(ckpt["config"]).to_dict()), _flat(cfg.to_dict())
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    refused = [k for k in diff if k not in RESUMABLE_CHANGES]
+    if refused:
+        got = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in refused)
+        raise ValueError(f"cannot resume: the checkpoint was trained with {got}; a resumed run keeps its "
+                         f"settings (only {', '.join(RESUMABLE_CHANGES)} may change). Resume without "
+                         "changing them, or start a new run (--overwrite or another --out-dir)")
+    return {k: [saved.get(k), now.get(k)] for k in diff}
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write this process's temporary file, then rename: a reader sees the old file or the new one."""
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rewrite_metrics(path: Path, through_step: Optional[int]) -> None:
@@ -183,9 +154,7 @@ def rewrite_metrics(path: Path, through_step: Optional[int]) -> None:
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= through_step:
                 kept.append(line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(kept))
 
 
 def _reject_constant(name: str):
@@ -225,25 +194,44 @@ class StopSignals:
 def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite: bool = False) -> dict:
     """Run (or resume) training; returns {"losses": {step: loss}, "val": [{step, loss, bpb}], ...}.
 
-    resume: a checkpoint path / run directory, or an already loaded checkpoint dict; its model and
-    optimizer settings must equal cfg's. The run writes to cfg.train.out_dir; without `resume` a
-    directory that holds a checkpoint is refused (RunExistsError) unless `overwrite`, which deletes
-    that checkpoint and the metrics and starts over. stop_at ends the run early at that step (with
+    resume: a checkpoint path / run directory, or an already loaded checkpoint dict; cfg may differ
+    from its config only in RESUMABLE_CHANGES. The run writes to cfg.train.out_dir, holding its lock
+    (RunLock: a directory another process writes is refused at once; under torchrun rank 0 holds
+    it); without `resume` a directory that holds any run file is refused (RunExistsError) unless
+    `overwrite`, which deletes them and starts over. stop_at ends the run early at that step (with
     a checkpoint) without changing the schedule; a later resume continues exactly. SIGINT/SIGTERM
     stop the same way at the current step (result["stopped_by"]). A non-finite loss, gradient,
-    weight or validation loss raises TrainingDiverged before anything of that step is saved.
+    weight or validation loss raises TrainingDiverged before anything of that step is saved; a
+    failed write (a full disk) raises RunWriteError naming the disk and the step.
     """
     rank, world, local_rank = init_distributed()
-    t = cfg.train
-    device = pick_device(t.device, local_rank)
-    out_dir = Path(t.out_dir)
-    ckpt = load_checkpoint(resume) if isinstance(resume, (str, os.PathLike)) else resume
-    if ckpt is not None:
-        check_resumable(ckpt, cfg)
-    elif not overwrite:
-        refuse_existing(out_dir)
+    device = preflight(cfg, stop_at, local_rank)
+    with RunLock(cfg.train.out_dir) if rank == 0 else contextlib.nullcontext():
+        ckpt = load_checkpoint(resume, for_resume=True) if isinstance(resume, (str, os.PathLike)) else resume
+        return _train(cfg, ckpt, stop_at, overwrite, rank, world, device)
+
+
+def preflight(cfg: RunConfig, stop_at: Optional[int] = None, local_rank: int = 0) -> torch.device:
+    """The checks that need no file of the run: the device, the backend on it, stop_at, out_dir."""
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"--stop-at must be a step >= 1, got {stop_at}")
+    device = pick_device(cfg.train.device, local_rank)
+    check_backend_runs(cfg.model.backend, device)
+    out_dir = Path(cfg.train.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file, not a directory")
+    return device
+
+
+def _train(cfg: RunConfig, ckpt: Optional[dict], stop_at: Optional[int], overwrite: bool, rank: int, world: int,
+           device: torch.device) -> dict:
+    t = cfg.train
+    out_dir = Path(t.out_dir)
+    changes = {}
+    if ckpt is not None:
+        changes = check_resumable(ckpt, cfg)
+    elif not overwrite:
+        refuse_existing(out_dir)
     step = int(ckpt["step"]) if ckpt is not None else 0
     last = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
     is_main = rank == 0
@@ -267,7 +255,7 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite:
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, min_ratio))
     meta = {"python": platform.python_version(), "torch": str(torch.__version__), "corpus": stream.corpus}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_model_state(model, ckpt["model"], "the checkpoint")
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, ValueError) as e:
@@ -287,17 +275,20 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite:
     say = (lambda msg: _print(msg, bar)) if is_main else (lambda msg: None)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        temporary_path(ckpt_path).unlink(missing_ok=True)      # left by a save that was killed
-        replaced = ckpt is None and ckpt_path.is_file()
-        if replaced:
-            ckpt_path.unlink()                                 # --overwrite: start over
+        for name in RUN_FILES:                                 # left by saves of killed processes
+            remove_temporaries(out_dir / name)
+        replaced = [f for f in RUN_FILES if (out_dir / f).exists()] if ckpt is None else []
+        for name in replaced:
+            (out_dir / name).unlink()                          # --overwrite: start over
         rewrite_metrics(out_dir / METRICS_NAME, step if ckpt is not None else None)
-        cfg.to_yaml(str(out_dir / "config.yaml"))
-        (out_dir / RUN_INFO_NAME).write_text(json.dumps({**meta, "start_step": step}, indent=2) + "\n")
+        write_text(out_dir / CONFIG_NAME, cfg.to_yaml())       # what runs, changes on resume included
+        info = {**meta, "start_step": step, **({"changed_on_resume": changes} if changes else {})}
+        write_text(out_dir / RUN_INFO_NAME, json.dumps(info, indent=2) + "\n")
         if ckpt is None:
             say(f"{'starting over (--overwrite)' if replaced else 'new run'} in {out_dir}: steps 0 -> {last}")
         else:
-            say(f"resuming {out_dir} at step {step} -> {last}")
+            changed = "".join(f", {k} {a!r} -> {b!r}" for k, (a, b) in changes.items() if k != "train.out_dir")
+            say(f"resuming {out_dir} at step {step} -> {last}{changed}")
             old = (ckpt.get("meta") or {}).get("corpus") or {}
             if old.get("sha256") not in (None, stream.corpus["sha256"]):
                 print(f"warning: the corpus differs from the one this run was trained on (Python "
@@ -328,10 +319,17 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite:
         if bad:
             raise diverged(s, f"non-finite weights in {bad[:3]}")
         if is_main:
-            save_checkpoint(ckpt_path, {
-                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "data": stream.state_dict(), "rng": rng_state(),
-                "step": s, "meta": meta})
+            try:
+                save_checkpoint(ckpt_path, {
+                    "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "data": stream.state_dict(), "rng": rng_state(),
+                    "step": s, "meta": meta})
+            except OSError as e:
+                kept = (f"the checkpoint of step {saved_step} is kept" if saved_step is not None
+                        else "no checkpoint had been written yet")
+                raise RunWriteError(f"cannot save the checkpoint of step {s} to {ckpt_path}: "
+                                    f"{e.strerror or e} on {disk_of(out_dir)}; {kept}. Free space there "
+                                    f"and resume, or pick another --out-dir") from None
         if world > 1:
             dist.barrier()
         saved_step = s
@@ -460,19 +458,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser, args = parse_args(argv)
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
-        ckpt = None
-        if args.resume is not None:
+        if args.resume is None:
+            cfg = config_from_args(args)
+            res = train(cfg, stop_at=args.stop_at, overwrite=args.overwrite)
+        else:
             path = args.resume
             if path == "auto":
                 path = args.out_dir or config_from_args(args).train.out_dir
-            ckpt = load_checkpoint(path)
-            run_dir = resolve_checkpoint_path(path).parent
+            ckpt_file = resolve_checkpoint_path(path)
+            run_dir = ckpt_file.parent
             if args.out_dir is None:
                 args.out_dir = str(run_dir)       # continue in DIR, not in the out_dir saved inside
-            elif Path(args.out_dir).resolve() != run_dir.resolve():
-                refuse_existing(Path(args.out_dir))   # a branch of the run must not land on another run
-        cfg = config_from_args(args, base=ckpt["config"] if ckpt is not None else None)
-        res = train(cfg, resume=ckpt, stop_at=args.stop_at, overwrite=args.overwrite)
+            with RunLock(args.out_dir) if is_main else contextlib.nullcontext():   # before reading the run
+                ckpt = load_checkpoint(ckpt_file, for_resume=True)
+                if Path(args.out_dir).resolve() != run_dir.resolve():
+                    refuse_existing(Path(args.out_dir))   # a branch of the run must not land on another run
+                cfg = config_from_args(args, base=ckpt["config"])
+                res = train(cfg, resume=ckpt, stop_at=args.stop_at)
     except TrainingDiverged as e:
         print(f"hope-train: error: {e}", file=sys.stderr)
         return 1
@@ -480,8 +482,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("hope-train: aborted; nothing more was saved (an earlier checkpoint, if any, is kept)",
               file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+    except (ValueError, TypeError, OSError, RunWriteError) as e:    # a mistake or a full disk: one line
+        parser.exit(2, f"hope-train: error: {one_line(e)}\n")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """Byte-level language modelling on hope.data's embedded default corpus (the Python standard library's
 own sources of the running interpreter; nothing downloads). The first `max_bytes` bytes form one token
 stream; its last 10% are the validation split (hope.data.TokenStream). Metric: validation bits/byte
-on the same validation windows for every variant (hope.train.evaluate_loss).
+on the same validation windows for every variant (hope.runtime.evaluate_loss).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from hope import HOPE, HOPEConfig
-from hope.train import evaluate_loss, lr_factor
+from hope.runtime import evaluate_loss, lr_factor
 
 from .mqar import MQARTask, accuracy, accuracy_by_pair
 
@@ -126,7 +126,7 @@ def train_mqar(model: torch.nn.Module, task: MQARTask, budget: Budget, seed: int
 def train_lm(model: torch.nn.Module, stream, budget: Budget, seed: int,
              lr_scale: Optional[Dict[str, float]] = None) -> dict:
     """Train on random windows of the stream's train split; validation bits/byte on its first
-    budget.eval_size windows (hope.train.evaluate_loss), the same windows for every variant."""
+    budget.eval_size windows (hope.runtime.evaluate_loss), the same windows for every variant."""
     stream.seed, stream.position = seed, 0
     dev = torch.device("cpu")
     n_batches = max(1, budget.eval_size // budget.batch_size)
