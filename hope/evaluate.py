@@ -5,7 +5,6 @@ Reports validation loss, bits per byte, perplexity and tokens/s on the run's val
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import List, Optional
@@ -18,7 +17,7 @@ from .generation import check_max_new_tokens, check_sampling
 from .model import HOPE
 from .ops import BACKENDS
 from .run_config import RunConfig
-from .runtime import build_stream, check_backend_runs, evaluate_loss, one_line, pick_device
+from .runtime import CommandLine, build_stream, check_backend_runs, evaluate_loss, one_line, pick_device
 
 
 def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Optional[int] = None,
@@ -70,7 +69,7 @@ def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Opt
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="hope-evaluate", description="Evaluate a HOPE checkpoint.")
+    p = CommandLine(prog="hope-evaluate", description="Evaluate a HOPE checkpoint.")
     p.add_argument("checkpoint", help="checkpoint file or run directory (holding ckpt.pt)")
     p.add_argument("--data", nargs="+", help="text files / directories to evaluate on instead of the run's data")
     p.add_argument("--batches", type=int, help="validation batches, >= 1 (default: the run's eval_batches)")

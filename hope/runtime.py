@@ -3,6 +3,7 @@ stream of a run config, the validation loss, the learning-rate schedule, and the
 one process the only writer of a run directory."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -41,6 +42,13 @@ def check_backend_runs(backend: Optional[str], device: torch.device) -> None:
         why = triton_unavailable_reason(device)
         if why is not None:
             raise ValueError(f"model.backend='triton' cannot run on {device}: {why}")
+
+
+class CommandLine(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def one_line(e: BaseException) -> str:

@@ -8,7 +8,6 @@ process takes a slice of the global batch).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -31,8 +30,8 @@ from .model import HOPE
 from .ops import BACKENDS
 from .optim import DeepMomentum
 from .run_config import RunConfig
-from .runtime import (RunLock, autocast, build_stream, check_backend_runs, disk_of, evaluate_loss, lr_factor,
-                      one_line, pick_device)
+from .runtime import (CommandLine, RunLock, autocast, build_stream, check_backend_runs, disk_of, evaluate_loss,
+                      lr_factor, one_line, pick_device)
 
 
 # ---------------------------------------------------------------------- the optimizer
@@ -411,7 +410,7 @@ def _write(log, record: dict) -> None:
 
 # ---------------------------------------------------------------------- command line
 def parse_args(argv: Optional[List[str]] = None):
-    p = argparse.ArgumentParser(
+    p = CommandLine(
         prog="hope-train", description="Train a HOPE language model.",
         epilog="A run directory that holds a checkpoint is never overwritten silently: continue it with "
                "--resume, or start over with --overwrite. SIGINT (Ctrl-C) / SIGTERM save a checkpoint at "
@@ -483,7 +482,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except (ValueError, TypeError, OSError, RunWriteError) as e:    # a mistake or a full disk: one line
-        parser.exit(2, f"hope-train: error: {one_line(e)}\n")
+        parser.exit(2, f"{parser.prog}: error: {one_line(e)}\n")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -55,6 +55,7 @@ def finished_run(tmp_path_factory):
 # ---------------------------------------------------------------------- one writer per run directory
 RACE = textwrap.dedent("""
     import json, os, sys, traceback
+    import torch._dynamo  # noqa: F401  (imported by the optimizers on first use: once, before forking)
     from hope.train import main
 
     def start(argv, log):
@@ -250,6 +251,7 @@ def test_cli_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, monkeypat
         (["--config", tmp_path], "is a directory"),
         (["--device", "tpu"], "tpu"),
         (["--set", "data.files=/dev/null"], "not a regular file"),
+        (["--lr", "abc"], "--lr"),                         # argparse's own errors: one line too
     ]
     for args, match in cases:
         argv = (SMALL + ["--out-dir", run] + args) if "--config" not in args else \
