@@ -56,6 +56,8 @@ def one_line(e: BaseException) -> str:
     msg = str(e)
     if isinstance(e, OSError) and e.strerror and not isinstance(e, FileNotFoundError):
         msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename:
+            msg += f" (on {disk_of(Path(e.filename).parent)})"
     return " ".join(msg.split())
 
 
