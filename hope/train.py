@@ -412,9 +412,10 @@ def _write(log, record: dict) -> None:
 def parse_args(argv: Optional[List[str]] = None):
     p = CommandLine(
         prog="hope-train", description="Train a HOPE language model.",
-        epilog="A run directory that holds a checkpoint is never overwritten silently: continue it with "
-               "--resume, or start over with --overwrite. SIGINT (Ctrl-C) / SIGTERM save a checkpoint at "
-               "the current step and exit with 130 / 143.")
+        epilog="One hope-train at a time writes a run directory (it holds DIR/hope-train.lock). A directory that "
+               "holds any run file is never overwritten silently: continue it with --resume (same settings, "
+               "except max_steps, intervals, device and backend), or start over with --overwrite. SIGINT "
+               "(Ctrl-C) / SIGTERM save a checkpoint at the current step and exit with 130 / 143.")
     p.add_argument("--config", help="YAML config file, or the name of a built-in one (default, tiny); "
                                     "default: `default`, or the checkpoint's config with --resume")
     p.add_argument("--max-steps", type=int)
@@ -429,7 +430,8 @@ def parse_args(argv: Optional[List[str]] = None):
                       help="continue the run in this run directory (or from this checkpoint file, in its "
                            "directory); no value: the run in --out-dir")
     mode.add_argument("--overwrite", action="store_true",
-                      help="start over in --out-dir even if it holds a checkpoint (deletes it and the metrics)")
+                      help="start over in --out-dir even if it holds a run (deletes its checkpoint, config, "
+                           "metrics and run.json)")
     p.add_argument("--stop-at", type=int, help="stop at this step (with a checkpoint) without changing the schedule")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set model.dim=128 (repeatable)")
