@@ -56,8 +56,6 @@ from .run_config import RunConfig
 # HOPEConfig's fields as carried by the Hugging Face config (the backend is a run-time choice of the
 # machine, not of the weights: set it with `hf_model.model.set_backend(...)`).
 HOPE_FIELDS = tuple(f.name for f in dataclasses.fields(HOPEConfig) if f.name != "backend")
-# transformers >= 5.? names the cache `cache`, older releases `past_key_values` (input and output).
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class HOPEHFConfig(PretrainedConfig):
@@ -283,7 +281,7 @@ class HOPEForCausalLM(HOPEPreTrainedModel, GenerationMixin):
                                  f"got {tuple(labels.shape)}")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                                       num_items_in_batch=num_items_in_batch)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
         return out if return_dict is not False else out.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, cache: Optional[Cache] = None,
@@ -297,7 +295,7 @@ class HOPEForCausalLM(HOPEPreTrainedModel, GenerationMixin):
         if cache is not None:
             input_ids = input_ids[:, cache.get_seq_length():]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache,
-                  CACHE_FIELD: cache}
+                  "cache": cache}
         for k in ("output_attentions", "output_hidden_states"):
             if kwargs.get(k):
                 inputs[k] = kwargs[k]
