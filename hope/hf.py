@@ -54,7 +54,7 @@ from .model import HOPE
 from .run_config import RunConfig
 
 # HOPEConfig's fields as carried by the Hugging Face config (the backend is a run-time choice of the
-# machine, not of the weights: set it with `hf_model.model.set_backend(...)`).
+# machine, not of the weights: HOPEForCausalLM(config, backend), from_pretrained(..., backend=...)).
 HOPE_FIELDS = tuple(f.name for f in dataclasses.fields(HOPEConfig) if f.name != "backend")
 
 
@@ -146,11 +146,6 @@ class HOPEBlockCache(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state.clear()
-
-    def offload(self) -> None:
-        pass
-
-    prefetch = offload
 
 
 class HOPEHFCache(Cache):

@@ -34,10 +34,10 @@ VARIANTS = {
 }
 
 
-def make(variant: str) -> HOPE:
+def make(variant: str, **fields) -> HOPE:
     name, over = VARIANTS[variant]
     cfg = HOPEConfig.from_yaml(str(CONFIGS / name))
-    return HOPE(HOPEConfig.from_dict({**cfg.to_dict(), **SMALL, **over})).eval()
+    return HOPE(HOPEConfig.from_dict({**cfg.to_dict(), **SMALL, **over, **fields})).eval()
 
 
 def count_forward_tokens(model: HOPE) -> list:
@@ -49,7 +49,7 @@ def count_forward_tokens(model: HOPE) -> list:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_generate_matches_hope_generate(variant):
-    model = make(variant)
+    model = make(variant, num_layers=1)     # one block: the cache of several is tested below
     model_hf = hf.to_hf(model).eval()
     prompt = torch.randint(0, 61, (2, 5))
     new = 7
