@@ -62,9 +62,9 @@ def test_generate_matches_hope_generate(variant):
         # with a cache, each step runs the new token only; without, the whole sequence
         assert seen == ([5] + [1] * (new - 1) if use_cache else list(range(5, 5 + new))), seen
         torch.manual_seed(use_cache)
-        want = model.generate(prompt, new, temperature=1.3, top_k=20, use_cache=use_cache)
+        want = model.generate(prompt, new, temperature=1.3, top_k=20, top_p=0.9, use_cache=use_cache)
         torch.manual_seed(use_cache)
-        got = model_hf.generate(prompt, max_new_tokens=new, do_sample=True, temperature=1.3, top_k=20,
+        got = model_hf.generate(prompt, max_new_tokens=new, do_sample=True, temperature=1.3, top_k=20, top_p=0.9,
                                 use_cache=use_cache)
         assert torch.equal(got, want), (use_cache, got, want)
         assert not torch.equal(got[:, 5:], greedy[:, 5:])            # it sampled
