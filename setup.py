@@ -20,11 +20,13 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "pytest-xdist"],
         "bench": ["matplotlib"],
+        "hf": ["transformers>=5.24", "safetensors"],
     },
     entry_points={
         "console_scripts": [
             "hope-train=hope.train:main",
             "hope-evaluate=hope.evaluate:main",
+            "hope-hf=hope.hf:main",
         ]
     },
 )

@@ -11,8 +11,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     pip_quiet "${HOPE_TORCH_SPEC:-torch==2.13.0}"
 fi
 # Checked from outside the repo, so only an installed (editable) copy of this checkout counts.
-installed_root=$(cd / && "$PY" -c "import hope_kernels, hope, pytest, xdist, pytest_benchmark, matplotlib, yaml, tqdm, os; print(os.path.dirname(os.path.dirname(os.path.realpath(hope_kernels.__file__))))" 2>/dev/null || true)
+installed_root=$(cd / && "$PY" -c "import hope_kernels, hope, pytest, xdist, pytest_benchmark, matplotlib, yaml, tqdm, transformers, safetensors, os; print(os.path.dirname(os.path.dirname(os.path.realpath(hope_kernels.__file__))))" 2>/dev/null || true)
 if [ "$installed_root" != "$(pwd -P)" ]; then
-    echo "[install] pip install -e .[test,bench]"
-    pip_quiet -e ".[test,bench]"
+    echo "[install] pip install -e .[test,bench,hf]"
+    pip_quiet -e ".[test,bench,hf]"
 fi
