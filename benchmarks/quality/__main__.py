@@ -1,16 +1,17 @@
 """`python -m benchmarks.quality`: does the memory help? Every model variant on MQAR and byte-level LM.
 
-Trains each variant of benchmarks/variants.py with quality tasks (those this HOPEConfig accepts) with the same
-width, depth, optimizer and budget on
+Trains each variant of benchmarks/variants.py with quality tasks (those this HOPEConfig accepts) with
+the same width, depth, optimizer and budget on
   - MQAR (benchmarks/quality/mqar.py): the main setting (4 pairs, 16 tokens, 3,000 steps) and a
     sweep of the number of key-value pairs (2 and 8 pairs in 32 tokens, 1,000 steps);
   - byte-level LM on hope.data's embedded corpus: validation bits/byte at equal steps (600; parameter
     counts in the table; one Transformer row has the seed HOPE's parameter count),
-one seed each: about 15 minutes on an idle 2-core CPU (README: the measured time). `--full` runs three
-seeds of the main setting and of the LM, and the pairs, sequence-length and width sweeps at 2,000 steps
-(hours). It prints a table and writes quality.csv / quality.json (every run, with its learning curve),
-table.txt, summary.md and PNG plots into --out. Runs append to runs.jsonl as they finish, and a rerun
-with the same --out resumes (also to add seeds or variants to an earlier run).
+one seed each: about 17 minutes on an idle 2-core CPU (measured in
+benchmarks/results/quality_cpu-2core_2026-11-26_default). `--full` runs three seeds of the main setting
+and of the LM, and the pairs, sequence-length and width sweeps at 2,000 steps (hours). It prints a table
+and writes quality.csv / quality.json (every run, with its learning curve), table.txt, summary.md and
+PNG plots into --out. Runs append to runs.jsonl as they finish, and a rerun with the same --out resumes
+(also to add seeds or variants to an earlier run).
 """
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ class Plan:
 BASE = {"dim": 64, "num_layers": 2, "num_heads": 2, "num_memory_modules": 3}
 LM = {"seq_len": 64, "max_bytes": 1_000_000, "steps": 600, "batch_size": 16, "eval_every": 100, "eval_size": 256}
 # `python -m benchmarks.quality`: every variant once (seed 0) on the main setting, one short pairs
-# sweep and the LM; about 15 minutes on an idle 2-core CPU (2 workers; measured, see README).
+# sweep and the LM; about 17 minutes on an idle 2-core CPU (2 workers; measured in
+# benchmarks/results/quality_cpu-2core_2026-11-26_default).
 DEFAULT = Plan(
     base=BASE, main_task=(4, 16), main_steps=3000, main_seeds=(0,),
     pairs=(32, (2, 8)), seq_lens=(4, ()), widths=((8, 32), ()),
