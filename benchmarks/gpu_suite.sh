@@ -92,9 +92,9 @@ run_phase bench_large "${SWEEP_LARGE_S:-80}" "$PY" -m benchmarks --out "$OUT/ben
 run_phase model "${MODEL_S:-50}" "$PY" -m benchmarks.model --out "$OUT/model" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"}
 
 # 4. static compile report (registers, spills, shared memory, tensor-core instructions)
-if [ -f "$REPO/benchmarks/compile_report.py" ]; then
+if [ -f "$REPO/tools/compile_report.py" ]; then
     # default configs for both archs (every config of every kernel is ~100 compiles: minutes)
-    run_phase compile_report "${COMPILE_S:-60}" "$PY" -m benchmarks.compile_report --arch 80 --arch 90 \
+    run_phase compile_report "${COMPILE_S:-60}" "$PY" -m tools.compile_report --arch 80 --arch 90 \
         --configs default --csv "$OUT/compile_report.csv"
 fi
 

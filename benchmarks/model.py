@@ -1,8 +1,8 @@
 """`python -m benchmarks.model`: the HOPE language model end to end, per backend and attention type.
 
-Measures, for attention in {softmax, linear} (the seed block) and each named variant (--variants:
-transformer, seed, titans, hope = the paper's HOPE, hope-mlp, hope-attention), on each backend
-(triton on GPU, torch, reference):
+Measures, for attention in {softmax, linear} (the seed block) and each named variant of
+benchmarks/variants.py (--variants, names or keys: transformer, seed-hope, titans-hope, paper-hope,
+paper-hope-with-mlp-levels, hope-attention, ...), on each backend (triton on GPU, torch, reference):
 - training tokens/s: forward + backward + an update on random byte tokens [B, T]: a plain SGD step
   (default) or torch.optim.AdamW (--optimizer adamw; its first use, in the untimed warm-up step,
   imports torch._dynamo); the median over --train-steps timed steps;
@@ -14,9 +14,9 @@ transformer, seed, titans, hope = the paper's HOPE, hope-mlp, hope-attention), o
 
 Writes model_results.csv / model_results.json and model_latency.png into --out.
 
-The paper's HOPE at the peer measurement's shape (issue 9), with the seed block and a Transformer:
+The paper's HOPE at the peer measurement's shape, with the seed block and a Transformer:
     python -m benchmarks.model --device cpu --threads 2 --backends torch --attentions "" \
-        --variants transformer,seed,hope --vocab 256 --dim 256 --layers 4 --heads 4 --batch 8 \
+        --variants transformer,seed-hope,paper-hope --vocab 256 --dim 256 --layers 4 --heads 4 --batch 8 \
         --seq-len 256 --optimizer adamw --train-steps 5
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -36,6 +35,7 @@ import torch
 from hope_kernels.utils import triton_unavailable_reason
 
 from .timing import quantile
+from .variants import VARIANTS, variant
 
 
 @dataclass
@@ -59,16 +59,9 @@ class ModelBenchConfig:
     dtype: str = "float32"             # autocast dtype on GPU ("bfloat16"); float32 runs without autocast
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "hope" / "configs"
-# name -> HOPE keywords, or the shipped YAML config whose model section defines the variant
-VARIANTS = {
-    "transformer": dict(attention="softmax", use_cms=False),      # attention -> MLP
-    "seed": dict(attention="softmax", use_cms=True),              # attention -> decay CMS -> MLP
-    "titans": dict(attention="titans"),                           # Titans -> decay CMS -> MLP
-    "hope": "hope_paper.yaml",                                    # self-modifying Titans -> CMS levels
-    "hope-mlp": ("hope_paper.yaml", dict(cms_memory="mlp")),      # ... with 2-layer MLP levels
-    "hope-attention": "hope_attention.yaml",                      # softmax attention -> CMS levels
-}
+ATTENTIONS = ("softmax", "linear", "titans")   # --attentions: the seed block with this attention
+# measured by default: the variants that are not a row of the attention sweep (the seed HOPE is its softmax row)
+DEFAULT_VARIANTS = ("Transformer", "Titans HOPE", "paper HOPE", "paper HOPE with MLP levels", "Hope-attention")
 
 
 def default_config(gpu: bool, quick: bool = False) -> ModelBenchConfig:
@@ -77,7 +70,7 @@ def default_config(gpu: bool, quick: bool = False) -> ModelBenchConfig:
                                 seq_len=1024 if not quick else 512, prompt_len=64, new_tokens=64 if not quick else 32,
                                 prefixes=(128, 512, 2048, 8192) if not quick else (128, 512, 2048),
                                 backends=("triton", "torch"), dtype="bfloat16",
-                                variants=() if quick else tuple(v for v in VARIANTS if v != "seed"))
+                                variants=() if quick else DEFAULT_VARIANTS)
     if quick:
         return ModelBenchConfig(dim=32, num_layers=1, num_heads=2, num_memory_modules=2, batch=1, seq_len=32,
                                 prompt_len=4, new_tokens=4, prefixes=(8, 32, 128), backends=("torch",),
@@ -85,7 +78,7 @@ def default_config(gpu: bool, quick: bool = False) -> ModelBenchConfig:
     return ModelBenchConfig(dim=128, num_layers=2, num_heads=4, num_memory_modules=4, batch=4, seq_len=256,
                             prompt_len=16, new_tokens=32, prefixes=(32, 128, 512, 1024),
                             backends=("torch", "reference"),
-                            variants=tuple(v for v in VARIANTS if v != "seed"))   # "seed" is the softmax row
+                            variants=DEFAULT_VARIANTS)
 
 
 def _sync(device):
@@ -101,14 +94,9 @@ def _autocast(device, dtype: str):
 
 def variant_kwargs(name: str) -> dict:
     """HOPE keywords of a variant (an attention name alone means the seed block with that attention)."""
-    if name not in VARIANTS:
+    if name in ATTENTIONS:
         return dict(attention=name, use_cms=True)
-    spec = VARIANTS[name]
-    if isinstance(spec, dict):
-        return dict(spec)
-    path, extra = (spec, {}) if isinstance(spec, str) else spec
-    from hope import HOPEConfig
-    return {**HOPEConfig.from_yaml(str(CONFIG_DIR / path)).to_dict(), **extra}
+    return dict(variant(name).overrides)
 
 
 def _build(cfg: ModelBenchConfig, name: str, backend: str, device, max_len: int):
@@ -203,7 +191,7 @@ def _throughput(cfg: ModelBenchConfig, device, max_len: int, result: Dict, log) 
                 continue
             result["throughput"].append({"attention": attention, "backend": backend,
                                          "train_tokens_per_s": train, "generate_tokens_per_s": gen})
-            log(f"[model] {attention:14s} {backend:9s} train {train:10.1f} tok/s   generate {gen:8.1f} tok/s "
+            log(f"[model] {attention:26s} {backend:9s} train {train:10.1f} tok/s   generate {gen:8.1f} tok/s "
                 f"(load {os.getloadavg()[0]:.1f})")
 
 
@@ -264,9 +252,9 @@ def table(result: Dict) -> str:
     lines = [f"HOPE vocab={c.get('vocab_size', 256)} dim={c['dim']} layers={c['num_layers']} heads={c['num_heads']} "
              f"M={c['num_memory_modules']} B={c['batch']} T={c['seq_len']} ({c['dtype']}, {result['device']}, "
              f"{result.get('threads', '?')} threads, {c.get('optimizer', 'sgd')}{load})",
-             f"{'model':14s} {'backend':9s} {'train tok/s':>12s} {'generate tok/s':>15s}"]
+             f"{'model':26s} {'backend':9s} {'train tok/s':>12s} {'generate tok/s':>15s}"]
     for r in result["throughput"]:
-        lines.append(f"{r['attention']:14s} {r['backend']:9s} {r['train_tokens_per_s']:12.1f} "
+        lines.append(f"{r['attention']:26s} {r['backend']:9s} {r['train_tokens_per_s']:12.1f} "
                      f"{r['generate_tokens_per_s']:15.1f}")
     if result["latency"]:
         prefixes = sorted({r["prefix"] for r in result["latency"]})
@@ -334,7 +322,9 @@ def main(argv=None) -> int:
     p.add_argument("--attentions", default="softmax,linear",
                    help="seed-block attention types to measure (throughput and latency); '' for none")
     p.add_argument("--variants", default=None,
-                   help=f"comma list of named variants ({','.join(VARIANTS)}); default: all but --quick; '' for none")
+                   help=f"comma list of variants of benchmarks/variants.py, names or keys "
+                        f"({','.join(v.key for v in VARIANTS)}); default: {','.join(DEFAULT_VARIANTS)} "
+                        "(none with --quick); '' for none")
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None)
@@ -356,9 +346,10 @@ def main(argv=None) -> int:
     cfg.attentions = tuple(a for a in args.attentions.split(",") if a)
     if args.variants is not None:
         cfg.variants = tuple(v for v in args.variants.split(",") if v)
-    unknown = [v for v in cfg.variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    try:
+        cfg.variants = tuple(variant(v).name for v in cfg.variants)
+    except ValueError as e:
+        p.error(str(e))
     if args.prefixes:
         cfg.prefixes = tuple(int(x) for x in args.prefixes.split(","))
     for name, field in (("dim", "dim"), ("layers", "num_layers"), ("batch", "batch"), ("seq_len", "seq_len"),

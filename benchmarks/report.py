@@ -149,7 +149,7 @@ def write_all(result, out_dir: str, plots: bool = True) -> Dict[str, object]:
 
 def markdown_summary(rows: List[dict], meta: dict, modes=("fwd", "bwd", "fwd+bwd")) -> str:
     """Headline table (markdown): p50 ms per provider for each op and mode, at the largest T measured
-    and at the largest T the reference reached; used for the README's Performance section."""
+    and at the largest T the reference reached; used for the results folders' READMEs."""
     times = [r for r in rows if r["metric"] == "time" and r["mode"] in modes]
     providers = [p for p in ("triton", "torch", "fla", "reference", "sdpa") if any(r["provider"] == p for r in times)]
     by = {(r["op"], r["mode"], r["T"], r["provider"]): r["p50"] for r in times}

@@ -11,7 +11,7 @@ per kernel function; HOPE_KERNELS_COMPILE_ALL=1 compiles every config of every s
 """
 import pytest
 
-from benchmarks import compile_check as cc
+from tools import compile_check as cc
 
 SPECS, PROBLEMS = cc.collect_specs(cc.KERNEL_MODULES, strict=False)
 

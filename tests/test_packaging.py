@@ -64,3 +64,15 @@ def test_design_document_is_in_the_repository_and_covers_every_op():
     assert ops and all(f"`{op}(" in design or f"### {op}" in design or f", {op}" in design for op in ops), ops
     for section in ("## Tensor conventions", "## Backends", "## Errors", "## Testing without a GPU"):
         assert section in design
+
+
+def test_test_tooling_is_not_installed():
+    """The compile check is test tooling: it lives in tools/, which setup.py does not package."""
+    from setuptools import find_packages
+    tree = ast.parse((REPO / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "find_packages")
+    include = ast.literal_eval(next(kw.value for kw in call.keywords if kw.arg == "include"))
+    packages = find_packages(str(REPO), include=include)
+    assert "benchmarks" in packages and "hope_kernels" in packages
+    assert not [p for p in packages if p.split(".")[0] in ("tools", "tests")], packages
+    assert (REPO / "tools" / "compile_check.py").exists() and not (REPO / "benchmarks" / "compile_check.py").exists()

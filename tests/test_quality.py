@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.quality.ablation import apply_design
+from benchmarks.quality.designs import apply_design
 from benchmarks.quality.mqar import MQARTask, accuracy, accuracy_by_pair
-from benchmarks.quality.variants import VARIANTS, available, unsupported
+from benchmarks.variants import VARIANTS, available, unsupported, variant
 from hope import HOPE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_quick_suite_end_to_end(tmp_path):
                  "mqar_curves.png", "lm_curves.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     records = json.loads((tmp_path / "quality.json").read_text())
-    for v, _, tasks in available(verbose=False):
+    for v, _, tasks in available(verbose=False, tasks=("mqar", "lm")):
         assert {r["task"] for r in records if r["variant"] == v} == set(tasks), v
         assert v in (tmp_path / "table.txt").read_text()
     easy = [r for r in records if r["task"] == "mqar" and r["variant"] == "Transformer"
@@ -113,7 +113,7 @@ def test_quick_suite_end_to_end(tmp_path):
 
 
 def test_cms_short_convolution_is_causal_and_optional():
-    """Issue 12's block: the CMS's q, k, v see the last cms_conv_size tokens, never later ones."""
+    """The default CMS block: its q, k, v see the last cms_conv_size tokens, never later ones."""
     from hope.cms import CMSLayer
     torch.manual_seed(0)
     layer = CMSLayer(32, 2, 3, backend="torch")
@@ -131,7 +131,7 @@ def test_cms_short_convolution_is_causal_and_optional():
 
 
 def test_cms_update_rules():
-    """Issue 12's default CMS write is the delta rule: writing the same (k, v) twice does not double
+    """The default CMS write is the delta rule: writing the same (k, v) twice does not double
     what a key reads (the "outer" rule adds it again), and a bad rule name is a clear error."""
     from hope import HOPEConfig
     from hope.cms import CMSLayer
@@ -159,4 +159,10 @@ def test_cms_update_rules():
 
 
 def test_variant_names_can_be_listed_on_the_command_line():
-    assert all("," not in name for name, _, _ in VARIANTS)       # --variants splits on commas
+    """--variants splits on commas and takes a name or a key; each resolves to its own variant."""
+    assert all("," not in name for name, _, _ in VARIANTS)
+    assert len({v.key for v in VARIANTS}) == len({v.name for v in VARIANTS}) == len(VARIANTS)
+    assert all(variant(v.name) is v and variant(v.key) is v for v in VARIANTS)
+    assert variant("seed-hope").name == "seed HOPE"
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant("seed")

@@ -1,16 +1,17 @@
 """`python -m benchmarks.quality`: does the memory help? Every model variant on MQAR and byte-level LM.
 
-Trains each variant of benchmarks/quality/variants.py (those this HOPEConfig accepts) with the same
-width, depth, optimizer and budget on
-  - MQAR (benchmarks/quality/mqar.py): the issue-12 setting (4 pairs, 16 tokens, 3,000 steps) and a
+Trains each variant of benchmarks/variants.py with quality tasks (those this HOPEConfig accepts) with
+the same width, depth, optimizer and budget on
+  - MQAR (benchmarks/quality/mqar.py): the main setting (4 pairs, 16 tokens, 3,000 steps) and a
     sweep of the number of key-value pairs (2 and 8 pairs in 32 tokens, 1,000 steps);
   - byte-level LM on hope.data's embedded corpus: validation bits/byte at equal steps (600; parameter
     counts in the table; one Transformer row has the seed HOPE's parameter count),
-one seed each: about 15 minutes on an idle 2-core CPU (README: the measured time). `--full` runs three
-seeds of the main setting and of the LM, and the pairs, sequence-length and width sweeps at 2,000 steps
-(hours). It prints a table and writes quality.csv / quality.json (every run, with its learning curve),
-table.txt, summary.md and PNG plots into --out. Runs append to runs.jsonl as they finish, and a rerun
-with the same --out resumes (also to add seeds or variants to an earlier run).
+one seed each: about 17 minutes on an idle 2-core CPU (measured in
+benchmarks/results/quality_cpu-2core_2026-11-26_default). `--full` runs three seeds of the main setting
+and of the LM, and the pairs, sequence-length and width sweeps at 2,000 steps (hours). It prints a table
+and writes quality.csv / quality.json (every run, with its learning curve), table.txt, summary.md and
+PNG plots into --out. Runs append to runs.jsonl as they finish, and a rerun with the same --out resumes
+(also to add seeds or variants to an earlier run).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 
 from . import suite
 from .runner import run_all
-from .variants import VARIANTS, available
+from ..variants import VARIANTS, available, variant
 
 
 def _seeds(text: str):
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: quality_out/, or quality_quick/ with --quick)")
     p.add_argument("--workers", type=int, default=None,
                    help="training processes at once, 1 thread each (default: 2, 1 with --quick)")
-    p.add_argument("--variants", default=None, help=f"comma list of variant names (default: all of {[v[0] for v in VARIANTS]})")
+    p.add_argument("--variants", default=None, help=f"comma list of variant names or keys (default: all of {[v.key for v in VARIANTS if v.tasks]})")
     p.add_argument("--main-seeds", default=None, help="seeds of the main MQAR setting (default 0; --full 0,1,2)")
     p.add_argument("--sweep-seeds", default=None, help="seeds of the MQAR sweeps (default 0)")
     p.add_argument("--lm-seeds", default=None, help="seeds of the LM runs (default 0; --full 0,1,2)")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--widths", default=None, help="model widths of the width sweep (default none; --full 32,64,128)")
     p.add_argument("--lm-steps", type=int, default=None, help="training steps of the LM runs (default 600)")
     p.add_argument("--reuse", nargs="*", default=(),
-                   help="runs.jsonl files of earlier runs (e.g. the issue-12 ablation's): a run with the same "
+                   help="runs.jsonl files of earlier runs (e.g. the ablation's): a run with the same "
                         "signature (config, task, budget, seed) is copied instead of trained again")
     a = p.parse_args(argv)
     if a.quick and a.full:
@@ -75,10 +76,11 @@ def main(argv=None) -> int:
     workers = a.workers or (1 if a.quick else 2)
     names = None if a.variants is None else [s.strip() for s in a.variants.split(",")]
     try:
-        variants = available(names)
+        wanted = [v for v in (VARIANTS if names is None else [variant(n) for n in names]) if v.tasks]
     except ValueError as e:
         p.error(str(e))
-    skipped = [v[0] for v in VARIANTS if (names is None or v[0] in names) and v[0] not in [x[0] for x in variants]]
+    variants = available([v.name for v in wanted])
+    skipped = [v.name for v in wanted if v not in variants]
     torch.set_num_threads(1)
     jobs = suite.jobs(plan, variants)
     print(f"{len(jobs)} training runs, {workers} at a time, into {out}/")

@@ -1,4 +1,6 @@
-"""Issue 12: why the seed's decaying CMS stops a softmax-attention HOPE block from solving MQAR.
+"""The CMS ablation: why the seed's decaying CMS kept a softmax-attention HOPE block from solving MQAR,
+and what the block's default CMS changed (docs/findings.md; results in
+benchmarks/results/quality_cpu-2core_2026-11-26_cms-ablation/).
 
     python -m benchmarks.quality.ablation [--seeds 0,1,2] [--workers 2] [--out DIR]
 
@@ -6,14 +8,15 @@ Setting: MQAR with 4 pairs, 16 tokens (every key queried once), 2 layers, dim 64
 timescales, AdamW lr 1e-3 constant, batch 64, 3,000 steps, torch backend. Each cell changes one
 thing of the old seed HOPE block (x += attn; x += cms; x += mlp; the seed's "outer" write
 S = tau S + (1 - tau) k^T v; no short convolution in the CMS, cms_conv_size=1; read-out W_o o), of the
-"conv" block (the CMS's q, k, v pass a short causal convolution: the default of stop 13) or adds the
-gated read-out W_o (rmsnorm(o) * silu(x W_g)) and then the delta-rule write (the new default, see
-hope/cms.py). One cell is Hope-attention, whose CMS levels read their block-start weights (Eq. 71,
-hope/levels.py). The designs that hope/block.py does not
-offer are applied here to a built model (`apply_design`): the CMS placement, a learned gate on its
-output, a per-head RMSNorm of its read-out, and which layers keep a CMS; `lr_scale` scales the CMS's
-learning rate (0 freezes it at its random initialisation). Writes runs.jsonl (resumable),
-ablation.csv / .json, ablation.md and two plots into --out.
+"conv" block (the CMS's q, k, v pass a short causal convolution) or adds the gated read-out
+W_o (rmsnorm(o) * silu(x W_g)) and then the delta-rule write (the default, see hope/cms.py). The
+Transformer, the default and Hope-attention (whose CMS levels read their block-start weights, Eq. 71,
+hope/levels.py) are the variants of benchmarks/variants.py. Block designs that hope/block.py does not
+offer come from benchmarks/quality/designs.py (`apply_design`): the CMS placement, a learned gate on
+its output, a per-head RMSNorm of its read-out, and which layers keep a CMS; `lr_scale` scales the
+CMS's learning rate (0 freezes it at its random initialisation). Cells marked (c9e3a77) ran at that
+commit, whose CMS convolution was an nn.Conv1d with the same initial weights as today's ShortConv.
+Writes runs.jsonl (resumable), ablation.csv / .json, ablation.md and two plots into --out.
 """
 from __future__ import annotations
 
@@ -21,87 +24,12 @@ import argparse
 import json
 import os
 import time
-import types
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
-import torch
-import torch.nn as nn
-
+from ..variants import variant
 from .report import aggregate, at_step, markdown_table, mean_spread, plot_curves, plot_points, terminal_table, write_csv_json
 from .runner import run_all
-
-PLACEMENTS = ("serial", "parallel", "after_mlp", "before_attn")
-
-
-class HeadRMSNorm(nn.Module):
-    """RMSNorm over each head's read-out o [B, T, H * D] (per-head group norm, as in RetNet / GLA)."""
-
-    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.num_heads, self.eps = num_heads, eps
-        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
-
-    def forward(self, o: torch.Tensor) -> torch.Tensor:
-        B, T, _ = o.shape
-        h = o.float().view(B, T, self.num_heads, -1)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h.view(B, T, -1) * self.weight).to(o.dtype)
-
-
-def _forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-    """The HOPE block with the CMS at self.placement and its output times self.cms_gate (if any)."""
-    def cms(h):
-        y = self.cms(self.norm_cms(h))
-        return y if self.cms_gate is None else y * self.cms_gate.to(y.dtype)
-    attn = lambda h: self.attn(self.norm_attn(h))
-    mlp = lambda h: self.mlp(self.norm_mlp(h))
-    if self.cms is None:
-        x = x + attn(x)
-    elif self.placement == "serial":
-        x = x + attn(x)
-        x = x + cms(x)
-    elif self.placement == "parallel":
-        x = x + attn(x) + cms(x)
-    elif self.placement == "before_attn":
-        x = x + cms(x)
-        x = x + attn(x)
-    else:  # after_mlp
-        x = x + attn(x)
-        x = x + mlp(x)
-        return x + cms(x)
-    return x + mlp(x)
-
-
-def apply_design(model: nn.Module, placement: str = "serial", gate: Optional[str] = None, out_norm: bool = False,
-                 cms_layers: Optional[Sequence[int]] = None, shift_init: bool = False) -> nn.Module:
-    """Rewire every block of a built HOPE (use_cms=True) in place: placement of the CMS (PLACEMENTS),
-    gate None | "scalar" | "channel" (learned, initialised at 0), out_norm (HeadRMSNorm before the
-    CMS output projection), cms_layers (indices of the blocks that keep their CMS; None: all),
-    shift_init (H3's init of the CMS short convolution: k_t reads x_{t-1}, q_t and v_t read x_t)."""
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement={placement!r}: expected one of {PLACEMENTS}")
-    if gate not in (None, "scalar", "channel"):
-        raise ValueError(f"gate={gate!r}: expected None, 'scalar' or 'channel'")
-    for i, block in enumerate(model.blocks):
-        if block.cms is None:
-            raise ValueError("apply_design needs a model built with use_cms=True")
-        if cms_layers is not None and i not in cms_layers:
-            block.cms = None
-        block.placement = placement
-        dim = block.norm_attn.weight.numel()
-        block.cms_gate = None if gate is None else nn.Parameter(torch.zeros(1 if gate == "scalar" else dim))
-        if shift_init and block.cms is not None:
-            w, inner = block.cms.conv.weight, block.cms.conv.weight.shape[0] // 3
-            with torch.no_grad():
-                w.zero_()
-                w[:inner, -1] = w[2 * inner:, -1] = 1.0
-                w[inner:2 * inner, -2] = 1.0
-        if out_norm and block.cms is not None:
-            block.cms.proj = nn.Sequential(HeadRMSNorm(block.cms.num_heads, block.cms.head_dim), block.cms.proj)
-        block.forward = types.MethodType(_forward, block)
-    return model
-
 
 # (name, model overrides, design, lr_scale, steps); None = the defaults below.
 SEED_HOPE = {"use_cms": True, "num_memory_modules": 3}
@@ -109,16 +37,17 @@ SEED_HOPE = {"use_cms": True, "num_memory_modules": 3}
 # cell runs 9,000 steps at the LONG_SEEDS and its table shows both (training length).
 LONG, LONG_SEEDS = 9000, (0,)
 OUTER = {"cms_update": "outer"}                                  # the seed's write rule (cms_scan)
-OLD = {**OUTER, "cms_conv_size": 1, "cms_gated_readout": False}   # the seed HOPE block before issue 12
-CONV = {**OUTER, "cms_gated_readout": False}                      # + the short causal conv (stop 13's default)
+OLD = {**OUTER, "cms_conv_size": 1, "cms_gated_readout": False}   # the seed HOPE block before the CMS fix
+CONV = {**OUTER, "cms_gated_readout": False}                      # + the short causal conv
 MAIN_SEEDS = (0, 1, 2)              # the MAIN cells run these seeds too; the others run --seeds only
 CELLS = [
-    ("Transformer (no CMS)", {"use_cms": False}, None, None, None),
+    ("Transformer (no CMS)", variant("Transformer").overrides, None, None, None),
     ("old seed HOPE: serial", OLD, None, None, LONG),
     ("conv: short causal conv in the CMS", CONV, None, None, None),
     ("conv + gated read-out", OUTER, None, None, None),
-    ("new default: conv + gated read-out + delta-rule update", {}, None, None, None),
-    ("Hope-attention: levels read block-start weights (Eq. 71)", {"cms": "levels"}, None, None, None),
+    ("new default: conv + gated read-out + delta-rule update", variant("seed HOPE").overrides, None, None, None),
+    ("Hope-attention: levels read block-start weights (Eq. 71)", variant("Hope-attention").overrides, None,
+     None, None),
     ("gated read-out without the conv", {**OUTER, "cms_conv_size": 1}, None, None, None),
     ("delta-rule update without the conv", {"cms_conv_size": 1}, None, None, None),
     ("old + CMS in layer 2 only", OLD, {"cms_layers": [1]}, None, None),
@@ -129,10 +58,10 @@ CELLS = [
     ("old + norm: per-head RMSNorm of the read-out", OLD, {"out_norm": True}, None, None),
     ("old + CMS in layer 1 only", OLD, {"cms_layers": [0]}, None, None),
     ("old + CMS frozen at init (lr 0)", OLD, None, {".cms.": 0.0}, None),
-    ("conv + placement before attention (stop 13)", CONV, {"placement": "before_attn"}, None, None),
-    ("conv + placement after the MLP (stop 13)", CONV, {"placement": "after_mlp"}, None, None),
-    ("conv + shift-initialised conv (H3) (stop 13)", CONV, {"shift_init": True}, None, None),
-    ("conv + CMS lr x0.1 (stop 13)", CONV, None, {".cms.": 0.1}, None),
+    ("conv + placement before attention (c9e3a77)", CONV, {"placement": "before_attn"}, None, None),
+    ("conv + placement after the MLP (c9e3a77)", CONV, {"placement": "after_mlp"}, None, None),
+    ("conv + shift-initialised conv (H3) (c9e3a77)", CONV, {"shift_init": True}, None, None),
+    ("conv + CMS lr x0.1 (c9e3a77)", CONV, None, {".cms.": 0.1}, None),
 ]
 MAIN = [c[0] for c in CELLS[:6]]
 BASE = {"dim": 64, "num_layers": 2, "num_heads": 2}
@@ -176,7 +105,7 @@ def report(records, out: Path, header: str) -> str:
     write_csv_json(records, out / "ablation", ["cell", "steps", "seed", "accuracy", "params", "wall_s",
                                                "load_start", "load_end", "finished", "design", "lr_scale"])
     plot_points(rows, lambda r: r["cell"] + ("" if r["steps"] == STEPS else f" ({r['steps']:,} steps)"), "MQAR accuracy (held-out)",
-                "Issue 12 ablation: 4 pairs, 16 tokens, 2 layers, dim 64 (dots: seeds)", out / "ablation.png",
+                "CMS ablation: MQAR 4 pairs, 16 tokens, 2 layers, dim 64 (dots: seeds)", out / "ablation.png",
                 hline=1.0)
     by = {}
     for r in records:
@@ -193,7 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0", help="seeds of every cell (the first three cells always run 0,1,2)")
     p.add_argument("--workers", type=int, default=1, help="parallel training processes (1 thread each)")
     p.add_argument("--cells", default=None, help="comma list of cell numbers (0-based) to run (default: all)")
-    p.add_argument("--out", default="benchmarks/results/quality_issue12_ablation")
+    p.add_argument("--out", default="benchmarks/results/quality_cpu-2core_2026-11-26_cms-ablation")
     p.add_argument("--reuse", nargs="*", default=(), help="runs.jsonl files whose identical runs are copied (see runner)")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -204,11 +133,11 @@ def main(argv=None) -> int:
             reuse=[Path(r) for r in a.reuse])
     names = [c[0] for c in cells]     # the table: every run of these cells in runs.jsonl (any seeds)
     records = [r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines()) if r["cell"] in names]
-    header = (f"Issue 12 ablation: MQAR 4 pairs / 16 tokens, 2 layers, dim 64, 2 heads, M=3, AdamW lr 1e-3 "
+    header = (f"CMS ablation: MQAR 4 pairs / 16 tokens, 2 layers, dim 64, 2 heads, M=3, AdamW lr 1e-3 "
               f"constant, batch 64, torch backend, 1 thread per run ({a.workers} parallel). Command: "
               f"`python -m benchmarks.quality.ablation --workers {a.workers}`. This invocation: "
               f"{time.time() - t0:.0f} s, load average at start {up0[0]:.2f}, at end {os.getloadavg()[0]:.2f}. "
-              "Cells marked (stop 13) ran on the code of stop 13 (c9e3a77), whose CMS convolution was an "
+              "Cells marked (c9e3a77) ran at commit c9e3a77, whose CMS convolution was an "
               "nn.Conv1d with the same initial weights as ShortConv(init='uniform'); the old block's cells "
               "compute the same as today's code. Wall times of runs made while other jobs shared the "
               "machine are inflated (load average per run in ablation.csv).")

@@ -13,7 +13,7 @@ A sequence of length T >= 4 N holds N key-value pairs, then the queries:
 Every key is queried once (the default, num_queries = N) in a random order; a query is the key
 followed by its value (teacher forcing: the model sees the answers to earlier queries, as in Zoology).
 The query pairs sit at random, non-overlapping even offsets of the query region (consecutive when
-T = 4 N, as in the 4-pair, 16-token setting of issue 12); the other positions hold noise tokens.
+T = 4 N, as in the 4-pair, 16-token main setting); the other positions hold noise tokens.
 Targets are -100 everywhere except at each query key, where the target is that key's value: the
 accuracy is argmax == value over the query positions only (chance 1 / num_values).
 """

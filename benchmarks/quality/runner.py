@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Sequence
 
 import torch
 
 from hope import HOPEConfig
 
+from .designs import apply_design
 from .lm import lm_stream
 from .mqar import MQARTask
 from .train import Budget, build_model, train_lm, train_mqar
@@ -40,7 +40,6 @@ def run_job(job: dict) -> dict:
     load0 = os.getloadavg()[0]
     model = build_model(model_config(job), job["seed"])
     if job.get("design"):
-        from .ablation import apply_design
         apply_design(model, **job["design"])
     budget = Budget(**job["budget"])
     if job["task"] == "mqar":

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (report selects the Agg backend)
 @dataclass(frozen=True)
 class Plan:
     base: dict                                   # width / depth / heads shared by every variant
-    main_task: Tuple[int, int]                   # (num_pairs, seq_len): the issue-12 setting
+    main_task: Tuple[int, int]                   # (num_pairs, seq_len): the main setting
     main_steps: int
     main_seeds: Tuple[int, ...]
     pairs: Tuple[int, Tuple[int, ...]]           # (seq_len, num_pairs values) at width base["dim"]
@@ -36,8 +36,9 @@ class Plan:
 
 BASE = {"dim": 64, "num_layers": 2, "num_heads": 2, "num_memory_modules": 3}
 LM = {"seq_len": 64, "max_bytes": 1_000_000, "steps": 600, "batch_size": 16, "eval_every": 100, "eval_size": 256}
-# `python -m benchmarks.quality`: every variant once (seed 0) on the issue-12 setting, one short pairs
-# sweep and the LM; about 15 minutes on an idle 2-core CPU (2 workers; measured, see README).
+# `python -m benchmarks.quality`: every variant once (seed 0) on the main setting, one short pairs
+# sweep and the LM; about 17 minutes on an idle 2-core CPU (2 workers; measured in
+# benchmarks/results/quality_cpu-2core_2026-11-26_default).
 DEFAULT = Plan(
     base=BASE, main_task=(4, 16), main_steps=3000, main_seeds=(0,),
     pairs=(32, (2, 8)), seq_lens=(4, ()), widths=((8, 32), ()),
@@ -241,8 +242,8 @@ def write_report(plan: Plan, records: List[dict], variants: Sequence[tuple], out
         *[f"![{p}]({p})" for p in pngs],
     ]
     if meta.get("reused"):
-        lines += ["", f"{meta['reused']} of {len(records)} runs were copied from identical runs of the issue-12 "
-                      "ablation (--reuse; same config, task, budget and seed: training is deterministic); their "
+        lines += ["", f"{meta['reused']} of {len(records)} runs were copied from identical earlier runs "
+                      "(--reuse; same config, task, budget and seed: training is deterministic); their "
                       "wall times are those of the original runs."]
     if meta.get("skipped"):
         lines += ["", "Skipped (this HOPEConfig does not accept them yet): " + ", ".join(meta["skipped"])]

@@ -1,7 +1,7 @@
 """One training recipe for every variant: AdamW (torch defaults: betas 0.9/0.999, weight decay 0.01 on
 matrices only) at a constant learning rate 1e-3, no clipping, fresh seeded batches every step.
 (A cosine decay over 3,000 steps stops even the Transformer before its induction phase change on MQAR:
-with it the Transformer stays at 0.27 on the issue-12 setting; warmup / decay / clipping stay available.)
+with it the Transformer stays at 0.27 on the main setting (4 pairs, 16 tokens); warmup / decay / clipping stay available.)
 
 `train_mqar` and `train_lm` take a built model, so a variant is only a HOPEConfig (or, in the
 ablation, a block modification); the budget and the hyper-parameters are the same for all.

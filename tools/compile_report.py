@@ -1,11 +1,11 @@
 """Static compile report of every Triton kernel (no GPU needed).
 
-    python -m benchmarks.compile_report [--arch 90] [--arch 80] [--configs all|default]
+    python -m tools.compile_report [--arch 90] [--arch 80] [--configs all|default]
                                         [--csv out.csv] [--jobs N] [--no-sass]
 
 Compiles each kernel config ahead of time for the given archs (sm_90 by default) and prints
 registers, local-memory spills, shared memory, the estimated occupancy and whether tensor-core
-instructions (HMMA / HGMMA) appear. Built on `benchmarks.compile_check`.
+instructions (HMMA / HGMMA) appear. Built on `tools.compile_check`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import List, Tuple
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.pop("TRITON_INTERPRET", None)  # a report compiles, it never interprets (and forks workers)
 
-from benchmarks import compile_check as cc  # noqa: E402
+from tools import compile_check as cc  # noqa: E402
 
 _SPECS: list = []  # set before the worker pool forks
 
@@ -33,7 +33,7 @@ def _job(job: Tuple[int, int, int, bool]) -> cc.CompileResult:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.compile_report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, action="append", choices=sorted(cc.LIMITS),
                     help="target compute capability, repeatable (default: 90)")
     ap.add_argument("--configs", choices=["all", "default"], default="all",

@@ -16,7 +16,7 @@ cubin, with the `cuobjdump` shipped in the Triton wheel:
   allocated per warp in units of 256), shared memory (per-SM capacity, 1 KiB reserved per
   block), the 64-warp / 32-block limits, over the 64 warps an SM can hold.
 
-tests/test_compile.py and `python -m benchmarks.compile_report` are built on it. Results are
+tests/test_compile.py and `python -m tools.compile_report` are built on it. Results are
 cached per process (Triton also caches compiled kernels on disk). A process running kernels in
 the Triton interpreter (TRITON_INTERPRET=1) cannot compile them itself: it hands the work to a
 child process with the interpreter off (`_Server`), transparently.
@@ -363,7 +363,7 @@ class _Server:
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.compile_check", "--serve"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "tools.compile_check", "--serve"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, env=env)
         atexit.register(self.close)
@@ -487,8 +487,8 @@ def format_table(results: Sequence[CompileResult]) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
-        from benchmarks import compile_check
+        from tools import compile_check
 
         compile_check._serve()
     else:
-        sys.exit("usage: python -m benchmarks.compile_report (this module's --serve is internal)")
+        sys.exit("usage: python -m tools.compile_report (this module's --serve is internal)")
