@@ -115,7 +115,7 @@ def test_deep_read_is_bounded_around_plain_momentum(normalize):
     _run(opt, A, b, params, 2)
     mem = opt.state[params[0]]["memory"]
     mem["a"].fill_(-1.0)                                    # f(x) = -sum_j x_j + w2 . tanh(...)
-    mem["w2"].fill_(3.0)
+    mem["w2"].fill_(0.5)
     before = [p.detach().clone() for p in params]
     _run(opt, A, b, params, 1)
     rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
