@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from hope.optim import DeepMomentum
+from hope.optim import READ_BOUND, DeepMomentum
 
 
 
@@ -100,6 +100,34 @@ def test_deep_memory_inner_objective_decreases():
     x, y = torch.cat(xs), torch.cat(ys)
     inner = lambda m: 0.5 * (DeepMomentum._read(m, x) - y).pow(2).mean().item()  # noqa: E731
     assert inner(mem) < inner(mem0)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_deep_read_is_bounded_around_plain_momentum(normalize):
+    """Whatever the memory holds (here one that reads against momentum), the update d keeps
+    rms(d - p) <= READ_BOUND rms(p), p the averaged buffers, so its cosine with p is at least
+    sqrt(1 - READ_BOUND^2): a descent direction where momentum is one. At the bound the memory's
+    part is used in full; normalize=True only rescales d."""
+    A, b, params = _problem()
+    lr = 0.05
+    opt = DeepMomentum(params, lr=lr, betas=[0.5, 0.9], deep=True, memory_lr=0.0, normalize=normalize,
+                       backend="torch")
+    _run(opt, A, b, params, 2)
+    mem = opt.state[params[0]]["memory"]
+    mem["a"].fill_(-1.0)                                    # f(x) = -sum_j x_j + w2 . tanh(...)
+    mem["w2"].fill_(0.5)
+    before = [p.detach().clone() for p in params]
+    _run(opt, A, b, params, 1)
+    rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
+    for p, q in zip(params, before):
+        d = (q - p.detach()) / lr
+        plain = opt.state[p]["momentum"].mean(0)
+        cos = ((d * plain).sum() / (d.norm() * plain.norm())).item()
+        assert cos >= (1 - READ_BOUND ** 2) ** 0.5 - 1e-5, cos
+        if normalize:
+            assert abs(rms(d) - 1) < 1e-5
+        else:   # the bound is reached exactly
+            assert abs(rms(d - plain) / rms(plain) - READ_BOUND) < 1e-4, (rms(d - plain), rms(plain))
 
 
 @pytest.mark.parametrize("deep", [False, True])

@@ -93,7 +93,10 @@ def test_ablation_designs():
 
 
 def test_quick_suite_end_to_end(tmp_path):
-    """`--quick` writes every output, and softmax attention learns the easy setting (chance 1/8)."""
+    """`--quick` writes every output, softmax attention learns the easy setting (chance 1/8), and every
+    variant's byte LM is a bit below uniform (8 bits) after its 20 steps. Seeds 0-4 on the AVX2 and
+    default float paths: MQAR 1.000 at 150 steps for all (0.83-1.0 at 50), LM 6.2-6.5 bits/byte for
+    the Transformer, seed and paper HOPE (a model that does not learn stays at 8)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -108,7 +111,8 @@ def test_quick_suite_end_to_end(tmp_path):
     easy = [r for r in records if r["task"] == "mqar" and r["variant"] == "Transformer"
             and (r["num_pairs"], r["seq_len"], r["dim"]) == (1, 8, 32)]
     assert easy and all(r["accuracy"] >= 0.9 for r in easy), [r["accuracy"] for r in easy]
-    assert all(1.0 < r["bpb"] < 8.0 for r in records if r["task"] == "lm")   # below uniform (8 bits)
+    lm = {r["variant"]: r["bpb"] for r in records if r["task"] == "lm"}
+    assert all(1.0 < bpb < 7.0 for bpb in lm.values()), lm
     assert all(r["curve"] and r["params"] > 0 and r["wall_s"] > 0 for r in records)
 
 
