@@ -6,7 +6,7 @@ Slow on purpose: one Python step per token, exactly the recurrence of DESIGN.md 
     G_t = k_t^T (k_t Sbar_t - v_t)                 gradient of 1/2 ||k_t S - v_t||^2 at Sbar_t
     Z_t = momentum_t Z_{t-1} - lr_t G_t            (no momentum: Z_t = -lr_t G_t)
     S_t = decay_t S_{t-1} + Z_t                    (no decay: 1)
-    o_t = scale q_t S_t
+    o_t = scale q_t S_t                            (read="block_start": o_t = scale q_t Sbar_t)
 
 Sbar_t is the memory at the start of t's block (blocks of `period` tokens from each sequence's start).
 """
@@ -17,9 +17,10 @@ import torch
 from ..utils import segments, state_dtype
 
 
-def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1, initial_state=None,
-                output_final_state=False, cu_seqlens=None):
-    """q, k: [B, T, H, K]; v: [B, T, H, V]; lr, decay, momentum: [B, T, H].
+def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1, read="current",
+                initial_state=None, output_final_state=False, cu_seqlens=None):
+    """q, k: [B, T, H, K]; v: [B, T, H, V]; lr, decay, momentum: [B, T, H]; read: "current" (the memory
+    after the token's update) or "block_start" (the memory at the start of the token's block).
 
     initial_state: S [N, H, K, V], or (S, Z) with momentum. Returns (o [B, T, H, V], final state or None).
     """
@@ -46,7 +47,7 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
             step = -lr[b, t].to(sd)[:, None, None] * G
             Z = step if momentum is None else momentum[b, t].to(sd)[:, None, None] * Z + step
             S = (S if decay is None else decay[b, t].to(sd)[:, None, None] * S) + Z
-            o[b, t] = scale * torch.einsum("hk,hkv->hv", qt, S)
+            o[b, t] = scale * torch.einsum("hk,hkv->hv", qt, Sbar if read == "block_start" else S)
         finals.append((S, Z))
     final = None
     if output_final_state:
@@ -60,6 +61,8 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
     state S [B, H, K, V] (or (S, Z) with momentum); block_state: the memory the gradient is taken at
     (default: S itself). Returns (o [B, H, V], state)."""
     S, Z = (state if momentum is not None else (state, None))
+    if momentum is not None and Z is None:
+        raise ValueError("state must be the pair (S, Z) with Z a tensor when momentum is given")
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     sd = S.dtype
