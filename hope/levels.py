@@ -13,8 +13,8 @@ accumulated over the block, taken at the block-start weights:
 
 Two memory kinds (`cms_memory`):
 - "linear": M_theta(k) = k S, one matrix per head: a TitansLayer (hope.titans) without the short
-  convolution, with period C^(l) on `titans_scan` (the kernel path; one call per block), read at the
-  key and at the block-start weights: y_t = W_o (rmsnorm(k_t S_n) * silu(x_t W_g)) for t in block n,
+  convolution, with period C^(l) on `titans_scan` (the kernel path; one call with read="block_start" per
+  forward), read at the key and at the block-start weights: y_t = W_o (rmsnorm(k_t S_n) * silu(x_t W_g)) for t in block n,
   exactly Eq. 71 (the level maps its input as an MLP with weights S_n does; a block's updates are seen
   from the next block on). Reading the weights updated token by token instead (the op's own output)
   turns every level into a frequency-1 memory that counts tokens: on MQAR it holds Hope-attention at

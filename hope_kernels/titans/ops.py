@@ -67,9 +67,8 @@ def _check_state(name: str, state, has_momentum: bool, shape: tuple, device, lay
 READS = ("current", "block_start")
 
 
-def _check_period(period, T: int) -> int:
-    """Any integer >= 1 (Python, numpy or a one-element integer tensor), as an int clamped to max(T, 1):
-    a period of T or more is one block per sequence, so a huge one costs nothing and overflows nothing."""
+def _check_period(period) -> int:
+    """Any integer >= 1 (Python, numpy or a one-element integer tensor) as an int; bools are refused."""
     if isinstance(period, bool) or (isinstance(period, torch.Tensor) and period.dtype == torch.bool):
         raise TypeError(f"period must be an integer >= 1, got a bool ({period})")
     try:
@@ -78,7 +77,7 @@ def _check_period(period, T: int) -> int:
         raise TypeError(f"period must be an integer >= 1, got {type(period).__name__}") from None
     if period < 1:
         raise ValueError(f"period must be >= 1, got {period}")
-    return min(period, max(T, 1))
+    return period
 
 
 def _check_read(read) -> str:
@@ -124,7 +123,8 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
         raise TypeError("lr must be a [B, T, H] tensor")
     decay = _check_gate("decay", decay, (B, T, H), device, "[B, T, H]")
     momentum = _check_gate("momentum", momentum, (B, T, H), device, "[B, T, H]")
-    period = _check_period(period, T)
+    # a period of T or more is one block per sequence: clamped, a huge one costs and overflows nothing
+    period = min(_check_period(period), max(T, 1))
     read = _check_read(read)
     cu = utils.check_cu_seqlens(cu_seqlens, B, T, device)
     N = B if cu is None else cu.numel() - 1
