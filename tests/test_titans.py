@@ -503,3 +503,100 @@ def test_scan_gpu_realistic(dtype, period, decay, momentum):
     """Realistic shapes on a GPU (tensor cores, TF32), every path: UT chunks, block chunks, recurrent."""
     _check_scan("triton", "cuda", dtype, B=2, T=300, H=4, K=64, V=64, period=period, decay=decay,
                 momentum=momentum, h0=True, chunk_size=64)
+
+
+# ----------------------------------------------------------------------------- self-modifying memory
+def _selfmod_inputs(B, T, H, D, dtype, device, momentum):
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, D), dim=-1).to(dtype).to(device).requires_grad_(True)
+    u = randn(B, T, H, D, dtype=dtype, device=device, requires_grad=True)
+    lr_b, d_b = randn(H, device=device, requires_grad=True), (randn(H, device=device) + 2).requires_grad_(True)
+    m = _gate(0., 0.9, B, T, H, device=device) if momentum else None
+    eye = torch.eye(D).expand(B, H, D, D)
+    M0 = (torch.cat([eye, eye, torch.zeros(B, H, D, 2), eye], -1) + 0.3 * torch.randn(B, H, D, 3 * D + 2))
+    M0 = M0.to(device).requires_grad_(True)
+    Z0 = randn(B, H, D, 3 * D + 2, device=device, requires_grad=True, scale=0.1) if momentum else None
+    return [q, u, lr_b, d_b, m, M0, Z0]
+
+
+def _selfmod(fn, xs, period, **kw):
+    q, u, lr_b, d_b, m, M0, Z0 = xs
+    o, st = fn(q, u, lr_b, d_b, m, 1.0, lr_max=1.0, period=period, initial_state=(M0, Z0) if m is not None else M0,
+               output_final_state=True, **kw)
+    return [o] + _flat(st)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,period,momentum,T", [(torch.float32, 4, False, 21), (torch.float32, 5, True, 21),
+                                                     (torch.float32, 1, True, 9), (torch.float32, 16, False, 37),
+                                                     (torch.float32, 64, True, 21), (torch.bfloat16, 4, True, 13)])
+def test_selfmod_scan_matches_reference(backend, device, dtype, period, momentum, T):
+    """titans_selfmod_scan against its float64 per-block reference: output, final states, every gradient."""
+    from hope_kernels import titans_selfmod_scan
+    xs = _selfmod_inputs(2, T, 2, 8, dtype, device, momentum)
+    outs = _selfmod(titans_selfmod_scan, xs, period, backend=backend)
+    refs_in = [None if x is None else as_ref(x).cpu() for x in xs]
+    refs = _selfmod(reference.titans_selfmod_scan, refs_in, period)
+    assert outs[0].dtype == dtype and all(s.dtype == torch.float32 for s in outs[1:])
+    for name, a, b in zip(["o", "M", "Z"], outs, refs):
+        assert_close(name, a, b, dtype, device)
+    g, rg = _grads(outs, xs), _grads(refs, refs_in)
+    for name, x, r in zip(["q", "u", "lr_bias", "decay_bias", "momentum", "M0", "Z0"], xs, refs_in):
+        if x is not None:
+            assert_close("d" + name, g[id(x)], rg[id(r)], dtype, device, grad=True)
+
+
+def test_selfmod_split_and_resume_and_steps():
+    """Two calls split at a multiple of period equal one; a loop of steps (block state refreshed every
+    period tokens) equals the scan."""
+    from hope_kernels import titans_selfmod_scan, titans_selfmod_step
+    period, T = 4, 14
+    q, u, lr_b, d_b, m, M0, Z0 = [None if x is None else x.detach()
+                                  for x in _selfmod_inputs(2, T, 2, 8, torch.float32, "cpu", True)]
+    kw = dict(lr_max=1.0, period=period, output_final_state=True, backend="torch")
+    o, (M, Z) = titans_selfmod_scan(q, u, lr_b, d_b, m, 1.0, initial_state=(M0, Z0), **kw)
+    o1, st = titans_selfmod_scan(q[:, :8], u[:, :8], lr_b, d_b, m[:, :8], 1.0, initial_state=(M0, Z0), **kw)
+    o2, (M2, Z2) = titans_selfmod_scan(q[:, 8:], u[:, 8:], lr_b, d_b, m[:, 8:], 1.0, initial_state=st, **kw)
+    for name, a, b in zip("oMZ", (torch.cat([o1, o2], 1), M2, Z2), (o, M, Z)):
+        assert_close(name, a, b.double(), torch.float32, "cpu")
+    state = (M0.clone(), Z0.clone())
+    outs = []
+    for t in range(T):
+        block = state[0].clone() if t % period == 0 else block
+        o_t, ret = titans_selfmod_step(q[:, t], u[:, t], lr_b, d_b, state, block, m[:, t], 1.0, lr_max=1.0,
+                                       period=period, backend="torch")
+        assert ret is state
+        outs.append(o_t)
+    assert_close("o", torch.stack(outs, 1), o.double(), torch.float32, "cpu")
+    for name, a, b in zip("MZ", state, (M, Z)):
+        assert_close(name, a, b.double(), torch.float32, "cpu")
+
+
+def _selfmod_ok(**over):
+    B, T, H, D = 1, 6, 2, 4
+    args = dict(q=randn(B, T, H, D), u=randn(B, T, H, D), lr_bias=torch.zeros(H), decay_bias=torch.zeros(H),
+                lr_max=1.0, period=2, initial_state=torch.zeros(B, H, D, 3 * D + 2))
+    args.update(over)
+    return args
+
+
+BAD_SELFMOD = [
+    (dict(u=torch.randn(1, 6, 2, 5)), ValueError, "u"),
+    (dict(lr_bias=torch.zeros(3)), ValueError, "lr_bias"),
+    (dict(decay_bias=torch.zeros(2, 1)), ValueError, "decay_bias"),
+    (dict(initial_state=None), ValueError, "initial_state"),
+    (dict(initial_state=torch.zeros(1, 2, 4, 4)), ValueError, "initial_state"),
+    (dict(momentum=torch.full((1, 6, 2), 0.5)), ValueError, "pair"),
+    (dict(momentum=torch.full((1, 6, 2), 1.5), initial_state=(torch.zeros(1, 2, 4, 14),) * 2), ValueError,
+     "momentum"),
+    (dict(period=0), ValueError, "period"),
+    (dict(period=True), TypeError, "period"),
+    (dict(lr_max=2.0), ValueError, "lr_max"),
+    (dict(lr_max=float("nan")), ValueError, "lr_max"),
+]
+
+
+@pytest.mark.parametrize("over,exc,word", BAD_SELFMOD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_SELFMOD)])
+def test_selfmod_rejects_bad_input(over, exc, word):
+    from hope_kernels import titans_selfmod_scan
+    with pytest.raises(exc, match=word):
+        titans_selfmod_scan(**_selfmod_ok(**over))
