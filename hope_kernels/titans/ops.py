@@ -33,7 +33,7 @@ GATE_RANGES = {"lr": (0., True, float("inf"), False), "decay": (0., False, 1., T
 
 
 def _check_gate(name: str, g, lead: tuple, device, layout: str) -> Optional[torch.Tensor]:
-    """A per-token gate of shape `lead` on `device` with values in its range (one host sync)."""
+    """A per-token gate of shape `lead` on `device` with values in its range (one host sync where values are checked)."""
     if g is None:
         return None
     utils.check_tensor(name, g, len(lead), shape=lead, layout=layout)
