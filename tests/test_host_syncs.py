@@ -179,3 +179,15 @@ def test_training_step_of_every_variant(on_gpu_rules, name):
         loss.backward()
     where = [f"{s[-1].filename}:{s[-1].lineno}" for s in counter.stacks]
     assert len(where) <= 2 and counter.inside(KERNELS_DIR) == [], where
+
+
+@pytest.mark.parametrize("period,read", [(1, "current"), (1, "block_start"), (16, "block_start")])
+def test_titans_torch_path_traces_with_fake_tensors(on_gpu_rules, period, read):
+    """No value steers the torch path: make_fx traces it on fake tensors (a value read would raise)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    xs = [torch.randn(1, T, H, K), _unit(1, T, H, K).detach(), torch.randn(1, T, H, K), torch.rand(1, T, H),
+          0.5 + 0.5 * torch.rand(1, T, H), 0.5 * torch.rand(1, T, H), torch.randn(1, H, K, K), torch.randn(1, H, K, K)]
+    run = lambda *a: titans_scan(*a[:6], period=period, read=read, initial_state=(a[6], a[7]),   # noqa: E731
+                                 output_final_state=True, chunk_size=16, backend="torch")
+    graph = make_fx(run, tracing_mode="fake")(*xs)
+    assert any(n.target is torch.ops.aten.linalg_solve_triangular.default for n in graph.graph.nodes) == (period == 1)
