@@ -13,12 +13,12 @@ accumulated over the block, taken at the block-start weights:
 
 Two memory kinds (`cms_memory`):
 - "linear": M_theta(k) = k S, one matrix per head: a TitansLayer (hope.titans) without the short
-  convolution, with period C^(l) on `titans_scan` (the kernel path; one call per block), read at the
-  key and at the block-start weights: y_t = W_o (rmsnorm(k_t S_n) * silu(x_t W_g)) for t in block n,
+  convolution, with period C^(l) on `titans_scan` (the kernel path; one call with read="block_start" per
+  forward), read at the key and at the block-start weights: y_t = W_o (rmsnorm(k_t S_n) * silu(x_t W_g)) for t in block n,
   exactly Eq. 71 (the level maps its input as an MLP with weights S_n does; a block's updates are seen
   from the next block on). Reading the weights updated token by token instead (the op's own output)
   turns every level into a frequency-1 memory that counts tokens: on MQAR it holds Hope-attention at
-  0.53 where the Transformer reaches 1.00 (issue 12, README "What was found").
+  0.53 where the Transformer reaches 1.00 (README, "What was found").
 - "mlp": M_theta(z) = silu(z W_in) W_out (hidden size mlp_ratio * dim), block-parallel in torch:
   within block n the level reads y_t = M_{theta_n}(x_t), exactly Eq. 71 (a level whose period is
   longer than the sequence acts as a plain MLP at its meta-learned weights). Keys are unit-RMS

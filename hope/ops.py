@@ -17,7 +17,7 @@ from hope_kernels.utils import BACKENDS as KERNEL_BACKENDS
 
 BACKENDS = (None, *KERNEL_BACKENDS, "reference")  # the kernels' own set, plus the references
 OPS = ("linear_attention", "linear_attention_step", "cms_scan", "cms_step", "ema_update_", "titans_scan",
-       "titans_step")
+       "titans_step", "titans_selfmod_scan", "titans_selfmod_step")
 
 
 def check_backend(backend: Optional[str]) -> Optional[str]:

@@ -29,9 +29,10 @@ learned initial state, all read at the start of t's block (state at block start 
     o_t = q_t M_mem,t
 
 All five memories share the keys k_t, the step eta_t and the decay alpha_t (as in the paper), so they
-are one titans_scan memory of width 3D + 2 (the column blocks [M_k | M_v | M_eta | M_alpha | M_mem]):
-the gradient of a column block is that memory's own gradient. Since the keys and values of a block
-depend on the memories at the block's start, blocks are a loop: one titans_scan call per block.
+are one memory of width 3D + 2 (the column blocks [M_k | M_v | M_eta | M_alpha | M_mem]): the
+gradient of a column block is that memory's own gradient. The keys and values of a block depend on
+the memories at the block's start, so blocks follow one another: `hope_kernels.titans_selfmod_scan`
+runs them all in one call (DESIGN.md, titans_selfmod_scan).
 
 Simplifications (stated): (1) matrix memories (Eq. 92-93), not the 2-layer MLP memories of Eq. 89;
 (2) Eq. 93 writes the decay/DGD term M(alpha I - eta k k^T) and the gradient at the block start
@@ -45,8 +46,10 @@ allows one for M_mem and one for the rest). The output norm and gate are the usu
 gated-delta-net read-out. With momentum, the one momentum gate m_t = sigmoid(x_t w_m + b_m) is a
 static projection (the paper's set of memories has no momentum).
 
-The cache (generation) holds the memory state (S or (S, Z)), the block-start memory, the number of
-tokens seen, and the conv history: one new token is a `titans_step` with `block_state`.
+A forward is one op call (titans_scan, or titans_selfmod_scan when self-modifying) over the whole
+sequence. The cache (generation) holds the memory state (S or (S, Z)), the block-start memory, the
+number of tokens seen, and the conv history: one new token is a `titans_step` (`titans_selfmod_step`)
+with `block_state`; a cached chunk of tokens continues the current block first, then runs the op.
 """
 from __future__ import annotations
 
@@ -102,7 +105,8 @@ class TitansLayer(nn.Module):
     """Titans (optionally self-modifying) over the sequence; see the module docstring.
     x: [B, T, dim] -> [B, T, dim]. Also the memory of the paper's linear CMS levels (hope.levels,
     `read_with_key`): a level reads at the key and at its block-start memory, o_t = k_t Sbar_n (Eq. 71,
-    as an MLP with weights Sbar_n reads its input); the block's updates are seen from the next block on."""
+    as an MLP with weights Sbar_n reads its input; titans_scan's read="block_start"); the block's
+    updates are seen from the next block on."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None, *, period: int = 16,
                  self_modifying: bool = False, momentum: bool = False, lr_max: float = 1.0,
@@ -149,42 +153,66 @@ class TitansLayer(nn.Module):
         S = up(self.initial_memory).expand(B, *self.initial_memory.shape).clone()
         return (S, torch.zeros_like(S)) if self.use_momentum else S
 
-    def _run(self, q, k, v, lr, decay, mom, state, block_state, aligned: bool, step: bool):
-        """One stretch of tokens inside (at most) one pass of titans_scan, from `state`.
+    def _scan(self, inputs, state):
+        """An aligned stretch (starting at a block boundary) in one op call; returns (o, state)."""
+        if self.self_modifying:
+            q, u, mom = inputs
+            return get_op("titans_selfmod_scan", self.backend)(
+                q, u, self.lr_bias, self.decay_bias, mom, 1.0, lr_max=self.lr_max, period=self.period,
+                initial_state=state, output_final_state=True)
+        # a CMS level reads its block-start memory (Eq. 71), the Titans mixer its current memory
+        return get_op("titans_scan", self.backend)(*inputs, 1.0, period=self.period,
+                                                   read="block_start" if self.read_with_key else "current",
+                                                   initial_state=state, output_final_state=True)
 
-        aligned: the stretch starts at a block boundary (block_state is the current memory).
-        Otherwise the gradient must be taken at `block_state`, not at the current memory S:
-        k (Sbar) - v = k S - (v + k (S - Sbar)), so the scan runs on corrected values.
-        """
+    def _continue(self, inputs, state, block_state, step: bool):
+        """A stretch that starts inside a block (a cache's continuation), with the gradient taken at
+        `block_state` rather than at the current memory S; returns (o, state)."""
+        if self.self_modifying:   # one token at a time (at most period - 1 of them), in place
+            q, u, mom = inputs
+            outs = []
+            for t in range(q.shape[1]):
+                o, state = get_op("titans_selfmod_step", self.backend)(
+                    q[:, t], u[:, t], self.lr_bias, self.decay_bias, state, block_state,
+                    None if mom is None else mom[:, t], 1.0, lr_max=self.lr_max, period=self.period)
+                outs.append(o)
+            return torch.stack(outs, 1), state
+        q, k, v, lr, decay, mom = inputs
         if step:   # one token, generation
             o, state = get_op("titans_step", self.backend)(
                 q[:, 0], k[:, 0], v[:, 0], lr[:, 0], state, None if decay is None else decay[:, 0],
                 None if mom is None else mom[:, 0], 1.0, block_state=block_state)
-            return o[:, None], state
-        if not aligned:
+            o = o[:, None]
+        else:      # k (Sbar) - v = k S - (v + k (S - Sbar)): the scan runs on corrected values
             delta = _memory(state) - block_state
             v = v + torch.einsum("bthk,bhkv->bthv", up(k), delta).to(v.dtype)
-        return get_op("titans_scan", self.backend)(q, k, v, lr, decay, mom, 1.0, period=self.period,
-                                                   initial_state=state, output_final_state=True)
+            o, state = get_op("titans_scan", self.backend)(q, k, v, lr, decay, mom, 1.0, period=self.period,
+                                                           initial_state=state, output_final_state=True)
+        if self.read_with_key:
+            o = torch.einsum("bthk,bhkv->bthv", up(q), block_state).to(o.dtype)
+        return o, state
 
-    def _memory_pass(self, T, pos, state, block_state, read, step: bool, cached: bool):
-        """Run the memory over T tokens (positions pos..), block by block where the keys depend on
-        the block-start memory (self-modifying), in one scan otherwise. `read(sizes)(i, Mbar)` gives
-        the (q, k, v, lr, decay, momentum) of the i-th stretch (inputs are split once, not sliced
-        per block: a slice's backward writes a full-length gradient).
-        Returns (o [B, T, H, V'], state, block_state). A cached block-start memory is a copy:
-        titans_step updates the state in place."""
-        segments = block_segments(pos, T, self.period, per_block=self.self_modifying or self.read_with_key)
-        read = read([b - a for a, b in segments])
+    def _memory_pass(self, inputs, T, pos, state, block_state, cached: bool):
+        """Run the memory over T tokens (positions pos..): the rest of a block begun in the cache, then
+        the whole blocks and the unfinished tail in one op call (two with a cache, which keeps the
+        tail's block-start memory). `inputs` are split once per stretch, not sliced (a slice's backward
+        writes a full-length gradient). Returns (o, state, block_state). A cached block-start memory
+        is a copy: the step ops update the state in place."""
+        stretches = block_segments(pos, T, self.period, per_block=False)
+        if not cached and len(stretches) > 1 and (pos + stretches[-2][0]) % self.period == 0:
+            stretches = stretches[:-2] + [(stretches[-2][0], T)]
+        parts = [_split(t, [b - a for a, b in stretches]) for t in inputs]
         outs = []
-        for i, (a, b) in enumerate(segments):
-            aligned = (pos + a) % self.period == 0
-            if aligned:
+        for i, (a, b) in enumerate(stretches):
+            xs = [p[i] for p in parts]
+            step = cached and b - a == 1
+            if (pos + a) % self.period == 0:
                 block_state = _memory(state).clone() if cached else _memory(state)
-            inputs = read(i, block_state)
-            o, state = self._run(*inputs, state, block_state, aligned, step)
-            if self.read_with_key:   # a CMS level reads its block-start memory (Eq. 71)
-                o = torch.einsum("bthk,bhkv->bthv", up(inputs[0]), block_state).to(o.dtype)
+                if not step:
+                    o, state = self._scan(xs, state)
+                    outs.append(o)
+                    continue
+            o, state = self._continue(xs, state, block_state, step)
             outs.append(o)
         if (pos + T) % self.period == 0:
             block_state = _memory(state).clone() if cached else _memory(state)
@@ -193,7 +221,7 @@ class TitansLayer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
+        H = self.num_heads
         h, g, gates = self.proj_in(x).split(self.splits, dim=-1)
         if self.conv is not None:
             h = self.conv(h, cache)
@@ -206,24 +234,9 @@ class TitansLayer(nn.Module):
         state = self._initial_state(B) if state is None else state
         block_state = cache.get("block_state") if cache is not None else None
         block_state = _memory(state) if block_state is None else block_state
-        step = cache is not None and T == 1
-
         if self.self_modifying:
             q, u = (split_heads(t, H) for t in h.chunk(2, dim=-1))
-            q = l2norm(q)
-
-            def read(sizes):
-                qs, us, ms = q.split(sizes, 1), up(u).split(sizes, 1), _split(mom, sizes)
-
-                def block(i, Mbar):
-                    """Keys, values, lr, decay of stretch i from the block-start memories (Eq. 90-91)."""
-                    r = torch.einsum("bthd,bhdw->bthw", us[i], Mbar)    # (reading M_mem too: cheaper than
-                    kk, vv, eta, alpha, _ = r.split([D, D, 1, 1, D], dim=-1)  # a slice of Mbar in backward)
-                    kk, vv = l2norm(kk), l2norm(vv)
-                    vhat = torch.einsum("bthd,bhdw->bthw", vv, Mbar)            # self-generated values
-                    return (qs[i], kk.to(q.dtype), vhat.to(q.dtype), self._lr(eta[..., 0]),
-                            self._decay(alpha[..., 0]), ms[i])
-                return block
+            inputs = (l2norm(q), up(u), mom)
         else:
             if self.read_with_key:
                 k, v = (split_heads(t, H) for t in h.chunk(2, dim=-1))
@@ -231,15 +244,8 @@ class TitansLayer(nn.Module):
             else:
                 q, k, v = (split_heads(t, H) for t in h.chunk(3, dim=-1))
                 q, k = l2norm(q), l2norm(k)
-            lr, decay = self._lr(gates[:, :, 0]), self._decay(gates[:, :, 1])
-
-            def read(sizes):
-                parts = [_split(t, sizes) for t in (q, k, v, lr, decay, mom)]
-                return lambda i, Mbar: tuple(p[i] for p in parts)
-
-        o, state, block_state = self._memory_pass(T, pos, state, block_state, read, step, cache is not None)
-        if self.self_modifying:
-            o = o[..., 2 * D + 2:]                           # the output memory's columns
+            inputs = (q, k, v, self._lr(gates[:, :, 0]), self._decay(gates[:, :, 1]), mom)
+        o, state, block_state = self._memory_pass(inputs, T, pos, state, block_state, cache is not None)
         if cache is not None:
             cache.update(state=state, block_state=block_state, pos=pos + T)
         # float32's epsilon: the memory starts empty and must be read at full scale from its first write

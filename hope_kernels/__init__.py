@@ -7,10 +7,10 @@ from .utils import resolve_backend
 from .linear_attention import linear_attention, linear_attention_step
 from .cms import cms_scan, cms_step
 from .ema import ema_update_
-from .titans import titans_scan, titans_step
+from .titans import titans_scan, titans_step, titans_selfmod_scan, titans_selfmod_step
 
 __all__ = [
     "linear_attention", "linear_attention_step", "cms_scan", "cms_step", "ema_update_",
-    "titans_scan", "titans_step", "reference", "resolve_backend",
+    "titans_scan", "titans_step", "titans_selfmod_scan", "titans_selfmod_step", "reference", "resolve_backend",
 ]
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ float64 reference); states are float32 (float64 for float64 inputs).
 from .cms.reference import cms_scan, cms_step
 from .ema.reference import ema_update_
 from .linear_attention.reference import linear_attention, linear_attention_step
-from .titans.reference import titans_scan, titans_step
+from .titans.reference import titans_scan, titans_selfmod_scan, titans_selfmod_step, titans_step
 
 __all__ = ["linear_attention", "linear_attention_step", "cms_scan", "cms_step", "ema_update_",
-           "titans_scan", "titans_step"]
+           "titans_scan", "titans_step", "titans_selfmod_scan", "titans_selfmod_step"]

@@ -5,6 +5,7 @@
 - Every variant trains end to end (a gradient for every outer parameter, learned initial memories
   included), is causal, and generates with caches exactly what recomputing the prefix generates.
 """
+import copy
 import math
 
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from hope import HOPE, HOPEConfig
 from hope.levels import MLPLevel
 from hope.titans import TitansLayer, block_segments
-from helpers import rel_err
+from helpers import rel_err, tolerance
 
 V = 61
 SMALL = dict(vocab_size=V, dim=32, num_layers=2, num_heads=4, max_seq_len=64, backend="torch")
@@ -168,6 +169,10 @@ def test_block_segments():
 def test_variant_trains_end_to_end_and_is_causal(variant):
     torch.manual_seed(0)
     model = HOPE(**SMALL, **VARIANTS[variant])
+    with torch.no_grad():   # at the initial M_k = M_v the keys equal the values, so every inner gradient
+        for n, p in model.named_parameters():          # (and that of the step's bias) is exactly zero
+            if n.endswith("attn.initial_memory"):
+                p.add_(0.05 * torch.randn_like(p))
     tokens = torch.randint(0, V, (2, 19))
     logits, loss = model(tokens, tokens.roll(-1, 1))
     loss.backward()
@@ -259,3 +264,102 @@ def test_train_and_evaluate_variant(name, tmp_path, capsys):
     assert hope_evaluate.main([str(tmp_path), "--max-new-tokens", "4", "--batches", "1", "--backend", "torch"]) == 0
     out = capsys.readouterr().out
     assert "done: step 3" in out and "bits/byte" in out
+
+
+# ---------------------------------------------------------------------- one op call per forward
+def per_block_forward(layer: TitansLayer, x):
+    """The layer as a loop over blocks with one titans_scan call each (the form before the block-start
+    read and the self-modifying op), for a forward from the sequence start without a cache."""
+    from hope_kernels import titans_scan
+    from hope.layers import gated_readout, split_heads
+    from hope.titans import l2norm, up
+    B, T, _ = x.shape
+    H, D, C = layer.num_heads, layer.head_dim, layer.period
+    h, g, gates = layer.proj_in(x).split(layer.splits, -1)
+    if layer.conv is not None:
+        h = layer.conv(h)
+    gates = gates.view(B, T, -1, H)
+    mom = torch.sigmoid(up(gates[:, :, -1]) + up(layer.momentum_bias)) if layer.use_momentum else None
+    state = layer._initial_state(B)
+    if layer.self_modifying:
+        q, u = (split_heads(t, H) for t in h.chunk(2, -1))
+        q, u = l2norm(q), up(u)
+    else:
+        parts = [split_heads(t, H) for t in h.chunk(2 if layer.read_with_key else 3, -1)]
+        q, k, v = [parts[0]] + parts if layer.read_with_key else parts
+        q, k = l2norm(q), l2norm(k)
+        lr, decay = layer._lr(gates[:, :, 0]), layer._decay(gates[:, :, 1])
+    outs = []
+    for s in range(0, T, C):
+        e = min(s + C, T)
+        Mbar = state[0] if isinstance(state, tuple) else state
+        m = None if mom is None else mom[:, s:e]
+        if layer.self_modifying:
+            r = torch.einsum("bthd,bhdw->bthw", u[:, s:e], Mbar)
+            kk, vv, eta, alpha, _ = r.split([D, D, 1, 1, D], -1)
+            kk, vv = l2norm(kk), l2norm(vv)
+            vhat = torch.einsum("bthd,bhdw->bthw", vv, Mbar)
+            o, state = titans_scan(q[:, s:e], kk, vhat, layer._lr(eta[..., 0]), layer._decay(alpha[..., 0]), m, 1.0,
+                                   period=C, initial_state=state, output_final_state=True, backend="torch")
+            o = o[..., 2 * D + 2:]
+        else:
+            qs = q[:, s:e]
+            o, state = titans_scan(qs, k[:, s:e], v[:, s:e], lr[:, s:e], decay[:, s:e], m, 1.0, period=C,
+                                   initial_state=state, output_final_state=True, backend="torch")
+            if layer.read_with_key:
+                o = torch.einsum("bthk,bhkv->bthv", qs, Mbar)
+        outs.append(o)
+    return layer.proj(gated_readout(torch.cat(outs, 1), g))
+
+
+@pytest.mark.parametrize("self_modifying, momentum, period, read_with_key", [
+    (True, False, 4, False), (True, True, 5, False), (True, False, 8, False),
+    (False, False, 4, True), (False, True, 8, True), (False, False, 3, False),
+])
+@pytest.mark.parametrize("T", [13, 21, 37])
+def test_one_op_call_equals_the_per_block_loop(self_modifying, momentum, period, read_with_key, T):
+    """Outputs and every parameter gradient of the layer (one op call) equal the per-block loop to
+    float32 rounding; a cached prefix split mid-block and its continuation equal the whole forward."""
+    torch.manual_seed(T + period)
+    layer = TitansLayer(32, 2, 16, period=period, self_modifying=self_modifying, momentum=momentum,
+                        conv_window=0 if read_with_key else 4, read_with_key=read_with_key, backend="torch")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    layer64 = copy.deepcopy(layer).double()    # the loop in float64: the float32 rounding of neither form
+    x = torch.randn(2, T, 32)
+    w = torch.randn(2, T, 32)
+    got, loop32, want = layer(x), per_block_forward(layer, x), per_block_forward(layer64, x.double())
+    assert rel_err(got, want) < tolerance(torch.float32, "cpu")
+    params = list(layer.parameters())
+    grads = [torch.autograd.grad((y * w).sum(), params) for y in (got, loop32)]
+    g_want = torch.autograd.grad((want * w.double()).sum(), list(layer64.parameters()))
+    # a few bias gradients are sums that cancel (relative errors up to ~1e-3 in float32 in either form):
+    # the op's error may not exceed the float32 loop's by more than 2x, nor the tolerance otherwise
+    for (name, _), a, b, c in zip(layer.named_parameters(), *grads, g_want):
+        bound = max(tolerance(torch.float32, "cpu", grad=True), 2 * rel_err(b, c))
+        assert rel_err(a, c) <= bound, f"gradient of {name}"
+    split = min(period + period // 2, T - 2)   # inside the second block
+    with torch.no_grad():
+        cache = {}
+        parts = [layer(x[:, :split], cache), layer(x[:, split:split + 1], cache), layer(x[:, split + 1:], cache)]
+    assert rel_err(torch.cat(parts, 1), want) < tolerance(torch.float32, "cpu")
+
+
+def test_op_calls_per_forward_do_not_grow_with_t(monkeypatch):
+    """The paper's HOPE: one titans_selfmod_scan and one titans_scan per level per forward, at any T."""
+    import hope_kernels
+    calls = {}
+    for name in ("titans_scan", "titans_selfmod_scan"):
+        real = getattr(hope_kernels, name)
+        monkeypatch.setattr(hope_kernels, name,
+                            lambda *a, _real=real, _name=name, **k: calls.__setitem__(_name, calls.get(_name, 0) + 1)
+                            or _real(*a, **k))
+    model = HOPE(**dict(SMALL, num_layers=1, max_seq_len=256), **VARIANTS["paper"])
+    counts = []
+    for T in (64, 256):
+        calls.clear()
+        with torch.no_grad():
+            model(torch.randint(0, V, (1, T)))
+        counts.append(dict(calls))
+    assert counts[0] == counts[1] == {"titans_selfmod_scan": 1, "titans_scan": 2}

@@ -2,6 +2,9 @@
 including lr, decay, momentum and the initial state pair), period = 1 against flash-linear-attention's
 delta rule, periods shorter / longer than a chunk, split-and-resume, packed sequences, step loops
 with a block state, NaN-poisoned buffers and bad inputs."""
+import time
+
+import numpy as np
 import pytest
 import torch
 
@@ -67,11 +70,12 @@ def _scan(fn, xs, **kw):
     return [o] + _flat(st)
 
 
-def _check_scan(backend, device, dtype, B, T, H, K, V, period, decay, momentum, h0, chunk_size=16):
+def _check_scan(backend, device, dtype, B, T, H, K, V, period, decay, momentum, h0, chunk_size=16,
+                read="current"):
     xs = _inputs(B, T, H, K, V, dtype, device, decay, momentum, h0)
-    outs = _scan(titans_scan, xs, period=period, chunk_size=chunk_size, backend=backend)
+    outs = _scan(titans_scan, xs, period=period, read=read, chunk_size=chunk_size, backend=backend)
     refs_in = [None if x is None else as_ref(x).cpu() for x in xs]
-    refs = _scan(reference.titans_scan, refs_in, period=period)
+    refs = _scan(reference.titans_scan, refs_in, period=period, read=read)
     assert outs[0].dtype == dtype and all(s.dtype == torch.float32 for s in outs[1:])
     errs = {}
     for name, out, ref in zip(["o", "S", "Z"], outs, refs):
@@ -111,6 +115,28 @@ CASES = [
 def test_scan_matches_reference(backend, device, poison_empty, dtype, period, decay, momentum, h0, B, T, V):
     _check_scan(backend, device, dtype, B=B, T=T, H=2, K=32 if V == 16 else 16, V=V, period=period, decay=decay,
                 momentum=momentum, h0=h0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("period", [1, 3, 16, 64])
+@pytest.mark.parametrize("decay,momentum,h0", [(True, True, True), (False, False, True), (True, False, False)])
+def test_block_start_read_matches_reference(backend, device, poison_empty, period, decay, momentum, h0):
+    """read="block_start": o_t = scale q_t Sbar_t (period 1: the memory before the token), values and
+    every gradient; T = 45 is a multiple of no period here, period 64 is longer than T."""
+    _check_scan(backend, device, torch.float32, B=2, T=45, H=2, K=16, V=32, period=period, decay=decay,
+                momentum=momentum, h0=h0, read="block_start")
+
+
+def test_block_start_read_is_the_block_start_memory():
+    """The block-start read against its definition: the final states of scans over the whole blocks
+    before each token's block."""
+    q, k, v, lr, d, m, S0, Z0 = [x.detach().double() for x in _inputs(1, 11, 1, 4, 4, torch.float32, "cpu")]
+    o, _ = titans_scan(q, k, v, lr, d, m, period=4, read="block_start", initial_state=(S0, Z0), backend="torch")
+    for t in range(11):
+        n = t // 4 * 4
+        _, (S, _) = titans_scan(q[:, :n], k[:, :n], v[:, :n], lr[:, :n], d[:, :n], m[:, :n], period=4,
+                                initial_state=(S0, Z0), output_final_state=True, backend="torch")
+        assert_close("o", o[:, t], 0.5 * torch.einsum("bhk,bhkv->bhv", q[:, t], S), torch.float64, "cpu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -208,15 +234,18 @@ def test_zero_momentum_and_unit_decay(backend, device):
 
 # ----------------------------------------------------------------------------- state: split, packed
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("period,decay,momentum", [(16, True, True), (1, True, False), (4, True, True),
-                                                   (16, False, False)])
-def test_split_and_resume(backend, device, period, decay, momentum):
+@pytest.mark.parametrize("period,decay,momentum,read", [(16, True, True, "current"), (1, True, False, "current"),
+                                                        (4, True, True, "current"), (16, False, False, "current"),
+                                                        (16, True, True, "block_start"),
+                                                        (1, True, True, "block_start"),
+                                                        (8, False, False, "block_start")])
+def test_split_and_resume(backend, device, period, decay, momentum, read):
     """Two calls chained through the state (split at a multiple of period) equal one call, values and
     gradients (through the state pair too)."""
     xs = _inputs(1, 40, 1, 16, 16, torch.float32, device, decay=decay, momentum=momentum)
     q, k, v, lr, d, m, S0, Z0 = xs
     t = 16
-    kw = dict(period=period, chunk_size=16, backend=backend)
+    kw = dict(period=period, read=read, chunk_size=16, backend=backend)
     one = _scan(titans_scan, xs, **kw)
     part = lambda x, sl: None if x is None else x[:, sl]
     first = _scan(titans_scan, [part(x, slice(0, t)) for x in xs[:6]] + [S0, Z0], **kw)
@@ -232,21 +261,24 @@ def test_split_and_resume(backend, device, period, decay, momentum):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("period,decay,momentum", [(16, True, True), (1, True, False), (3, True, True),
-                                                   (32, False, False)])
-def test_packed_sequences_equal_a_loop(backend, device, poison_empty, period, decay, momentum):
+@pytest.mark.parametrize("period,decay,momentum,read", [(16, True, True, "current"), (1, True, False, "current"),
+                                                        (3, True, True, "current"), (32, False, False, "current"),
+                                                        (3, True, True, "block_start"),
+                                                        (1, True, True, "block_start"),
+                                                        (16, True, False, "block_start")])
+def test_packed_sequences_equal_a_loop(backend, device, poison_empty, period, decay, momentum, read):
     """cu_seqlens (one sequence empty, one longer than a chunk) equals one reference call per sequence;
     blocks count from each sequence's start."""
     lens = [3, 0, 35, 2]
     cu = torch.tensor([0] + lens).cumsum(0).to(device)
     xs = _inputs(1, sum(lens), 1, 16, 16, torch.float32, device, decay=decay, momentum=momentum, N=len(lens))
     q, k, v, lr, d, m, S0, Z0 = xs
-    outs = _scan(titans_scan, xs, period=period, cu_seqlens=cu, chunk_size=16, backend=backend)
+    outs = _scan(titans_scan, xs, period=period, read=read, cu_seqlens=cu, chunk_size=16, backend=backend)
     parts = []
     for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
         seq = [None if x is None else x[:, a:b] for x in xs[:6]]
         states = [None if s is None else s[n:n + 1] for s in (S0, Z0)]
-        parts.append(_scan(reference.titans_scan, seq + states, period=period))
+        parts.append(_scan(reference.titans_scan, seq + states, period=period, read=read))
     loop = [torch.cat([p[i] for p in parts], 1 if i == 0 else 0) for i in range(len(outs))]
     for name, a, b in zip("oSZ", outs, loop):
         assert_close(name, a, b.double(), torch.float32, device)
@@ -359,6 +391,12 @@ BAD_SCAN = [
     (dict(initial_state=torch.zeros(2, 2, 4, 4)), ValueError, "initial_state"),
     (dict(period=0), ValueError, "period"),
     (dict(period=2.0), TypeError, "period"),
+    (dict(period=True), TypeError, "period"),
+    (dict(period=np.bool_(True)), TypeError, "period"),
+    (dict(period=torch.tensor(True)), TypeError, "period"),
+    (dict(period=np.int64(0)), ValueError, "period"),
+    (dict(read="block"), ValueError, "read"),
+    (dict(read=None), ValueError, "read"),
     (dict(k=torch.randn(1, 6, 2, 5)), ValueError, "k"),
     (dict(v=torch.randn(1, 7, 2, 4)), ValueError, "v"),
     (dict(k=torch.randn(1, 6, 2, 4, dtype=torch.float16)), TypeError, "dtype"),
@@ -395,6 +433,56 @@ def test_step_rejects_bad_input(over, exc, word):
         titans_step(**args)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_with_momentum_requires_z(backend):
+    """(S, None) with momentum would drop the momentum: refused on both backends."""
+    args = dict(q=randn(2, 2, 4), k=randn(2, 2, 4), v=randn(2, 2, 4), lr=torch.full((2, 2), 0.1),
+                state=(torch.zeros(2, 2, 4, 4), None), momentum=torch.full((2, 2), 0.5))
+    with pytest.raises(ValueError, match="Z"):
+        titans_step(**args, backend=backend)
+    with pytest.raises(ValueError, match="Z"):
+        reference.titans_step(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("period", [np.int64(4), np.int32(4), torch.tensor(4), torch.tensor([4])[0]])
+def test_period_takes_any_integer(backend, device, period):
+    xs = [None if x is None else x.detach() for x in _inputs(1, 10, 1, 16, 16, torch.float32, device)]
+    want = _scan(titans_scan, xs, period=4, chunk_size=16, backend=backend)
+    got = _scan(titans_scan, xs, period=period, chunk_size=16, backend=backend)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("period", [10 ** 8, 2 ** 31, 2 ** 64])
+def test_huge_period_is_one_block(backend, device, period):
+    """A period beyond T is one block per sequence: the same result as period = T, no int32 overflow
+    in a kernel, nothing sized by the period (T = 20 and cu_seqlens)."""
+    xs = [None if x is None else x.detach() for x in _inputs(1, 20, 2, 16, 16, torch.float32, device, N=2)]
+    cu = torch.tensor([0, 7, 20], device=device)
+    for read in ("current", "block_start"):
+        want = _scan(titans_scan, xs, period=20, read=read, cu_seqlens=cu, chunk_size=16, backend=backend)
+        start = time.perf_counter()
+        got = _scan(titans_scan, xs, period=period, read=read, cu_seqlens=cu, chunk_size=16, backend=backend)
+        assert time.perf_counter() - start < 5.0
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_torch_path_sizes_buffers_by_the_sequence(monkeypatch):
+    """The chunked path itself (below the op's clamp) lays out min(period, T) tokens per block."""
+    from hope_kernels.titans import torch_chunked
+    sizes, real = [], torch_chunked._layout
+    monkeypatch.setattr(torch_chunked, "_layout", lambda *a: sizes.append(a[1]) or real(*a))
+    q, k, v, lr, d, m, S0, Z0 = [x.detach() for x in _inputs(1, 20, 1, 8, 8, torch.float32, "cpu")]
+    o, S, Z = torch_chunked.titans_scan_torch(q, k, v, lr, d, m, 0.3, 2 ** 40, S0, Z0, None, 64, torch.float32)
+    assert sizes == [20]
+    want, (S_w, Z_w) = titans_scan(q, k, v, lr, d, m, 0.3, period=20, initial_state=(S0, Z0),
+                                   output_final_state=True, backend="torch")
+    assert torch.equal(o, want) and torch.equal(S, S_w) and torch.equal(Z, Z_w)
+
+
 def test_float64_with_triton_raises_and_routes_to_torch_by_default():
     q, k, v = (randn(1, 32, 2, 16, dtype=torch.float64) for _ in range(3))
     k = torch.nn.functional.normalize(k, dim=-1)
@@ -415,3 +503,100 @@ def test_scan_gpu_realistic(dtype, period, decay, momentum):
     """Realistic shapes on a GPU (tensor cores, TF32), every path: UT chunks, block chunks, recurrent."""
     _check_scan("triton", "cuda", dtype, B=2, T=300, H=4, K=64, V=64, period=period, decay=decay,
                 momentum=momentum, h0=True, chunk_size=64)
+
+
+# ----------------------------------------------------------------------------- self-modifying memory
+def _selfmod_inputs(B, T, H, D, dtype, device, momentum):
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, D), dim=-1).to(dtype).to(device).requires_grad_(True)
+    u = randn(B, T, H, D, dtype=dtype, device=device, requires_grad=True)
+    lr_b, d_b = randn(H, device=device, requires_grad=True), (randn(H, device=device) + 2).requires_grad_(True)
+    m = _gate(0., 0.9, B, T, H, device=device) if momentum else None
+    eye = torch.eye(D).expand(B, H, D, D)
+    M0 = (torch.cat([eye, eye, torch.zeros(B, H, D, 2), eye], -1) + 0.3 * torch.randn(B, H, D, 3 * D + 2))
+    M0 = M0.to(device).requires_grad_(True)
+    Z0 = randn(B, H, D, 3 * D + 2, device=device, requires_grad=True, scale=0.1) if momentum else None
+    return [q, u, lr_b, d_b, m, M0, Z0]
+
+
+def _selfmod(fn, xs, period, **kw):
+    q, u, lr_b, d_b, m, M0, Z0 = xs
+    o, st = fn(q, u, lr_b, d_b, m, 1.0, lr_max=1.0, period=period, initial_state=(M0, Z0) if m is not None else M0,
+               output_final_state=True, **kw)
+    return [o] + _flat(st)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,period,momentum,T", [(torch.float32, 4, False, 21), (torch.float32, 5, True, 21),
+                                                     (torch.float32, 1, True, 9), (torch.float32, 16, False, 37),
+                                                     (torch.float32, 64, True, 21), (torch.bfloat16, 4, True, 13)])
+def test_selfmod_scan_matches_reference(backend, device, dtype, period, momentum, T):
+    """titans_selfmod_scan against its float64 per-block reference: output, final states, every gradient."""
+    from hope_kernels import titans_selfmod_scan
+    xs = _selfmod_inputs(2, T, 2, 8, dtype, device, momentum)
+    outs = _selfmod(titans_selfmod_scan, xs, period, backend=backend)
+    refs_in = [None if x is None else as_ref(x).cpu() for x in xs]
+    refs = _selfmod(reference.titans_selfmod_scan, refs_in, period)
+    assert outs[0].dtype == dtype and all(s.dtype == torch.float32 for s in outs[1:])
+    for name, a, b in zip(["o", "M", "Z"], outs, refs):
+        assert_close(name, a, b, dtype, device)
+    g, rg = _grads(outs, xs), _grads(refs, refs_in)
+    for name, x, r in zip(["q", "u", "lr_bias", "decay_bias", "momentum", "M0", "Z0"], xs, refs_in):
+        if x is not None:
+            assert_close("d" + name, g[id(x)], rg[id(r)], dtype, device, grad=True)
+
+
+def test_selfmod_split_and_resume_and_steps():
+    """Two calls split at a multiple of period equal one; a loop of steps (block state refreshed every
+    period tokens) equals the scan."""
+    from hope_kernels import titans_selfmod_scan, titans_selfmod_step
+    period, T = 4, 14
+    q, u, lr_b, d_b, m, M0, Z0 = [None if x is None else x.detach()
+                                  for x in _selfmod_inputs(2, T, 2, 8, torch.float32, "cpu", True)]
+    kw = dict(lr_max=1.0, period=period, output_final_state=True, backend="torch")
+    o, (M, Z) = titans_selfmod_scan(q, u, lr_b, d_b, m, 1.0, initial_state=(M0, Z0), **kw)
+    o1, st = titans_selfmod_scan(q[:, :8], u[:, :8], lr_b, d_b, m[:, :8], 1.0, initial_state=(M0, Z0), **kw)
+    o2, (M2, Z2) = titans_selfmod_scan(q[:, 8:], u[:, 8:], lr_b, d_b, m[:, 8:], 1.0, initial_state=st, **kw)
+    for name, a, b in zip("oMZ", (torch.cat([o1, o2], 1), M2, Z2), (o, M, Z)):
+        assert_close(name, a, b.double(), torch.float32, "cpu")
+    state = (M0.clone(), Z0.clone())
+    outs = []
+    for t in range(T):
+        block = state[0].clone() if t % period == 0 else block
+        o_t, ret = titans_selfmod_step(q[:, t], u[:, t], lr_b, d_b, state, block, m[:, t], 1.0, lr_max=1.0,
+                                       period=period, backend="torch")
+        assert ret is state
+        outs.append(o_t)
+    assert_close("o", torch.stack(outs, 1), o.double(), torch.float32, "cpu")
+    for name, a, b in zip("MZ", state, (M, Z)):
+        assert_close(name, a, b.double(), torch.float32, "cpu")
+
+
+def _selfmod_ok(**over):
+    B, T, H, D = 1, 6, 2, 4
+    args = dict(q=randn(B, T, H, D), u=randn(B, T, H, D), lr_bias=torch.zeros(H), decay_bias=torch.zeros(H),
+                lr_max=1.0, period=2, initial_state=torch.zeros(B, H, D, 3 * D + 2))
+    args.update(over)
+    return args
+
+
+BAD_SELFMOD = [
+    (dict(u=torch.randn(1, 6, 2, 5)), ValueError, "u"),
+    (dict(lr_bias=torch.zeros(3)), ValueError, "lr_bias"),
+    (dict(decay_bias=torch.zeros(2, 1)), ValueError, "decay_bias"),
+    (dict(initial_state=None), ValueError, "initial_state"),
+    (dict(initial_state=torch.zeros(1, 2, 4, 4)), ValueError, "initial_state"),
+    (dict(momentum=torch.full((1, 6, 2), 0.5)), ValueError, "pair"),
+    (dict(momentum=torch.full((1, 6, 2), 1.5), initial_state=(torch.zeros(1, 2, 4, 14),) * 2), ValueError,
+     "momentum"),
+    (dict(period=0), ValueError, "period"),
+    (dict(period=True), TypeError, "period"),
+    (dict(lr_max=2.0), ValueError, "lr_max"),
+    (dict(lr_max=float("nan")), ValueError, "lr_max"),
+]
+
+
+@pytest.mark.parametrize("over,exc,word", BAD_SELFMOD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_SELFMOD)])
+def test_selfmod_rejects_bad_input(over, exc, word):
+    from hope_kernels import titans_selfmod_scan
+    with pytest.raises(exc, match=word):
+        titans_selfmod_scan(**_selfmod_ok(**over))

@@ -3,7 +3,7 @@
     G_t = k_t^T (k_t Sbar_t - v_t)                 gradient of 1/2 ||k_t S - v_t||^2 at Sbar_t
     Z_t = momentum_t Z_{t-1} - lr_t G_t            (no momentum: Z_t = -lr_t G_t)
     S_t = decay_t S_{t-1} + Z_t                    (no decay: 1)
-    o_t = scale q_t S_t
+    o_t = scale q_t S_t                            (read="block_start": o_t = scale q_t Sbar_t)
 
 Sbar_t is the memory at the start of t's block, blocks of `period` tokens counted from each
 sequence's start (period = 1: Sbar_t = S_{t-1}, the online delta rule / DGD). lr, decay, momentum
@@ -12,6 +12,8 @@ S [N, H, K, V] float32, or the pair (S, Z) with momentum. See DESIGN.md ("titans
 """
 from __future__ import annotations
 
+import inspect
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -31,7 +33,7 @@ GATE_RANGES = {"lr": (0., True, float("inf"), False), "decay": (0., False, 1., T
 
 
 def _check_gate(name: str, g, lead: tuple, device, layout: str) -> Optional[torch.Tensor]:
-    """A per-token gate of shape `lead` on `device` with values in its range (one host sync)."""
+    """A per-token gate of shape `lead` on `device` with values in its range (one host sync where values are checked)."""
     if g is None:
         return None
     utils.check_tensor(name, g, len(lead), shape=lead, layout=layout)
@@ -62,23 +64,52 @@ def _check_state(name: str, state, has_momentum: bool, shape: tuple, device, lay
     return utils.check_state(name, state, shape, device, layout), None
 
 
+READS = ("current", "block_start")
+
+
 def _check_period(period) -> int:
-    if isinstance(period, bool) or not isinstance(period, int):
-        raise TypeError(f"period must be an int >= 1, got {type(period).__name__}")
+    """Any integer >= 1 (Python, numpy or a one-element integer tensor) as an int; bools are refused."""
+    if isinstance(period, bool) or (isinstance(period, torch.Tensor) and period.dtype == torch.bool):
+        raise TypeError(f"period must be an integer >= 1, got a bool ({period})")
+    try:
+        period = operator.index(period)
+    except TypeError:
+        raise TypeError(f"period must be an integer >= 1, got {type(period).__name__}") from None
     if period < 1:
         raise ValueError(f"period must be >= 1, got {period}")
     return period
 
 
-def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1, initial_state=None,
-                output_final_state=False, cu_seqlens=None, chunk_size=64, backend=None):
+def _check_read(read) -> str:
+    if not isinstance(read, str) or read not in READS:
+        raise ValueError(f"read must be one of {READS}, got {read!r}")
+    return read
+
+
+def _scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, read):
+    """The Triton scan; read="block_start" needs a kernel that takes `read` (the torch path runs it
+    where the installed kernel does not)."""
+    tk = _triton()
+    if read == "current":
+        return tk.titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size)
+    if "read" in inspect.signature(tk.titans_scan_triton).parameters:
+        return tk.titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size,
+                                     read=read)
+    return titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size,
+                             torch.float32, read=read)
+
+
+def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1, read="current",
+                initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64, backend=None):
     """The Titans memory over a sequence (see the module docstring for the math).
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V] (float32, float16 or bfloat16).
         lr, decay, momentum: [B, T, H] gates (decay, momentum optional).
         scale: multiplies q; defaults to K ** -0.5.
-        period: tokens per gradient block (int >= 1).
+        period: tokens per gradient block (an integer >= 1; any value >= T is one block per sequence).
+        read: "current" reads the memory after the token's update, "block_start" the memory at the
+            start of the token's block (o_t = scale q_t Sbar_t; period 1: the memory before the token).
         initial_state: S_0 [N, H, K, V] float32, or (S_0, Z_0) with momentum (N = B, or the number
             of sequences with cu_seqlens).
         chunk_size: tokens per chunk (a power of two >= 16); a tuning knob, the result does not depend on it.
@@ -92,7 +123,9 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
         raise TypeError("lr must be a [B, T, H] tensor")
     decay = _check_gate("decay", decay, (B, T, H), device, "[B, T, H]")
     momentum = _check_gate("momentum", momentum, (B, T, H), device, "[B, T, H]")
-    period = _check_period(period)
+    # a period of T or more is one block per sequence: clamped, a huge one costs and overflows nothing
+    period = min(_check_period(period), max(T, 1))
+    read = _check_read(read)
     cu = utils.check_cu_seqlens(cu_seqlens, B, T, device)
     N = B if cu is None else cu.numel() - 1
     S0, Z0 = _check_state("initial_state", initial_state, momentum is not None, (N, H, K, V), device,
@@ -109,10 +142,10 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
     with torch.autocast(device.type, enabled=False):
         if backend == "triton":
             q, k, v = utils.contiguous(q, k, v)
-            o, S, Z = _triton().titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu,
-                                                    chunk_size)
+            o, S, Z = _scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, read)
         else:
-            o, S, Z = titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, sd)
+            o, S, Z = titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, sd,
+                                        read=read)
     if not output_final_state:
         return o.to(dtype), None
     return o.to(dtype), (S if momentum is None else (S, Z))
@@ -136,6 +169,9 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
         raise ValueError("state must be given: S [B, H, K, V] float32 (or (S, Z) with momentum); "
                          "titans_step updates it in place")
     S, Z = _check_state("state", state, momentum is not None, (B, H, K, V), device, "[B, H, K, V]")
+    if momentum is not None and Z is None:
+        raise ValueError("state must be the pair (S, Z) with momentum, Z [B, H, K, V] float32 a tensor; "
+                         "got Z = None")
     utils.check_state_dtype("state", S, Z)
     utils.check_state("block_state", block_state, (B, H, K, V), device, "[B, H, K, V]")
     scale = utils.resolve_scale(scale, K)

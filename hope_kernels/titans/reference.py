@@ -6,7 +6,7 @@ Slow on purpose: one Python step per token, exactly the recurrence of DESIGN.md 
     G_t = k_t^T (k_t Sbar_t - v_t)                 gradient of 1/2 ||k_t S - v_t||^2 at Sbar_t
     Z_t = momentum_t Z_{t-1} - lr_t G_t            (no momentum: Z_t = -lr_t G_t)
     S_t = decay_t S_{t-1} + Z_t                    (no decay: 1)
-    o_t = scale q_t S_t
+    o_t = scale q_t S_t                            (read="block_start": o_t = scale q_t Sbar_t)
 
 Sbar_t is the memory at the start of t's block (blocks of `period` tokens from each sequence's start).
 """
@@ -17,9 +17,10 @@ import torch
 from ..utils import segments, state_dtype
 
 
-def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1, initial_state=None,
-                output_final_state=False, cu_seqlens=None):
-    """q, k: [B, T, H, K]; v: [B, T, H, V]; lr, decay, momentum: [B, T, H].
+def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1, read="current",
+                initial_state=None, output_final_state=False, cu_seqlens=None):
+    """q, k: [B, T, H, K]; v: [B, T, H, V]; lr, decay, momentum: [B, T, H]; read: "current" (the memory
+    after the token's update) or "block_start" (the memory at the start of the token's block).
 
     initial_state: S [N, H, K, V], or (S, Z) with momentum. Returns (o [B, T, H, V], final state or None).
     """
@@ -46,7 +47,7 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
             step = -lr[b, t].to(sd)[:, None, None] * G
             Z = step if momentum is None else momentum[b, t].to(sd)[:, None, None] * Z + step
             S = (S if decay is None else decay[b, t].to(sd)[:, None, None] * S) + Z
-            o[b, t] = scale * torch.einsum("hk,hkv->hv", qt, S)
+            o[b, t] = scale * torch.einsum("hk,hkv->hv", qt, Sbar if read == "block_start" else S)
         finals.append((S, Z))
     final = None
     if output_final_state:
@@ -60,6 +61,8 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
     state S [B, H, K, V] (or (S, Z) with momentum); block_state: the memory the gradient is taken at
     (default: S itself). Returns (o [B, H, V], state)."""
     S, Z = (state if momentum is not None else (state, None))
+    if momentum is not None and Z is None:
+        raise ValueError("state must be the pair (S, Z) with Z a tensor when momentum is given")
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     sd = S.dtype
@@ -74,3 +77,48 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
         Z.copy_(newZ)
     o = scale * torch.einsum("bhk,bhkv->bhv", q.to(sd), S)
     return o.to(q.dtype), state
+
+
+def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *, lr_max, period, initial_state,
+                        output_final_state=False, eps=1e-6):
+    """The self-modifying Titans memory as a loop over blocks (hope_kernels/titans/selfmod.py): each
+    block reads its keys, values, step and decay from the block-start memory Mbar, then one titans_scan.
+
+    q, u: [B, T, H, D]; lr_bias, decay_bias: [H]; momentum: [B, T, H]; initial_state M [B, H, D, 3D + 2]
+    (or (M, Z) with momentum). Returns (o [B, T, H, D], final state or None)."""
+    B, T, H, D = q.shape
+    sd = state_dtype(q.dtype)
+    state = initial_state
+    if momentum is not None and state[1] is None:
+        state = (state[0], torch.zeros_like(state[0]))
+    outs = []
+    for s in range(0, T, period):
+        e = min(s + period, T)
+        Mbar = state[0] if momentum is not None else state
+        r = torch.einsum("bthd,bhdw->bthw", u[:, s:e].to(sd), Mbar.to(sd))
+        kk, vv, eta, alpha = r[..., :D], r[..., D:2 * D], r[..., 2 * D], r[..., 2 * D + 1]
+        k = kk / torch.sqrt(kk.pow(2).sum(-1, keepdim=True) + eps)
+        v = vv / torch.sqrt(vv.pow(2).sum(-1, keepdim=True) + eps)
+        vhat = torch.einsum("bthd,bhdw->bthw", v, Mbar.to(sd))                    # self-generated values
+        lr = lr_max / period * torch.sigmoid(eta + lr_bias.to(sd))
+        decay = torch.sigmoid(alpha + decay_bias.to(sd))
+        o, state = titans_scan(q[:, s:e].to(sd), k, vhat, lr, decay, None if momentum is None else momentum[:, s:e],
+                               scale, period=period, initial_state=state, output_final_state=True)
+        outs.append(o[..., 2 * D + 2:])
+    o = torch.cat(outs, 1) if outs else q.new_zeros(B, 0, H, D, dtype=sd)
+    return o.to(q.dtype), (state if output_final_state else None)
+
+
+def titans_selfmod_step(q, u, lr_bias, decay_bias, state, block_state, momentum=None, scale=None, *, lr_max,
+                        period, eps=1e-6):
+    """One token in place: the keys, values, step and decay from block_state, then titans_step."""
+    D = q.shape[-1]
+    sd = block_state.dtype
+    r = torch.einsum("bhd,bhdw->bhw", u.to(sd), block_state)
+    k = r[..., :D] / torch.sqrt(r[..., :D].pow(2).sum(-1, keepdim=True) + eps)
+    v = r[..., D:2 * D] / torch.sqrt(r[..., D:2 * D].pow(2).sum(-1, keepdim=True) + eps)
+    vhat = torch.einsum("bhd,bhdw->bhw", v, block_state)
+    lr = lr_max / period * torch.sigmoid(r[..., 2 * D] + lr_bias.to(sd))
+    decay = torch.sigmoid(r[..., 2 * D + 1] + decay_bias.to(sd))
+    o, state = titans_step(q.to(sd), k, vhat, lr, state, decay, momentum, scale, block_state=block_state)
+    return o[..., 2 * D + 2:].to(q.dtype), state

@@ -14,6 +14,8 @@ No product of gates is ever divided by: the decay products are exp of difference
 log-decays masked before the exp (in float64: the [L]-vectors are tiny), the momentum products
 cumulative products of a masked matrix (momentum may be exactly 0).
 
+* read="block_start" reads o_i = scale q_i Sbar_i instead: at period 1 the memory before the token
+  (row i - 1 of every coefficient above), at period >= 2 one matmul against the block-start memory.
 * period >= 2: Sbar is the block-start memory, so X = lr (V - K Sbar) is one matmul against it.
   A chunk is a block (period <= chunk_size) or a piece of one (blocks are then padded to a
   multiple of chunk_size; padded tokens have k = 0, lr = 0 and are never read).
@@ -82,8 +84,10 @@ def _pad(x: torch.Tensor, src: torch.Tensor, fill: float) -> torch.Tensor:
     return torch.cat([x, pad], 1).index_select(1, src)
 
 
-def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chunk_size: int):
-    """One batch of sequences starting at t = 0, all in the compute dtype. Returns (o, S_T, Z_T or None)."""
+def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, read: str, S0, Z0, chunk_size: int):
+    """One batch of sequences starting at t = 0, all in the compute dtype. Returns (o, S_T, Z_T or None).
+
+    Only shapes and Python numbers steer it (no value of a tensor is read on the host)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt, dev = q.dtype, q.device
@@ -91,7 +95,9 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
     Z = None if momentum is None else (q.new_zeros(B, H, K, V) if Z0 is None else Z0)
     if T == 0:
         return q.new_zeros(B, 0, H, V), S, Z
+    period = min(period, T)                   # one block per sequence beyond T: buffers sized by the data
     ut = period == 1
+    block_start = read == "block_start"
     L = min(chunk_size if ut else min(period, chunk_size), T)   # a short sequence is one unpadded chunk
     src, pos, Pp = _layout(T, L if ut else period, L, dev)
     per_block = 1 if ut else Pp // L          # chunks per block: the gradient memory is refreshed at each first
@@ -112,28 +118,29 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
     LD = _log_cumsum(None if decay is None else chunks(decay, 1.), shape, dev)
     D = _decay_products(LD)                                                # [B, H, nC, L, L] float64
     gamma = LD.exp()
-    # the row of the chunk's last real token gives the chunk-end state (padding sits after it)
-    n_real = torch.bincount(pos // L, minlength=nC)
-    last = (n_real - 1).clamp_min(0)
+    # the row of the chunk's last real token gives the chunk-end state (padding sits after it); every
+    # chunk holds at least one token: a block of P = period (L when ut) tokens fills P // L chunks
+    # and the remainder, the last block fewer
+    blk = L if ut else period
     ci = torch.arange(nC, device=dev)
+    in_block = (T - ci // per_block * blk).clamp(max=blk)                  # real tokens of the chunk's block
+    last = (in_block - ci % per_block * L).clamp(1, L) - 1
 
-    def end_row(P):                           # P [B, H, nC, L, L] -> row `last` of each chunk: [B, H, nC, L]
-        return P[:, :, ci, last]
+    def end_row(coef):                        # [B, H, nC, L, L] -> row `last` of each chunk: [B, H, nC, L]
+        return coef[:, :, ci, last]
 
+    prev = lambda x, first: F.pad(x[..., :-1], (1, 0), value=first)        # x_{i-1} along the chunk
     if momentum is not None:
         Mm, mu = _momentum_products(chunks(momentum, 1.).double())
         C = D @ Mm
         a = D @ mu[..., None]                                              # [B, H, nC, L, 1]
         a_end, mu_end = a[:, :, ci, last, 0], mu[:, :, ci, last]
         Kz = (end_row(Mm).to(dt)[..., None] * kc)                          # M[last, j] k_j
-        Qz = scale * a.to(dt) * qc
     else:
         C = D
-    g = gamma[..., None].to(dt)
     Wz = None
     if ut:
         # (I + A) X = lr (V - gamma_{i-1} K S_0 - a_{i-1} K Z_0),  A[i, j] = lr_i C[i-1, j] (k_i . k_j), j < i
-        prev = lambda x, first: F.pad(x[..., :-1], (1, 0), value=first)        # x_{i-1} along the chunk
         C_prev = F.pad(C[..., :-1, :], (0, 0, 1, 0)).to(dt)
         A = lrc[..., None] * C_prev * (kc @ kc.transpose(-1, -2))
         rhs = [lrc[..., None] * vc, (lrc * prev(gamma, 1.).to(dt))[..., None] * kc]
@@ -145,19 +152,32 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
         Wz = Wz[0] if Wz else None
     else:
         W, U = lrc[..., None] * kc, lrc[..., None] * vc
-    Qs = scale * g * qc
-    Aqk = scale * (qc @ kc.transpose(-1, -2)) * C.to(dt)
+    # the read: o_i = scale q_i S_i, S_i unrolled from the chunk start (read="current"); with
+    # read="block_start" the memory before the token (period 1: row i - 1 of every coefficient) or the
+    # block-start memory itself (period >= 2: one matmul against it, nothing from inside the block)
+    Aqk = Qz = None
+    if block_start and not ut:
+        Qs = scale * qc
+    else:
+        shift = (lambda x, first: prev(x, first)) if block_start else (lambda x, first: x)
+        Qs = scale * shift(gamma, 1.)[..., None].to(dt) * qc
+        Cq = C_prev if block_start else C.to(dt)
+        Aqk = scale * (qc @ kc.transpose(-1, -2)) * Cq
+        if momentum is not None:
+            Qz = scale * shift(a[..., 0], 0.)[..., None].to(dt) * qc
     Kend = end_row(C).to(dt)[..., None] * kc
     g_end = gamma[:, :, ci, last].to(dt)[..., None, None]                  # [B, H, nC, 1, 1]
 
     # per-chunk views by unbind: indexing inside the loop would make autograd scatter every chunk's
     # gradient into a zero-filled copy of the whole tensor
-    U, W, Qs, Aqk, KendT = (x.unbind(2) for x in (U, W, Qs, Aqk, Kend.transpose(-1, -2).contiguous()))
+    U, W, Qs, KendT = (x.unbind(2) for x in (U, W, Qs, Kend.transpose(-1, -2).contiguous()))
+    Aqk = None if Aqk is None else Aqk.unbind(2)
+    Qz = None if Qz is None else Qz.unbind(2)
     g_end = g_end.unbind(2)
     if Wz is not None:
         Wz = Wz.unbind(2)
     if Z is not None:
-        Qz, KzT = Qz.unbind(2), Kz.transpose(-1, -2).contiguous().unbind(2)
+        KzT = Kz.transpose(-1, -2).contiguous().unbind(2)
         a_end, mu_end = (x.to(dt)[..., None, None].unbind(2) for x in (a_end, mu_end))
     outs = []
     Sg = S
@@ -167,10 +187,14 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
         X = U[c] - W[c] @ Sg
         if Wz is not None:
             X = X - Wz[c] @ Z
-        o = Qs[c] @ S + Aqk[c] @ X
+        if Aqk is None:
+            o = Qs[c] @ Sg
+        else:
+            o = Qs[c] @ S + Aqk[c] @ X
+            if Qz is not None:
+                o = o + Qz[c] @ Z
         S_new = g_end[c] * S + KendT[c] @ X
         if Z is not None:
-            o = o + Qz[c] @ Z
             S_new = S_new + a_end[c] * Z
             Z = mu_end[c] * Z + KzT[c] @ X
         S = S_new
@@ -180,7 +204,7 @@ def _dense(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0, chun
 
 
 def titans_scan_torch(q, k, v, lr, decay, momentum, scale: float, period: int, S0, Z0,
-                      cu_seqlens: Optional[torch.Tensor], chunk_size: int, sd: torch.dtype
+                      cu_seqlens: Optional[torch.Tensor], chunk_size: int, sd: torch.dtype, read: str = "current"
                       ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The scan in `sd` (float32 or float64); returns (o in sd, S_T, Z_T or None).
 
@@ -188,13 +212,13 @@ def titans_scan_torch(q, k, v, lr, decay, momentum, scale: float, period: int, S
     q, k, v, lr, decay, momentum, S0, Z0 = (None if x is None else x.to(sd)
                                             for x in (q, k, v, lr, decay, momentum, S0, Z0))
     if cu_seqlens is None:
-        return _dense(q, k, v, lr, decay, momentum, scale, period, S0, Z0, chunk_size)
+        return _dense(q, k, v, lr, decay, momentum, scale, period, read, S0, Z0, chunk_size)
     bounds = cu_seqlens.tolist()
     outs, Ss, Zs = [], [], []
     for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         part = lambda x: None if x is None else x[:, s:e]
         one = lambda x: None if x is None else x[n:n + 1]
-        o, S, Z = _dense(part(q), part(k), part(v), part(lr), part(decay), part(momentum), scale, period,
+        o, S, Z = _dense(part(q), part(k), part(v), part(lr), part(decay), part(momentum), scale, period, read,
                          one(S0), one(Z0), chunk_size)
         outs.append(o)
         Ss.append(S)

@@ -1,0 +1,188 @@
+"""The self-modifying Titans memory (Nested Learning Eq. 83-93, matrix memories, chunk-wise) as one op.
+
+Five memories per head share one state M = [M_k | M_v | M_eta | M_alpha | M_mem], [D, W] with
+W = 3D + 2 (column blocks of widths D, D, 1, 1, D). Tokens are grouped in blocks of `period` from the
+sequence start; for t in a block whose start memory is Mbar:
+
+    r_t      = u_t Mbar                                             [W]
+    k_t      = r_t[k] / sqrt(||r_t[k]||^2 + eps),   v_t = r_t[v] / sqrt(||r_t[v]||^2 + eps)
+    lr_t     = (lr_max / period) sigmoid(r_t[eta] + lr_bias),   decay_t = sigmoid(r_t[alpha] + decay_bias)
+    vhat_t   = v_t Mbar                                             self-generated values of all five memories
+    G_t      = k_t^T (k_t Mbar - vhat_t)                            the gradient at the block start
+    Z_t      = momentum_t Z_{t-1} - lr_t G_t                        (no momentum: Z_t = -lr_t G_t)
+    M_t      = decay_t M_{t-1} + Z_t
+    o_t      = scale q_t M_t[mem]                                   the output memory's read, [D]
+
+i.e. titans_scan at `period` with keys k, values vhat and gates lr, decay read from the block-start
+memory; a block's inputs depend on the previous block's result, so blocks run one after another.
+See DESIGN.md ("titans_selfmod_scan").
+
+The torch path (also what backend="triton" runs: there is no Triton kernel for it) computes a block
+in one chunk-parallel step, ~25 tensor ops vectorised over batch, heads and the block's tokens:
+with X = lr (v - k) Mbar (= lr (vhat - k Mbar)) and the decay / momentum products D, M of
+torch_chunked (C = D M, a = D mu, gamma_i = d_1 ... d_i),
+
+    M_end = gamma_L Mbar + a_L Z_0 + (C[L, :] k)^T X,    Z_end = mu_L Z_0 + (M[L, :] k)^T X
+    o     = scale (gamma q Mbar[mem] + a q Z_0[mem] + ((q k^T) * C) X[mem])
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import utils
+from .ops import _check_gate, _check_period, _check_state, titans_step
+from .torch_chunked import _decay_products, _momentum_products
+
+
+def width(D: int) -> int:
+    """Columns of the five memories [M_k | M_v | M_eta | M_alpha | M_mem] for head size D."""
+    return 3 * D + 2
+
+
+def _projections(u, Mbar, lr_bias, decay_bias, lr_max: float, period: int, eps: float):
+    """(k, v, lr, log decay) of tokens u [B, H, L, D] from the block-start memory Mbar [B, H, D, W]."""
+    D = u.shape[-1]
+    r = u @ Mbar                              # all W columns: cheaper than a slice of Mbar in backward
+    kk, vv, eta, alpha = r[..., :D], r[..., D:2 * D], r[..., 2 * D], r[..., 2 * D + 1]
+    k = kk * torch.rsqrt(kk.pow(2).sum(-1, keepdim=True) + eps)
+    v = vv * torch.rsqrt(vv.pow(2).sum(-1, keepdim=True) + eps)
+    lr = (lr_max / period) * torch.sigmoid(eta + lr_bias[:, None])
+    return k, v, lr, F.logsigmoid(alpha + decay_bias[:, None])
+
+
+def _block(q, u, m, M, Z, lr_bias, decay_bias, scale, lr_max, period, eps):
+    """One block of L tokens from its start memory M (and Z): (o [B, H, L, D], M_end, Z_end)."""
+    D = q.shape[-1]
+    dt = M.dtype
+    k, v, lr, log_decay = _projections(u, M, lr_bias, decay_bias, lr_max, period, eps)
+    X = lr[..., None] * ((v - k) @ M)                                      # [B, H, L, W]
+    LD = log_decay.double().cumsum(-1)
+    Dp = _decay_products(LD)
+    gamma = LD.exp()
+    mem = slice(2 * D + 2, None)
+    if m is not None:
+        Mm, mu = _momentum_products(m.double())
+        C = Dp @ Mm
+        a = (Dp @ mu[..., None])[..., 0]
+    else:
+        C = Dp
+    C = C.to(dt)
+    o = (gamma.to(dt)[..., None] * (q @ M[..., mem]) + ((q @ k.transpose(-1, -2)) * C) @ X[..., mem])
+    M_end = gamma[..., -1, None, None].to(dt) * M + (C[..., -1, :, None] * k).transpose(-1, -2) @ X
+    if m is not None:
+        o = o + a.to(dt)[..., None] * (q @ Z[..., mem])
+        M_end = M_end + a[..., -1, None, None].to(dt) * Z
+        Z = mu[..., -1, None, None].to(dt) * Z + (Mm[..., -1, :, None].to(dt) * k).transpose(-1, -2) @ X
+    return scale * o, M_end, Z
+
+
+def selfmod_scan_torch(q, u, lr_bias, decay_bias, momentum, scale, lr_max, period, M, Z, eps, sd):
+    """The scan in `sd`: a loop over blocks of min(period, T) tokens. Returns (o [B, T, H, D] in sd, M, Z)."""
+    B, T, H, D = q.shape
+    if T == 0:
+        return q.new_zeros(B, 0, H, D, dtype=sd), M, Z
+    P = min(period, T)
+    sizes = [P] * (T // P) + ([T % P] if T % P else [])
+    heads = lambda x: x.to(sd).transpose(1, 2).split(sizes, 2)             # noqa: E731  [B, H, L, *] per block
+    qs, us = heads(q), heads(u)
+    ms = [None] * len(sizes) if momentum is None else heads(momentum)
+    lr_bias, decay_bias = lr_bias.to(sd), decay_bias.to(sd)
+    outs = []
+    for qb, ub, mb in zip(qs, us, ms):
+        o, M, Z = _block(qb, ub, mb, M, Z, lr_bias, decay_bias, scale, lr_max, period, eps)
+        outs.append(o)
+    return torch.cat(outs, 2).transpose(1, 2), M, Z
+
+
+def _check_inputs(q, u, lr_bias, decay_bias, lead: str):
+    n = lead.count(",") + 2
+    utils.check_tensor("q", q, n, layout=f"[{lead}, D]")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q must have a head dimension D >= 1 [{lead}, D], got shape {tuple(q.shape)}")
+    utils.check_tensor("u", u, n, shape=tuple(q.shape), layout=f"[{lead}, D] like q")
+    device = utils.check_same_device(q=q, u=u, lr_bias=lr_bias, decay_bias=decay_bias)
+    H = q.shape[-2]
+    utils.check_tensor("lr_bias", lr_bias, 1, shape=(H,), layout="[H]")
+    utils.check_tensor("decay_bias", decay_bias, 1, shape=(H,), layout="[H]")
+    return device
+
+
+def _check_number(name: str, x, lo: float, hi: float) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    if not (math.isfinite(x) and lo < x < hi):
+        raise ValueError(f"{name} must be a finite number in ({lo:g}, {hi:g}), got {x}")
+    return float(x)
+
+
+def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *, lr_max, period, initial_state,
+                        output_final_state=False, eps=1e-6, backend=None):
+    """The self-modifying Titans memory over whole sequences (module docstring for the math).
+
+    Args:
+        q, u: [B, T, H, D] (the read and the projection memories' input; float32, float16 or bfloat16).
+        lr_bias, decay_bias: [H] (learned biases of the step and decay read from M_eta, M_alpha).
+        momentum: [B, T, H] gate in [0, 1), optional.
+        scale: multiplies q; defaults to D ** -0.5.
+        lr_max: in (0, 2); the step is lr_max / period times a sigmoid.
+        period: tokens per block (an integer >= 1; a value >= T is one block).
+        initial_state: M_0 [B, H, D, 3D + 2] (the five memories' columns), or (M_0, Z_0) with momentum.
+    Returns:
+        o [B, T, H, D] in the input dtype, and the final state (float32; M, or (M, Z) with momentum)
+        when output_final_state, else None. Differentiable in q, u, lr_bias, decay_bias, momentum,
+        initial_state.
+    """
+    device = _check_inputs(q, u, lr_bias, decay_bias, "B, T, H")
+    B, T, H, D = q.shape
+    momentum = _check_gate("momentum", momentum, (B, T, H), device, "[B, T, H]")
+    period = _check_period(period)
+    lr_max = _check_number("lr_max", lr_max, 0., 2.)
+    eps = _check_number("eps", eps, 0., math.inf)
+    if initial_state is None:
+        raise ValueError("initial_state must be given: M_0 [B, H, D, 3D + 2] (or (M_0, Z_0) with momentum)")
+    M0, Z0 = _check_state("initial_state", initial_state, momentum is not None, (B, H, D, width(D)), device,
+                          "[B, H, D, 3D + 2]")
+    scale = utils.resolve_scale(scale, D)
+    requested, backend = backend, utils.resolve_backend(backend, device)
+    q, u = utils.autocast_inputs(device, q, u)
+    dtype = utils.check_same_dtype(q=q, u=u)
+    utils.route_float64(requested, backend, dtype)
+    sd = utils.state_dtype(dtype)
+    M0 = M0.to(sd)
+    Z0 = None if momentum is None else (torch.zeros_like(M0) if Z0 is None else Z0.to(sd))
+    with torch.autocast(device.type, enabled=False):
+        o, M, Z = selfmod_scan_torch(q, u, lr_bias, decay_bias, momentum, scale, lr_max, period, M0, Z0, eps, sd)
+    if not output_final_state:
+        return o.to(dtype), None
+    return o.to(dtype), (M if momentum is None else (M, Z))
+
+
+def titans_selfmod_step(q, u, lr_bias, decay_bias, state, block_state, momentum=None, scale=None, *, lr_max,
+                        period, eps=1e-6, backend=None):
+    """One token of titans_selfmod_scan for generation, updating `state` in place.
+
+    q, u: [B, H, D]; momentum: [B, H]; state: M [B, H, D, 3D + 2] float32, or (M, Z) with momentum;
+    block_state [B, H, D, 3D + 2]: the memory at the start of the token's block (the keys, values,
+    step and decay are read from it; the caller refreshes it every `period` tokens). Returns
+    (o [B, H, D] in the input dtype, state). Not differentiable (inference). Runs titans_step on
+    `backend`.
+    """
+    device = _check_inputs(q, u, lr_bias, decay_bias, "B, H")
+    B, H, D = q.shape
+    period = _check_period(period)
+    lr_max = _check_number("lr_max", lr_max, 0., 2.)
+    eps = _check_number("eps", eps, 0., math.inf)
+    utils.check_state("block_state", block_state, (B, H, D, width(D)), device, "[B, H, D, 3D + 2]")
+    if block_state is None:
+        raise ValueError("block_state must be given: the memory at the start of the token's block")
+    sd = block_state.dtype
+    with torch.no_grad():
+        k, v, lr, log_decay = _projections(u.to(sd)[:, :, None], block_state, lr_bias.to(sd),
+                                           decay_bias.to(sd), lr_max, period, eps)
+        vhat = v @ block_state
+        o, state = titans_step(q, k[:, :, 0].to(q.dtype), vhat[:, :, 0].to(q.dtype), lr[:, :, 0], state,
+                               log_decay[:, :, 0].exp(), momentum, scale, block_state=block_state, backend=backend)
+    return o[..., 2 * D + 2:], state
