@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,6 +79,31 @@ def _per_memory(x, L):
     return _chunks(x, L).unsqueeze(3) if x.dim() == 3 else _chunks(x, L).transpose(-1, -2)
 
 
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^{-1} for strictly lower-triangular A [..., L, L], by recursive block inversion:
+
+        [[T11, 0], [T21, T22]]^{-1} = [[T11^-1, 0], [-T22^-1 T21 T11^-1, T22^-1]]
+
+    from 1 x 1 blocks up, every level one batched matmul over all blocks (exact up to rounding like
+    forward substitution; much faster on the CPU than batched triangular solves of small systems,
+    and differentiable by plain autograd). L is padded to a power of two with identity rows."""
+    L = A.shape[-1]
+    P = 1 << max(L - 1, 0).bit_length()
+    if P != L:
+        A = F.pad(A, (0, P - L, 0, P - L))
+    inv = A.new_ones(*A.shape[:-2], P, 1, 1)                                 # the 1 x 1 diagonal blocks
+    b = 1
+    while b < P:
+        n = P // (2 * b)
+        pairs = torch.diagonal(A.unflatten(-2, (n, 2 * b)).unflatten(-1, (n, 2 * b)), dim1=-4, dim2=-2)
+        low = pairs.movedim(-1, -3)[..., b:, :b]                              # T21 of each 2b block
+        i11, i22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        top = torch.cat([i11, torch.zeros_like(i11)], -1)
+        inv = torch.cat([top, torch.cat([-(i22 @ low @ i11), i22], -1)], -2)
+        b *= 2
+    return inv[..., 0, :L, :L]
+
+
 def _delta_chunks(q, k, v, beta, mix, g, scale: float, S):
     """Delta rule over T / L equal chunks of L = T tokens or fewer (all in the compute dtype).
 
@@ -99,11 +125,13 @@ def _delta_chunks(q, k, v, beta, mix, g, scale: float, S):
 
     kt = k.transpose(-1, -2)
     A = beta[..., None] * Ep * (k @ kt)[:, :, :, None]                       # [B, H, nC, M, L, L]
-    I = torch.eye(L, dtype=q.dtype, device=q.device)
-    rhs_v = (beta[..., None] * v[:, :, :, None]).expand(B, H, nC, M, L, v.shape[-1])
-    rhs_k = (beta * t_prev)[..., None] * k[:, :, :, None]
-    UW = torch.linalg.solve_triangular(I + A, torch.cat([rhs_v, rhs_k], -1), upper=False, unitriangular=True)
-    U, W = UW.split([v.shape[-1], K], -1)
+    Tinv = unit_lower_inverse(A)                                             # [B, H, nC, M, L, L]
+    # [U | W] = (I + A)^{-1} [beta V | beta tau^{i-1} K]: beta and tau^{j-1} scale the columns of the
+    # inverse, so V and K are multiplied as they are (M and the rows flattened: one plain matmul each)
+    Tb = Tinv * beta[..., None, :]
+    flat = lambda x: x.reshape(B, H, nC, M * L, L)
+    U = (flat(Tb) @ v).view(B, H, nC, M, L, -1)
+    W = (flat(Tb * t_prev[..., None, :]) @ k).view(B, H, nC, M, L, K)
     Aqk = (scale * (q @ kt))[:, :, :, None] * E                              # [B, H, nC, M, L, L]
     c_read = scale * t_read                                                   # coefficient of q_i S_0
     if mix is not None:
@@ -111,18 +139,19 @@ def _delta_chunks(q, k, v, beta, mix, g, scale: float, S):
         Aqk, c_read = Aqk * mx[..., None], c_read * mx
         Aqk = Aqk.permute(0, 1, 2, 4, 3, 5).reshape(B, H, nC, L, M * L)     # the M memories summed in one matmul
     c_read = c_read.expand(B, H, nC, M, L)
+    ke = k[:, :, :, None] * t_end[None, :, None, :, :, None]                 # tau^{L-j} k_j: [B, H, nC, M, L, K]
     # per-chunk views by unbind: indexing inside the loop would make autograd scatter every chunk's
     # gradient into a zero-filled copy of the whole tensor
-    U, W, Aqk, c_read, qs, kts = (x.unbind(2) for x in (U, W, Aqk, c_read, q.unsqueeze(3), kt.unsqueeze(3)))
+    U, W, Aqk, c_read, qs, ke = (x.unbind(2) for x in (U, W, Aqk, c_read, q, ke))
     outs = []
     for c in range(nC):
         X = U[c] - W[c] @ S                                                  # [B, H, M, L, V]
-        qS = c_read[c][..., None] * (qs[c] @ S)                              # [B, H, M, L, V]
+        qS = c_read[c][..., None] * torch.einsum("bhlk,bhmkv->bhmlv", qs[c], S)
         if mix is not None:
             outs.append(qS.sum(2) + Aqk[c] @ X.reshape(B, H, M * L, -1))
         else:
             outs.append(qS + Aqk[c] @ X)
-        S = t_L * S + kts[c] @ (X * t_end[..., None])
+        S = t_L * S + ke[c].transpose(-1, -2) @ X
     return outs, S
 
 
