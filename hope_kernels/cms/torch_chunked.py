@@ -79,29 +79,49 @@ def _per_memory(x, L):
     return _chunks(x, L).unsqueeze(3) if x.dim() == 3 else _chunks(x, L).transpose(-1, -2)
 
 
-def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+def _block_inverse(A: torch.Tensor) -> torch.Tensor:
     """(I + A)^{-1} for strictly lower-triangular A [..., L, L], by recursive block inversion:
 
         [[T11, 0], [T21, T22]]^{-1} = [[T11^-1, 0], [-T22^-1 T21 T11^-1, T22^-1]]
 
-    from 1 x 1 blocks up, every level one batched matmul over all blocks (exact up to rounding like
-    forward substitution; much faster on the CPU than batched triangular solves of small systems,
-    and differentiable by plain autograd). L is padded to a power of two with identity rows."""
+    from 1 x 1 blocks up, in place, every level one batched matmul over all blocks (exact up to rounding like
+    forward substitution; much faster on the CPU than batched triangular solves of small systems).
+    L is padded to a power of two with identity rows."""
     L = A.shape[-1]
     P = 1 << max(L - 1, 0).bit_length()
     if P != L:
         A = F.pad(A, (0, P - L, 0, P - L))
-    inv = A.new_ones(*A.shape[:-2], P, 1, 1)                                 # the 1 x 1 diagonal blocks
+    Y = torch.eye(P, dtype=A.dtype, device=A.device).expand(A.shape).contiguous()
     b = 1
-    while b < P:
+    while b < P:                                  # Y's diagonal b x b blocks are inverted: fill the 2b ones
         n = P // (2 * b)
-        pairs = torch.diagonal(A.unflatten(-2, (n, 2 * b)).unflatten(-1, (n, 2 * b)), dim1=-4, dim2=-2)
-        low = pairs.movedim(-1, -3)[..., b:, :b]                              # T21 of each 2b block
-        i11, i22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
-        top = torch.cat([i11, torch.zeros_like(i11)], -1)
-        inv = torch.cat([top, torch.cat([-(i22 @ low @ i11), i22], -1)], -2)
+        diag = lambda X: torch.diagonal(X.unflatten(-2, (n, 2 * b)).unflatten(-1, (n, 2 * b)),
+                                        dim1=-4, dim2=-2).movedim(-1, -3)     # [..., n, 2b, 2b] views
+        Yb, Ab = diag(Y), diag(A)
+        Yb[..., b:, :b] = -(Yb[..., b:, b:] @ Ab[..., b:, :b] @ Yb[..., :b, :b])
         b *= 2
-    return inv[..., 0, :L, :L]
+    return Y[..., :L, :L]
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """Y = (I + A)^{-1}; backward dA = -(Y^T dY Y^T) on the strict lower triangle (d(T^-1) = -Y dT Y)."""
+
+    @staticmethod
+    def forward(ctx, A):
+        Y = _block_inverse(A)
+        ctx.save_for_backward(Y)
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        (Y,) = ctx.saved_tensors
+        Yt = Y.transpose(-1, -2)
+        return -(Yt @ dY @ Yt).tril(-1)
+
+
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^{-1} for strictly lower-triangular A [..., L, L] (see `_block_inverse`), differentiable in A."""
+    return _UnitLowerInverse.apply(A)
 
 
 def _delta_chunks(q, k, v, beta, mix, g, scale: float, S):
