@@ -10,8 +10,11 @@ tensor (differentiable for the scans). Providers:
                shape (causal or not); for the step op, one query against a T-token KV cache.
 - "fla":       flash-linear-attention's `chunk_linear_attn` (linear attention),
                `chunk_simple_gla` (cms_scan as H*M decayed heads) and `chunk_delta_rule`
-               (titans_scan with period 1, no decay, no momentum: the delta rule), only when `fla`
-               imports (GPU).
+               (titans_scan with period 1, no decay, no momentum: the delta rule), and
+               `chunk_gated_delta_rule` (cms_scan's delta rule as H*M gated delta-rule heads), only
+               when `fla` imports (GPU).
+- "titans":    cms_scan's delta rule as `titans_scan` (period 1) over H*M heads, q, k, v expanded M
+               times: the unfused form the fused op replaces (Triton where it runs, else torch).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from hope_kernels import reference
 
 from .roofline import Shape, ema_numel
 
-PROVIDERS = ("triton", "torch", "reference", "sdpa", "fla")
+PROVIDERS = ("triton", "torch", "reference", "sdpa", "fla", "titans")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -151,6 +154,41 @@ def _call_cms(provider, a):
     return _hk("cms_scan", provider)(a["q"], a["k"], a["v"], a["decay"], mix)[0]
 
 
+# cms_scan with the delta rule (beta [B, T, H], data-dependent mix, unit-norm keys: a stable step)
+def _make_cms_delta(s: Shape, dtype, device, grad):
+    inp = _make_cms(True)(s, dtype, device, grad)
+    inp.args["k"] = F.normalize(inp.args["k"].detach().float(), dim=-1).to(dtype).requires_grad_(grad)
+    inp.args["beta"] = (0.1 + 0.8 * torch.rand(s.B, s.T, s.H, device=device)).requires_grad_(grad)
+    if grad:
+        inp.grads.append("beta")
+    return inp
+
+
+def _expanded_heads(a):
+    """q, k, v, beta and tau of cms_scan's delta rule as H*M heads (memory m of head h: head h M + m)."""
+    q, k, v, beta, tau = a["q"], a["k"], a["v"], a["beta"], a["decay"]
+    B, T, H, K = q.shape
+    M = tau.shape[-1]
+    fold = lambda x: x[:, :, :, None].expand(B, T, H, M, x.shape[-1]).reshape(B, T, H * M, x.shape[-1])
+    lr = beta[..., None].expand(B, T, H, M).reshape(B, T, H * M)
+    return fold(q), fold(k), fold(v), lr, tau.reshape(1, 1, H * M).expand(B, T, H * M)
+
+
+def _call_cms_delta(provider, a):
+    mix = a["mix"]
+    if provider in ("fla", "titans"):
+        q, k, v, lr, tau = _expanded_heads(a)
+        B, T, H, K = a["q"].shape
+        if provider == "fla":
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+            o = chunk_gated_delta_rule(q, k, v, g=tau.log().contiguous(), beta=lr.to(q.dtype), scale=K ** -0.5,
+                                       **_fla_kwargs(chunk_gated_delta_rule))[0]
+        else:
+            o = hope_kernels.titans_scan(q, k, v, lr, tau.contiguous(), period=1)[0]
+        return (o.reshape(B, T, H, -1, v.shape[-1]) * mix[..., None]).sum(-2)
+    return _hk("cms_scan", provider)(a["q"], a["k"], a["v"], a["decay"], mix, beta=a["beta"])[0]
+
+
 # titans_scan: unit-norm keys and lr in (0, 1) keep the inner gradient descent stable (lr ||k||^2 < 2)
 def _make_titans(gated: bool):
     def make(s: Shape, dtype, device, grad):
@@ -227,6 +265,7 @@ CASES: Dict[str, Case] = {c.name: c for c in [
     Case("linear_attention_noncausal", MODES, _SCAN_PROVIDERS + ("sdpa",), _make_la, _call_la(False), False),
     Case("cms_scan", MODES, _SCAN_PROVIDERS + ("fla",), _make_cms(False), _call_cms, False),
     Case("cms_scan_mix", MODES, _SCAN_PROVIDERS + ("fla",), _make_cms(True), _call_cms, False),
+    Case("cms_scan_delta", MODES, _SCAN_PROVIDERS + ("fla", "titans"), _make_cms_delta, _call_cms_delta, False),
     Case("titans_scan", MODES, _SCAN_PROVIDERS + ("fla",), _make_titans(False), _call_titans(1), False),
     Case("titans_scan_blocks", MODES, _SCAN_PROVIDERS, _make_titans(True), _call_titans(64), False),
     Case("linear_attention_step", ("fwd",), _SCAN_PROVIDERS + ("sdpa",), _make_la_step, _call_la_step, True, True),

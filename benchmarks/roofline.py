@@ -23,6 +23,12 @@ FLOPs (one multiply-add = 2 FLOPs) are those of the chunked algorithm at chunk s
   non-causal: 4 T K V (S = sum k v^T, then q S); all times B H.
 - cms_scan, forward: the intra-chunk q k^T is shared by the M memories, the rest is per memory:
   B H [2 T C K + M (2 T C V + 4 T K V)], plus 2 B T H M V for the mix when given.
+- cms_scan with the delta rule (`cms_scan_delta`), forward: k k^T and q k^T shared by the M
+  memories (4 T C K), per memory the chunk-system inverse (2 C^3 / 3 per chunk), the WY factors
+  U, W (2 T C (K + V)), the chunk-start reads W S and q S and the state update (6 T K V) and the
+  intra-chunk read-out (2 T C V); all times B H, plus 2 B T H M V for the mix. Bytes: q, k, v, mix,
+  beta (float32) and the mixed output once, the chunk states as cms_scan, and the per-memory WY
+  factors U, W written and read once (2 e B T H M (K + V); twice that in the backward).
 - backward of the scans: 2 x forward (each forward product has two gradient products).
 - softmax attention (SDPA) at the same shape, head dim D = K: 4 B H T^2 D forward (halved when
   causal), backward 2.5 x forward (the recomputation convention of FlashAttention).
@@ -114,6 +120,18 @@ def _cms(s: Shape, e: int, mix: bool):
     return fwd_b, bwd_b, f, 2.0 * f
 
 
+def _cms_delta(s: Shape, e: int):
+    n = s.B * s.T * s.H
+    C = min(CHUNK, s.T)
+    fwd_b = e * n * (2 * s.K + 2 * s.V + s.M) + 4 * n
+    bwd_b = e * n * (4 * s.K + 3 * s.V + 2 * s.M) + 8 * n
+    fwd_s, bwd_s = cms_chunk_state_bytes(s, e)
+    wy = 2.0 * e * n * s.M * (s.K + s.V)
+    per_memory = 2.0 * s.T * C * (s.K + s.V) + 6.0 * s.T * s.K * s.V + 2.0 * s.T * C * s.V + 2.0 * s.T * C * C / 3
+    f = s.B * s.H * (4.0 * s.T * C * s.K + s.M * per_memory) + 2.0 * n * s.M * s.V
+    return fwd_b + fwd_s + wy, bwd_b + bwd_s + 2 * wy, f, 2.0 * f
+
+
 def _titans(s: Shape, e: int, gates: int):
     """`gates` per-token [B, T, H] inputs (lr, and decay / momentum when given)."""
     n = s.B * s.T * s.H
@@ -155,6 +173,7 @@ def _cost(op: str, provider: str, s: Shape, e: int) -> Tuple[float, float, float
         "linear_attention_noncausal": lambda: _linear_attention(s, e, False, softmax),
         "cms_scan": lambda: _cms(s, e, False),
         "cms_scan_mix": lambda: _cms(s, e, True),
+        "cms_scan_delta": lambda: _cms_delta(s, e),
         "titans_scan": lambda: _titans(s, e, 1),
         "titans_scan_blocks": lambda: _titans(s, e, 3),
         "linear_attention_step": lambda: _la_step(s, e, softmax),

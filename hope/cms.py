@@ -8,10 +8,10 @@ Per head, M memories read the same q, k, v; tau_m is memory m's retention per to
 
     o_t = sum_m g_{t,m} scale q_t S_{m,t}
 
-"outer" runs on `hope_kernels.cms_scan` (the fused multi-timescale kernel); "delta" is one gradient
-step on 1/2 ||k S - v||^2 per token (the delta rule with decay, as Gated DeltaNet / Titans at period 1;
-beta_t = sigmoid(x_t w_beta + b) per head, <= 1, so the step is stable for unit keys) and runs on
-`hope_kernels.titans_scan` with period 1, the M memories of a head as M heads of one scan (scale 1).
+Both run on `hope_kernels.cms_scan` (the fused multi-timescale op; `beta=` selects the delta rule).
+"delta" is one gradient step on 1/2 ||k S - v||^2 per token (the delta rule with decay, as Gated
+DeltaNet / Titans at period 1; beta_t = sigmoid(x_t w_beta + b) per head, <= 1, so the step is stable
+for unit keys; q and k are L2-normalised and the read-out scale is 1).
 The delta rule overwrites what a key stored instead of adding to it: a value seen twice is not counted
 twice, which takes away the shortcut that held the seed HOPE on an MQAR plateau (issue 12, README).
 tau_m near 1 is a slow memory (horizon ~ 1 / (1 - tau_m) tokens), near 0 a fast one. The default
@@ -65,8 +65,8 @@ def default_taus(num_memory_modules: int, tau_min: float = 0.01, tau_max: float 
 class CMSLayer(nn.Module):
     """Multi-timescale associative memory over the sequence. x: [B, T, dim] -> [B, T, dim].
 
-    The cache (generation) holds the memories: S [B, H, M, K, V] ("outer") or [B, H * M, K, V]
-    ("delta"); a new token then costs one `cms_step` / `titans_step`, O(1) in the sequence length.
+    The cache (generation) holds the memories S [B, H, M, K, V]; a new token then costs one
+    `cms_step`, O(1) in the sequence length.
     """
 
     def __init__(self, dim: int, num_heads: int, num_memory_modules: int, head_dim: Optional[int] = None, *,
@@ -119,39 +119,25 @@ class CMSLayer(nn.Module):
         B, T, _ = x.shape
         return torch.softmax(self.gate(x).view(B, T, self.num_heads, -1).float(), dim=-1)
 
-    def _delta(self, q, k, v, x, decay, mix, state, cache):
-        """The "delta" rule: memory m of head h is head h * M + m of one titans_scan (period 1)."""
-        B, T, H, D = q.shape
-        M = self.num_memories
-        fold = lambda t: t.unsqueeze(3).expand(B, T, H, M, t.shape[-1]).reshape(B, T, H * M, t.shape[-1])
-        q, k, v = fold(l2norm(q)), fold(l2norm(k)), fold(v)
-        beta = torch.sigmoid(up(self.beta(x)))[..., None].expand(B, T, H, M).reshape(B, T, H * M)
-        tau = decay.expand(H, M).reshape(1, 1, H * M).expand(B, T, H * M)
-        if state is not None and T == 1:
-            o, state = get_op("titans_step", self.backend)(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state,
-                                                           tau[:, 0], None, 1.0)
-            o = o[:, None]
-        else:
-            o, state = get_op("titans_scan", self.backend)(q, k, v, beta, tau, None, 1.0, period=1,
-                                                           initial_state=state,
-                                                           output_final_state=cache is not None)
-        return (o.view(B, T, H, M, D) * mix[..., None].to(o.dtype)).sum(3), state
-
     def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x) if self.conv is None else self.conv(self.qkv(x), cache)
         q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
         decay, mix = self.decay(), self.mixing(x).to(q.dtype)
         state = cache.get("state") if cache is not None else None
-        if self.update == "delta":
-            o, state = self._delta(q, k, v, x, decay, mix, state, cache)
-        elif state is not None and T == 1:
+        rule = {}
+        if self.update == "delta":   # unit keys and queries, scale 1, beta in (0, 1): a stable step
+            q, k = l2norm(q), l2norm(k)
+            rule = dict(scale=1.0, beta=torch.sigmoid(up(self.beta(x))))
+        if state is not None and T == 1:
             step = get_op("cms_step", self.backend)
-            o, state = step(q[:, 0], k[:, 0], v[:, 0], decay, state, mix if mix.dim() == 2 else mix[:, 0])
+            if "beta" in rule:
+                rule["beta"] = rule["beta"][:, 0]
+            o, state = step(q[:, 0], k[:, 0], v[:, 0], decay, state, mix if mix.dim() == 2 else mix[:, 0], **rule)
             o = o[:, None]
         else:
             scan = get_op("cms_scan", self.backend)
-            o, state = scan(q, k, v, decay, mix, initial_state=state, output_final_state=cache is not None)
+            o, state = scan(q, k, v, decay, mix, initial_state=state, output_final_state=cache is not None, **rule)
         if cache is not None:
             cache["state"] = state
         y = o.reshape(B, T, -1) if self.out_gate is None else gated_readout(o, self.out_gate(x), READOUT_EPS)

@@ -357,6 +357,183 @@ def test_backward_under_autotuning(device):
         assert_close("d" + name, got[id(x)], want[id(x)].double(), torch.float32, device, grad=True)
 
 
+# ----------------------------------------------------------------------------- delta rule (beta)
+def _beta(B, T, H, M, per_memory, device, lead=None):
+    """beta in (0, 1) (a stable step for unit keys), [B, T, H] or [B, T, H, M]."""
+    shape = (*(lead or (B, T)), H) + ((M,) if per_memory else ())
+    return torch.rand(shape).mul(0.9).add(0.05).to(device).requires_grad_(True)
+
+
+def _unit(x):
+    """Unit rows (the delta rule's stable regime), as a fresh leaf in x's dtype."""
+    y = torch.nn.functional.normalize(x.detach().float(), dim=-1).to(x.dtype)
+    return y.requires_grad_(True)
+
+
+def _check_delta(backend, device, dtype, B, T, H, K, V, M, mix=None, per_head=False, per_memory=False, h0=True,
+                 chunk_size=16, cu_seqlens=None):
+    """The delta rule against the float64 token loop: output, final state and every gradient."""
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    q, k, v, decay, mx, s0 = _inputs(B, T, H, K, V, M, dtype, device, mix, per_head, h0, N=N)
+    k = _unit(k)
+    beta = _beta(B, T, H, M, per_memory, device)
+    o, st = cms_scan(q, k, v, decay, mx, beta=beta, initial_state=s0, output_final_state=True,
+                     cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend)
+    ours = (q, k, v, beta, decay, mx, s0)
+    refs = [None if x is None else as_ref(x).cpu() for x in ours]
+    rq, rk, rv, rb, rd, rm, rs = refs
+    ro, rst = reference.cms_scan(rq, rk, rv, rd, rm, beta=rb, initial_state=rs, output_final_state=True,
+                                 cu_seqlens=None if cu_seqlens is None else cu_seqlens.cpu())
+    assert o.dtype == dtype and st.dtype == torch.float32
+    assert o.shape == ((B, T, H, V) if mix else (B, T, H, M, V))
+    errs = {"o": assert_close("o", o, ro, dtype, device), "state": assert_close("state", st, rst, dtype, device)}
+    g, rg = _grads([o, st], ours), _grads([ro, rst], refs)
+    for name, x, r in zip(["q", "k", "v", "beta", "decay", "mix", "initial_state"], ours, refs):
+        if x is not None:
+            errs["d" + name] = assert_close("d" + name, g[id(x)], rg[id(r)], dtype, device, grad=True)
+    return errs
+
+
+DELTA_CASES = [
+    # dtype,         M, mix,    per_head, per_memory, h0
+    (torch.float32, 1, None, False, False, True),
+    (torch.float32, 2, "M", True, True, False),
+    (torch.float32, 3, "HM", False, False, True),
+    (torch.float32, 4, "BTHM", True, False, True),
+    (torch.float32, 5, "BTHM", False, True, True),
+    (torch.float16, 3, None, True, True, True),
+    (torch.bfloat16, 4, "HM", True, False, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,M,mix,per_head,per_memory,h0", DELTA_CASES)
+def test_delta_scan_matches_reference(backend, device, poison_empty, dtype, M, mix, per_head, per_memory, h0):
+    _check_delta(backend, device, dtype, B=2, T=37, H=2, K=12, V=20, M=M, mix=mix, per_head=per_head,
+                 per_memory=per_memory, h0=h0)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_delta_scan_all_timescales_T256(device, chunk_size):
+    """tau = 1e-3 .. 0.9999 in one call over several chunks (torch path), every gradient."""
+    _check_delta("torch", device, torch.float32, B=1, T=256, H=2, K=16, V=16, M=5, mix="BTHM", per_head=True,
+                 per_memory=True, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delta_packed_sequences(backend, device, poison_empty):
+    """cu_seqlens (one sequence empty, one longer than a chunk) against the token loop per sequence."""
+    lens = [5, 0, 21, 9]
+    cu = torch.tensor([0] + lens).cumsum(0).to(device)
+    _check_delta(backend, device, torch.float32, B=1, T=sum(lens), H=2, K=8, V=12, M=3, mix="BTHM",
+                 per_head=True, per_memory=True, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delta_split_and_resume(backend, device):
+    """Two calls chained through the state equal one call, in values and in gradients."""
+    B, T, H, K, V, M, t = 1, 40, 2, 8, 16, 3, 23
+    q, k, v, decay, mx, s0 = _inputs(B, T, H, K, V, M, torch.float32, device, "BTHM", per_head=True)
+    k = _unit(k)
+    beta = _beta(B, T, H, M, True, device)
+    run = lambda sl, h: cms_scan(q[:, sl], k[:, sl], v[:, sl], decay, mx[:, sl], beta=beta[:, sl], initial_state=h,
+                                 output_final_state=True, chunk_size=16, backend=backend)
+    o, st = run(slice(None), s0)
+    o1, s1 = run(slice(0, t), s0)
+    o2, s2 = run(slice(t, None), s1)
+    assert_close("o", torch.cat([o1, o2], 1), o.double(), torch.float32, device)
+    assert_close("state", s2, st.double(), torch.float32, device)
+    leaves = (q, k, v, beta, decay, mx, s0)
+    g_one, g_split = _grads([o, st], leaves), _grads([torch.cat([o1, o2], 1), s2], leaves)
+    for name, x in zip("q k v beta decay mix h0".split(), leaves):
+        assert_close("d" + name, g_split[id(x)], g_one[id(x)].double(), torch.float32, device, grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_memory", [False, True])
+def test_delta_equals_titans_scan_on_expanded_heads(backend, device, per_memory):
+    """Memory m of head h is titans_scan (period 1, lr = beta, decay = tau_m) on its own head."""
+    from hope_kernels import titans_scan
+    B, T, H, K, V, M = 2, 30, 2, 8, 12, 3
+    q, k, v, decay, _, s0 = _inputs(B, T, H, K, V, M, torch.float32, device, per_head=True)
+    k = _unit(k)
+    beta = _beta(B, T, H, M, per_memory, device)
+    with torch.no_grad():
+        o, st = cms_scan(q, k, v, decay, beta=beta, initial_state=s0, output_final_state=True, chunk_size=16,
+                         backend=backend)
+        fold = lambda x: x.unsqueeze(3).expand(B, T, H, M, x.shape[-1]).reshape(B, T, H * M, x.shape[-1])
+        lr = (beta if per_memory else beta[..., None].expand(B, T, H, M)).reshape(B, T, H * M)
+        tau = decay.reshape(1, 1, H * M).expand(B, T, H * M).contiguous()
+        ot, stt = titans_scan(fold(q), fold(k), fold(v), lr, tau, scale=K ** -0.5, period=1,
+                              initial_state=s0.reshape(B, H * M, K, V), output_final_state=True, backend="torch")
+    assert_close("o", o, ot.view(B, T, H, M, V).double(), torch.float32, device)
+    assert_close("state", st, stt.view(B, H, M, K, V).double(), torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mix,per_memory", [(None, False), ("HM", True), ("BHM", False)])
+def test_delta_step_loop_equals_scan(backend, device, mix, per_memory):
+    B, T, H, K, V, M = 2, 9, 2, 12, 20, 3
+    q, k, v, decay, _, s0 = _inputs(B, T, H, K, V, M, torch.float32, device, per_head=True)
+    k = _unit(k)
+    beta = _beta(B, T, H, M, per_memory, device)
+    per_token = randn(B, T, H, M, device=device) if mix == "BHM" else None
+    static = randn(H, M, device=device) if mix == "HM" else None
+    with torch.no_grad():
+        o_scan, st_scan = cms_scan(q, k, v, decay, per_token if mix == "BHM" else static, beta=beta,
+                                   initial_state=s0, output_final_state=True, backend=backend)
+        state = s0.detach().clone()
+        outs = []
+        for t in range(T):
+            m_t = per_token[:, t] if mix == "BHM" else static
+            o_t, ret = cms_step(q[:, t], k[:, t], v[:, t], decay, state, m_t, beta=beta[:, t], backend=backend)
+            assert ret is state
+            outs.append(o_t)
+    assert_close("o", torch.stack(outs, 1), o_scan.double(), torch.float32, device)
+    assert_close("state", state, st_scan.double(), torch.float32, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delta_step_matches_reference(backend, device):
+    B, H, K, V, M = 3, 2, 20, 24, 5
+    q, k, v = randn(B, H, K, device=device), _unit(randn(B, H, K, device=device)).detach(), randn(B, H, V, device=device)
+    decay, mix, beta = _decay(M, device=device), randn(B, H, M, device=device), torch.rand(B, H, M, device=device)
+    state = randn(B, H, M, K, V, device=device)
+    ref_state = state.double().cpu()
+    o, _ = cms_step(q, k, v, decay, state, mix, scale=0.3, beta=beta, backend=backend)
+    ro, _ = reference.cms_step(*(x.double().cpu() for x in (q, k, v, decay)), ref_state, mix.double().cpu(),
+                               scale=0.3, beta=beta.double().cpu())
+    assert_close("o", o, ro, torch.float32, device)
+    assert_close("state", state, ref_state, torch.float32, device)
+
+
+BAD_BETA = [
+    (torch.full((1, 6, 2), -0.1), ValueError, "beta"),
+    (torch.tensor(float("nan")).expand(1, 6, 2).clone(), ValueError, "beta"),
+    (torch.full((1, 6, 3), 0.5), ValueError, "beta"),
+    (torch.full((1, 6, 2, 2), 0.5), ValueError, "beta"),
+    (torch.ones(1, 6, 2, dtype=torch.int64), TypeError, "beta"),
+]
+
+
+@pytest.mark.parametrize("beta,exc,word", BAD_BETA)
+def test_delta_rejects_bad_beta(beta, exc, word):
+    with pytest.raises(exc, match=word):
+        cms_scan(**_ok("cpu"), beta=beta)
+    B, H, K, V, M = 1, 2, 4, 4, 3
+    with pytest.raises(exc, match=word):
+        cms_step(randn(B, H, K), randn(B, H, K), randn(B, H, V), _decay(M), randn(B, H, M, K, V), beta=beta[:, 0])
+
+
+def test_unit_lower_inverse():
+    """The torch path's chunk-system inverse, for every size up to a chunk (powers of two and not)."""
+    from hope_kernels.cms.torch_chunked import unit_lower_inverse
+    for L in (1, 2, 5, 16, 37, 64):
+        A = torch.randn(3, L, L, dtype=torch.float64).tril(-1) * 0.5
+        eye = torch.eye(L, dtype=torch.float64)
+        assert_close(f"inverse L={L}", unit_lower_inverse(A) @ (eye + A), eye.expand(3, L, L), torch.float64, "cpu")
+
+
 # ----------------------------------------------------------------------------- step
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,mix", [(torch.float32, None), (torch.float32, "M"),

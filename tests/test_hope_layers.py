@@ -189,3 +189,54 @@ def test_gated_readout():
     assert y.shape == (2, 5, 24) and torch.isfinite(y).all()
     assert_close("gated read-out", y, want, torch.float32, "cpu")
     assert CMSLayer(D, H, M).out_gate is not None and CMSLayer(D, H, M, gated_readout=False).out_gate is None
+
+
+def _delta_cms_on_titans(layer, x):
+    """The delta-rule CMS layer written on titans_scan (period 1) with the M memories of a head as M
+    heads of one scan: the form the layer had before it ran on cms_scan(beta=...)."""
+    from hope.cms import READOUT_EPS
+    from hope.layers import gated_readout, split_heads
+    from hope.titans import l2norm, up
+    Bx, Tx, _ = x.shape
+    Mm = layer.num_memories
+    qkv = layer.qkv(x) if layer.conv is None else layer.conv(layer.qkv(x), None)
+    q, k, v = (split_heads(t, layer.num_heads) for t in qkv.chunk(3, dim=-1))
+    Hh, Dd = q.shape[2], q.shape[3]
+    fold = lambda t: t.unsqueeze(3).expand(Bx, Tx, Hh, Mm, t.shape[-1]).reshape(Bx, Tx, Hh * Mm, t.shape[-1])
+    beta = torch.sigmoid(up(layer.beta(x)))[..., None].expand(Bx, Tx, Hh, Mm).reshape(Bx, Tx, Hh * Mm)
+    tau = layer.decay().expand(Hh, Mm).reshape(1, 1, Hh * Mm).expand(Bx, Tx, Hh * Mm)
+    o, _ = hope_kernels.titans_scan(fold(l2norm(q)), fold(l2norm(k)), fold(v), beta, tau, None, 1.0, period=1,
+                                    backend="torch")
+    o = (o.view(Bx, Tx, Hh, Mm, Dd) * layer.mixing(x).to(o.dtype)[..., None]).sum(3)
+    y = o.reshape(Bx, Tx, -1) if layer.out_gate is None else gated_readout(o, layer.out_gate(x), READOUT_EPS)
+    return layer.proj(y)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(per_head_tau=False, data_dependent_mix=False, conv_size=1),
+                                    dict(gated_readout=False)], ids=["default", "static", "plain"])
+def test_delta_cms_equals_the_titans_form(kwargs):
+    """Same weights, same outputs (float32 rounding) and gradients as the titans_scan-based form, so a
+    checkpoint of that form loads and computes the same function."""
+    layer = _set_backend(_randomize(CMSLayer(D, H, M, **kwargs)), "torch")
+    x = torch.randn(B, T, D, requires_grad=True)
+    y, y_old = layer(x), _delta_cms_on_titans(layer, x)
+    assert_close("output", y, y_old.double(), torch.float32, "cpu")
+    w = torch.randn_like(y)
+    g = torch.autograd.grad((y * w).sum(), [x, *layer.parameters()])
+    g_old = torch.autograd.grad((y_old * w).sum(), [x, *layer.parameters()])
+    for n, a, b in zip(["x"] + [n for n, _ in layer.named_parameters()], g, g_old):
+        assert_close("d" + n, a, b.double(), torch.float32, "cpu", grad=True)
+
+
+def test_delta_cms_model_logits_equal_the_titans_form(monkeypatch):
+    """A seed HOPE model (delta-rule CMS): the same weights give the same logits as with every CMS layer
+    computed in the titans_scan-based form."""
+    from hope import HOPE
+    torch.manual_seed(0)
+    model = HOPE(vocab_size=64, dim=D, num_layers=2, num_heads=H, num_memory_modules=M, backend="torch")
+    tokens = torch.randint(0, 64, (B, T))
+    with torch.no_grad():
+        logits, _ = model(tokens)
+        monkeypatch.setattr(CMSLayer, "forward", lambda self, x, cache=None: _delta_cms_on_titans(self, x))
+        old, _ = model(tokens)
+    assert_close("logits", logits, old.double(), torch.float32, "cpu")

@@ -1,6 +1,14 @@
 """Public entry points of the fused multi-timescale CMS memory: input checks and backend dispatch.
 
-    S_{m,t} = tau_m S_{m,t-1} + (1 - tau_m) k_t v_t^T,    o_{m,t} = scale q_t S_{m,t}
+    beta None (outer product): S_{m,t} = tau_m S_{m,t-1} + (1 - tau_m) k_t v_t^T
+    beta given (delta rule):   S_{m,t} = tau_m S_{m,t-1} - beta_{t(,m)} k_t^T (k_t S_{m,t-1} - v_t)
+    o_{m,t} = scale q_t S_{m,t}
+
+The delta rule is one gradient step of size beta on 1/2 ||k_t S - v_t||^2 per token and memory: the
+recurrence of titans_scan at period 1 with lr = beta and decay = tau_m, one memory per (head, m),
+fused: q, k, v and beta are read once for all M memories. beta is [B, T, H] (shared by a head's
+memories) or [B, T, H, M], values >= 0 (checked where that is free: CPU tensors). Like decay, beta is a
+gate and is never autocast (it keeps its own floating dtype and is read in float32).
 
 M memories (one timescale tau_m each, shared by heads for decay [M], per head for [H, M]) read
 the same q, k, v. mix=None returns every memory's read-out o [B, T, H, M, V]; mix of shape [M],
@@ -46,18 +54,34 @@ def _check_mix(mix, lead: tuple, H: int, M: int, device, layout: str):
     return mix.expand(H, M) if mix.dim() == 1 else mix
 
 
-def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output_final_state=False,
+def _check_beta(beta, lead: tuple, H: int, M: int, device, layout: str):
+    """beta None (outer rule), [*lead, H] or [*lead, H, M] with values >= 0 (value check where it is free)."""
+    if beta is None:
+        return None
+    utils.check_tensor("beta", beta, layout=layout)
+    if tuple(beta.shape) not in ((*lead, H), (*lead, H, M)):
+        raise ValueError(f"beta must have shape {layout} = {(*lead, H)} or {(*lead, H, M)}, got {tuple(beta.shape)}")
+    if beta.device != device:
+        raise ValueError(f"beta is on {beta.device} but the inputs are on {device}")
+    if not utils.skip_host_checks(device) and beta.numel() and not bool((beta >= 0).all()):   # NaN fails too
+        raise ValueError(f"beta must be >= 0; got values in [{beta.min().item():.6g}, {beta.max().item():.6g}]")
+    return beta
+
+
+def cms_scan(q, k, v, decay, mix=None, scale=None, *, beta=None, initial_state=None, output_final_state=False,
              cu_seqlens=None, chunk_size=64, backend=None):
-    """Fused multi-timescale scan.
+    """Fused multi-timescale scan (outer-product rule, or the delta rule when beta is given).
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; decay: [M] or [H, M] in (0, 1);
-    mix: None, [M], [H, M] or [B, T, H, M]; initial_state: [N, H, M, K, V] (N = B, or the
-    number of sequences with cu_seqlens). Returns (o, final_state or None).
+    mix: None, [M], [H, M] or [B, T, H, M]; beta: None, [B, T, H] or [B, T, H, M] (>= 0);
+    initial_state: [N, H, M, K, V] (N = B, or the number of sequences with cu_seqlens).
+    Returns (o, final_state or None). Differentiable in q, k, v, beta, mix, initial_state and decay.
     """
     (B, T, H, K), V, device = utils.check_qkv(q, k, v, "B, T, H")
     tau = _check_decay(decay, H, device)
     M = tau.shape[-1]
     mix = _check_mix(mix, (B, T), H, M, device, "[M], [H, M] or [B, T, H, M]")
+    beta = _check_beta(beta, (B, T), H, M, device, "[B, T, H] or [B, T, H, M]")
     cu = utils.check_cu_seqlens(cu_seqlens, B, T, device)
     N = B if cu is None else cu.numel() - 1
     utils.check_state("initial_state", initial_state, (N, H, M, K, V), device, "[N, H, M, K, V]")
@@ -65,21 +89,23 @@ def cms_scan(q, k, v, decay, mix=None, scale=None, *, initial_state=None, output
     scale = utils.resolve_scale(scale, K)
     requested, backend = backend, utils.resolve_backend(backend, device)
 
-    # decay and states are never autocast: tau = 0.9999 rounds to 1 in half precision.
+    # decay, beta and states are never autocast: tau = 0.9999 rounds to 1 in half precision.
     q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
     utils.check_same_dtype(q=q, k=k, v=v)
-    q, k, v = utils.contiguous(q, k, v)
+    q, k, v, beta = utils.contiguous(q, k, v, beta)
     backend = utils.route_float64(requested, backend, q.dtype)
-    if backend == "torch":
-        return cms_scan_torch(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size)
-    from .triton_kernels import cms_scan_triton
-    return cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size)
+    with torch.autocast(device.type, enabled=False):
+        if backend == "torch":
+            return cms_scan_torch(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size, beta)
+        from .triton_kernels import cms_scan_triton
+        return cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size, beta)
 
 
-def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
+def cms_step(q, k, v, decay, state, mix=None, scale=None, *, beta=None, backend=None):
     """One token of cms_scan, updating `state` [B, H, M, K, V] (float32) in place.
 
-    q, k: [B, H, K]; v: [B, H, V]; mix: None, [M], [H, M] or [B, H, M].
+    q, k: [B, H, K]; v: [B, H, V]; mix: None, [M], [H, M] or [B, H, M]; beta: None (outer rule),
+    [B, H] or [B, H, M] (delta rule).
     Returns (o, state): o [B, H, V] with mix, [B, H, M, V] without.
     """
     (B, H, K), V, device = utils.check_qkv(q, k, v, "B, H")
@@ -90,6 +116,7 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
     utils.check_state("state", state, (B, H, M, K, V), device, "[B, H, M, K, V]")
     utils.check_state_dtype("state", state)
     mix = _check_mix(mix, (B,), H, M, device, "[M], [H, M] or [B, H, M]")
+    beta = _check_beta(beta, (B,), H, M, device, "[B, H] or [B, H, M]")
     scale = utils.resolve_scale(scale, K)
     requested, backend = backend, utils.resolve_backend(backend, device)
 
@@ -97,6 +124,6 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
     utils.check_same_dtype(q=q, k=k, v=v)
     backend = utils.route_float64(requested, backend, torch.float64 if torch.float64 in (q.dtype, state.dtype) else q.dtype)
     if backend == "torch" or not state.is_contiguous():
-        return cms_step_torch(q, k, v, tau, state, mix, scale)
+        return cms_step_torch(q, k, v, tau, state, mix, scale, beta)
     from .triton_kernels import cms_step_triton
-    return cms_step_triton(q, k, v, tau, state, mix, scale)
+    return cms_step_triton(q, k, v, tau, state, mix, scale, beta)

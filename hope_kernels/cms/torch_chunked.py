@@ -1,9 +1,23 @@
 """The "torch" backend of cms_scan / cms_step: chunked, vectorised PyTorch with plain autograd.
 
-Within a chunk of length L (local positions i, j = 1..L) and with g = log(tau) per (head, memory):
+Outer-product rule (beta None). Within a chunk of length L (local positions i, j = 1..L) and with
+g = log(tau) per (head, memory):
 
     o_i   = scale * (tau^i q_i S_prev + sum_{j<=i} tau^{i-j} (1 - tau) (q_i . k_j) v_j)
     S_end = tau^L S_prev + sum_j tau^{L-j} (1 - tau) k_j v_j^T
+
+Delta rule (beta given), per memory: S_i = tau S_{i-1} + k_i^T x_i with x_i = beta_i (v_i - k_i S_{i-1}).
+Unrolled from the chunk-start state S_0, x_i depends on the earlier x_j of the chunk; the WY / UT
+transform resolves that with one unit lower-triangular solve per (chunk, memory), independent of S_0:
+
+    (I + A) X = beta (V - tau^{i-1} K S_0),   A[i, j] = beta_i tau^{i-1-j} (k_i . k_j)  (j < i)
+    X = U - W S_0,   [U | W] = (I + A)^{-1} [beta V | beta tau^{i-1} K]
+    o_i   = scale (tau^i q_i S_0 + sum_{j<=i} tau^{i-j} (q_i . k_j) x_j)
+    S_end = tau^L S_0 + sum_j tau^{L-j} k_j^T x_j
+
+k k^T and q k^T of a chunk are formed once for all M memories; each memory's decay table
+tau^{i-j} is one [L, L] matrix per (head, memory), so the M memories differ only in their
+triangular systems (solved for all chunks and memories in one batched call) and their states.
 
 Every power of tau is exp(n g) with n >= 0: the causal mask is applied to the exponent before
 exponentiating, so nothing overflows whatever tau in (0, 1) and T; underflow goes to 0.
@@ -15,6 +29,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,34 +67,182 @@ def _scan_dense(q, k, v, tau, scale: float, state: Optional[torch.Tensor], chunk
     return o, S
 
 
-def cms_scan_torch(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
-    """tau: [H, M]; mix: None, [H, M] or [B, T, H, M] (already broadcast); returns (o, final_state)."""
-    cd = compute_dtype(q.dtype)
+def _chunks(x, L):
+    """[B, T, H, *] with T a multiple of L -> [B, H, T / L, L, *]."""
+    B, T, H = x.shape[:3]
+    x = x.reshape(B, T // L, L, H, *x.shape[3:])
+    return x.permute(0, 3, 1, 2, *range(4, x.dim()))
+
+
+def _per_memory(x, L):
+    """beta / per-token mix [B, T, H] or [B, T, H, M] -> [B, H, T / L, M or 1, L]."""
+    return _chunks(x, L).unsqueeze(3) if x.dim() == 3 else _chunks(x, L).transpose(-1, -2)
+
+
+def _block_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^{-1} for strictly lower-triangular A [..., L, L], by recursive block inversion:
+
+        [[T11, 0], [T21, T22]]^{-1} = [[T11^-1, 0], [-T22^-1 T21 T11^-1, T22^-1]]
+
+    from 1 x 1 blocks up, in place, every level one batched matmul over all blocks (exact up to rounding like
+    forward substitution; much faster on the CPU than batched triangular solves of small systems).
+    L is padded to a power of two with identity rows."""
+    L = A.shape[-1]
+    P = 1 << max(L - 1, 0).bit_length()
+    if P != L:
+        A = F.pad(A, (0, P - L, 0, P - L))
+    Y = torch.eye(P, dtype=A.dtype, device=A.device).expand(A.shape).contiguous()
+    b = 1
+    while b < P:                                  # Y's diagonal b x b blocks are inverted: fill the 2b ones
+        n = P // (2 * b)
+        diag = lambda X: torch.diagonal(X.unflatten(-2, (n, 2 * b)).unflatten(-1, (n, 2 * b)),
+                                        dim1=-4, dim2=-2).movedim(-1, -3)     # [..., n, 2b, 2b] views
+        Yb, Ab = diag(Y), diag(A)
+        Yb[..., b:, :b] = -(Yb[..., b:, b:] @ Ab[..., b:, :b] @ Yb[..., :b, :b])
+        b *= 2
+    return Y[..., :L, :L]
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """Y = (I + A)^{-1}; backward dA = -(Y^T dY Y^T) on the strict lower triangle (d(T^-1) = -Y dT Y)."""
+
+    @staticmethod
+    def forward(ctx, A):
+        Y = _block_inverse(A)
+        ctx.save_for_backward(Y)
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        (Y,) = ctx.saved_tensors
+        Yt = Y.transpose(-1, -2)
+        return -(Yt @ dY @ Yt).tril(-1)
+
+
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^{-1} for strictly lower-triangular A [..., L, L] (see `_block_inverse`), differentiable in A."""
+    return _UnitLowerInverse.apply(A)
+
+
+def _delta_chunks(q, k, v, beta, mix, g, scale: float, S):
+    """Delta rule over T / L equal chunks of L = T tokens or fewer (all in the compute dtype).
+
+    q, k: [B, H, nC, L, K]; v: [B, H, nC, L, V]; beta: [B, H, nC, M or 1, L]; g = log(tau): [H, M];
+    mix: None, [H, M] or [B, H, nC, M, L]; S: [B, H, M, K, V]. Returns (list of chunk outputs
+    [B, H, L, V] with mix, [B, H, M, L, V] without, S at the end)."""
+    B, H, nC, L, K = q.shape
+    M = g.shape[-1]
+    pos = torch.arange(L, device=q.device, dtype=g.dtype)
+    diff = pos[:, None] - pos[None, :]                                       # i - j
+    gm = g[..., None, None]                                                  # [H, M, 1, 1]
+    # decay tables, masked in the exponent before exp: tau^{i-j} (j <= i) and tau^{i-1-j} (j < i)
+    E = torch.exp(torch.where(diff >= 0, diff * gm, float("-inf")))[None, :, None]    # [1, H, 1, M, L, L]
+    Ep = torch.exp(torch.where(diff >= 1, (diff - 1) * gm, float("-inf")))[None, :, None]
+    t_prev = torch.exp(pos * g[..., None])[None, :, None]                   # tau^{i-1} (1-based i)
+    t_read = torch.exp((pos + 1) * g[..., None])[None, :, None]             # tau^i
+    t_end = torch.exp((L - 1 - pos) * g[..., None])                         # tau^{L-j}: [H, M, L]
+    t_L = torch.exp(L * g)[None, :, :, None, None]                          # [1, H, M, 1, 1]
+
+    kt = k.transpose(-1, -2)
+    A = beta[..., None] * Ep * (k @ kt)[:, :, :, None]                       # [B, H, nC, M, L, L]
+    Tinv = unit_lower_inverse(A)                                             # [B, H, nC, M, L, L]
+    # [U | W] = (I + A)^{-1} [beta V | beta tau^{i-1} K]: beta and tau^{j-1} scale the columns of the
+    # inverse, so V and K are multiplied as they are (M and the rows flattened: one plain matmul each)
+    Tb = Tinv * beta[..., None, :]
+    flat = lambda x: x.reshape(B, H, nC, M * L, L)
+    U = (flat(Tb) @ v).view(B, H, nC, M, L, -1)
+    W = (flat(Tb * t_prev[..., None, :]) @ k).view(B, H, nC, M, L, K)
+    Aqk = (scale * (q @ kt))[:, :, :, None] * E                              # [B, H, nC, M, L, L]
+    c_read = scale * t_read                                                   # coefficient of q_i S_0
+    if mix is not None:
+        mx = mix[None, :, None, :, None] if mix.dim() == 2 else mix         # [*, H, *, M, L]
+        Aqk, c_read = Aqk * mx[..., None], c_read * mx
+        Aqk = Aqk.permute(0, 1, 2, 4, 3, 5).reshape(B, H, nC, L, M * L)     # the M memories summed in one matmul
+    c_read = c_read.expand(B, H, nC, M, L)
+    ke = k[:, :, :, None] * t_end[None, :, None, :, :, None]                 # tau^{L-j} k_j: [B, H, nC, M, L, K]
+    # per-chunk views by unbind: indexing inside the loop would make autograd scatter every chunk's
+    # gradient into a zero-filled copy of the whole tensor
+    U, W, Aqk, c_read, qs, ke = (x.unbind(2) for x in (U, W, Aqk, c_read, q, ke))
+    outs = []
+    for c in range(nC):
+        X = U[c] - W[c] @ S                                                  # [B, H, M, L, V]
+        qS = c_read[c][..., None] * torch.einsum("bhlk,bhmkv->bhmlv", qs[c], S)
+        if mix is not None:
+            outs.append(qS.sum(2) + Aqk[c] @ X.reshape(B, H, M * L, -1))
+        else:
+            outs.append(qS + Aqk[c] @ X)
+        S = t_L * S + ke[c].transpose(-1, -2) @ X
+    return outs, S
+
+
+def _delta_dense(q, k, v, beta, tau, mix, scale: float, state, chunk_size: int):
+    """One batch of equal-length sequences (compute dtype). beta [B, T, H(, M)], tau [H, M],
+    mix None / [H, M] / [B, T, H, M]. Returns o ([B, T, H, V] with mix, [B, T, H, M, V] without) and S_T."""
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], tau.shape[-1]
+    g = torch.log(tau)
+    S = q.new_zeros(B, H, M, K, V) if state is None else state.to(q.dtype)
+    L = min(chunk_size, max(T, 1))
+    full = T // L * L
+    outs = []
+    for s, e, Lg in ((0, full, L), (full, T, T - full)):                     # the full chunks, then the rest
+        if e == s:
+            continue
+        part = lambda x: x[:, s:e]
+        mx = None if mix is None else (mix if mix.dim() == 2 else _per_memory(part(mix), Lg))
+        o, S = _delta_chunks(_chunks(part(q), Lg), _chunks(part(k), Lg), _chunks(part(v), Lg),
+                             _per_memory(part(beta), Lg), mx, g, scale, S)
+        o = torch.stack(o, -3)                                              # [B, H, (M,) nC, L, V]
+        if mix is not None:
+            outs.append(o.permute(0, 2, 3, 1, 4).reshape(B, e - s, H, V))
+        else:
+            outs.append(o.permute(0, 3, 4, 1, 2, 5).reshape(B, e - s, H, M, V))
+    if not outs:
+        outs.append(q.new_zeros((B, 0, H, V) if mix is not None else (B, 0, H, M, V)))
+    return torch.cat(outs, 1), S
+
+
+def cms_scan_torch(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, beta=None):
+    """tau: [H, M]; mix: None, [H, M] or [B, T, H, M] (already broadcast); beta None (outer rule) or
+    [B, T, H(, M)] (delta rule). Returns (o, final_state)."""
+    dtype, cd = q.dtype, compute_dtype(q.dtype)
     tau = tau.to(cd)
+    mx = None if mix is None else mix.to(cd)
+    if beta is not None:
+        q, k, v, beta = (x.to(cd) for x in (q, k, v, beta))
+        dense = lambda sl, h0: _delta_dense(q[:, sl], k[:, sl], v[:, sl], beta[:, sl], tau,
+                                            mx if mx is None or mx.dim() == 2 else mx[:, sl], scale, h0, chunk_size)
+    else:
+        dense = lambda sl, h0: _scan_dense(q[:, sl], k[:, sl], v[:, sl], tau, scale, h0, chunk_size)
     if cu_seqlens is None:
-        o, S = _scan_dense(q, k, v, tau, scale, initial_state, chunk_size)
+        o, S = dense(slice(None), initial_state)
     else:
         bounds = cu_seqlens.tolist()
         outs, finals = [], []
         for n, (s, e) in enumerate(zip(bounds, bounds[1:])):
-            h0 = None if initial_state is None else initial_state[n:n + 1]
-            o_n, S_n = _scan_dense(q[:, s:e], k[:, s:e], v[:, s:e], tau, scale, h0, chunk_size)
+            o_n, S_n = dense(slice(s, e), None if initial_state is None else initial_state[n:n + 1])
             outs.append(o_n)
             finals.append(S_n)
         o, S = torch.cat(outs, dim=1), torch.cat(finals)
-    if mix is not None:
-        mx = mix.to(cd)
+    if mx is not None and beta is None:
         o = (o * (mx if mx.dim() == 4 else mx[None, None])[..., None]).sum(-2)
-    return o.to(q.dtype), (S.to(torch.float64 if cd == torch.float64 else torch.float32)
-                           if output_final_state else None)
+    return o.to(dtype), (S.to(torch.float64 if cd == torch.float64 else torch.float32) if output_final_state else None)
 
 
-def cms_step_torch(q, k, v, tau, state, mix, scale):
-    """One token: state [B, H, M, K, V] updated in place; tau [H, M]; mix None, [H, M] or [B, H, M]."""
+def cms_step_torch(q, k, v, tau, state, mix, scale, beta=None):
+    """One token: state [B, H, M, K, V] updated in place; tau [H, M]; mix None, [H, M] or [B, H, M];
+    beta None (outer rule) or [B, H(, M)] (delta rule: S <- tau S - beta k^T (k S - v))."""
     sd = state.dtype
     t = tau.to(sd)[None, :, :, None, None]
-    kv = k.to(sd)[..., :, None] * v.to(sd)[..., None, :]                 # [B, H, K, V]
-    state.mul_(t).add_((1 - t) * kv[:, :, None])
+    if beta is None:
+        kv = k.to(sd)[..., :, None] * v.to(sd)[..., None, :]             # [B, H, K, V]
+        state.mul_(t).add_((1 - t) * kv[:, :, None])
+    else:
+        k_ = k.to(sd)
+        b = beta.to(sd)
+        b = b[..., None] if b.dim() == 2 else b                           # [B, H, M or 1]
+        err = torch.einsum("bhk,bhmkv->bhmv", k_, state) - v.to(sd)[:, :, None]
+        state.mul_(t).sub_(b[..., None, None] * k_[:, :, None, :, None] * err[..., None, :])
     o = torch.einsum("bhk,bhmkv->bhmv", q.to(sd) * scale, state)
     if mix is not None:
         o = (o * mix.to(sd)[..., None]).sum(-2)

@@ -444,13 +444,19 @@ def cms_bwd_kernel(q, k, v, decay, mix, do, hs, dhs, dq, dk, dmix, dgs, chunk_id
 # ----------------------------------------------------------------------------- one-token step
 @triton.heuristics({
     "HAS_MIX": lambda a: a["mix"] is not None,
+    "HAS_BETA": lambda a: a["beta"] is not None,
 })
-@autotune(STEP_CONFIGS, key=["H", "M", "K", "V", "MIX_PER_BATCH"], restore=["state"])
+@autotune(STEP_CONFIGS, key=["H", "M", "K", "V", "MIX_PER_BATCH", "BETA_PER_MEMORY"], restore=["state"])
 @triton.jit
-def cms_step_kernel(q, k, v, decay, mix, state, o, scale, H: tl.constexpr, M,
+def cms_step_kernel(q, k, v, decay, mix, beta, state, o, scale, H: tl.constexpr, M,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    MIX_PER_BATCH: tl.constexpr, HAS_MIX: tl.constexpr):
-    """state[b, h, m] = tau S + (1 - tau) k v^T for all m in place; o = scale q S_m (mixed or per m)."""
+                    MIX_PER_BATCH: tl.constexpr, BETA_PER_MEMORY: tl.constexpr,
+                    HAS_MIX: tl.constexpr, HAS_BETA: tl.constexpr):
+    """state[b, h, m] in place for all m, then o = scale q S_m (mixed or per m):
+
+        outer: S <- tau S + (1 - tau) k^T v;   delta: S <- tau S - beta k^T (k S - v)
+
+    The whole K is in the tile, so each V column of the delta rule is updated on its own."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_h = i_bh % H
     o_k = tl.arange(0, BK)
@@ -465,7 +471,16 @@ def cms_step_kernel(q, k, v, decay, mix, state, o, scale, H: tl.constexpr, M,
     for i_m in range(M):
         tau = tl.load(decay + i_h * M + i_m).to(tl.float32)
         p_s = state + (i_bh.to(tl.int64) * M + i_m) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_s = tau * tl.load(p_s, mask=m_kv, other=0.) + (1 - tau) * b_kv
+        b_s = tl.load(p_s, mask=m_kv, other=0.)
+        if HAS_BETA:
+            if BETA_PER_MEMORY:
+                b_beta = tl.load(beta + i_bh.to(tl.int64) * M + i_m).to(tl.float32)
+            else:
+                b_beta = tl.load(beta + i_bh.to(tl.int64)).to(tl.float32)
+            b_err = tl.sum(b_k[:, None] * b_s, axis=0) - b_v                   # k S - v: [BV]
+            b_s = tau * b_s - b_beta * (b_k[:, None] * b_err[None, :])
+        else:
+            b_s = tau * b_s + (1 - tau) * b_kv
         tl.store(p_s, b_s, mask=m_kv)
         b_om = tl.sum(b_q[:, None] * b_s, axis=0)
         if HAS_MIX:
@@ -590,8 +605,28 @@ def chunk_tile(chunk_size: int, T: int) -> int:
     return min(chunk_size, max(16, triton.next_power_of_2(max(T, 1))))
 
 
-def cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+def _delta_scan(q, k, v, tau, mix, scale, h0, output_final_state, cu_seqlens, chunk_size, beta):
+    """The delta rule as titans_scan (period 1) on the Triton backend, memory m of head h as head h M + m."""
+    from ..titans.ops import titans_scan
+    B, T, H, K = q.shape
+    V, M = v.shape[-1], tau.shape[-1]
+    fold = lambda x: x.unsqueeze(3).expand(B, T, H, M, x.shape[-1]).reshape(B, T, H * M, x.shape[-1])
+    lr = (beta.unsqueeze(-1) if beta.dim() == 3 else beta).expand(B, T, H, M).reshape(B, T, H * M)
+    decay = tau.reshape(1, 1, H * M).expand(B, T, H * M)
+    o, ht = titans_scan(fold(q), fold(k), fold(v), lr, decay, None, scale, period=1,
+                        initial_state=None if h0 is None else h0.reshape(-1, H * M, K, V),
+                        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                        backend="triton")
+    o = o.view(B, T, H, M, V)
+    if mix is not None:
+        o = (o.float() * (mix if mix.dim() == 4 else mix[None, None]).float()[..., None]).sum(3).to(q.dtype)
+    return o, None if ht is None else ht.view(-1, H, M, K, V)
+
+
+def cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, beta=None):
     """Inputs validated and contiguous from ops.py: tau [H, M]; mix None / [H, M] / [B, T, H, M]."""
+    if beta is not None:
+        return _delta_scan(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, beta)
     BT = chunk_tile(chunk_size, q.shape[1])
     mix = None if mix is None else mix.contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
@@ -599,15 +634,16 @@ def cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state,
     return o, (ht if output_final_state else None)
 
 
-def cms_step_triton(q, k, v, tau, state, mix, scale):
+def cms_step_triton(q, k, v, tau, state, mix, scale, beta=None):
     B, H, K = q.shape
     V, M = v.shape[-1], tau.shape[-1]
     q, k, v, tau = (t.contiguous() for t in (q, k, v, tau))
-    mix = None if mix is None else mix.contiguous()
+    mix, beta = (None if t is None else t.contiguous() for t in (mix, beta))
     o = torch.empty((B, H, V) if mix is not None else (B, H, M, V), dtype=q.dtype, device=q.device)
     grid = lambda meta: check_grid((triton.cdiv(V, meta["BV"]), B * H))
-    cms_step_kernel[grid](q, k, v, tau, mix, state, o, scale, H=H, M=M, K=K, V=V, BK=_pad(K),
-                          MIX_PER_BATCH=mix is not None and mix.dim() == 3)
+    cms_step_kernel[grid](q, k, v, tau, mix, beta, state, o, scale, H=H, M=M, K=K, V=V, BK=_pad(K),
+                          MIX_PER_BATCH=mix is not None and mix.dim() == 3,
+                          BETA_PER_MEMORY=beta is not None and beta.dim() == 3)
     return o, state
 
 
@@ -665,10 +701,13 @@ def compile_specs():
                            {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32"},
                            dict(common, **mixed, BK=t["BK"], BV=t["BVB"], ACCUMULATE=True,
                                 COMPUTE_DMIX=mix is not None, COMPUTE_DDECAY=True)))
-    for D, dt, mix in ((64, "bf16", "batch"), (128, "fp32", None)):
-        present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set())
-        ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, state="fp32", o=dt)
-        specs.append(kernel_spec(f"cms.step[K={D},V={D},M=4,{dt},mix={mix or 'none'}]", cms_step_kernel, STEP_CONFIGS,
-                           ptrs, present, {"scale": "fp32", "M": "i32"},
-                           dict(H=4, K=D, V=D, BK=_pad(D), MIX_PER_BATCH=mix == "batch", HAS_MIX=mix is not None)))
+    for D, dt, mix, beta in ((64, "bf16", "batch", None), (128, "fp32", None, None), (64, "bf16", "batch", "head"),
+                             (128, "bf16", "static", "memory")):
+        present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set()) | ({"beta"} if beta else set())
+        ptrs = dict(q=dt, k=dt, v=dt, decay="fp32", mix=dt, beta="fp32", state="fp32", o=dt)
+        btag = f",beta={beta}" if beta else ""
+        specs.append(kernel_spec(f"cms.step[K={D},V={D},M=4,{dt},mix={mix or 'none'}{btag}]", cms_step_kernel,
+                           STEP_CONFIGS, ptrs, present, {"scale": "fp32", "M": "i32"},
+                           dict(H=4, K=D, V=D, BK=_pad(D), MIX_PER_BATCH=mix == "batch", HAS_MIX=mix is not None,
+                                BETA_PER_MEMORY=beta == "memory", HAS_BETA=beta is not None)))
     return specs
