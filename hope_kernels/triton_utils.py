@@ -14,6 +14,8 @@
 - `chunk_indices(cu_seqlens, BT)`: the (sequence, chunk) pair of every real chunk of a packed batch, so
   chunk-parallel kernels launch one program per real chunk; grids put that count on axis 0 (limit
   2^31 - 1), never on axes 1 / 2 (limit 65535).
+- `unit_lower_inverse(A, BT)`: (I + A)^-1 of a strictly lower triangular [BT, BT] tile (the WY factors of
+  delta-rule chunks).
 """
 from __future__ import annotations
 

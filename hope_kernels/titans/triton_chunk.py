@@ -51,12 +51,14 @@ from ..triton_utils import autotune, check_grid, empty, kernel_spec, load_tile, 
 WY_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1)) for w in (4, 8) for s in (1, 2)]
 STATE_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
                  for w in (4, 8) for s in (1, 2)]
+STATE_BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1))
+                     for w in (4, 8) for s in (1, 2)]
 OUT_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1)) for w in (4, 8) for s in (1, 2)]
 GRAD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1)) for w in (4, 8) for s in (1, 2)]
 MAX_BT = 32        # tokens per chunk (chunk_size, at most this)
 STATE_BV = 32      # V-tile of the sequential passes: [K, 32] float32 states stay in registers at K = 128
 OUT_BV = 64        # V-tile of the output kernel
-LOOP_BV = 32       # V-tile of the loops inside the WY and gradient kernels
+LOOP_BV = 32       # V-tile of the loops inside the WY and gradient kernels (16 where K > 64: no spills)
 
 
 def _block(n: int) -> int:
@@ -100,7 +102,7 @@ def launch_grids(B: int, T: int, H: int, K: int, V: int, period: int, chunk_size
     NT = B * chunks_of(T, BT, G, CPB) if NT is None else NT
     seq = (N * H, triton.cdiv(V, STATE_BV))
     return {"wy": (NT * H,), "state": seq, "out": (NT * H, triton.cdiv(V, OUT_BV)), "state_bwd": seq,
-            "grad": (NT * H,)}
+            "grad_out": (NT * H,), "grad_wy": (NT * H,)}
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -269,15 +271,15 @@ def titans_chunk_out_kernel(q, k, decay, x, h, o, cu_seqlens, chunk_idx, scale, 
 
 
 # ----------------------------------------------------------------------------- backward
-@autotune(STATE_CONFIGS, key=["H", "K", "V", "BT", "HAS_DECAY", "READ_BLOCK"])
+@autotune(STATE_BWD_CONFIGS, key=["H", "K", "V", "BT", "HAS_DECAY", "READ_BLOCK"])
 @triton.jit
-def titans_chunk_state_bwd_kernel(q, k, decay, w, do, dht, dx, dhn, dh0, cu_seqlens, chunk_offsets, scale, T,
-                                  period, G, CPB, NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def titans_chunk_state_bwd_kernel(q, k, lr, decay, Mi, w, do, dht, dr, dv, dhn, dh0, cu_seqlens, chunk_offsets,
+                                  scale, T, period, G, CPB, NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
                                   READ_BLOCK: tl.constexpr, USE_FINAL_GRAD: tl.constexpr,
                                   IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (sequence x head, V-tile), chunks in reverse: dh_next of every chunk into `dhn`,
-    dx (float32) into `dx`, dS_0 into `dh0`."""
+    dr = M^T dx (float32) into `dr`, dv = lr dr, dS_0 into `dh0`."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, L, boc, nc = _sequence(i_n, T, G, CPB, NC, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
@@ -314,7 +316,11 @@ def titans_chunk_state_bwd_kernel(q, k, decay, w, do, dht, dx, dhn, dh0, cu_seql
                                                             b_la[None, :] - b_ld[:, None], float("-inf")))
         b_kd = (b_k.to(tl.float32) * tl.exp(ld_e - b_ld)[:, None]).to(dt)
         b_dx = scale * tl.dot(b_At.to(dt), b_do) + tl.dot(b_kd, b_dh.to(dt))
-        tl.store(dx + rows[:, None] * V + o_v[None, :], b_dx, mask=m_tv)
+        b_Mt = tl.load(Mi + (boc + c) * H * BT * BT + i_h * BT * BT + o_t[None, :] * BT + o_t[:, None])
+        b_dr = tl.dot(b_Mt.to(dt), b_dx.to(dt))
+        tl.store(dr + rows[:, None] * V + o_v[None, :], b_dr, mask=m_tv)
+        b_lr = tl.load(lr + rows, mask=m_t, other=0.)
+        tl.store(dv + rows[:, None] * V + o_v[None, :], (b_lr[:, None] * b_dr).to(dv.dtype.element_ty), mask=m_tv)
         b_qa = (scale * tl.exp(b_la)[:, None] * b_q.to(tl.float32)).to(dt)
         b_dhs -= tl.dot(tl.trans(b_w), b_dx.to(dt))
         b_dh = tl.exp(ld_e) * b_dh
@@ -329,12 +335,12 @@ def titans_chunk_state_bwd_kernel(q, k, decay, w, do, dht, dx, dhn, dh0, cu_seql
 
 @autotune(GRAD_CONFIGS, key=["H", "K", "V", "BT", "HAS_DECAY", "READ_BLOCK"])
 @triton.jit
-def titans_chunk_grad_kernel(q, k, v, lr, decay, Mi, x, h, dx, dhn, do, dq, dk, dv, dlr, ddecay,
-                             cu_seqlens, chunk_idx, scale, T, period, G, CPB, NC, H: tl.constexpr,
-                             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                             BV: tl.constexpr, HAS_DECAY: tl.constexpr, READ_BLOCK: tl.constexpr,
-                             IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr):
-    """One program per (chunk, head), a loop over V-tiles: dq, dk, dv, dlr and ddecay of the chunk's tokens."""
+def titans_chunk_grad_out_kernel(q, k, decay, x, h, dhn, do, dq, dk, dld, dlb, cu_seqlens, chunk_idx, scale, T, period,
+                                 G, CPB, NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                                 BK: tl.constexpr, BV: tl.constexpr, HAS_DECAY: tl.constexpr,
+                                 READ_BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (chunk, head), a loop over V-tiles: the gradients through o and h_next. Writes dq, the
+    float32 part of dk and the gradients of ld (and of lb, block_start only) as far as they go."""
     i_ch = tl.program_id(0)
     i_c, i_h = i_ch // H, i_ch % H
     t0, n, cw = _chunk(i_c, T, G, CPB, NC, cu_seqlens, chunk_idx, BT, IS_VARLEN)
@@ -346,89 +352,110 @@ def titans_chunk_grad_kernel(q, k, v, lr, decay, Mi, x, h, dx, dhn, do, dq, dk, 
     b_q = load_tile(q + rows[:, None] * K + o_k[None, :], m_tk, UPCAST)
     b_k = load_tile(k + rows[:, None] * K + o_k[None, :], m_tk, UPCAST)
     dt = b_q.dtype
-    b_lr = tl.load(lr + rows, mask=m_t, other=0.)
-    b_ld, b_lb, bl, b_lg = _log_decays(decay, rows, m_t, o_t, period, HAS_DECAY)
+    b_ld, b_lb, bl, _ = _log_decays(decay, rows, m_t, o_t, period, HAS_DECAY)
     ld_e = _last(b_ld, n, o_t)
     b_la = b_lb if READ_BLOCK else b_ld
-    b_Mt = tl.trans(tl.load(Mi + i_ch.to(tl.int64) * BT * BT + o_t[:, None] * BT + o_t[None, :])).to(dt)
     p_h = h + ((i_c.to(tl.int64) * H + i_h) * K * V)
-    p_hs = h + (((i_c - cw).to(tl.int64) * H + i_h) * K * V)
+    p_hr = h + (((i_c - cw if READ_BLOCK else i_c).to(tl.int64) * H + i_h) * K * V)
     p_dhn = dhn + ((i_c.to(tl.int64) * H + i_h) * K * V)
-
     b_P = tl.zeros([BT, BT], dtype=tl.float32)       # do x^T
-    b_dA = tl.zeros([BT, BT], dtype=tl.float32)      # -(dr x^T)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)      # do Hr^T
     b_dkd = tl.zeros([BT, BK], dtype=tl.float32)     # x dh_next^T
-    b_dks = tl.zeros([BT, BK], dtype=tl.float32)     # dr Hs^T
     b_dla = tl.zeros([BT], dtype=tl.float32)         # rows of do * (q Hr)
-    b_dlr = tl.zeros([BT], dtype=tl.float32)
-    b_dlb = tl.zeros([BT], dtype=tl.float32)
     b_dle = tl.zeros([BV], dtype=tl.float32)         # columns of h * dh_next
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
-        m_kv = m_k[:, None] & m_v[None, :]
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_kv = m_k[:, None] & (o_v < V)[None, :]
         off_kv = o_k[:, None] * V + o_v[None, :]
         b_do = load_tile(do + rows[:, None] * V + o_v[None, :], m_tv, UPCAST)
         b_x = load_tile(x + rows[:, None] * V + o_v[None, :], m_tv, UPCAST)
-        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
-        b_dxv = tl.load(dx + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
-        b_h = tl.load(p_h + off_kv, mask=m_kv, other=0.)
-        b_hs = tl.load(p_hs + off_kv, mask=m_kv, other=0.)
+        b_hr = tl.load(p_hr + off_kv, mask=m_kv, other=0.).to(dt)
         b_dn = tl.load(p_dhn + off_kv, mask=m_kv, other=0.)
-        b_hr = b_hs if READ_BLOCK else b_h
         b_P += tl.dot(b_do, tl.trans(b_x))
-        b_dq += tl.dot(b_do, tl.trans(b_hr.to(dt)))
-        b_dla += tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_hr.to(dt)), 1)
+        b_dq += tl.dot(b_do, tl.trans(b_hr))
+        b_dla += tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_hr), 1)
         b_dkd += tl.dot(b_x, tl.trans(b_dn.to(dt)))
-        b_dle += tl.sum(b_h * b_dn, 0)
-        b_dr = tl.dot(b_Mt, b_dxv.to(dt))
-        tl.store(dv + rows[:, None] * V + o_v[None, :], (b_lr[:, None] * b_dr).to(dv.dtype.element_ty), mask=m_tv)
-        b_ks = tl.dot(b_k, b_hs.to(dt))
-        b_dlr += tl.sum(b_dr * (b_v - tl.exp(b_lb)[:, None] * b_ks), 1)
-        b_dlb -= tl.sum(b_dr * b_ks, 1)
-        b_dks += tl.dot(b_dr.to(dt), tl.trans(b_hs.to(dt)))
-        b_dA -= tl.dot(b_dr.to(dt), tl.trans(b_x))
-
-    b_kf = b_k.to(tl.float32)
+        b_dle += tl.sum(tl.load(p_h + off_kv, mask=m_kv, other=0.) * b_dn, 0)
     b_ea = tl.exp(b_la)
-    # the output: o = scale (exp(la) q Hr + ((q k^T) * Da) x)
-    b_qk = tl.dot(b_q, tl.trans(b_k))
+    # o = scale (exp(la) q Hr + ((q k^T) * Da) x)
     b_PD = scale * b_P * tl.exp(tl.where(_read_mask(o_t, bl, READ_BLOCK), b_la[:, None] - b_ld[None, :],
                                          float("-inf")))
     b_dq = scale * b_ea[:, None] * b_dq + tl.dot(b_PD.to(dt), b_k)
-    b_dk = tl.dot(tl.trans(b_PD.to(dt)), b_q)
-    b_W = b_PD * b_qk
+    tl.store(dq + rows[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    b_W = b_PD * tl.dot(b_q, tl.trans(b_k))
     b_dla = scale * b_ea * b_dla + tl.sum(b_W, 1)
     b_dld = -tl.sum(b_W, 0)
-    # the next chunk-start state: h_next = exp(ld_e) h + (k exp(ld_e - ld))^T x
+    # h_next = exp(ld_e) h + (k exp(ld_e - ld))^T x
     b_g = tl.exp(ld_e - b_ld)
-    b_dk += b_g[:, None] * b_dkd
-    b_t = b_g * tl.sum(b_kf * b_dkd, 1)
+    b_dk = tl.dot(tl.trans(b_PD.to(dt)), b_q) + b_g[:, None] * b_dkd
+    b_t = b_g * tl.sum(b_k.to(tl.float32) * b_dkd, 1)
     b_dld += tl.where(o_t == n - 1, tl.exp(ld_e) * tl.sum(b_dle, 0) + tl.sum(b_t, 0), 0.) - b_t
-    # the right-hand side lr (v - exp(lb) k Hs)
-    b_elb = b_lr * tl.exp(b_lb)
-    b_dk -= b_elb[:, None] * b_dks
-    b_dlb = b_elb * b_dlb
-    # the triangular system: A_ij = lr_i (k_i . k_j) exp(lb_i - ld_j), j < b(i)
-    b_E = tl.exp(tl.where(o_t[None, :] < bl[:, None], b_lb[:, None] - b_ld[None, :], float("-inf")))
-    b_dAE = b_dA * b_E
+    tl.store(dk + rows[:, None] * K + o_k[None, :], b_dk, mask=m_tk)
+    if READ_BLOCK:
+        tl.store(dld + rows, b_dld, mask=m_t)
+        tl.store(dlb + rows, b_dla, mask=m_t)
+    else:
+        tl.store(dld + rows, b_dld + b_dla, mask=m_t)
+
+
+@autotune(GRAD_CONFIGS, key=["H", "K", "V", "BT", "HAS_DECAY", "READ_BLOCK"])
+@triton.jit
+def titans_chunk_grad_wy_kernel(k, v, lr, decay, x, h, dr, dk_o, dld_o, dlb_o, dk, dlr, ddecay, cu_seqlens,
+                                chunk_idx, T, period, G, CPB, NC, H: tl.constexpr, K: tl.constexpr,
+                                V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                HAS_DECAY: tl.constexpr, READ_BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr,
+                                UPCAST: tl.constexpr):
+    """One program per (chunk, head), a loop over V-tiles: the gradients through (I + A) x = lr (v - exp(lb) k Hs)
+    from dr = (I + A)^-T dx, added to the output kernel's parts: dk, dlr and ddecay."""
+    i_ch = tl.program_id(0)
+    i_c, i_h = i_ch // H, i_ch % H
+    t0, n, cw = _chunk(i_c, T, G, CPB, NC, cu_seqlens, chunk_idx, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_t, m_k = o_t < n, o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    rows = (t0 + o_t) * H + i_h
+    b_k = load_tile(k + rows[:, None] * K + o_k[None, :], m_tk, UPCAST)
+    dt = b_k.dtype
+    b_lr = tl.load(lr + rows, mask=m_t, other=0.)
+    b_ld, b_lb, bl, b_lg = _log_decays(decay, rows, m_t, o_t, period, HAS_DECAY)
+    p_hs = h + (((i_c - cw).to(tl.int64) * H + i_h) * K * V)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)      # -(dr x^T)
+    b_dks = tl.zeros([BT, BK], dtype=tl.float32)     # dr Hs^T
+    b_dlr = tl.zeros([BT], dtype=tl.float32)         # rows of dr * (v - exp(lb) k Hs)
+    b_dlb = tl.zeros([BT], dtype=tl.float32)         # rows of dr * (k Hs)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_x = load_tile(x + rows[:, None] * V + o_v[None, :], m_tv, UPCAST)
+        b_v = tl.load(v + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_dr = tl.load(dr + rows[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
+        b_hs = tl.load(p_hs + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & (o_v < V)[None, :],
+                       other=0.).to(dt)
+        b_ks = tl.dot(b_k, b_hs)
+        b_dlr += tl.sum(b_dr * b_v, 1)
+        b_dlb += tl.sum(b_dr * b_ks, 1)
+        b_dks += tl.dot(b_dr.to(dt), tl.trans(b_hs))
+        b_dA -= tl.dot(b_dr.to(dt), tl.trans(b_x))
+    b_elb = tl.exp(b_lb)
+    b_dlr -= b_elb * b_dlb
+    b_dlb = -b_lr * b_elb * b_dlb
+    b_dk = tl.load(dk_o + rows[:, None] * K + o_k[None, :], mask=m_tk, other=0.) - (b_lr * b_elb)[:, None] * b_dks
+    # A_ij = lr_i (k_i . k_j) exp(lb_i - ld_j), j < b(i)
+    b_dAE = b_dA * tl.exp(tl.where(o_t[None, :] < bl[:, None], b_lb[:, None] - b_ld[None, :], float("-inf")))
     b_kk = tl.dot(b_k, tl.trans(b_k))
     b_dlr += tl.sum(b_dAE * b_kk, 1)
     b_B = b_lr[:, None] * b_dAE
     b_dk += tl.dot(b_B.to(dt), b_k) + tl.dot(tl.trans(b_B).to(dt), b_k)
-    b_W = b_B * b_kk
-    b_dlb += tl.sum(b_W, 1)
-    b_dld -= tl.sum(b_W, 0)
-    if READ_BLOCK:
-        b_dlb += b_dla
-    else:
-        b_dld += b_dla
-    tl.store(dq + rows[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + rows[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(dlr + rows, b_dlr, mask=m_t)
     if HAS_DECAY:
+        b_W = b_B * b_kk
+        b_dlb += tl.sum(b_W, 1)
+        if READ_BLOCK:
+            b_dlb += tl.load(dlb_o + rows, mask=m_t, other=0.)
+        b_dld = tl.load(dld_o + rows, mask=m_t, other=0.) - tl.sum(b_W, 0)
         # lb_i = ld_{b(i)-1}; then d log d_t = sum_{i >= t} dld_i
         b_dld += tl.sum(tl.where(bl[None, :] - 1 == o_t[:, None], b_dlb[None, :], 0.), 1)
         b_dlg = tl.sum(b_dld, 0) - tl.cumsum(b_dld, 0) + b_dld
@@ -447,6 +474,11 @@ def _flags(q, v, decay, period, chunk_size, cu_seqlens):
     BT, G, CPB = chunk_layout(period, chunk_size)
     return dict(H=H, K=K, V=V, BT=BT, BK=_block(K), HAS_DECAY=decay is not None, IS_VARLEN=cu_seqlens is not None,
                 UPCAST=upcast_dots(q.dtype)), (T, period, G, CPB, chunks_of(T, BT, G, CPB))
+
+
+def loop_bv(K: int, V: int) -> int:
+    """V-tile of the loops inside the WY and gradient kernels."""
+    return min(LOOP_BV if K <= 64 else LOOP_BV // 2, _block(V))
 
 
 def _launch(kernel, grid, *args, **kw):
@@ -472,7 +504,7 @@ def _states(q, k, v, lr, decay, h0, period, cu_seqlens, table, chunk_size):
     h = empty(max(NT, 1), H, K, V, dtype=torch.float32, device=q.device)
     ht = empty(N, H, K, V, dtype=torch.float32, device=q.device)
     _launch(titans_wy_kernel, grids["wy"], k, v, lr, decay, Mi, w, u, cu_seqlens, idx, *ints,
-            **dict(flags, BV=min(LOOP_BV, _block(V))))
+            **dict(flags, BV=loop_bv(K, V)))
     _launch(titans_chunk_state_kernel, grids["state"], k, decay, w, u, x, h, h0, ht, cu_seqlens, offsets, *ints,
             **dict(flags, BV=STATE_BV, USE_INITIAL_STATE=h0 is not None))
     return Mi, w, x, h, ht
@@ -503,17 +535,23 @@ def chunk_backward(q, k, v, lr, decay, h0, do, dht, scale, period, cu_seqlens, t
     flags, ints = _flags(q, v, decay, period, chunk_size, cu_seqlens)
     grids = launch_grids(B, T, H, K, V, period, chunk_size, N, NT)
     f32 = dict(dtype=torch.float32, device=q.device)
-    dx = empty(B, T, H, V, **f32)
+    dr = empty(B, T, H, V, **f32)
     dhn = empty(max(NT, 1), H, K, V, **f32)
     dh0 = empty(N, H, K, V, **f32)
-    _launch(titans_chunk_state_bwd_kernel, grids["state_bwd"], q, k, decay, w, do, dht, dx, dhn, dh0, cu_seqlens,
-            offsets, scale, *ints, **dict(flags, BV=STATE_BV, READ_BLOCK=read_block, USE_FINAL_GRAD=dht is not None))
-    dq, dk = empty(B, T, H, K, dtype=q.dtype, device=q.device), empty(B, T, H, K, dtype=k.dtype, device=k.device)
     dv = empty(B, T, H, V, dtype=v.dtype, device=v.device)
+    _launch(titans_chunk_state_bwd_kernel, grids["state_bwd"], q, k, lr, decay, Mi, w, do, dht, dr, dv, dhn, dh0,
+            cu_seqlens, offsets, scale, *ints,
+            **dict(flags, BV=STATE_BV, READ_BLOCK=read_block, USE_FINAL_GRAD=dht is not None))
+    dq, dk = empty(B, T, H, K, dtype=q.dtype, device=q.device), empty(B, T, H, K, dtype=k.dtype, device=k.device)
+    dk_o, dld_o = empty(B, T, H, K, **f32), empty(B, T, H, **f32)
+    dlb_o = empty(B, T, H, **f32) if read_block else None
     dlr = empty(B, T, H, **f32)
     ddecay = empty(B, T, H, **f32) if decay is not None else None
-    _launch(titans_chunk_grad_kernel, grids["grad"], q, k, v, lr, decay, Mi, x, h, dx, dhn, do, dq, dk, dv, dlr,
-            ddecay, cu_seqlens, idx, scale, *ints, **dict(flags, BV=min(LOOP_BV, _block(V)), READ_BLOCK=read_block))
+    loop = dict(flags, BV=loop_bv(K, V), READ_BLOCK=read_block)
+    _launch(titans_chunk_grad_out_kernel, grids["grad_out"], q, k, decay, x, h, dhn, do, dq, dk_o, dld_o, dlb_o,
+            cu_seqlens, idx, scale, *ints, **loop)
+    _launch(titans_chunk_grad_wy_kernel, grids["grad_wy"], k, v, lr, decay, x, h, dr, dk_o, dld_o, dlb_o, dk, dlr,
+            ddecay, cu_seqlens, idx, *ints, **loop)
     return dq, dk, dv, dlr, ddecay, dh0
 
 
@@ -526,26 +564,28 @@ def sequence_table(cu_seqlens, period: int, chunk_size: int):
 
 # ----------------------------------------------------------------------------- AOT compile specs
 def compile_specs():
-    """Every pipeline kernel at K = V = 64 and 128 (bf16, and fp16 packed / fp32), both reads where it matters."""
+    """Every pipeline kernel at K = V = 64 and 128 in bf16 (both reads), fp16 packed and fp32 at 64. (fp32 at
+    K = 128 runs, but its default configs of titans_chunk_state_bwd_kernel and titans_chunk_grad_out_kernel spill
+    a few hundred bytes on sm_80: fp32 tiles take twice the registers.)"""
     specs = []
     ints = {"T": "i32", "period": "i32", "G": "i32", "CPB": "i32", "NC": "i32"}
     scaled = dict(ints, scale="fp32")
     for D, dt, decay, varlen, reads in ((64, "bf16", True, False, (False, True)), (64, "fp16", True, True, (False,)),
                                         (128, "bf16", True, False, (False, True)),
-                                        (128, "fp32", False, False, (False,))):
+                                        (64, "fp32", False, False, (False,))):
         tag = f"K={D},V={D},{dt},{'decay' if decay else 'nodecay'}" + (",varlen" if varlen else "")
         flags = dict(H=4, K=D, V=D, BT=MAX_BT, BK=D, HAS_DECAY=decay, IS_VARLEN=varlen, UPCAST=False)
         drop = ({"decay", "ddecay"} if not decay else set()) | ({"cu_seqlens", "chunk_idx", "chunk_offsets"}
                                                                  if not varlen else set())
 
-        def spec(name, kernel, configs, ptrs, scalars, **kw):
+        def spec(name, kernel, configs, ptrs, scalars, absent=frozenset(), **kw):
             ptrs = {p: ("fp32" if d == "f" else "i32" if p == "chunk_idx" else "i64" if d == "i" else dt)
                     for p, d in ptrs.items()}
-            specs.append(kernel_spec(f"titans.{name}[{tag}]", kernel, configs, ptrs, set(ptrs) - drop, scalars,
+            specs.append(kernel_spec(f"titans.{name}[{tag}]", kernel, configs, ptrs, set(ptrs) - drop - absent, scalars,
                                      dict(flags, **kw)))
 
         spec("wy", titans_wy_kernel, WY_CONFIGS, dict(k="", v="", lr="f", decay="f", Mi="f", w="", u="",
-                                                      cu_seqlens="i", chunk_idx="i"), ints, BV=LOOP_BV)
+                                                      cu_seqlens="i", chunk_idx="i"), ints, BV=loop_bv(D, D))
         spec("chunk_state", titans_chunk_state_kernel, STATE_CONFIGS,
              dict(k="", decay="f", w="", u="", x="", h="f", h0="f", ht="f", cu_seqlens="i", chunk_offsets="i"),
              ints, BV=STATE_BV, USE_INITIAL_STATE=True)
@@ -554,10 +594,15 @@ def compile_specs():
             spec(f"chunk_out,{read}", titans_chunk_out_kernel, OUT_CONFIGS,
                  dict(q="", k="", decay="f", x="", h="f", o="", cu_seqlens="i", chunk_idx="i"), scaled, BV=OUT_BV,
                  READ_BLOCK=rb)
-            spec(f"chunk_state_bwd,{read}", titans_chunk_state_bwd_kernel, STATE_CONFIGS,
-                 dict(q="", k="", decay="f", w="", do="", dht="f", dx="f", dhn="f", dh0="f", cu_seqlens="i",
-                      chunk_offsets="i"), scaled, BV=STATE_BV, READ_BLOCK=rb, USE_FINAL_GRAD=True)
-            spec(f"chunk_grad,{read}", titans_chunk_grad_kernel, GRAD_CONFIGS,
-                 dict(q="", k="", v="", lr="f", decay="f", Mi="f", x="", h="f", dx="f", dhn="f", do="", dq="", dk="",
-                      dv="", dlr="f", ddecay="f", cu_seqlens="i", chunk_idx="i"), scaled, BV=LOOP_BV, READ_BLOCK=rb)
+            spec(f"chunk_state_bwd,{read}", titans_chunk_state_bwd_kernel, STATE_BWD_CONFIGS,
+                 dict(q="", k="", lr="f", decay="f", Mi="f", w="", do="", dht="f", dr="f", dv="", dhn="f", dh0="f",
+                      cu_seqlens="i", chunk_offsets="i"), scaled, BV=STATE_BV, READ_BLOCK=rb, USE_FINAL_GRAD=True)
+            spec(f"chunk_grad_out,{read}", titans_chunk_grad_out_kernel, GRAD_CONFIGS,
+                 dict(q="", k="", decay="f", x="", h="f", dhn="f", do="", dq="", dk="f", dld="f", dlb="f",
+                      cu_seqlens="i", chunk_idx="i"), scaled, absent=set() if rb else {"dlb"}, BV=loop_bv(D, D),
+                 READ_BLOCK=rb)
+            spec(f"chunk_grad_wy,{read}", titans_chunk_grad_wy_kernel, GRAD_CONFIGS,
+                 dict(k="", v="", lr="f", decay="f", x="", h="f", dr="f", dk_o="f", dld_o="f", dlb_o="f", dk="",
+                      dlr="f", ddecay="f", cu_seqlens="i", chunk_idx="i"), ints, absent=set() if rb else {"dlb_o"},
+                 BV=loop_bv(D, D), READ_BLOCK=rb)
     return specs

@@ -1,41 +1,35 @@
-"""Triton kernels of the Titans memory: chunked and recurrent forwards, chunked and recurrent backwards,
-the one-token step, their launchers, the autograd.Function and the compile specs.
+"""Triton kernels of the Titans memory: the dispatch, the token recurrence (momentum), the one-token step,
+the autograd.Function and the compile specs.
 
 Per token (DESIGN.md, "titans_scan"), with x_t = -lr_t (k_t Sbar_t - v_t):
 
     Z_t = m_t Z_{t-1} + k_t^T x_t        (no momentum: Z_t = k_t^T x_t)
-    S_t = d_t S_{t-1} + Z_t,             o_t = scale q_t S_t
+    S_t = d_t S_{t-1} + Z_t,             o_t = scale q_t S_t  (read="current")  or  scale q_t Sbar_t  ("block_start")
 
-Column j of G_t = -k_t^T x_t depends only on column j of Sbar_t and of v_t, so the whole recurrence
-splits exactly over V: every kernel runs one program per (V-tile, sequence, head) holding float32
-[K, BV] tiles of the states.
-
-Which kernels run (chunk_tile / _backward):
-- forward, 16 | period or period = 1, K <= 64: titans_chunk_fwd_kernel, chunks of 16 tokens with
-  tl.dot (block gradients as one matmul against the block-start memory, decay/momentum as masked
-  [16, 16] coefficient matrices; for period = 1 the UT transform of the chunk);
-- forward elsewhere (period 2..15 or not a multiple of 16, K = 128): titans_fwd_kernel, the token
-  recurrence in registers (outer products and row sums, float32);
-- backward, 16 | period without momentum, and without decay unless period = 16, K <= 64:
-  titans_chunk_bwd_kernel (per-chunk matmuls); everywhere else titans_bwd_kernel, the reverse token
-  pass below;
+Which kernels run:
+- no momentum (every shipped config: period 1 with decay, the CMS levels at any period): the chunk pipeline of
+  `triton_chunk`, forward and backward chunk-parallel, K, V up to 128;
+- momentum (any period): titans_fwd_kernel and titans_bwd_kernel below, the token recurrence. Its chunk form
+  is not built: with momentum the state pair (S, Z) and the coefficient products of m make the WY factors of a
+  chunk differ; that path stays token-recurrent.
 - titans_step_kernel: one token in place (autotuned with S and Z restored).
+
+Column j of G_t = -k_t^T x_t depends only on column j of Sbar_t and of v_t, so the recurrence splits exactly
+over V: the recurrent kernels run one program per (sequence x head, V-tile) holding float32 [K, BV] tiles.
 
 Recurrent backward (reverse pass), with adjoints dS of S_t, dZ of Z_t and dSbar accumulated over a block:
 
-    dS += scale q_t^T do_t;   dq_t = scale S_t do_t^T;   dZ' = dZ + dS (no momentum: dZ' = dS)
-    dd_t = <dS, S_{t-1}>;     dm_t = <dZ', Z_{t-1}>;     dx = k_t dZ'
+    dS += scale q_t^T do_t, dq_t = scale S_t do_t^T   (block_start: dSbar += scale q_t^T do_t, dq_t = scale Sbar_t do_t^T)
+    dZ' = dZ + dS;  dd_t = <dS, S_{t-1}>;  dm_t = <dZ', Z_{t-1}>;  dx = k_t dZ'
     dlr_t = <dx, e_t> with e_t = k_t Sbar_t - v_t;       de = -lr_t dx;   dv_t = -de
     dk_t = dZ' x_t^T + Sbar_t de^T;   dSbar += k_t^T de
     dZ <- m_t dZ';  dS <- d_t dS, plus dSbar (then reset) when t starts its block (Sbar_t = S_{t-1})
 
-No forward saves states: each backward kernel first replays the forward over its sequence and writes a
-checkpoint every BT tokens into a workspace; the recurrent one then replays each chunk from its
-checkpoint into a per-program scratch of BT + 1 states (slot j = the state after j tokens of the
-chunk) that the reverse loop reads. A barrier after each workspace write makes it visible to every
-thread of the program. dq, dk and the gate gradients are sums over V: each V-tile writes partials that
-the launcher sums. Token offsets are int64; bf16/fp16 tiles feed tl.dot as they are (fp32 intermediates
-cast to the input dtype first), upcast to fp32 only under the interpreter (UPCAST).
+No forward saves states: the recurrent backward first replays the forward over its sequence and writes a
+checkpoint every BT tokens into a workspace, then replays each chunk from its checkpoint into a per-program
+scratch of BT + 1 states (slot j = the state after j tokens of the chunk) that the reverse loop reads. A barrier
+after each workspace write makes it visible to every thread of the program. dq, dk and the gate gradients are
+sums over V: each V-tile writes partials that the launcher sums. Token offsets are int64.
 """
 from __future__ import annotations
 
