@@ -146,3 +146,23 @@ def test_launch_grids_are_the_launched_ones(monkeypatch):
              "state_bwd": "titans_chunk_state_bwd_kernel", "grad_out": "titans_chunk_grad_out_kernel",
              "grad_wy": "titans_chunk_grad_wy_kernel"}
     assert {names[n]: g for n, g in grids.items()} == seen
+
+
+@pytest.mark.parametrize("period,momentum", [(1, False), (20, False), (3, True)])
+def test_no_host_sync(period, momentum):
+    """Forward + backward without cu_seqlens read no tensor value on the host (no aten._local_scalar_dense)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Syncs.count += 1
+            return func(*args, **(kwargs or {}))
+
+    xs = _inputs(1, 40, 2, 16, 16, torch.float32, True, momentum)
+    with Syncs():
+        o, S, Z = titans_scan_triton(*xs[:6], 0.25, period, xs[6], xs[7], None, 16, read="block_start")
+        (o.sum() + S.sum()).backward()
+    assert Syncs.count == 0
