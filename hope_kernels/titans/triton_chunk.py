@@ -33,7 +33,9 @@ start, flushed into dh at the block's first chunk) in registers:
 writing dh_next of each chunk and dx; then titans_chunk_grad_kernel (parallel over chunks x heads, a loop over
 V-tiles) forms dr = M^T dx, dA = -(dr x^T) on A's mask, and from them dq, dk, dv = lr dr, dlr and the gradient
 of the cumulative log decays, whose reverse cumulative sum over the chunk is d log d_t (ddecay = that / d_t).
-Every buffer beyond the inputs is per chunk state ([chunks, H, K, V]) or per token ([B, T, H, K or V]).
+Every buffer beyond the inputs is per chunk state ([chunks, H, K, V], in the input dtype: those states only
+feed dots, where they are cast to it anyway; the running states stay float32 in registers) or per token
+([B, T, H, K or V]).
 
 Grids put chunks x heads (or sequences x heads) on axis 0 (`launch_grids`, checked by `check_grid`). With
 cu_seqlens the chunk table of the packed batch is built on the host (the one host sync, at the forward; the
@@ -224,7 +226,7 @@ def titans_chunk_state_kernel(k, decay, w, u, x, h, h0, ht, cu_seqlens, chunk_of
         n = tl.minimum(tl.minimum(G - cw * BT, L - t0), BT)
         m_t = o_t < n
         rows = (bos + t0 + o_t) * H + i_h
-        tl.store(h + ((boc + c) * H + i_h) * K * V + off_kv, b_h, mask=m_kv)
+        tl.store(h + ((boc + c) * H + i_h) * K * V + off_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         b_hs = tl.where(cw == 0, b_h, b_hs)
         b_w = load_tile(w + rows[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], UPCAST)
         dt = b_w.dtype
@@ -302,7 +304,7 @@ def titans_chunk_state_bwd_kernel(q, k, lr, decay, Mi, w, do, dht, dr, dv, dhn, 
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         rows = (bos + t0 + o_t) * H + i_h
-        tl.store(dhn + ((boc + c) * H + i_h) * K * V + off_kv, b_dh, mask=m_kv)
+        tl.store(dhn + ((boc + c) * H + i_h) * K * V + off_kv, b_dh.to(dhn.dtype.element_ty), mask=m_kv)
         b_q = load_tile(q + rows[:, None] * K + o_k[None, :], m_tk, UPCAST)
         b_k = load_tile(k + rows[:, None] * K + o_k[None, :], m_tk, UPCAST)
         b_w = load_tile(w + rows[:, None] * K + o_k[None, :], m_tk, UPCAST)
@@ -371,12 +373,12 @@ def titans_chunk_grad_out_kernel(q, k, decay, x, h, dhn, do, dq, dk, dld, dlb, c
         b_do = load_tile(do + rows[:, None] * V + o_v[None, :], m_tv, UPCAST)
         b_x = load_tile(x + rows[:, None] * V + o_v[None, :], m_tv, UPCAST)
         b_hr = tl.load(p_hr + off_kv, mask=m_kv, other=0.).to(dt)
-        b_dn = tl.load(p_dhn + off_kv, mask=m_kv, other=0.)
+        b_dn = tl.load(p_dhn + off_kv, mask=m_kv, other=0.).to(tl.float32)
         b_P += tl.dot(b_do, tl.trans(b_x))
         b_dq += tl.dot(b_do, tl.trans(b_hr))
         b_dla += tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_hr), 1)
         b_dkd += tl.dot(b_x, tl.trans(b_dn.to(dt)))
-        b_dle += tl.sum(tl.load(p_h + off_kv, mask=m_kv, other=0.) * b_dn, 0)
+        b_dle += tl.sum(tl.load(p_h + off_kv, mask=m_kv, other=0.).to(tl.float32) * b_dn, 0)
     b_ea = tl.exp(b_la)
     # o = scale (exp(la) q Hr + ((q k^T) * Da) x)
     b_PD = scale * b_P * tl.exp(tl.where(_read_mask(o_t, bl, READ_BLOCK), b_la[:, None] - b_ld[None, :],
@@ -501,7 +503,7 @@ def _states(q, k, v, lr, decay, h0, period, cu_seqlens, table, chunk_size):
     w = empty(B, T, H, K, dtype=q.dtype, device=q.device)
     u = empty(B, T, H, V, dtype=q.dtype, device=q.device)
     x = empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    h = empty(max(NT, 1), H, K, V, dtype=torch.float32, device=q.device)
+    h = empty(max(NT, 1), H, K, V, dtype=q.dtype, device=q.device)   # they feed dots in q's dtype
     ht = empty(N, H, K, V, dtype=torch.float32, device=q.device)
     _launch(titans_wy_kernel, grids["wy"], k, v, lr, decay, Mi, w, u, cu_seqlens, idx, *ints,
             **dict(flags, BV=loop_bv(K, V)))
@@ -536,7 +538,7 @@ def chunk_backward(q, k, v, lr, decay, h0, do, dht, scale, period, cu_seqlens, t
     grids = launch_grids(B, T, H, K, V, period, chunk_size, N, NT)
     f32 = dict(dtype=torch.float32, device=q.device)
     dr = empty(B, T, H, V, **f32)
-    dhn = empty(max(NT, 1), H, K, V, **f32)
+    dhn = empty(max(NT, 1), H, K, V, dtype=q.dtype, device=q.device)
     dh0 = empty(N, H, K, V, **f32)
     dv = empty(B, T, H, V, dtype=v.dtype, device=v.device)
     _launch(titans_chunk_state_bwd_kernel, grids["state_bwd"], q, k, lr, decay, Mi, w, do, dht, dr, dv, dhn, dh0,
@@ -587,22 +589,22 @@ def compile_specs():
         spec("wy", titans_wy_kernel, WY_CONFIGS, dict(k="", v="", lr="f", decay="f", Mi="f", w="", u="",
                                                       cu_seqlens="i", chunk_idx="i"), ints, BV=loop_bv(D, D))
         spec("chunk_state", titans_chunk_state_kernel, STATE_CONFIGS,
-             dict(k="", decay="f", w="", u="", x="", h="f", h0="f", ht="f", cu_seqlens="i", chunk_offsets="i"),
+             dict(k="", decay="f", w="", u="", x="", h="", h0="f", ht="f", cu_seqlens="i", chunk_offsets="i"),
              ints, BV=STATE_BV, USE_INITIAL_STATE=True)
         for rb in reads:
             read = "block_start" if rb else "current"
             spec(f"chunk_out,{read}", titans_chunk_out_kernel, OUT_CONFIGS,
-                 dict(q="", k="", decay="f", x="", h="f", o="", cu_seqlens="i", chunk_idx="i"), scaled, BV=OUT_BV,
+                 dict(q="", k="", decay="f", x="", h="", o="", cu_seqlens="i", chunk_idx="i"), scaled, BV=OUT_BV,
                  READ_BLOCK=rb)
             spec(f"chunk_state_bwd,{read}", titans_chunk_state_bwd_kernel, STATE_BWD_CONFIGS,
-                 dict(q="", k="", lr="f", decay="f", Mi="f", w="", do="", dht="f", dr="f", dv="", dhn="f", dh0="f",
+                 dict(q="", k="", lr="f", decay="f", Mi="f", w="", do="", dht="f", dr="f", dv="", dhn="", dh0="f",
                       cu_seqlens="i", chunk_offsets="i"), scaled, BV=STATE_BV, READ_BLOCK=rb, USE_FINAL_GRAD=True)
             spec(f"chunk_grad_out,{read}", titans_chunk_grad_out_kernel, GRAD_CONFIGS,
-                 dict(q="", k="", decay="f", x="", h="f", dhn="f", do="", dq="", dk="f", dld="f", dlb="f",
+                 dict(q="", k="", decay="f", x="", h="", dhn="", do="", dq="", dk="f", dld="f", dlb="f",
                       cu_seqlens="i", chunk_idx="i"), scaled, absent=set() if rb else {"dlb"}, BV=loop_bv(D, D),
                  READ_BLOCK=rb)
             spec(f"chunk_grad_wy,{read}", titans_chunk_grad_wy_kernel, GRAD_CONFIGS,
-                 dict(k="", v="", lr="f", decay="f", x="", h="f", dr="f", dk_o="f", dld_o="f", dlb_o="f", dk="",
+                 dict(k="", v="", lr="f", decay="f", x="", h="", dr="f", dk_o="f", dld_o="f", dlb_o="f", dk="",
                       dlr="f", ddecay="f", cu_seqlens="i", chunk_idx="i"), ints, absent=set() if rb else {"dlb_o"},
                  BV=loop_bv(D, D), READ_BLOCK=rb)
     return specs
