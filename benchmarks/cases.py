@@ -10,9 +10,10 @@ tensor (differentiable for the scans). Providers:
                shape (causal or not); for the step op, one query against a T-token KV cache.
 - "fla":       flash-linear-attention's `chunk_linear_attn` (linear attention),
                `chunk_simple_gla` (cms_scan as H*M decayed heads) and `chunk_delta_rule`
-               (titans_scan with period 1, no decay, no momentum: the delta rule), and
-               `chunk_gated_delta_rule` (cms_scan's delta rule as H*M gated delta-rule heads), only
-               when `fla` imports (GPU).
+               (titans_scan with period 1, no decay, no momentum: the delta rule),
+               `chunk_gated_delta_rule` (cms_scan's delta rule as H*M gated delta-rule heads; and
+               titans_scan_dgd: period 1 with decay, timed only, its math differs in where the decay
+               applies), only when `fla` imports (GPU).
 - "titans":    cms_scan's delta rule as `titans_scan` (period 1) over H*M heads, q, k, v expanded M
                times: the unfused form the fused op replaces (Triton where it runs, else torch).
 """
@@ -190,11 +191,12 @@ def _call_cms_delta(provider, a):
 
 
 # titans_scan: unit-norm keys and lr in (0, 1) keep the inner gradient descent stable (lr ||k||^2 < 2)
-def _make_titans(gated: bool):
+def _make_titans(gated: bool, momentum: bool = True):
     def make(s: Shape, dtype, device, grad):
         inp = _make_la(s, dtype, device, grad)
         inp.args["k"] = F.normalize(inp.args["k"].detach().float(), dim=-1).to(dtype).requires_grad_(grad)
-        gates = {"lr": (0.1, 0.9)} | ({"decay": (0.9, 1.0), "momentum": (0.0, 0.9)} if gated else {})
+        gates = {"lr": (0.1, 0.9)} | ({"decay": (0.9, 1.0)} if gated else {}) \
+            | ({"momentum": (0.0, 0.9)} if gated and momentum else {})
         for name, (lo, hi) in gates.items():
             g = lo + (hi - lo) * torch.rand(s.B, s.T, s.H, device=device)
             inp.args[name] = g.requires_grad_(grad)
@@ -206,6 +208,12 @@ def _make_titans(gated: bool):
 
 def _call_titans(period: int):
     def call(provider, a):
+        if provider == "fla" and "decay" in a:
+            # fla's gated delta rule, S_t = d_t (I - beta k^T k) S_{t-1} + beta k^T v, against our
+            # S_t = (d_t I - lr k^T k) S_{t-1} + lr k^T v: the same work, not the same numbers
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+            return chunk_gated_delta_rule(a["q"], a["k"], a["v"], a["decay"].log(), a["lr"].to(a["q"].dtype),
+                                          scale=a["q"].shape[-1] ** -0.5, **_fla_kwargs(chunk_gated_delta_rule))[0]
         if provider == "fla":  # the delta rule: fla's beta is our lr
             from fla.ops.delta_rule import chunk_delta_rule
             return chunk_delta_rule(a["q"], a["k"], a["v"], a["lr"].to(a["q"].dtype), scale=a["q"].shape[-1] ** -0.5,
@@ -268,6 +276,10 @@ CASES: Dict[str, Case] = {c.name: c for c in [
     Case("cms_scan_delta", MODES, _SCAN_PROVIDERS + ("fla", "titans"), _make_cms_delta, _call_cms_delta, False),
     Case("titans_scan", MODES, _SCAN_PROVIDERS + ("fla",), _make_titans(False), _call_titans(1), False),
     Case("titans_scan_blocks", MODES, _SCAN_PROVIDERS, _make_titans(True), _call_titans(64), False),
+    # decay, no momentum (the shipped configs): period 1 (DGD), and the CMS-level periods 16 and 64
+    Case("titans_scan_dgd", MODES, _SCAN_PROVIDERS + ("fla",), _make_titans(True, False), _call_titans(1), False),
+    Case("titans_scan_p16", MODES, _SCAN_PROVIDERS, _make_titans(True, False), _call_titans(16), False),
+    Case("titans_scan_p64", MODES, _SCAN_PROVIDERS, _make_titans(True, False), _call_titans(64), False),
     Case("linear_attention_step", ("fwd",), _SCAN_PROVIDERS + ("sdpa",), _make_la_step, _call_la_step, True, True),
     Case("cms_step", ("fwd",), _SCAN_PROVIDERS, _make_cms_step, _call_cms_step, True, True),
     Case("ema_update_", ("fwd",), _SCAN_PROVIDERS, _make_ema, _call_ema, True, True),
@@ -292,5 +304,6 @@ def provider_unavailable(provider: str, device: torch.device) -> Optional[str]:
 
 
 def exact(case: Case, provider: str) -> bool:
-    """Whether the provider computes the op's exact math (SDPA is a different model: no rel. error)."""
-    return provider != "sdpa"
+    """Whether the provider computes the op's exact math (SDPA is a different model, fla's gated delta rule
+    decays the delta term too: no rel. error)."""
+    return provider != "sdpa" and not (provider == "fla" and case.name == "titans_scan_dgd")

@@ -14,6 +14,8 @@
 - `chunk_indices(cu_seqlens, BT)`: the (sequence, chunk) pair of every real chunk of a packed batch, so
   chunk-parallel kernels launch one program per real chunk; grids put that count on axis 0 (limit
   2^31 - 1), never on axes 1 / 2 (limit 65535).
+- `unit_lower_inverse(A, BT)`: (I + A)^-1 of a strictly lower triangular [BT, BT] tile (the WY factors of
+  delta-rule chunks).
 """
 from __future__ import annotations
 
@@ -167,3 +169,17 @@ def kernel_spec(name: str, kernel, configs: Sequence[KernelConfig], pointers: Di
     fixed.update(constexprs)
     return KernelSpec(name, unwrap(kernel), signature, fixed, list(configs),
                       divisible_by_16=["T"] if "T" in scalars else [])
+
+
+@triton.jit
+def unit_lower_inverse(A, BT: tl.constexpr):
+    """(I + A)^-1 of a strictly lower triangular [BT, BT] float32 tile, by forward substitution row by row:
+    with N = (I + A)^-1 - I, row i of N is -A_i - sum_{l < i} A_il N_l."""
+    o = tl.arange(0, BT)
+    b_n = -A
+    for i in range(1, BT):
+        sel = o == i
+        b_row = tl.sum(tl.where(sel[:, None], b_n, 0.), 0)
+        b_row = b_row + tl.sum(b_row[:, None] * b_n, 0) * (o < i)
+        b_n = tl.where(sel[:, None], b_row[None, :], b_n)
+    return b_n + tl.where(o[:, None] == o[None, :], 1., 0.)

@@ -161,31 +161,6 @@ def test_long_sequence_extreme_gates_torch(period):
         assert_close(name, out, ref, torch.float32, "cpu")
 
 
-def test_chunked_forward_choice():
-    """The Triton forward is chunked (16 tokens) where 16 divides the period, or period = 1 (UT transform),
-    and K <= 64; the recurrent kernel runs elsewhere."""
-    from hope_kernels.titans.triton_kernels import chunk_tile
-    periods = (1, 3, 8, 16, 24, 32, 48, 64)
-    assert [chunk_tile(p, 64, 64) for p in periods] == [16, None, None, 16, None, 16, 16, 16]
-    assert chunk_tile(16, 64, 128) is None and chunk_tile(1, 64, 128) is None
-
-
-@pytest.mark.parametrize("period", [16, 32])
-def test_chunked_backward_with_decay_equals_recurrent(device, period):
-    """The chunked backward with decay against the recurrent backward, on the same inputs and cotangents
-    (period 32, several chunks per block, is not selected: it spills 8 bytes on sm_80)."""
-    from hope_kernels.titans import triton_kernels as tk
-    B, T, H, K, V = 1, 37, 2, 16, 32
-    q, k, v, lr, d, _, S0, _ = [None if x is None else x.detach()
-                                for x in _inputs(B, T, H, K, V, torch.float32, device, True, False)]
-    do, dht = randn(B, T, H, V, device=device), randn(B, H, K, V, device=device)
-    chunked = tk._chunk_backward(q, k, v, lr, d, S0, do, dht, 0.25, period, None)
-    recurrent = tk._recurrent_backward(q, k, v, lr, d, None, S0, None, do, dht, None, 0.25, period, None)
-    for name, a, b in zip(["dq", "dk", "dv", "dlr", "ddecay", "dm", "dS0"], chunked, recurrent):
-        if b is not None:
-            assert_close(name, a, b.double(), torch.float32, device, grad=True)
-
-
 def _fla_delta_rule(q, k, v, beta, S0):
     """flash-linear-attention's naive delta rule (fla/ops/delta_rule/naive.py, `delta_rule_recurrence`),
     restated: heads-first [b, h, l, d] tensors, q scaled by d_k^-0.5, and per token

@@ -12,7 +12,6 @@ S [N, H, K, V] float32, or the pair (S, Z) with momentum. See DESIGN.md ("titans
 """
 from __future__ import annotations
 
-import inspect
 import operator
 from typing import Optional, Tuple, Union
 
@@ -86,19 +85,6 @@ def _check_read(read) -> str:
     return read
 
 
-def _scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, read):
-    """The Triton scan; read="block_start" needs a kernel that takes `read` (the torch path runs it
-    where the installed kernel does not)."""
-    tk = _triton()
-    if read == "current":
-        return tk.titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size)
-    if "read" in inspect.signature(tk.titans_scan_triton).parameters:
-        return tk.titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size,
-                                     read=read)
-    return titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size,
-                             torch.float32, read=read)
-
-
 def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1, read="current",
                 initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64, backend=None):
     """The Titans memory over a sequence (see the module docstring for the math).
@@ -142,7 +128,8 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
     with torch.autocast(device.type, enabled=False):
         if backend == "triton":
             q, k, v = utils.contiguous(q, k, v)
-            o, S, Z = _scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, read)
+            o, S, Z = _triton().titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu,
+                                                    chunk_size, read=read)
         else:
             o, S, Z = titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, sd,
                                         read=read)
