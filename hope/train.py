@@ -222,7 +222,8 @@ class StopSignals:
 
 
 # ---------------------------------------------------------------------- the loop
-def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite: bool = False) -> dict:
+def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite: bool = False,
+          compile: bool = False) -> dict:
     """Run (or resume) training; returns {"losses": {step: loss}, "val": [{step, loss, bpb}], ...}.
 
     resume: a checkpoint path / run directory, or an already loaded checkpoint dict; its model and
@@ -278,6 +279,8 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite:
         set_rng_state(ckpt["rng"])
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
+    if compile:   # the whole model one graph (fullgraph: a graph break is an error); eval stays eager
+        ddp = torch.compile(ddp, fullgraph=True)
     result["num_parameters"] = model.num_parameters()
     local_batch = t.batch_size // world if t.batch_size % world == 0 else None
     if local_batch is None:
@@ -433,6 +436,7 @@ def parse_args(argv: Optional[List[str]] = None):
                            "directory); no value: the run in --out-dir")
     mode.add_argument("--overwrite", action="store_true",
                       help="start over in --out-dir even if it holds a checkpoint (deletes it and the metrics)")
+    p.add_argument("--compile", action="store_true", help="train torch.compile(model, fullgraph=True)")
     p.add_argument("--stop-at", type=int, help="stop at this step (with a checkpoint) without changing the schedule")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set model.dim=128 (repeatable)")
@@ -472,7 +476,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             elif Path(args.out_dir).resolve() != run_dir.resolve():
                 refuse_existing(Path(args.out_dir))   # a branch of the run must not land on another run
         cfg = config_from_args(args, base=ckpt["config"] if ckpt is not None else None)
-        res = train(cfg, resume=ckpt, stop_at=args.stop_at, overwrite=args.overwrite)
+        res = train(cfg, resume=ckpt, stop_at=args.stop_at, overwrite=args.overwrite, compile=args.compile)
     except TrainingDiverged as e:
         print(f"hope-train: error: {e}", file=sys.stderr)
         return 1

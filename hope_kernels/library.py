@@ -9,14 +9,13 @@ whose implementation dispatches to the Triton or the torch path by its `backend`
     op(name, mutates_args=...)       -> torch.library.custom_op("hope_kernels::<name>")
     op(name, differentiable=(...))   -> also "hope_kernels::<name>_backward" and the autograd formula
 
-The backward of a differentiable op is a second registered op, opaque to the compiler too. It
-rebuilds the forward's graph on the given inputs (the torch path, or the Triton path's
-`autograd.Function`) and takes its vector-Jacobian product:
+The backward of a differentiable op is a second registered op, opaque to the compiler too; only
+the op's inputs are saved for it. On the Triton path it runs the kernels' own backward (whose
+`autograd.Function`s save nothing but the inputs either: they recompute chunk states). Elsewhere
+(the torch path) it rebuilds the forward's graph on the saved inputs and takes its
+vector-Jacobian product, at the cost of one more forward of the op inside its backward:
 
     (d inputs) = vjp(forward_impl at the saved inputs)(d outputs)
-
-so nothing but the inputs is saved (as the Triton Functions already do: they recompute chunk
-states in their own backward); the cost is one more forward of the op inside its backward.
 
 An op may return None for an absent output (a final state that was not asked for); the registered
 op returns an empty tensor there (custom ops return tensors), and the caller reads it back as None.
@@ -24,6 +23,7 @@ op returns an empty tensor there (custom ops return tensors), and the caller rea
 from __future__ import annotations
 
 import functools
+import types
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -72,12 +72,16 @@ def _outputs(out, args, fresh: bool):
     return fixed[0] if single else tuple(fixed)
 
 
-def op(name: str, *, mutates_args: Sequence[str] = (), differentiable: Sequence[str] = ()) -> Callable:
+def op(name: str, *, mutates_args: Sequence[str] = (), differentiable: Sequence[str] = (),
+       backward: Optional[Callable] = None) -> Callable:
     """Decorator: register the typed implementation `fn` as `hope_kernels::<name>`; returns the op.
 
     `differentiable` names the tensor arguments that get gradients; with it the op gains the
-    backward op and autograd formula described in the module docstring. Register the fake
-    (meta) implementation with `fake(the_op)`.
+    backward op and autograd formula described in the module docstring. `backward(grads, needs,
+    *args)`, where given, is tried first: the gradients of the differentiable arguments (None
+    where not needed), computed from the inputs alone (a Triton path's own backward kernels), or
+    None to fall back to the vjp of the forward. Register the fake (meta) implementation with
+    `fake(the_op)`.
     """
     def register(fn):
         @functools.wraps(fn)
@@ -88,7 +92,7 @@ def op(name: str, *, mutates_args: Sequence[str] = (), differentiable: Sequence[
         registered = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=tuple(mutates_args),
                                              schema=schema)
         if differentiable:
-            _register_autograd(registered, fn, name, tuple(differentiable))
+            _register_autograd(registered, fn, name, tuple(differentiable), backward)
         return registered
     return register
 
@@ -108,11 +112,13 @@ def fake(registered) -> Callable:
 
 class _autograd_enabled:
     """Inside a registered op's implementation the autograd dispatch keys are excluded; the backward
-    op records the forward's graph, so it lifts that exclusion (and turns grad mode on)."""
+    op records the forward's graph, so it lifts that exclusion, and only that (the autocast keys stay
+    excluded), and turns grad mode on."""
 
     def __enter__(self):
-        nothing = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU).remove(torch._C.DispatchKey.AutocastCPU)
-        self._guard = torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), nothing)
+        exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality) \
+            .remove(torch._C.DispatchKey.AutogradOther).remove(torch._C.DispatchKey.AutogradNestedTensor)
+        self._guard = torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
         self._grad = torch.enable_grad()
         self._guard.__enter__()
         self._grad.__enter__()
@@ -122,7 +128,7 @@ class _autograd_enabled:
         self._guard.__exit__(*exc)
 
 
-def _register_autograd(registered, fn: Callable, name: str, differentiable: tuple) -> None:
+def _register_autograd(registered, fn: Callable, name: str, differentiable: tuple, direct: Optional[Callable]) -> None:
     schema = registered._opoverload._schema
     names = [a.name for a in schema.arguments]
     missing = [n for n in differentiable if n not in names]
@@ -133,12 +139,17 @@ def _register_autograd(registered, fn: Callable, name: str, differentiable: tupl
     bwd_schema = f"(Tensor?[] grads, bool[] needs, {args_text}) -> Tensor[]"
 
     def backward_impl(grads, needs, *args):
+        device = _first_tensor(args).device
+        if direct is not None:
+            with torch.autocast(device.type, enabled=False):
+                gs = direct(grads, needs, *args)
+            if gs is not None:
+                return [_grad_like(args[p], g, device) for p, g in zip(diff_pos, gs)]
         args = list(args)
         leaves = {}
         for p, need in zip(diff_pos, needs):
             if need and args[p] is not None:
                 args[p] = leaves[p] = args[p].detach().requires_grad_()
-        device = _first_tensor(args).device
         with _autograd_enabled(), torch.autocast(device.type, enabled=False):
             outs = fn(*args)
         outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
@@ -187,4 +198,13 @@ def _grad_like(x: Optional[torch.Tensor], g: Optional[torch.Tensor], device) -> 
         return torch.empty(0, device=device)
     if g is None:
         return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-    return g.contiguous()
+    return g.to(x.dtype).contiguous()
+
+
+def function_backward(function, saved: tuple, needs: Sequence[bool], grads: Sequence, **attrs) -> tuple:
+    """`function.backward` (an autograd.Function that saves only its inputs) run outside autograd:
+    `saved` stands for ctx.saved_tensors, `needs` for ctx.needs_input_grad, `attrs` for what its
+    forward stores on ctx. Absent outputs' gradients (empty tensors) are passed as None."""
+    needs = tuple(needs) + (False,) * (len(saved) - len(needs))
+    ctx = types.SimpleNamespace(saved_tensors=saved, needs_input_grad=needs, **attrs)
+    return function.backward(ctx, *(None if g is None else present(g) for g in grads))

@@ -101,3 +101,98 @@ CASES = _opcheck_cases()
 @pytest.mark.parametrize("op, args", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_opcheck(op, args):
     torch.library.opcheck(op, args)
+
+
+# --------------------------------------------------------------------------- every HOPE variant compiles
+def _variants():
+    from hope import HOPEConfig
+    base = HOPEConfig.from_yaml(os.path.join(CONFIGS, "tiny.yaml"))
+    return {
+        "seed": base,
+        "paper": HOPEConfig.from_yaml(os.path.join(CONFIGS, "hope_paper_tiny.yaml")),
+        "hope_attention": HOPEConfig.from_yaml(os.path.join(CONFIGS, "hope_attention_tiny.yaml")),
+        "titans": dataclasses.replace(base, attention="titans"),
+        "linear": dataclasses.replace(base, attention="linear"),
+    }
+
+
+VARIANTS = list(_variants())
+COMPILE_BACKEND = "aot_eager"   # dynamo + AOT autograd, no code generation (inductor: one test below)
+
+
+def _model(name, seed=0, **overrides):
+    """The variant's tiny model with one block (tracing time grows with the block count; blocks are alike)."""
+    from hope import HOPE
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(_variants()[name], backend="torch", **{"num_layers": 1, **overrides})
+    return HOPE(cfg)
+
+
+def _tokens(B=2, T=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (B, T), generator=g), torch.randint(0, 256, (B, T), generator=g)
+
+
+def _loss_and_grads(model, x, y):
+    logits, loss = model(x, y)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    return logits, loss, grads
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_compiled_training_step_equals_eager(name):
+    """One graph, no graph break (fullgraph=True makes a break an error; dynamo's counters, which
+    torch._dynamo.explain reads, stay empty); logits, loss, every parameter gradient and the
+    parameters after one AdamW step equal eager's within the float32 tolerance."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    eager, x_y = _model(name), _tokens()
+    model = _model(name)
+    compiled = torch.compile(model, fullgraph=True, backend=COMPILE_BACKEND)
+    ref = _loss_and_grads(eager, *x_y)
+    out = _loss_and_grads(compiled, *x_y)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    assert_close("logits", out[0], ref[0], torch.float32, "cpu")
+    assert_close("loss", out[1], ref[1], torch.float32, "cpu")
+    names = [n for n, p in eager.named_parameters() if p.requires_grad]
+    for n, g, g_ref in zip(names, out[2], ref[2]):
+        assert_close(f"d{n}", g, g_ref, torch.float32, "cpu", grad=True)
+    for m, grads in ((eager, ref[2]), (model, out[2])):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        for p, g in zip([p for p in m.parameters() if p.requires_grad], grads):
+            p.grad = g
+        opt.step()
+    for (n, p), p_ref in zip(model.named_parameters(), eager.parameters()):
+        assert_close(n, p, p_ref, torch.float32, "cpu")
+    assert torch.isfinite(compiled(*x_y)[1])   # the stepped model runs compiled again
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_compiled_cached_generation_step(name):
+    """A prompt and then one token through the cache, compiled (fullgraph) vs eager: same logits, same cache."""
+    torch._dynamo.reset()
+    model = _model(name).eval()
+    compiled = torch.compile(model, fullgraph=True, backend=COMPILE_BACKEND)
+    prompt, _ = _tokens(T=20)
+    nxt = prompt[:, :1]
+    with torch.no_grad():
+        caches = model.new_cache(), model.new_cache()
+        ref = [model(prompt, cache=caches[0])[0], model(nxt, cache=caches[0])[0]]
+        out = [compiled(prompt, cache=caches[1])[0], compiled(nxt, cache=caches[1])[0]]
+    for i, (o, r) in enumerate(zip(out, ref)):
+        assert_close(f"logits[{i}]", o, r, torch.float32, "cpu")
+    assert caches[1].length == caches[0].length == 21
+
+
+def test_inductor_compiles_the_seed_model():
+    """The default backend (inductor, C++ code generation on the CPU): forward and gradients equal eager."""
+    torch._dynamo.reset()
+    eager, x_y = _model("seed", num_layers=1), _tokens(T=16)
+    compiled = torch.compile(_model("seed", num_layers=1), fullgraph=True)
+    ref, out = _loss_and_grads(eager, *x_y), _loss_and_grads(compiled, *x_y)
+    assert_close("loss", out[1], ref[1], torch.float32, "cpu")
+    for g, g_ref in zip(out[2], ref[2]):
+        assert_close("grad", g, g_ref, torch.float32, "cpu", grad=True)

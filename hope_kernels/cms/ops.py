@@ -100,7 +100,19 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, backend=None):
     return _step(q, k, v, tau, state, mix, scale, backend), state
 
 
-@library.op("cms_scan", differentiable=("q", "k", "v", "tau", "mix", "initial_state"))
+def _scan_backward(grads, needs, q, k, v, tau, mix, initial_state, scale, output_final_state, cu_seqlens,
+                   chunk_size, backend):
+    """The Triton path's own backward kernels (no forward recomputed); None elsewhere."""
+    if backend != "triton":
+        return None
+    from . import triton_kernels as tk
+    BT = tk.chunk_tile(chunk_size, q.shape[1])
+    mix, h0 = (None if x is None else x.contiguous() for x in (mix, initial_state))
+    return library.function_backward(tk.CmsScanFunction, (q, k, v, tau.contiguous(), mix, h0, cu_seqlens), needs,
+                                     grads, scale=scale, BT=BT, layout=tk._layout(q, cu_seqlens, BT))[:6]
+
+
+@library.op("cms_scan", differentiable=("q", "k", "v", "tau", "mix", "initial_state"), backward=_scan_backward)
 def _scan(q: Tensor, k: Tensor, v: Tensor, tau: Tensor, mix: Optional[Tensor], initial_state: Optional[Tensor],
           scale: float, output_final_state: bool, cu_seqlens: Optional[Tensor], chunk_size: int, backend: str
           ) -> Tuple[Tensor, Tensor]:

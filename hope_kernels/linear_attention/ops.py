@@ -140,7 +140,18 @@ def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e
     return o, state
 
 
-@library.op("linear_attention", differentiable=("q", "k", "v", "S0"))
+def _scan_backward(grads, needs, q, k, v, S0, scale, causal, output_final_state, cu_seqlens, chunk_size, backend):
+    """The Triton path's own backward kernels (no forward recomputed); None elsewhere."""
+    if backend != "triton":
+        return None
+    tk = _triton()
+    q, k, v, S0 = utils.contiguous(q, k, v, S0)
+    plan = tk.launch_plan(*q.shape, v.shape[-1], chunk_size, cu_seqlens, causal)
+    return library.function_backward(tk.LinearAttentionFunction, (q, k, v, S0, cu_seqlens), needs, grads,
+                                     scale=scale, causal=causal, chunk_size=chunk_size, plan=plan)[:4]
+
+
+@library.op("linear_attention", differentiable=("q", "k", "v", "S0"), backward=_scan_backward)
 def _scan(q: Tensor, k: Tensor, v: Tensor, S0: Optional[Tensor], scale: float, causal: bool,
           output_final_state: bool, cu_seqlens: Optional[Tensor], chunk_size: int, backend: str
           ) -> Tuple[Tensor, Tensor]:

@@ -144,7 +144,22 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
     return o, state
 
 
-@library.op("titans_scan", differentiable=("q", "k", "v", "lr", "decay", "momentum", "S0", "Z0"))
+def _scan_backward(grads, needs, q, k, v, lr, decay, momentum, S0, Z0, scale, period, cu_seqlens, chunk_size,
+                   backend):
+    """The Triton path's own backward kernels (no forward recomputed); None elsewhere."""
+    if backend != "triton":
+        return None
+    f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()
+    q, k, v = utils.contiguous(q, k, v)
+    lr, decay, momentum, S0, Z0 = (f32(x) for x in (lr, decay, momentum, S0, Z0))
+    if momentum is not None and S0 is not None and Z0 is None:
+        Z0 = torch.zeros_like(S0)
+    return library.function_backward(_triton().TitansScanFunction, (q, k, v, lr, decay, momentum, S0, Z0, cu_seqlens),
+                                     needs, grads, scale=scale, period=period, chunk_size=chunk_size)[:8]
+
+
+@library.op("titans_scan", differentiable=("q", "k", "v", "lr", "decay", "momentum", "S0", "Z0"),
+            backward=_scan_backward)
 def _scan(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Optional[Tensor], momentum: Optional[Tensor],
           S0: Optional[Tensor], Z0: Optional[Tensor], scale: float, period: int, cu_seqlens: Optional[Tensor],
           chunk_size: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
