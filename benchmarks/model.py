@@ -6,6 +6,8 @@ paper-hope-with-mlp-levels, hope-attention, ...), on each backend (triton on GPU
 - training tokens/s: forward + backward + an update on random byte tokens [B, T]: a plain SGD step
   (default) or torch.optim.AdamW (--optimizer adamw; its first use, in the untimed warm-up step,
   imports torch._dynamo); the median over --train-steps timed steps;
+- with --compile, training tokens/s of `torch.compile(model, fullgraph=True)` (inductor) next to
+  eager's, the same steps after one untimed compiling step;
 - generation tokens/s: `HOPE.generate` (greedy, KV / recurrent caches) from a short prompt;
 - latency per generated token vs prefix length P: one cached decode step after a P-token prefill
   (flat in P for the linear path, whose caches are fixed-size states; growing for softmax, whose
@@ -57,6 +59,7 @@ class ModelBenchConfig:
     train_steps: int = 3
     latency_reps: int = 5
     dtype: str = "float32"             # autocast dtype on GPU ("bfloat16"); float32 runs without autocast
+    compile: bool = False              # also time training of torch.compile(model, fullgraph=True)
 
 
 ATTENTIONS = ("softmax", "linear", "titans")   # --attentions: the seed block with this attention
@@ -186,13 +189,19 @@ def _throughput(cfg: ModelBenchConfig, device, max_len: int, result: Dict, log) 
                 model = _build(cfg, attention, backend, device, max_len)
                 train = train_tokens_per_s(model, cfg, device)
                 gen = generate_tokens_per_s(model, cfg, device)
+                row = {"attention": attention, "backend": backend, "train_tokens_per_s": train,
+                       "generate_tokens_per_s": gen}
+                if cfg.compile:   # the first (warm-up) step compiles
+                    torch._dynamo.reset()
+                    row["train_compiled_tokens_per_s"] = train_tokens_per_s(torch.compile(model, fullgraph=True),
+                                                                            cfg, device)
             except Exception as exc:
                 result["notes"].append(f"{attention}/{backend}: failed: {type(exc).__name__}: {exc}")
                 continue
-            result["throughput"].append({"attention": attention, "backend": backend,
-                                         "train_tokens_per_s": train, "generate_tokens_per_s": gen})
-            log(f"[model] {attention:26s} {backend:9s} train {train:10.1f} tok/s   generate {gen:8.1f} tok/s "
-                f"(load {os.getloadavg()[0]:.1f})")
+            result["throughput"].append(row)
+            compiled = f"   compiled {row['train_compiled_tokens_per_s']:10.1f} tok/s" if cfg.compile else ""
+            log(f"[model] {attention:26s} {backend:9s} train {train:10.1f} tok/s{compiled}   generate {gen:8.1f} "
+                f"tok/s (load {os.getloadavg()[0]:.1f})")
 
 
 def _latency(cfg: ModelBenchConfig, device, max_len: int, result: Dict, log) -> None:
@@ -252,10 +261,10 @@ def table(result: Dict) -> str:
     lines = [f"HOPE vocab={c.get('vocab_size', 256)} dim={c['dim']} layers={c['num_layers']} heads={c['num_heads']} "
              f"M={c['num_memory_modules']} B={c['batch']} T={c['seq_len']} ({c['dtype']}, {result['device']}, "
              f"{result.get('threads', '?')} threads, {c.get('optimizer', 'sgd')}{load})",
-             f"{'model':26s} {'backend':9s} {'train tok/s':>12s} {'generate tok/s':>15s}"]
+             f"{'model':26s} {'backend':9s} {'train tok/s':>12s} {'compiled':>10s} {'generate tok/s':>15s}"]
     for r in result["throughput"]:
         lines.append(f"{r['attention']:26s} {r['backend']:9s} {r['train_tokens_per_s']:12.1f} "
-                     f"{r['generate_tokens_per_s']:15.1f}")
+                     f"{r.get('train_compiled_tokens_per_s', float('nan')):10.1f} {r['generate_tokens_per_s']:15.1f}")
     if result["latency"]:
         prefixes = sorted({r["prefix"] for r in result["latency"]})
         lines += ["", "ms per generated token vs prefix length (batch 1):",
@@ -280,6 +289,9 @@ def write(result: Dict, out_dir: str) -> List[str]:
         w.writerow(["kind", "attention", "backend", "cache", "prefix", "value", "unit", "p20", "p80"])
         for r in result["throughput"]:
             w.writerow(["train", r["attention"], r["backend"], "", "", r["train_tokens_per_s"], "tokens/s", "", ""])
+            if "train_compiled_tokens_per_s" in r:
+                w.writerow(["train_compiled", r["attention"], r["backend"], "", "", r["train_compiled_tokens_per_s"],
+                            "tokens/s", "", ""])
             w.writerow(["generate", r["attention"], r["backend"], "yes", "", r["generate_tokens_per_s"], "tokens/s", "", ""])
         for r in result["latency"]:
             w.writerow(["latency", r["attention"], r["backend"], "yes" if r["cache"] else "no", r["prefix"],
@@ -336,6 +348,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--out", default="bench_out")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time training compiled with torch.compile(model, fullgraph=True), next to eager")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -357,6 +371,7 @@ def main(argv=None) -> int:
                         ("train_steps", "train_steps")):
         if getattr(args, name) is not None:
             setattr(cfg, field, getattr(args, name))
+    cfg.compile = args.compile
     result = run(cfg, device, args.out)
     print()
     print(table(result))

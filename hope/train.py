@@ -190,7 +190,8 @@ class StopSignals:
 
 
 # ---------------------------------------------------------------------- the loop
-def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite: bool = False) -> dict:
+def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite: bool = False,
+          compile: bool = False) -> dict:
     """Run (or resume) training; returns {"losses": {step: loss}, "val": [{step, loss, bpb}], ...}.
 
     resume: a checkpoint path / run directory, or an already loaded checkpoint dict; cfg may differ
@@ -207,7 +208,7 @@ def train(cfg: RunConfig, resume=None, stop_at: Optional[int] = None, overwrite:
     device = preflight(cfg, stop_at, local_rank)
     with RunLock(cfg.train.out_dir) if rank == 0 else contextlib.nullcontext():
         ckpt = load_checkpoint(resume, for_resume=True) if isinstance(resume, (str, os.PathLike)) else resume
-        return _train(cfg, ckpt, stop_at, overwrite, rank, world, device)
+        return _train(cfg, ckpt, stop_at, overwrite, rank, world, device, compile)
 
 
 def preflight(cfg: RunConfig, stop_at: Optional[int] = None, local_rank: int = 0) -> torch.device:
@@ -223,7 +224,7 @@ def preflight(cfg: RunConfig, stop_at: Optional[int] = None, local_rank: int = 0
 
 
 def _train(cfg: RunConfig, ckpt: Optional[dict], stop_at: Optional[int], overwrite: bool, rank: int, world: int,
-           device: torch.device) -> dict:
+           device: torch.device, compile: bool = False) -> dict:
     t = cfg.train
     out_dir = Path(t.out_dir)
     changes = {}
@@ -265,6 +266,8 @@ def _train(cfg: RunConfig, ckpt: Optional[dict], stop_at: Optional[int], overwri
         set_rng_state(ckpt["rng"])
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
+    if compile:   # the whole model one graph (fullgraph: a graph break is an error); eval stays eager
+        ddp = torch.compile(ddp, fullgraph=True)
     result["num_parameters"] = model.num_parameters()
     local_batch = t.batch_size // world if t.batch_size % world == 0 else None
     if local_batch is None:
@@ -432,6 +435,7 @@ def parse_args(argv: Optional[List[str]] = None):
     mode.add_argument("--overwrite", action="store_true",
                       help="start over in --out-dir even if it holds a run (deletes its checkpoint, config, "
                            "metrics and run.json)")
+    p.add_argument("--compile", action="store_true", help="train torch.compile(model, fullgraph=True)")
     p.add_argument("--stop-at", type=int, help="stop at this step (with a checkpoint) without changing the schedule")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set model.dim=128 (repeatable)")
@@ -461,7 +465,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.resume is None:
             cfg = config_from_args(args)
-            res = train(cfg, stop_at=args.stop_at, overwrite=args.overwrite)
+            res = train(cfg, stop_at=args.stop_at, overwrite=args.overwrite, compile=args.compile)
         else:
             path = args.resume
             if path == "auto":
@@ -475,7 +479,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if Path(args.out_dir).resolve() != run_dir.resolve():
                     refuse_existing(Path(args.out_dir))   # a branch of the run must not land on another run
                 cfg = config_from_args(args, base=ckpt["config"])
-                res = train(cfg, resume=ckpt, stop_at=args.stop_at)
+                res = train(cfg, resume=ckpt, stop_at=args.stop_at, compile=args.compile)
     except TrainingDiverged as e:
         print(f"hope-train: error: {e}", file=sys.stderr)
         return 1

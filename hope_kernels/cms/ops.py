@@ -18,9 +18,12 @@ backend="triton" with float64 raises TypeError. See DESIGN.md ("cms_scan").
 """
 from __future__ import annotations
 
-import torch
+from typing import Optional, Tuple
 
-from .. import utils
+import torch
+from torch import Tensor
+
+from .. import library, utils
 from .torch_chunked import cms_scan_torch, cms_step_torch
 
 
@@ -95,10 +98,8 @@ def cms_scan(q, k, v, decay, mix=None, scale=None, *, beta=None, initial_state=N
     q, k, v, beta = utils.contiguous(q, k, v, beta)
     backend = utils.route_float64(requested, backend, q.dtype)
     with torch.autocast(device.type, enabled=False):
-        if backend == "torch":
-            return cms_scan_torch(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size, beta)
-        from .triton_kernels import cms_scan_triton
-        return cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state, cu, chunk_size, beta)
+        o, ST = _scan(q, k, v, tau, mix, initial_state, beta, scale, output_final_state, cu, chunk_size, backend)
+    return o, library.present(ST)
 
 
 def cms_step(q, k, v, decay, state, mix=None, scale=None, *, beta=None, backend=None):
@@ -123,7 +124,55 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, beta=None, backend=
     q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
     utils.check_same_dtype(q=q, k=k, v=v)
     backend = utils.route_float64(requested, backend, torch.float64 if torch.float64 in (q.dtype, state.dtype) else q.dtype)
+    return _step(q, k, v, tau, state, mix, beta, scale, backend), state
+
+
+def _scan_backward(grads, needs, q, k, v, tau, mix, initial_state, beta, scale, output_final_state, cu_seqlens,
+                   chunk_size, backend):
+    """The Triton path's own backward kernels (no forward recomputed); None elsewhere (the delta rule's
+    Triton path runs titans_scan, whose own registered backward the vjp then reaches)."""
+    if backend != "triton" or beta is not None:
+        return None
+    from . import triton_kernels as tk
+    BT = tk.chunk_tile(chunk_size, q.shape[1])
+    mix, h0 = (None if x is None else x.contiguous() for x in (mix, initial_state))
+    return library.function_backward(tk.CmsScanFunction, (q, k, v, tau.contiguous(), mix, h0, cu_seqlens), needs[:6],
+                                     grads, scale=scale, BT=BT, layout=tk._layout(q, cu_seqlens, BT))[:6] + (None,)
+
+
+@library.op("cms_scan", differentiable=("q", "k", "v", "tau", "mix", "initial_state", "beta"),
+            backward=_scan_backward)
+def _scan(q: Tensor, k: Tensor, v: Tensor, tau: Tensor, mix: Optional[Tensor], initial_state: Optional[Tensor],
+          beta: Optional[Tensor], scale: float, output_final_state: bool, cu_seqlens: Optional[Tensor],
+          chunk_size: int, backend: str) -> Tuple[Tensor, Tensor]:
+    """(o, S_T or None) of the checked inputs on `backend`: tau [H, M], mix None, [H, M] or [B, T, H, M],
+    beta None (outer rule) or [B, T, H(, M)] (delta rule)."""
+    if backend == "torch":
+        return cms_scan_torch(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                              beta)
+    from .triton_kernels import cms_scan_triton
+    return cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, beta)
+
+
+@library.fake(_scan)
+def _scan_fake(q, k, v, tau, mix, initial_state, beta, scale, output_final_state, cu_seqlens, chunk_size, backend):
+    (B, T, H, K), V, M = q.shape, v.shape[-1], tau.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    o = q.new_empty(B, T, H, V) if mix is not None else q.new_empty(B, T, H, M, V)
+    return o, (q.new_empty(N, H, M, K, V, dtype=utils.state_dtype(q.dtype)) if output_final_state else None)
+
+
+@library.op("cms_step", mutates_args=("state",))
+def _step(q: Tensor, k: Tensor, v: Tensor, tau: Tensor, state: Tensor, mix: Optional[Tensor], beta: Optional[Tensor],
+          scale: float, backend: str) -> Tensor:
+    """o ([B, H, V] with mix, [B, H, M, V] without) in q's dtype; `state` updated in place."""
     if backend == "torch" or not state.is_contiguous():
-        return cms_step_torch(q, k, v, tau, state, mix, scale, beta)
+        return cms_step_torch(q, k, v, tau, state, mix, scale, beta)[0]
     from .triton_kernels import cms_step_triton
-    return cms_step_triton(q, k, v, tau, state, mix, scale, beta)
+    return cms_step_triton(q, k, v, tau, state, mix, scale, beta)[0]
+
+
+@library.fake(_step)
+def _step_fake(q, k, v, tau, state, mix, beta, scale, backend):
+    (B, H, K), V, M = q.shape, v.shape[-1], tau.shape[-1]
+    return q.new_empty(B, H, V) if mix is not None else q.new_empty(B, H, M, V)

@@ -34,6 +34,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .. import library
 from ..utils import check_same_device, check_tensor, resolve_backend, skip_host_checks
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -50,14 +51,27 @@ def ema_update_(states: Tensors, update: Tensors, decay, *, backend: Optional[st
     if p.M == 0 or p.N == 0:
         return states
     backend = resolve_backend(backend, p.device)
+    as_list = lambda x: list(x) if isinstance(x, (list, tuple)) else [x]
     with torch.no_grad():
-        if backend == "triton":
-            _run_triton(p)
-            for t in p.state_tensors():
-                torch.autograd.graph.increment_version(t)
-        else:
-            _run_torch(p)
+        _ema_update(as_list(states), as_list(update), p.tau, isinstance(states, (list, tuple)),
+                    isinstance(update, (list, tuple)), backend)
     return states
+
+
+@library.op("ema_update_", mutates_args=("states",))
+def _ema_update(states: List[torch.Tensor], update: List[torch.Tensor], decay: torch.Tensor, states_is_list: bool,
+                update_is_list: bool, backend: str) -> None:
+    """The update on `backend`; `states` / `update` hold the one tensor of the tensor forms."""
+    p = _plan(states if states_is_list else states[0], update if update_is_list else update[0], decay)
+    if backend == "triton":
+        _run_triton(p)
+    else:
+        _run_torch(p)
+
+
+@library.fake(_ema_update)
+def _ema_update_fake(states, update, decay, states_is_list, update_is_list, backend):
+    return None
 
 
 # --------------------------------------------------------------------------- input checks

@@ -15,7 +15,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .. import utils
+from torch import Tensor
+
+from .. import library, utils
 from .torch_chunked import linear_attention_step_torch, linear_attention_torch
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -103,12 +105,8 @@ def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1
         S0, z0 = initial_state if normalize and initial_state is not None else (initial_state, None)
         if S0 is not None:
             S0 = S0.to(sd)
-        if backend == "triton":
-            q, k, v, S0 = utils.contiguous(q, k, v, S0)
-            o, ST = _triton().LinearAttentionFunction.apply(q, k, v, S0, scale, causal, output_final_state, cu,
-                                                            chunk_size)
-        else:
-            o, ST = linear_attention_torch(q, k, v, scale, causal, S0, cu, chunk_size, sd)
+        o, ST = _scan(q, k, v, S0, scale, causal, output_final_state, cu, chunk_size, backend)
+        ST = library.present(ST)
         if normalize:
             den, zT = _denominator(q, k, None if z0 is None else z0.to(sd), scale, eps, causal, cu, sd)
             o = o.to(sd) / den
@@ -138,14 +136,60 @@ def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e
     backend = utils.route_float64(explicit, backend, torch.float64 if S.dtype == torch.float64 else dtype)
 
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        if backend == "torch":
-            o = linear_attention_step_torch(q, k, v, S, scale, z, eps)
-            return o.to(dtype), state
-        q, k, v = utils.contiguous(q, k, v)
-        S_c, z_c = utils.contiguous(S, z)
-        o = _triton().linear_attention_step_triton(q, k, v, S_c, z_c, scale, eps, dtype)
-        if S_c is not S:  # the kernel updated a contiguous copy: write it back in place
-            S.copy_(S_c)
-        if z_c is not z:
-            z.copy_(z_c)
+        o = _step(q, k, v, S, z, scale, eps, backend)
     return o, state
+
+
+def _scan_backward(grads, needs, q, k, v, S0, scale, causal, output_final_state, cu_seqlens, chunk_size, backend):
+    """The Triton path's own backward kernels (no forward recomputed); None elsewhere."""
+    if backend != "triton":
+        return None
+    tk = _triton()
+    q, k, v, S0 = utils.contiguous(q, k, v, S0)
+    plan = tk.launch_plan(*q.shape, v.shape[-1], chunk_size, cu_seqlens, causal)
+    return library.function_backward(tk.LinearAttentionFunction, (q, k, v, S0, cu_seqlens), needs, grads,
+                                     scale=scale, causal=causal, chunk_size=chunk_size, plan=plan)[:4]
+
+
+@library.op("linear_attention", differentiable=("q", "k", "v", "S0"), backward=_scan_backward)
+def _scan(q: Tensor, k: Tensor, v: Tensor, S0: Optional[Tensor], scale: float, causal: bool,
+          output_final_state: bool, cu_seqlens: Optional[Tensor], chunk_size: int, backend: str
+          ) -> Tuple[Tensor, Tensor]:
+    """(o in the state dtype, S_T or None): the scan of scale * q_t S_t on `backend`."""
+    sd = utils.state_dtype(q.dtype)
+    if backend == "triton":
+        q, k, v, S0 = utils.contiguous(q, k, v, S0)
+        o, ST = _triton().LinearAttentionFunction.apply(q, k, v, S0, scale, causal, output_final_state,
+                                                        cu_seqlens, chunk_size)
+    else:
+        o, ST = linear_attention_torch(q, k, v, scale, causal, S0, cu_seqlens, chunk_size, sd)
+    return o.to(sd), (ST if output_final_state else None)
+
+
+@library.fake(_scan)
+def _scan_fake(q, k, v, S0, scale, causal, output_final_state, cu_seqlens, chunk_size, backend):
+    (B, T, H, K), V = q.shape, v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    sd = utils.state_dtype(q.dtype)
+    return q.new_empty(B, T, H, V, dtype=sd), (q.new_empty(N, H, K, V, dtype=sd) if output_final_state else None)
+
+
+@library.op("linear_attention_step", mutates_args=("S", "z"))
+def _step(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Optional[Tensor], scale: float, eps: float,
+          backend: str) -> Tensor:
+    """o [B, H, V] in q's dtype; S (and z) updated in place."""
+    if backend == "torch":
+        return linear_attention_step_torch(q, k, v, S, scale, z, eps).to(q.dtype)
+    q, k, v = utils.contiguous(q, k, v)
+    S_c, z_c = utils.contiguous(S, z)
+    o = _triton().linear_attention_step_triton(q, k, v, S_c, z_c, scale, eps, q.dtype)
+    if S_c is not S:  # the kernel updated a contiguous copy: write it back in place
+        S.copy_(S_c)
+    if z_c is not z:
+        z.copy_(z_c)
+    return o
+
+
+@library.fake(_step)
+def _step_fake(q, k, v, S, z, scale, eps, backend):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -16,8 +16,9 @@ import operator
 from typing import Optional, Tuple, Union
 
 import torch
+from torch import Tensor
 
-from .. import utils
+from .. import library, utils
 from .torch_chunked import titans_scan_torch, titans_step_torch
 
 def _triton():
@@ -124,18 +125,11 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
     q, k, v = utils.autocast_inputs(device, q, k, v)
     dtype = utils.check_same_dtype(q=q, k=k, v=v)
     backend = utils.route_float64(requested, backend, dtype)
-    sd = utils.state_dtype(dtype)
     with torch.autocast(device.type, enabled=False):
-        if backend == "triton":
-            q, k, v = utils.contiguous(q, k, v)
-            o, S, Z = _triton().titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu,
-                                                    chunk_size, read=read)
-        else:
-            o, S, Z = titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu, chunk_size, sd,
-                                        read=read)
+        o, S, Z = _scan(q, k, v, lr, decay, momentum, S0, Z0, scale, period, read, cu, chunk_size, backend)
     if not output_final_state:
-        return o.to(dtype), None
-    return o.to(dtype), (S if momentum is None else (S, Z))
+        return o, None
+    return o, (S if momentum is None else (S, Z))
 
 
 def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, block_state=None, backend=None):
@@ -168,10 +162,62 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
     backend = utils.route_float64(requested, backend, torch.float64 if S.dtype == torch.float64 else dtype)
 
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        states = [s for s in (S, Z) if s is not None]
-        if backend == "triton" and all(s.dtype == torch.float32 and s.is_contiguous() for s in states):
-            o = _triton().titans_step_triton(q, k, v, lr, decay, momentum, S, Z, block_state, scale)
-        else:
-            o = titans_step_torch(q, k, v, lr, decay, momentum, S, Z, S if block_state is None else block_state,
-                                  scale)
-    return o.to(dtype), state
+        o = _step(q, k, v, lr, decay, momentum, S, Z, block_state, scale, backend)
+    return o, state
+
+
+def _scan_backward(grads, needs, q, k, v, lr, decay, momentum, S0, Z0, scale, period, read, cu_seqlens, chunk_size,
+                   backend):
+    """The Triton path's own backward kernels (no forward recomputed); None elsewhere."""
+    if backend != "triton":
+        return None
+    f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()
+    q, k, v = utils.contiguous(q, k, v)
+    lr, decay, momentum, S0, Z0 = (f32(x) for x in (lr, decay, momentum, S0, Z0))
+    if momentum is not None and S0 is not None and Z0 is None:
+        Z0 = torch.zeros_like(S0)
+    tk = _triton()
+    table = None if momentum is not None else tk.triton_chunk.sequence_table(cu_seqlens, period, chunk_size)
+    return library.function_backward(tk.TitansScanFunction, (q, k, v, lr, decay, momentum, S0, Z0, cu_seqlens),
+                                     needs, grads, scale=scale, period=period, chunk_size=chunk_size, table=table,
+                                     read_block=read == "block_start")[:8]
+
+
+@library.op("titans_scan", differentiable=("q", "k", "v", "lr", "decay", "momentum", "S0", "Z0"),
+            backward=_scan_backward)
+def _scan(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Optional[Tensor], momentum: Optional[Tensor],
+          S0: Optional[Tensor], Z0: Optional[Tensor], scale: float, period: int, read: str,
+          cu_seqlens: Optional[Tensor], chunk_size: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(o in q's dtype, S_T, Z_T or None) of the checked inputs on `backend`."""
+    if backend == "triton":
+        q, k, v = utils.contiguous(q, k, v)
+        o, S, Z = _triton().titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu_seqlens,
+                                                chunk_size, read=read)
+    else:
+        o, S, Z = titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu_seqlens, chunk_size,
+                                    utils.state_dtype(q.dtype), read=read)
+    return o.to(q.dtype), S, (Z if momentum is not None else None)
+
+
+@library.fake(_scan)
+def _scan_fake(q, k, v, lr, decay, momentum, S0, Z0, scale, period, read, cu_seqlens, chunk_size, backend):
+    (B, T, H, K), V = q.shape, v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    S = q.new_empty(N, H, K, V, dtype=utils.state_dtype(q.dtype))
+    return q.new_empty(B, T, H, V), S, (torch.empty_like(S) if momentum is not None else None)
+
+
+@library.op("titans_step", mutates_args=("S", "Z"))
+def _step(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Optional[Tensor], momentum: Optional[Tensor],
+          S: Tensor, Z: Optional[Tensor], block_state: Optional[Tensor], scale: float, backend: str) -> Tensor:
+    """o [B, H, V] in q's dtype; S (and Z) updated in place."""
+    states = [s for s in (S, Z) if s is not None]
+    if backend == "triton" and all(s.dtype == torch.float32 and s.is_contiguous() for s in states):
+        return _triton().titans_step_triton(q, k, v, lr, decay, momentum, S, Z, block_state, scale)
+    o = titans_step_torch(q, k, v, lr, decay, momentum, S, Z, S if block_state is None else block_state, scale)
+    return o.to(q.dtype)
+
+
+@library.fake(_step)
+def _step_fake(q, k, v, lr, decay, momentum, S, Z, block_state, scale, backend):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
