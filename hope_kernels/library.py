@@ -93,8 +93,28 @@ def op(name: str, *, mutates_args: Sequence[str] = (), differentiable: Sequence[
                                              schema=schema)
         if differentiable:
             _register_autograd(registered, fn, name, tuple(differentiable), backward)
+            return _EagerTorchAutograd(registered, fn)
         return registered
     return register
+
+
+class _EagerTorchAutograd:
+    """A differentiable registered op, called as the op itself except in one case: in eager mode, on
+    the torch path, with a gradient wanted, the torch implementation runs under plain autograd, which
+    keeps its chunked intermediates for the backward instead of re-running the forward inside it
+    (the registered backward's vjp). Compiled graphs, the Triton path and inference call the op."""
+
+    def __init__(self, registered, fn):
+        self.registered, self.fn = registered, fn
+
+    def __call__(self, *args):
+        if (args[-1] == "torch" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            return self.fn(*args)
+        return self.registered(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.registered, name)
 
 
 def fake(registered) -> Callable:

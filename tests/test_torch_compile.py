@@ -50,12 +50,19 @@ def _opcheck_cases():
         tau_learn = _gate(2, 3, dtype=dt, lo=0.05, hi=0.95)
         cases += [
             (f"cms_scan-{n}", ops.cms_scan,
-             (q, k, v, tau_learn, None, _state(2, 2, 3, 8, 4, dtype=sd, grad=True), 0.3, True, None, 16, "torch")),
+             (q, k, v, tau_learn, None, _state(2, 2, 3, 8, 4, dtype=sd, grad=True), None, 0.3, True, None, 16, "torch")),
             (f"cms_scan-mix-{n}", ops.cms_scan,
-             (q, k, v, tau, randn(2, 20, 2, 3, dtype=dt, requires_grad=True), None, 0.3, False, None, 16, "torch")),
+             (q, k, v, tau, randn(2, 20, 2, 3, dtype=dt, requires_grad=True), None, None, 0.3, False, None, 16, "torch")),
             (f"cms_scan-packed-{n}", ops.cms_scan,
              (q[:1], k[:1], v[:1], tau_learn, randn(2, 3, dtype=dt, requires_grad=True),
-              _state(2, 2, 3, 8, 4, dtype=sd), 0.3, True, cu, 16, "torch")),
+              _state(2, 2, 3, 8, 4, dtype=sd), None, 0.3, True, cu, 16, "torch")),
+        ]
+        kd = torch.nn.functional.normalize(k.detach(), dim=-1).requires_grad_()
+        cases += [
+            (f"cms_scan-delta-{n}", ops.cms_scan,
+             (q, kd, v, tau_learn, randn(2, 20, 2, 3, dtype=dt, requires_grad=True),
+              _state(2, 2, 3, 8, 4, dtype=sd, grad=True), _gate(2, 20, 2, dtype=dt, lo=0.0, hi=1.0), 0.3, True, None,
+              16, "torch")),
         ]
         lr = _gate(2, 20, 2, dtype=dt, lo=0.0, hi=0.5)
         decay = _gate(2, 20, 2, dtype=dt, lo=0.8, hi=1.0)
@@ -63,12 +70,12 @@ def _opcheck_cases():
         kn = torch.nn.functional.normalize(k.detach(), dim=-1).requires_grad_()
         cases += [
             (f"titans_scan-{n}", ops.titans_scan,
-             (q, kn, v, lr, None, None, None, None, 0.3, 1, None, 16, "torch")),
+             (q, kn, v, lr, None, None, None, None, 0.3, 1, "current", None, 16, "torch")),
             (f"titans_scan-momentum-{n}", ops.titans_scan,
              (q, kn, v, lr, decay, mom, _state(2, 2, 8, 4, dtype=sd, grad=True),
-              _state(2, 2, 8, 4, dtype=sd, grad=True), 0.3, 4, None, 16, "torch")),
+              _state(2, 2, 8, 4, dtype=sd, grad=True), 0.3, 4, "block_start", None, 16, "torch")),
             (f"titans_scan-packed-{n}", ops.titans_scan,
-             (q[:1], kn[:1], v[:1], lr[:1], decay[:1], None, _state(2, 2, 8, 4, dtype=sd), None, 0.3, 3, cu, 16,
+             (q[:1], kn[:1], v[:1], lr[:1], decay[:1], None, _state(2, 2, 8, 4, dtype=sd), None, 0.3, 3, "current", cu, 16,
               "torch")),
         ]
         q1, k1, v1 = (x[:, 0].detach() for x in (q, kn, v))
@@ -77,9 +84,12 @@ def _opcheck_cases():
              (q1, k1, v1, _state(2, 2, 8, 4, dtype=sd), None, 0.3, 1e-6, "torch")),
             (f"linear_attention_step-normalize-{n}", ops.linear_attention_step,
              (q1, k1, v1, _state(2, 2, 8, 4, dtype=sd), _state(2, 2, 8, dtype=sd).abs(), 0.3, 1e-6, "torch")),
-            (f"cms_step-{n}", ops.cms_step, (q1, k1, v1, tau, _state(2, 2, 3, 8, 4, dtype=sd), None, 0.3, "torch")),
+            (f"cms_step-{n}", ops.cms_step, (q1, k1, v1, tau, _state(2, 2, 3, 8, 4, dtype=sd), None, None, 0.3, "torch")),
+            (f"cms_step-delta-{n}", ops.cms_step,
+             (q1, k1, v1, tau, _state(2, 2, 3, 8, 4, dtype=sd), None, _gate(2, 2, dtype=dt, lo=0.0, hi=1.0).detach(), 0.3,
+              "torch")),
             (f"cms_step-mix-{n}", ops.cms_step,
-             (q1, k1, v1, tau, _state(2, 2, 3, 8, 4, dtype=sd), randn(2, 2, 3, dtype=dt), 0.3, "torch")),
+             (q1, k1, v1, tau, _state(2, 2, 3, 8, 4, dtype=sd), randn(2, 2, 3, dtype=dt), None, 0.3, "torch")),
             (f"titans_step-{n}", ops.titans_step,
              (q1, k1, v1, lr[:, 0].detach(), None, None, _state(2, 2, 8, 4, dtype=sd), None, None, 0.3, "torch")),
             (f"titans_step-momentum-block-{n}", ops.titans_step,
@@ -107,8 +117,8 @@ def _triton_cases():
         ("linear_attention-triton", ops.linear_attention,
          (q, k, v, _state(2, 2, 16, 16, dtype=dt, grad=True), 0.3, True, True, None, 16, "triton")),
         ("cms_scan-triton", ops.cms_scan,
-         (q, k, v, tau, randn(2, 3, dtype=dt, requires_grad=True), None, 0.3, True, None, 16, "triton")),
-        ("titans_scan-triton", ops.titans_scan, (q, kn, v, lr, None, None, None, None, 0.3, 4, None, 16, "triton")),
+         (q, k, v, tau, randn(2, 3, dtype=dt, requires_grad=True), None, None, 0.3, True, None, 16, "triton")),
+        ("titans_scan-triton", ops.titans_scan, (q, kn, v, lr, None, None, None, None, 0.3, 4, "block_start", None, 16, "triton")),
     ]
 
 
