@@ -187,7 +187,9 @@ def test_titans_torch_path_traces_with_fake_tensors(on_gpu_rules, period, read):
     from torch.fx.experimental.proxy_tensor import make_fx
     xs = [torch.randn(1, T, H, K), _unit(1, T, H, K).detach(), torch.randn(1, T, H, K), torch.rand(1, T, H),
           0.5 + 0.5 * torch.rand(1, T, H), 0.5 * torch.rand(1, T, H), torch.randn(1, H, K, K), torch.randn(1, H, K, K)]
-    run = lambda *a: titans_scan(*a[:6], period=period, read=read, initial_state=(a[6], a[7]),   # noqa: E731
-                                 output_final_state=True, chunk_size=16, backend="torch")
+    from hope_kernels.titans.torch_chunked import titans_scan_torch
+    # the torch implementation itself (the public op is one registered node in a trace)
+    run = lambda *a: titans_scan_torch(*a[:6], K ** -0.5, period, a[6], a[7], None, 16,   # noqa: E731
+                                       torch.float32, read=read)
     graph = make_fx(run, tracing_mode="fake")(*xs)
     assert any(n.target is torch.ops.aten.linalg_solve_triangular.default for n in graph.graph.nodes) == (period == 1)
