@@ -78,6 +78,16 @@ def _opcheck_cases():
              (q[:1], kn[:1], v[:1], lr[:1], decay[:1], None, _state(2, 2, 8, 4, dtype=sd), None, 0.3, 3, "current", cu, 16,
               "torch")),
         ]
+        W = 3 * 8 + 2   # the self-modifying memory's width at D = 8
+        cases += [
+            (f"titans_selfmod_scan-{n}", ops.titans_selfmod_scan,
+             (q, k, _gate(2, dtype=dt, lo=-1.0, hi=1.0), _gate(2, dtype=dt, lo=-1.0, hi=1.0), None,
+              (0.3 * randn(2, 2, 8, W, dtype=dt)).requires_grad_(), None, 0.3, 1.0, 4, 1e-6, "torch")),
+            (f"titans_selfmod_scan-momentum-{n}", ops.titans_selfmod_scan,
+             (q, k, _gate(2, dtype=dt, lo=-1.0, hi=1.0), _gate(2, dtype=dt, lo=-1.0, hi=1.0), mom,
+              (0.3 * randn(2, 2, 8, W, dtype=dt)).requires_grad_(), _state(2, 2, 8, W, dtype=sd, grad=True), 0.3,
+              1.0, 3, 1e-6, "torch")),
+        ]
         q1, k1, v1 = (x[:, 0].detach() for x in (q, kn, v))
         cases += [
             (f"linear_attention_step-{n}", ops.linear_attention_step,

@@ -28,11 +28,13 @@ torch_chunked (C = D M, a = D mu, gamma_i = d_1 ... d_i),
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .. import utils
+from .. import library, utils
 from .ops import _check_gate, _check_period, _check_state, titans_step
 from .torch_chunked import _decay_products, _momentum_products
 
@@ -154,10 +156,26 @@ def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *,
     M0 = M0.to(sd)
     Z0 = None if momentum is None else (torch.zeros_like(M0) if Z0 is None else Z0.to(sd))
     with torch.autocast(device.type, enabled=False):
-        o, M, Z = selfmod_scan_torch(q, u, lr_bias, decay_bias, momentum, scale, lr_max, period, M0, Z0, eps, sd)
+        o, M, Z = _scan(q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, "torch")
     if not output_final_state:
-        return o.to(dtype), None
-    return o.to(dtype), (M if momentum is None else (M, Z))
+        return o, None
+    return o, (M if momentum is None else (M, Z))
+
+
+@library.op("titans_selfmod_scan", differentiable=("q", "u", "lr_bias", "decay_bias", "momentum", "M0", "Z0"))
+def _scan(q: Tensor, u: Tensor, lr_bias: Tensor, decay_bias: Tensor, momentum: Optional[Tensor], M0: Tensor,
+          Z0: Optional[Tensor], scale: float, lr_max: float, period: int, eps: float, backend: str
+          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(o in q's dtype, M_T, Z_T or None) of the checked inputs; `backend` is "torch" (the one path)."""
+    o, M, Z = selfmod_scan_torch(q, u, lr_bias, decay_bias, momentum, scale, lr_max, period, M0, Z0, eps,
+                                 utils.state_dtype(q.dtype))
+    return o.to(q.dtype), M, (Z if momentum is not None else None)
+
+
+@library.fake(_scan)
+def _scan_fake(q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, backend):
+    M = M0.new_empty(M0.shape, dtype=utils.state_dtype(q.dtype))
+    return q.new_empty(q.shape), M, (torch.empty_like(M) if momentum is not None else None)
 
 
 def titans_selfmod_step(q, u, lr_bias, decay_bias, state, block_state, momentum=None, scale=None, *, lr_max,
