@@ -10,7 +10,7 @@
 Variants by config: seed (attention="softmax", cms="decay"), the paper's HOPE (attention="titans",
 self_modifying=True, cms="levels"), Hope-attention (attention="softmax", cms="levels").
 
-The seed CMS (hope/cms.py; issue 12, README "What was found"): its q, k, v pass a short causal
+The seed CMS (hope/cms.py; docs/findings.md): its q, k, v pass a short causal
 convolution (cms_conv_size=4), so a key can describe the token before the value it stores, and each
 memory writes with the delta rule (cms_update="delta": S = tau S - beta k^T (k S - v)), which overwrites
 what a key stored instead of adding to it. With the seed's additive write (cms_update="outer") the

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-# v3: the models of issue 12 (the CMS delta-rule write and gated read-out, CMS levels reading their
+# v3: the models with the delta-rule CMS (the CMS delta-rule write and gated read-out, CMS levels reading their
 # block-start weights): a v2 file would load into another model. v2: no NumPy objects inside (v1 held
 # NumPy's RNG state as an array).
 FORMAT = "hope-checkpoint-v3"

@@ -13,7 +13,7 @@ Both run on `hope_kernels.cms_scan` (the fused multi-timescale op; `beta=` selec
 DeltaNet / Titans at period 1; beta_t = sigmoid(x_t w_beta + b) per head, <= 1, so the step is stable
 for unit keys; q and k are L2-normalised and the read-out scale is 1).
 The delta rule overwrites what a key stored instead of adding to it: a value seen twice is not counted
-twice, which takes away the shortcut that held the seed HOPE on an MQAR plateau (issue 12, README).
+twice, which takes away the shortcut that held the seed HOPE on an MQAR plateau (docs/findings.md).
 tau_m near 1 is a slow memory (horizon ~ 1 / (1 - tau_m) tokens), near 0 a fast one. The default
 timescales are log-spaced in 1 - tau from 1 - tau_min to 1 - tau_max, i.e. the horizons
 1/(1 - tau) form a geometric series covering the spectrum evenly on a log scale

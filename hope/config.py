@@ -140,9 +140,9 @@ class HOPEConfig:
     cms_learn_tau: bool = True
     cms_per_head_tau: bool = True
     cms_data_dependent_mix: bool = True
-    cms_conv_size: int = 4                # short causal conv on the CMS q, k, v (1: none; issue 12, hope/block.py)
-    cms_gated_readout: bool = True        # CMS read-out W_o (rmsnorm(o) * silu(x W_g)) (False: W_o o; issue 12)
-    cms_update: str = "delta"             # CMS write: "delta" (titans_scan, period 1) | "outer" (cms_scan; issue 12)
+    cms_conv_size: int = 4                # short causal conv on the CMS q, k, v (1: none; docs/findings.md)
+    cms_gated_readout: bool = True        # CMS read-out W_o (rmsnorm(o) * silu(x W_g)) (False: W_o o; docs/findings.md)
+    cms_update: str = "delta"             # CMS write: "delta" (titans_scan, period 1) | "outer" (the additive write; docs/findings.md)
     dropout: float = 0.0
     bias: bool = False
     tie_weights: bool = True              # output head shares the token embedding

@@ -3,9 +3,9 @@
 Each kernel module exposes `compile_specs() -> list[KernelSpec]`: the raw `@triton.jit`
 function, a representative signature and constexprs, and every config it can be autotuned
 over (the first config is the default, the one the interpreter and HOPE_KERNELS_AUTOTUNE=0
-use). `benchmarks.compile_check` (test tooling, outside the shipped kernels) compiles them for
+use). `tools.compile_check` (test tooling, outside the shipped kernels) compiles them for
 sm_80 / sm_90 and reads registers, spills, shared memory and MMA types off the cubin;
-tests/test_compile.py and `python -m benchmarks.compile_report` are built on it.
+tests/test_compile.py and `python -m tools.compile_report` are built on it.
 """
 from __future__ import annotations
 

@@ -281,7 +281,7 @@ def test_evaluate_notes_a_different_corpus(finished_run, tmp_path, capsys):
 
 
 def test_checkpoint_of_an_older_format_is_refused_with_a_reason(tmp_path):
-    """Format v2 checkpoints hold models that compute differently now (issue 12): refused, told to retrain."""
+    """Format v2 checkpoints hold models that compute differently now (the delta-rule CMS): refused, told to retrain."""
     torch.save({"format": "hope-checkpoint-v2", "step": 1}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="older version.*retrain"):
         hope_checkpoint.load_checkpoint(tmp_path / "ckpt.pt")
