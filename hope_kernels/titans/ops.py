@@ -171,12 +171,9 @@ def _scan_backward(grads, needs, q, k, v, lr, decay, momentum, S0, Z0, scale, pe
     """The Triton path's own backward kernels (no forward recomputed); None elsewhere."""
     if backend != "triton":
         return None
-    f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()
-    q, k, v = utils.contiguous(q, k, v)
-    lr, decay, momentum, S0, Z0 = (f32(x) for x in (lr, decay, momentum, S0, Z0))
-    if momentum is not None and S0 is not None and Z0 is None:
-        Z0 = torch.zeros_like(S0)
     tk = _triton()
+    q, k, v = utils.contiguous(q, k, v)
+    lr, decay, momentum, S0, Z0 = tk.float32_gates(lr, decay, momentum, S0, Z0)
     table = None if momentum is not None else tk.triton_chunk.sequence_table(cu_seqlens, period, chunk_size)
     return library.function_backward(tk.TitansScanFunction, (q, k, v, lr, decay, momentum, S0, Z0, cu_seqlens),
                                      needs, grads, scale=scale, period=period, chunk_size=chunk_size, table=table,

@@ -380,14 +380,21 @@ class TitansScanFunction(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def float32_gates(lr, decay, momentum, S0, Z0):
+    """The gates and initial states as the kernels take them: float32, contiguous, Z0 zeros where momentum
+    comes with S0 alone."""
+    f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()   # noqa: E731
+    lr, decay, momentum, S0, Z0 = (f32(x) for x in (lr, decay, momentum, S0, Z0))
+    if momentum is not None and S0 is not None and Z0 is None:
+        Z0 = torch.zeros_like(S0)
+    return lr, decay, momentum, S0, Z0
+
+
 def titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu_seqlens, chunk_size, read="current"):
     """q, k, v contiguous in one dtype; returns (o, S_T, Z_T or None). read: "current" or "block_start"."""
     if read not in ("current", "block_start"):
         raise ValueError(f"read must be 'current' or 'block_start', got {read!r}")
-    f32 = lambda x: None if x is None else x.to(torch.float32).contiguous()
-    lr, decay, momentum, S0, Z0 = (f32(x) for x in (lr, decay, momentum, S0, Z0))
-    if momentum is not None and S0 is not None and Z0 is None:
-        Z0 = torch.zeros_like(S0)
+    lr, decay, momentum, S0, Z0 = float32_gates(lr, decay, momentum, S0, Z0)
     return TitansScanFunction.apply(q, k, v, lr, decay, momentum, S0, Z0, scale, period, cu_seqlens, chunk_size,
                                     read == "block_start")
 
