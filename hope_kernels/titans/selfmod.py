@@ -151,22 +151,51 @@ def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *,
     requested, backend = backend, utils.resolve_backend(backend, device)
     q, u = utils.autocast_inputs(device, q, u)
     dtype = utils.check_same_dtype(q=q, u=u)
-    utils.route_float64(requested, backend, dtype)
+    backend = utils.route_float64(requested, backend, dtype)
     sd = utils.state_dtype(dtype)
     M0 = M0.to(sd)
     Z0 = None if momentum is None else (torch.zeros_like(M0) if Z0 is None else Z0.to(sd))
     with torch.autocast(device.type, enabled=False):
-        o, M, Z = _scan(q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, "torch")
+        o, M, Z = _scan(q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, backend)
     if not output_final_state:
         return o, None
     return o, (M if momentum is None else (M, Z))
 
 
-@library.op("titans_selfmod_scan", differentiable=("q", "u", "lr_bias", "decay_bias", "momentum", "M0", "Z0"))
+def _triton_case(q, momentum, period: int, backend: str) -> bool:
+    """Whether the Triton kernels run this call (no momentum, a head size and block they take)."""
+    if backend != "triton" or momentum is not None:
+        return False
+    from .triton_selfmod import supported
+    return supported(q.shape[-1], q.shape[1], period)
+
+
+def _scan_backward(grads, needs, q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, backend):
+    """The Triton backward kernel (no forward graph rebuilt); None (the vjp of the torch path) elsewhere."""
+    if not _triton_case(q, momentum, period, backend) or q.shape[1] == 0:
+        return None
+    from .triton_selfmod import selfmod_backward
+    do, dMT = library.present(grads[0]), library.present(grads[1])
+    do = torch.zeros_like(q) if do is None else do.to(q.dtype).contiguous()
+    dMT = None if dMT is None else dMT.to(torch.float32).contiguous()
+    dq, du, dlrb, ddb, dM0 = selfmod_backward(q.contiguous(), u.contiguous(), lr_bias.float().contiguous(),
+                                              decay_bias.float().contiguous(), M0.float().contiguous(), do, dMT,
+                                              scale, lr_max, period, eps)
+    return dq, du, dlrb, ddb, None, dM0, None
+
+
+@library.op("titans_selfmod_scan", differentiable=("q", "u", "lr_bias", "decay_bias", "momentum", "M0", "Z0"),
+            backward=_scan_backward)
 def _scan(q: Tensor, u: Tensor, lr_bias: Tensor, decay_bias: Tensor, momentum: Optional[Tensor], M0: Tensor,
           Z0: Optional[Tensor], scale: float, lr_max: float, period: int, eps: float, backend: str
           ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(o in q's dtype, M_T, Z_T or None) of the checked inputs; `backend` is "torch" (the one path)."""
+    """(o in q's dtype, M_T, Z_T or None) of the checked inputs: the Triton kernels where `_triton_case`,
+    else the torch loop over blocks."""
+    if _triton_case(q, momentum, period, backend) and q.shape[1] > 0:
+        from .triton_selfmod import selfmod_forward
+        o, M = selfmod_forward(q.contiguous(), u.contiguous(), lr_bias.float().contiguous(),
+                               decay_bias.float().contiguous(), M0.float().contiguous(), scale, lr_max, period, eps)
+        return o, M, None
     o, M, Z = selfmod_scan_torch(q, u, lr_bias, decay_bias, momentum, scale, lr_max, period, M0, Z0, eps,
                                  utils.state_dtype(q.dtype))
     return o.to(q.dtype), M, (Z if momentum is not None else None)

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..aot import KernelConfig
-from . import triton_chunk
+from . import triton_chunk, triton_selfmod
 from ..triton_utils import autotune, check_grid, empty, kernel_spec, seq_bounds
 
 # ----------------------------------------------------------------------------- configs
@@ -450,4 +450,4 @@ def compile_specs():
             specs.append(kernel_spec(f"titans.step[{tag}]", titans_step_kernel, STEP_CONFIGS, step_ptrs, present,
                                      {"scale": "fp32"}, dict(H=4, K=D, V=D, BK=D, HAS_DECAY=decay, HAS_MOMENTUM=mom,
                                                              HAS_BLOCK=True)))
-    return specs + triton_chunk.compile_specs()
+    return specs + triton_chunk.compile_specs() + triton_selfmod.compile_specs()

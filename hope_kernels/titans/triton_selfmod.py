@@ -1,0 +1,389 @@
+"""The self-modifying Titans memory without momentum as two Triton kernels: one forward, one backward launch.
+
+Math: hope_kernels/titans/selfmod.py (module docstring) and DESIGN.md ("titans_selfmod_scan"). Per block of
+L <= period tokens (rows of a [BL, D] tile, BL = the padded block) with start memory Mbar [D, W], W = 3D + 2:
+
+    r = u Mbar[:, :2D+2],  k = norm(r_k),  v = norm(r_v),  lr = c sigmoid(r_eta + b_lr),  ld = logsigmoid(r_a + b_d)
+    E = v - k,  LD = cumsum(ld),  gamma = exp(LD),  C_ij = exp(LD_i - LD_j) (j <= i),  w_j = exp(LD_L - LD_j)
+    X = lr (E Mbar)                                                   [BL, W]
+    o = scale (gamma q Mbar[mem] + ((q k^T) * C) X[mem])
+    M_end = gamma_L Mbar + (w k)^T X
+
+selfmod_fwd_kernel: one program per (batch x head) walks the blocks; the memory lives in an fp32 global
+workspace (the final-state output) of [D, W] per program, read and written once per block in D-wide
+column tiles ([M_k], [M_v], [M_mem]) and the two gate columns. Block n's keys and gates are read from the
+tiles first, then each tile is read, updated and written back in place (barriers between the phases).
+
+selfmod_bwd_kernel: one program per (batch x head). It replays the forward (no outputs) to the block-start
+memories of blocks 0, S, 2S, ... (S = ceil(sqrt(#blocks))) kept in a workspace, then walks the segments in
+reverse: a segment's block-start memories are recomputed from its checkpoint into S more slots, and its
+blocks are differentiated last to first with the adjoint dM of the memory (fp32 workspace, the dM_0
+output) updated in place, column tile by column tile:
+
+    dX    = (w k) dM_end (+ (A^T do') on mem, A = (q k^T) * C, do' = scale do),   dY = lr dX,   dE = dY Mbar^T
+    dlr   = rowsum(dX * Y),   G = X dM_end^T,  dk = w G + (P * C)^T q - dE  (P = do' X[mem]^T),   dv = dE
+    dq    = gamma (do' Mbar[mem]^T) + (P * C) k
+    dLD   from gamma (o, gamma_L), C and w; d ld = reverse cumsum of dLD; dr through norm and the sigmoids
+    du    = dr Mbar[:, :2D+2]^T
+    dMbar = gamma_L dM_end + E^T dY (+ q^T (gamma do') on mem) (+ u^T dr on the first 2D + 2 columns)
+
+Memory beyond inputs and outputs: (#checkpoints + S) [D, W] fp32 states per (batch x head) in the backward.
+Momentum is not in these kernels (selfmod.py runs it on the torch path).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..aot import KernelConfig
+from ..triton_utils import autotune, check_grid, empty, kernel_spec, load_tile, upcast_dots
+
+FWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 4) for w in (4, 8)]
+BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 8) for w in (4, 8)]
+MAX_BLOCK = 64      # tokens per block (min(period, T)) the kernels take; longer blocks run the torch path
+MAX_D = 128
+
+
+def supported(D: int, T: int, period: int) -> bool:
+    """Whether the kernels take this head size and block length."""
+    return 1 <= D <= MAX_D and min(period, T) <= MAX_BLOCK
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def checkpoints(NB: int):
+    """(S, NCK): blocks per segment and checkpoints of a sequence of NB blocks."""
+    S = math.isqrt(NB - 1) + 1 if NB > 1 else 1
+    return S, triton.cdiv(NB, S)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+@triton.jit
+def _copy(src, dst, N, LOAD: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[:N] = src[:N] (zeros unless LOAD)."""
+    o = tl.arange(0, BLOCK)
+    for i in range(0, tl.cdiv(N, BLOCK)):
+        m = i * BLOCK + o < N
+        x = tl.zeros([BLOCK], dtype=tl.float32)
+        if LOAD:
+            x = tl.load(src + i * BLOCK + o, mask=m, other=0.)
+        tl.store(dst + i * BLOCK + o, x, mask=m)
+
+
+@triton.jit
+def _tile_ptrs(M, col0, o_d, m_d, W: tl.constexpr):
+    """Pointers and mask of the [BD, BD] tile of columns col0 .. col0 + D - 1 of a [D, W] memory."""
+    return M + o_d[:, None] * W + col0 + o_d[None, :], m_d[:, None] & m_d[None, :]
+
+
+@triton.jit
+def _tile(M, col0, o_d, m_d, W: tl.constexpr):
+    p, m = _tile_ptrs(M, col0, o_d, m_d, W)
+    return tl.load(p, mask=m, other=0.)
+
+
+@triton.jit
+def _tokens(x, n, i_b, i_h, period, T, o_t, o_d, m_d, H: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
+    """(rows, [BL, BD] mask, tile of x) of block n's tokens; rows index [B, T, H] flattened."""
+    t0 = n * period
+    m_t = (o_t < period) & (t0 + o_t < T)
+    rows = (i_b.to(tl.int64) * T + t0 + o_t) * H + i_h
+    m = m_t[:, None] & m_d[None, :]
+    return rows, m_t, m, load_tile(x + rows[:, None] * D + o_d[None, :], m, UPCAST)
+
+
+@triton.jit
+def _project(src, b_u, b_lrb, b_db, lr_c, eps, m_t, o_d, m_d, D: tl.constexpr, W: tl.constexpr):
+    """The block's keys, values and gates from its start memory `src`:
+    (k, v, nk, nv, E = v - k, lr, sigmoid of the step's logit, ld = log decay, sigmoid of the decay's logit)."""
+    dt = b_u.dtype
+    r_k = tl.dot(b_u, _tile(src, 0, o_d, m_d, W).to(dt))
+    r_v = tl.dot(b_u, _tile(src, D, o_d, m_d, W).to(dt))
+    uf = b_u.to(tl.float32)
+    r_e = tl.sum(uf * tl.load(src + o_d * W + 2 * D, mask=m_d, other=0.)[None, :], 1)
+    r_a = tl.sum(uf * tl.load(src + o_d * W + 2 * D + 1, mask=m_d, other=0.)[None, :], 1)
+    nk = tl.rsqrt(tl.sum(r_k * r_k, 1) + eps)
+    nv = tl.rsqrt(tl.sum(r_v * r_v, 1) + eps)
+    b_k = r_k * nk[:, None]
+    b_v = r_v * nv[:, None]
+    s_e = tl.sigmoid(r_e + b_lrb)
+    b_lr = tl.where(m_t, lr_c * s_e, 0.)
+    z_a = r_a + b_db
+    s_a = tl.sigmoid(z_a)
+    b_ld = tl.where(m_t, tl.minimum(z_a, 0.) - tl.log(1. + tl.exp(-tl.abs(z_a))), 0.)
+    return b_k, b_v, nk, nv, b_v - b_k, b_lr, s_e, b_ld, s_a
+
+
+@triton.jit
+def _decays(b_ld, o_t):
+    """(gamma, C [BL, BL] causal, w, gamma_L) from the block's log decays (zero on padded rows)."""
+    LD = tl.cumsum(b_ld, 0)
+    LDL = tl.sum(b_ld, 0)
+    b_C = tl.exp(tl.where(o_t[None, :] <= o_t[:, None], LD[:, None] - LD[None, :], float("-inf")))
+    return tl.exp(LD), b_C, tl.exp(LDL - LD), tl.exp(LDL)
+
+
+@triton.jit
+def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
+                   H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+                   WRITE_O: tl.constexpr, UPCAST: tl.constexpr):
+    """Block n from its start memory `src` [D, W] to its end memory `dst` (may be `src`); o when WRITE_O."""
+    o_t = tl.arange(0, BL)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    rows, m_t, m_td, b_u = _tokens(u, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+    dt = b_u.dtype
+    b_k, b_v, nk, nv, b_E, b_lr, s_e, b_ld, s_a = _project(src, b_u, tl.load(lr_bias + i_h), tl.load(decay_bias + i_h),
+                                                           lr_c, eps, m_t, o_d, m_d, D, W)
+    b_g, b_C, b_w, gL = _decays(b_ld, o_t)
+    b_wk = (b_w[:, None] * b_k).to(dt)
+    b_Ed = b_E.to(dt)
+    tl.debug_barrier()
+    for c in tl.static_range(3):
+        col0 = c * D + (2 if c == 2 else 0)
+        p, m = _tile_ptrs(src, col0, o_d, m_d, W)
+        b_M = tl.load(p, mask=m, other=0.)
+        b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
+        b_end = gL * b_M + tl.dot(tl.trans(b_wk), b_X.to(dt))
+        if c == 2 and WRITE_O:
+            _, _, _, b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+            b_A = tl.dot(b_q, tl.trans(b_k.to(dt))) * b_C
+            b_o = b_g[:, None] * tl.dot(b_q, b_M.to(dt)) + tl.dot(b_A.to(dt), b_X.to(dt))
+            tl.store(o + rows[:, None] * D + o_d[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_td)
+        tl.debug_barrier()
+        tl.store(dst + o_d[:, None] * W + col0 + o_d[None, :], b_end, mask=m)
+    for c in tl.static_range(2):
+        p = o_d * W + 2 * D + c
+        b_m = tl.load(src + p, mask=m_d, other=0.)
+        b_x = b_lr * tl.sum(b_E * b_m[None, :], 1)
+        b_end = gL * b_m + tl.sum(b_wk.to(tl.float32) * b_x[:, None], 0)
+        tl.debug_barrier()
+        tl.store(dst + p, b_end, mask=m_d)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
+                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """Block n's gradients from its start memory `src`; dM holds dM_end and becomes dMbar. Returns the
+    block's contributions to (d lr_bias, d decay_bias)."""
+    o_t = tl.arange(0, BL)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    rows, m_t, m_td, b_u = _tokens(u, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+    _, _, _, b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+    _, _, _, b_do = _tokens(do, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+    dt = b_u.dtype
+    b_do = (scale * b_do.to(tl.float32)).to(dt)
+    b_k, b_v, nk, nv, b_E, b_lr, s_e, b_ld, s_a = _project(src, b_u, tl.load(lr_bias + i_h), tl.load(decay_bias + i_h),
+                                                           lr_c, eps, m_t, o_d, m_d, D, W)
+    b_g, b_C, b_w, gL = _decays(b_ld, o_t)
+    b_kd = b_k.to(dt)
+    b_wk = (b_w[:, None] * b_k).to(dt)
+    b_Ed = b_E.to(dt)
+    b_QK = tl.dot(b_q, tl.trans(b_kd))
+    b_A = b_QK * b_C
+    b_G = tl.zeros([BL, BD], dtype=tl.float32)       # X dM_end^T summed over columns
+    b_dE = tl.zeros([BL, BD], dtype=tl.float32)
+    b_dk = tl.zeros([BL, BD], dtype=tl.float32)      # from the outputs
+    b_dq = tl.zeros([BL, BD], dtype=tl.float32)
+    b_dlr = tl.zeros([BL], dtype=tl.float32)
+    b_dg = tl.zeros([BL], dtype=tl.float32)
+    b_dC = tl.zeros([BL, BL], dtype=tl.float32)
+    dgL = 0.
+    for c in tl.static_range(3):
+        col0 = c * D + (2 if c == 2 else 0)
+        p, m = _tile_ptrs(src, col0, o_d, m_d, W)
+        b_M = tl.load(p, mask=m, other=0.)
+        b_dN = tl.load(dM + o_d[:, None] * W + col0 + o_d[None, :], mask=m, other=0.)
+        b_Md = b_M.to(dt)
+        b_Y = tl.dot(b_Ed, b_Md)
+        b_X = b_lr[:, None] * b_Y
+        b_dX = tl.dot(b_wk, b_dN.to(dt))
+        b_G += tl.dot(b_X.to(dt), tl.trans(b_dN.to(dt)))
+        dgL += tl.sum(tl.sum(b_dN * b_M, 1), 0)
+        b_dMbar = gL * b_dN
+        if c == 2:
+            b_dX += tl.dot(tl.trans(b_A.to(dt)), b_do)
+            b_P = tl.dot(b_do, tl.trans(b_X.to(dt)))
+            b_PC = (b_P * b_C).to(dt)
+            b_dq += b_g[:, None] * tl.dot(b_do, tl.trans(b_Md)) + tl.dot(b_PC, b_kd)
+            b_dk += tl.dot(tl.trans(b_PC), b_q)
+            b_dg += tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_Md), 1)
+            b_dC += b_QK * b_P
+            b_dMbar += tl.dot(tl.trans(b_q), (b_g[:, None] * b_do.to(tl.float32)).to(dt))
+        b_dlr += tl.sum(b_dX * b_Y, 1)
+        b_dY = b_lr[:, None] * b_dX
+        b_dE += tl.dot(b_dY.to(dt), tl.trans(b_Md))
+        b_dMbar += tl.dot(tl.trans(b_Ed), b_dY.to(dt))
+        tl.debug_barrier()
+        tl.store(dM + o_d[:, None] * W + col0 + o_d[None, :], b_dMbar, mask=m)
+    b_wkf = b_wk.to(tl.float32)
+    for c in tl.static_range(2):
+        p = o_d * W + 2 * D + c
+        b_m = tl.load(src + p, mask=m_d, other=0.)
+        b_dn = tl.load(dM + p, mask=m_d, other=0.)
+        b_y = tl.sum(b_E * b_m[None, :], 1)
+        b_dx = tl.sum(b_wkf * b_dn[None, :], 1)
+        b_G += (b_lr * b_y)[:, None] * b_dn[None, :]
+        dgL += tl.sum(b_dn * b_m, 0)
+        b_dlr += b_dx * b_y
+        b_dy = b_lr * b_dx
+        b_dE += b_dy[:, None] * b_m[None, :]
+        tl.debug_barrier()
+        tl.store(dM + p, gL * b_dn + tl.sum(b_E * b_dy[:, None], 0), mask=m_d)
+    tl.debug_barrier()
+    # keys, values and log decays
+    b_dk += b_w[:, None] * b_G - b_dE
+    b_dw = tl.sum(b_k * b_G, 1)
+    b_dC = tl.where(o_t[None, :] <= o_t[:, None], b_dC * b_C, 0.)
+    b_dLD = b_dg * b_g + tl.sum(b_dC, 1) - tl.sum(b_dC, 0) - b_dw * b_w
+    L = tl.sum(m_t.to(tl.int32), 0)
+    b_dLD += tl.where(o_t == L - 1, tl.sum(b_dw * b_w, 0) + dgL * gL, 0.)
+    b_dld = tl.sum(b_dLD, 0) - tl.cumsum(b_dLD, 0) + b_dLD
+    d_a = tl.where(m_t, b_dld * (1. - s_a), 0.)
+    d_e = tl.where(m_t, b_dlr * b_lr * (1. - s_e), 0.)
+    d_rk = nk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])
+    d_rv = nv[:, None] * (b_dE - b_v * tl.sum(b_v * b_dE, 1)[:, None])
+    # r = u Mbar[:, :2D + 2]: du and the u^T dr part of dMbar
+    b_du = tl.zeros([BL, BD], dtype=tl.float32)
+    for c in tl.static_range(2):
+        p, m = _tile_ptrs(src, c * D, o_d, m_d, W)
+        b_dr = d_rk if c == 0 else d_rv
+        b_du += tl.dot(b_dr.to(dt), tl.trans(tl.load(p, mask=m, other=0.).to(dt)))
+        pd = dM + o_d[:, None] * W + c * D + o_d[None, :]
+        b_acc = tl.load(pd, mask=m, other=0.) + tl.dot(tl.trans(b_u), b_dr.to(dt))
+        tl.debug_barrier()
+        tl.store(pd, b_acc, mask=m)
+    uf = b_u.to(tl.float32)
+    for c in tl.static_range(2):
+        p = o_d * W + 2 * D + c
+        b_dz = d_e if c == 0 else d_a
+        b_du += b_dz[:, None] * tl.load(src + p, mask=m_d, other=0.)[None, :]
+        b_acc = tl.load(dM + p, mask=m_d, other=0.) + tl.sum(uf * b_dz[:, None], 0)
+        tl.debug_barrier()
+        tl.store(dM + p, b_acc, mask=m_d)
+    tl.store(dq + rows[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_td)
+    tl.store(du + rows[:, None] * D + o_d[None, :], b_du.to(du.dtype.element_ty), mask=m_td)
+    tl.debug_barrier()
+    return tl.sum(d_e, 0), tl.sum(d_a, 0)
+
+
+# ----------------------------------------------------------------------------- kernels
+@autotune(FWD_CONFIGS, key=["H", "D", "BL"])
+@triton.jit
+def selfmod_fwd_kernel(q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scale, lr_c, eps,
+                       H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    """One program per (batch x head): every block in order, the memory in MT (the final-state output)."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    state = MT + i_bh.to(tl.int64) * D * W
+    _copy(M0 + i_bh.to(tl.int64) * D * W, state, D * W, True, 1024)
+    tl.debug_barrier()
+    for n in range(0, NB):
+        _block_forward(state, state, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
+                       H, D, W, BD, BL, True, UPCAST)
+
+
+@autotune(BWD_CONFIGS, key=["H", "D", "BL", "USE_FINAL_GRAD"])
+@triton.jit
+def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb, dM0, st, T, NB, S, NCK, period,
+                       scale, lr_c, eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr,
+                       BL: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (batch x head): checkpoints every S blocks, then segments in reverse (module docstring).
+    `st` holds NCK + S memories per program: checkpoint g in slot g, a segment's block i > 0 in slot NCK + i
+    (slot NCK is also the running memory of the first replay)."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    DW = D * W
+    base = st + i_bh.to(tl.int64) * (NCK + S) * DW
+    dM = dM0 + i_bh.to(tl.int64) * DW
+    _copy(M0 + i_bh.to(tl.int64) * DW, base, DW, True, 1024)
+    _copy(dMT + i_bh.to(tl.int64) * DW, dM, DW, USE_FINAL_GRAD, 1024)
+    tl.debug_barrier()
+    for n in range(0, (NCK - 1) * S):
+        i_src = tl.where(n % S == 0, n // S, NCK)
+        i_dst = tl.where((n + 1) % S == 0, (n + 1) // S, NCK)
+        _block_forward(base + i_src * DW, base + i_dst * DW, q, u, q, lr_bias, decay_bias, n, i_b, i_h, T, period,
+                       scale, lr_c, eps, H, D, W, BD, BL, False, UPCAST)
+    d_lrb = 0.
+    d_db = 0.
+    for g_rev in range(0, NCK):
+        g = NCK - 1 - g_rev
+        n0 = g * S
+        nb = tl.minimum(S, NB - n0)
+        for i in range(0, nb - 1):
+            i_src = tl.where(i == 0, g, NCK + i)
+            _block_forward(base + i_src * DW, base + (NCK + i + 1) * DW, q, u, q, lr_bias, decay_bias, n0 + i, i_b,
+                           i_h, T, period, scale, lr_c, eps, H, D, W, BD, BL, False, UPCAST)
+        for i_rev in range(0, nb):
+            i = nb - 1 - i_rev
+            i_src = tl.where(i == 0, g, NCK + i)
+            a, b = _block_backward(base + i_src * DW, dM, q, u, do, dq, du, lr_bias, decay_bias, n0 + i, i_b, i_h,
+                                   T, period, scale, lr_c, eps, H, D, W, BD, BL, UPCAST)
+            d_lrb += a
+            d_db += b
+    tl.store(dlrb + i_bh, d_lrb)
+    tl.store(ddb + i_bh, d_db)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _flags(q, T: int, period: int):
+    D = q.shape[-1]
+    return dict(H=q.shape[2], D=D, W=3 * D + 2, BD=_pad(D), BL=_pad(min(period, T)), UPCAST=upcast_dots(q.dtype))
+
+
+def selfmod_forward(q, u, lr_bias, decay_bias, M0, scale, lr_max, period, eps):
+    """(o [B, T, H, D] in q's dtype, M_T float32) of contiguous q, u and float32 M0 [B, H, D, W]."""
+    B, T, H, D = q.shape
+    o = empty(B, T, H, D, dtype=q.dtype, device=q.device)
+    MT = empty(B, H, D, 3 * D + 2, dtype=torch.float32, device=q.device)
+    NB = triton.cdiv(T, period)
+    if B * H:
+        selfmod_fwd_kernel[check_grid((B * H,))](q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scale,
+                                                 lr_max / period, eps, **_flags(q, T, period))
+    return o, MT
+
+
+def selfmod_backward(q, u, lr_bias, decay_bias, M0, do, dMT, scale, lr_max, period, eps):
+    """(dq, du, d lr_bias [H], d decay_bias [H], dM0 float32) with dMT None for no final-state gradient."""
+    B, T, H, D = q.shape
+    W = 3 * D + 2
+    NB = triton.cdiv(T, period)
+    S, NCK = checkpoints(NB)
+    dq = empty(B, T, H, D, dtype=q.dtype, device=q.device)
+    du = empty(B, T, H, D, dtype=u.dtype, device=u.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dlrb, ddb, dM0 = empty(B, H, **f32), empty(B, H, **f32), empty(B, H, D, W, **f32)
+    st = empty(B * H, NCK + S, D, W, **f32)
+    if B * H:
+        selfmod_bwd_kernel[check_grid((B * H,))](q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb, dM0, st,
+                                                 T, NB, S, NCK, period, scale, lr_max / period, eps,
+                                                 USE_FINAL_GRAD=dMT is not None, **_flags(q, T, period))
+    return dq, du, dlrb.sum(0), ddb.sum(0), dM0
+
+
+# ----------------------------------------------------------------------------- AOT compile specs
+def compile_specs():
+    """Both kernels at D = 64 and 128, bf16 and fp32, blocks of 16 tokens."""
+    specs = []
+    scalars = {"T": "i32", "NB": "i32", "period": "i32", "scale": "fp32", "lr_c": "fp32", "eps": "fp32"}
+    for D in (64, 128):
+        for dt in ("bf16", "fp32"):
+            tag = f"D={D},{dt}"
+            flags = dict(H=4, D=D, W=3 * D + 2, BD=D, BL=16, UPCAST=False)
+            ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", o=dt, MT="fp32")
+            specs.append(kernel_spec(f"titans.selfmod_fwd[{tag}]", selfmod_fwd_kernel, FWD_CONFIGS, ptrs, set(ptrs),
+                                     scalars, flags))
+            ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", do=dt, dMT="fp32", dq=dt, du=dt,
+                        dlrb="fp32", ddb="fp32", dM0="fp32", st="fp32")
+            specs.append(kernel_spec(f"titans.selfmod_bwd[{tag}]", selfmod_bwd_kernel, BWD_CONFIGS, ptrs, set(ptrs),
+                                     dict(scalars, S="i32", NCK="i32"), dict(flags, USE_FINAL_GRAD=True)))
+    return specs
