@@ -223,6 +223,59 @@ def _call_titans(period: int):
     return call
 
 
+# titans_selfmod_scan (the paper's period 16, no momentum: the shipped configs) and the HOPE layers around it
+SELFMOD_PERIOD = 16
+
+
+def _make_selfmod(s: Shape, dtype, device, grad):
+    D, W = s.K, 3 * s.K + 2
+    q = F.normalize(torch.randn(s.B, s.T, s.H, D, device=device), dim=-1).to(dtype).requires_grad_(grad)
+    eye = torch.eye(D, device=device).expand(s.B, s.H, D, D)
+    M0 = torch.cat([eye, eye, 0.02 * torch.randn(s.B, s.H, D, 2, device=device), eye], -1) \
+        + 0.1 * torch.randn(s.B, s.H, D, W, device=device)
+    args = {"q": q, "u": _randn(s.B, s.T, s.H, D, dtype=dtype, device=device, grad=grad),
+            "lr_bias": torch.zeros(s.H, device=device).requires_grad_(grad),
+            "decay_bias": torch.full((s.H,), 4.0, device=device).requires_grad_(grad),
+            "M0": M0.requires_grad_(grad)}
+    return Inputs(args, list(args) if grad else [])
+
+
+def _call_selfmod(provider, a):
+    return _hk("titans_selfmod_scan", provider)(a["q"], a["u"], a["lr_bias"], a["decay_bias"], lr_max=1.0,
+                                                period=SELFMOD_PERIOD, initial_state=a["M0"])[0]
+
+
+_LAYERS: Dict[tuple, torch.nn.Module] = {}
+
+
+def _layer(kind: str, dim: int, H: int, provider: str, dtype, device) -> torch.nn.Module:
+    """The layer of `kind` (same weights for every provider and dtype: built from one seed, then cast)."""
+    key = (kind, dim, H, provider, dtype, str(device))
+    if key not in _LAYERS:
+        from hope.titans import TitansLayer
+        state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        if kind == "selfmod":     # the paper's HOPE attention part (hope_paper.yaml)
+            layer = TitansLayer(dim, H, period=SELFMOD_PERIOD, self_modifying=True, backend=provider)
+        else:                     # a CMS level (hope.levels.make_level, cms_memory="linear")
+            layer = TitansLayer(dim, H, period=SELFMOD_PERIOD, conv_window=0, read_with_key=True, backend=provider)
+        torch.random.set_rng_state(state)
+        _LAYERS[key] = layer.to(device=device, dtype=dtype)
+    return _LAYERS[key]
+
+
+def _make_layer(s: Shape, dtype, device, grad):
+    return Inputs({"x": _randn(s.B, s.T, s.H * s.K, dtype=dtype, device=device, grad=grad),
+                   "heads": torch.tensor(s.H)}, ["x"] if grad else [])
+
+
+def _call_layer(kind: str):
+    def call(provider, a):
+        x = a["x"]
+        return _layer(kind, x.shape[-1], int(a["heads"]), provider, x.dtype, x.device)(x)
+    return call
+
+
 # linear_attention_step (SDPA: one query against a T-token KV cache)
 def _make_la_step(s: Shape, dtype, device, grad):
     args = {"q": _randn(s.B, s.H, s.K, dtype=dtype, device=device),
@@ -280,6 +333,9 @@ CASES: Dict[str, Case] = {c.name: c for c in [
     Case("titans_scan_dgd", MODES, _SCAN_PROVIDERS + ("fla",), _make_titans(True, False), _call_titans(1), False),
     Case("titans_scan_p16", MODES, _SCAN_PROVIDERS, _make_titans(True, False), _call_titans(16), False),
     Case("titans_scan_p64", MODES, _SCAN_PROVIDERS, _make_titans(True, False), _call_titans(64), False),
+    Case("titans_selfmod_scan", MODES, _SCAN_PROVIDERS, _make_selfmod, _call_selfmod, False),
+    Case("hope_selfmod_layer", MODES, _SCAN_PROVIDERS, _make_layer, _call_layer("selfmod"), False),
+    Case("hope_level_layer", MODES, _SCAN_PROVIDERS, _make_layer, _call_layer("level"), False),
     Case("linear_attention_step", ("fwd",), _SCAN_PROVIDERS + ("sdpa",), _make_la_step, _call_la_step, True, True),
     Case("cms_step", ("fwd",), _SCAN_PROVIDERS, _make_cms_step, _call_cms_step, True, True),
     Case("ema_update_", ("fwd",), _SCAN_PROVIDERS, _make_ema, _call_ema, True, True),

@@ -86,7 +86,7 @@ fi
 # 2. the sweep: every op, provider and mode, T = 1K..16K, bf16
 run_phase bench "${SWEEP_S:-150}" "$PY" -m benchmarks --out "$OUT/bench" "${SIZES[@]}"
 run_phase bench_large "${SWEEP_LARGE_S:-80}" "$PY" -m benchmarks --out "$OUT/bench_large" "${SIZES_LARGE[@]}" \
-    --ops linear_attention,linear_attention_noncausal,cms_scan_mix,titans_scan,titans_scan_dgd,titans_scan_p16,titans_scan_p64,titans_scan_blocks,cms_step,ema_update_ --modes fwd,fwd+bwd
+    --ops linear_attention,linear_attention_noncausal,cms_scan_mix,titans_scan,titans_scan_dgd,titans_scan_p16,titans_scan_p64,titans_scan_blocks,titans_selfmod_scan,hope_selfmod_layer,hope_level_layer,cms_step,ema_update_ --modes fwd,fwd+bwd
 
 # 3. the model: training / generation tokens/s, latency per token vs prefix
 run_phase model "${MODEL_S:-50}" "$PY" -m benchmarks.model --out "$OUT/model" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"}

@@ -36,6 +36,16 @@ FLOPs (one multiply-add = 2 FLOPs) are those of the chunked algorithm at chunk s
   (k S: 2 C K V), the intra-chunk [C, C] products (k k^T, q k^T: 4 C^2 K; their products with the
   residuals: 4 C^2 V), the read-out q S (2 C K V) and the state update k^T u (2 C K V); the
   UT transform of period 1 adds the triangular solve (C^3 / 3 per chunk, small). All times B H T / C.
+- titans_selfmod_scan (period P, blocks of C = min(P, T) tokens, W = 3K + 2 columns): per token the
+  projections u Mbar[:, :2K + 2] (2 K (2K + 2)), the residual (v - k) Mbar and the update k^T X (4 K W),
+  the read q Mbar[mem] (2 K^2) and the intra-block q k^T, A X[mem] (4 C K); all times B H T. Bytes: q, u and
+  o once, the memory M_0 read and M_T written (float32); backward q, u, do read, dq, du written, M_0 and dM_T
+  read, dM_0 written. The fp32 memory workspace (read and written once per block) is not compulsory.
+- hope_selfmod_layer / hope_level_layer (hope.titans.TitansLayer: the paper's self-modifying Titans,
+  period 16; a CMS level, read_with_key, period 16; dim = H K): the input projection (2 B T dim (3 dim),
+  and 2 H gate columns for the level) and the output projection (2 B T dim^2) plus the op
+  (titans_selfmod_scan, or titans_scan with its two gates); bytes: x read and y written, the weights read
+  once, plus the op's bytes. Intermediates (projections, conv, read-out gate) are not counted.
 - step kernels: 4 B H K V for linear_attention_step; cms_step B H (K V + 5 M K V) (outer product
   once, then decay-update and read-out per memory); SDPA decode over a T-token KV cache 4 B H T D.
 - ema_update_: 3 M N with N the elements of one buffer; bytes 2 x 4 M N (float32 buffers read and
@@ -141,6 +151,25 @@ def _titans(s: Shape, e: int, gates: int):
     return fwd_b, bwd_b, f, 2.0 * f
 
 
+def _selfmod(s: Shape, e: int):
+    n, bh, W = s.B * s.T * s.H, s.B * s.H, 3 * s.K + 2
+    C = min(16, s.T)
+    state = STATE_BYTES * bh * s.K * W
+    f = n * (2.0 * s.K * (2 * s.K + 2) + 4.0 * s.K * W + 2.0 * s.K * s.K + 4.0 * C * s.K)
+    return 3 * e * n * s.K + 2 * state, 5 * e * n * s.K + 3 * state, f, 2.0 * f
+
+
+def _layer(s: Shape, e: int, op):
+    """A TitansLayer around `op`'s cost (module docstring)."""
+    dim = s.H * s.K
+    n = s.B * s.T
+    gates = 2 * s.H if op is _titans else 0
+    weights = e * (dim * (3 * dim + gates) + dim * dim)
+    f = 2.0 * n * dim * (3 * dim + gates) + 2.0 * n * dim * dim
+    fb, bb, ff, bf = op(s, e) if op is _selfmod else op(s, e, 2)
+    return 2 * e * n * dim + weights + fb, 3 * e * n * dim + 2 * weights + bb, f + ff, 2.0 * f + bf
+
+
 def _la_step(s: Shape, e: int, softmax: bool):
     bh = s.B * s.H
     if softmax:  # one query against a T-token KV cache
@@ -179,6 +208,9 @@ def _cost(op: str, provider: str, s: Shape, e: int) -> Tuple[float, float, float
         "titans_scan_dgd": lambda: _titans(s, e, 2),
         "titans_scan_p16": lambda: _titans(s, e, 2),
         "titans_scan_p64": lambda: _titans(s, e, 2),
+        "titans_selfmod_scan": lambda: _selfmod(s, e),
+        "hope_selfmod_layer": lambda: _layer(s, e, _selfmod),
+        "hope_level_layer": lambda: _layer(s, e, _titans),
         "linear_attention_step": lambda: _la_step(s, e, softmax),
         "cms_step": lambda: _cms_step(s, e),
         "ema_update_": lambda: _ema(s, e),

@@ -110,14 +110,14 @@ def test_triton_provider_under_interpreter(tmp_path):
     _run(["--seq-lens", "16", "--batch", "1", "--heads", "1", "--head-dim", "16", "--memories", "2",
           "--budget-s", "0", "--min-reps", "1", "--threads", "1", "--device", "cpu", "--interpret",
           "--providers", "triton",
-          "--ops", "linear_attention,cms_scan_mix,linear_attention_step,cms_step,ema_update_",
+          "--ops", "linear_attention,cms_scan_mix,titans_selfmod_scan,linear_attention_step,cms_step,ema_update_",
           "--modes", "fwd,bwd", "--no-plots"], tmp_path)
     with open(tmp_path / "results.json") as f:
         data = json.load(f)
     rows = [r for r in data["rows"] if r["metric"] == "time"]
     assert {r["provider"] for r in rows} == {"triton"}, data["notes"]
-    assert {r["op"] for r in rows} == {"linear_attention", "cms_scan_mix", "linear_attention_step",
-                                       "cms_step", "ema_update_"}, data["notes"]
+    assert {r["op"] for r in rows} == {"linear_attention", "cms_scan_mix", "titans_selfmod_scan",
+                                       "linear_attention_step", "cms_step", "ema_update_"}, data["notes"]
     for r in rows:
         assert math.isfinite(r["rel_err"]) and r["rel_err"] <= REL_ERR_BOUND, r
 
