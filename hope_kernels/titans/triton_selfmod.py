@@ -168,6 +168,27 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, perio
 
 
 @triton.jit
+def _end_tile(src, dM, col0, b_Y, b_X, b_Md, b_dX, b_dMbar, b_Ed, b_wk, b_lr, gL, b_G, b_dE, b_dlr, dgL, o_d, m_d,
+              W: tl.constexpr):
+    """One D-wide column tile of M_end = gamma_L Mbar + (w k)^T X, X = lr Y, Y = E Mbar, differentiated: dM_end
+    (in dM) becomes gamma_L dM_end + E^T dY + b_dMbar; b_dX is the tile's dX from elsewhere (the read).
+    Returns the running (G, dE, dlr, d gamma_L)."""
+    dt = b_Md.dtype
+    p, m = _tile_ptrs(dM, col0, o_d, m_d, W)
+    b_dN = tl.load(p, mask=m, other=0.)
+    b_dX += tl.dot(b_wk, b_dN.to(dt))
+    b_G += tl.dot(b_X, tl.trans(b_dN.to(dt)))
+    dgL += tl.sum(tl.sum(b_dN * _tile(src, col0, o_d, m_d, W), 1), 0)
+    b_dlr += tl.sum(b_dX * b_Y, 1)
+    b_dY = (b_lr[:, None] * b_dX).to(dt)
+    b_dE += tl.dot(b_dY, tl.trans(b_Md))
+    b_dMbar += gL * b_dN + tl.dot(tl.trans(b_Ed), b_dY)
+    tl.debug_barrier()
+    tl.store(p, b_dMbar, mask=m)
+    return b_G, b_dE, b_dlr, dgL
+
+
+@triton.jit
 def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
                     H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
                     UPCAST: tl.constexpr):
@@ -185,45 +206,37 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
                                                            lr_c, eps, m_t, o_d, m_d, D, W)
     b_g, b_C, b_w, gL = _decays(b_ld, o_t)
     b_kd = b_k.to(dt)
-    b_wk = (b_w[:, None] * b_k).to(dt)
     b_Ed = b_E.to(dt)
-    b_QK = tl.dot(b_q, tl.trans(b_kd))
-    b_A = b_QK * b_C
+    b_wk = (b_w[:, None] * b_k).to(dt)
     b_G = tl.zeros([BL, BD], dtype=tl.float32)       # X dM_end^T summed over columns
     b_dE = tl.zeros([BL, BD], dtype=tl.float32)
-    b_dk = tl.zeros([BL, BD], dtype=tl.float32)      # from the outputs
-    b_dq = tl.zeros([BL, BD], dtype=tl.float32)
     b_dlr = tl.zeros([BL], dtype=tl.float32)
-    b_dg = tl.zeros([BL], dtype=tl.float32)
-    b_dC = tl.zeros([BL, BL], dtype=tl.float32)
     dgL = 0.
-    for c in tl.static_range(3):
-        col0 = c * D + (2 if c == 2 else 0)
-        p, m = _tile_ptrs(src, col0, o_d, m_d, W)
-        b_M = tl.load(p, mask=m, other=0.)
-        b_dN = tl.load(dM + o_d[:, None] * W + col0 + o_d[None, :], mask=m, other=0.)
-        b_Md = b_M.to(dt)
+    # the mem columns and the read o: dq (stored here), o's part of dk, dLD, dX[mem] and dMbar[mem]
+    col0 = 2 * D + 2
+    p, m = _tile_ptrs(src, col0, o_d, m_d, W)
+    b_Md = tl.load(p, mask=m, other=0.).to(dt)
+    b_Y = tl.dot(b_Ed, b_Md)
+    b_Xm = (b_lr[:, None] * b_Y).to(dt)
+    b_QK = tl.dot(b_q, tl.trans(b_kd))
+    b_P = tl.dot(b_do, tl.trans(b_Xm))
+    b_PC = (b_P * b_C).to(dt)
+    b_dq = b_g[:, None] * tl.dot(b_do, tl.trans(b_Md)) + tl.dot(b_PC, b_kd)
+    tl.store(dq + rows[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_td)
+    b_dk = tl.dot(tl.trans(b_PC), b_q)
+    b_dC = b_QK * b_P * b_C
+    b_dLD = b_g * tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_Md), 1) + tl.sum(b_dC, 1) - tl.sum(b_dC, 0)
+    b_dX = tl.dot(tl.trans((b_QK * b_C).to(dt)), b_do)
+    b_dMbar = tl.dot(tl.trans(b_q), (b_g[:, None] * b_do.to(tl.float32)).to(dt))
+    b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, col0, b_Y, b_Xm, b_Md, b_dX, b_dMbar, b_Ed, b_wk, b_lr, gL, b_G, b_dE,
+                                      b_dlr, dgL, o_d, m_d, W)
+    # the M_k and M_v columns
+    for c in tl.static_range(2):
+        p, m = _tile_ptrs(src, c * D, o_d, m_d, W)
+        b_Md = tl.load(p, mask=m, other=0.).to(dt)
         b_Y = tl.dot(b_Ed, b_Md)
-        b_X = b_lr[:, None] * b_Y
-        b_dX = tl.dot(b_wk, b_dN.to(dt))
-        b_G += tl.dot(b_X.to(dt), tl.trans(b_dN.to(dt)))
-        dgL += tl.sum(tl.sum(b_dN * b_M, 1), 0)
-        b_dMbar = gL * b_dN
-        if c == 2:
-            b_dX += tl.dot(tl.trans(b_A.to(dt)), b_do)
-            b_P = tl.dot(b_do, tl.trans(b_X.to(dt)))
-            b_PC = (b_P * b_C).to(dt)
-            b_dq += b_g[:, None] * tl.dot(b_do, tl.trans(b_Md)) + tl.dot(b_PC, b_kd)
-            b_dk += tl.dot(tl.trans(b_PC), b_q)
-            b_dg += tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_Md), 1)
-            b_dC += b_QK * b_P
-            b_dMbar += tl.dot(tl.trans(b_q), (b_g[:, None] * b_do.to(tl.float32)).to(dt))
-        b_dlr += tl.sum(b_dX * b_Y, 1)
-        b_dY = b_lr[:, None] * b_dX
-        b_dE += tl.dot(b_dY.to(dt), tl.trans(b_Md))
-        b_dMbar += tl.dot(tl.trans(b_Ed), b_dY.to(dt))
-        tl.debug_barrier()
-        tl.store(dM + o_d[:, None] * W + col0 + o_d[None, :], b_dMbar, mask=m)
+        b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, c * D, b_Y, (b_lr[:, None] * b_Y).to(dt), b_Md, 0., 0., b_Ed, b_wk,
+                                          b_lr, gL, b_G, b_dE, b_dlr, dgL, o_d, m_d, W)
     b_wkf = b_wk.to(tl.float32)
     for c in tl.static_range(2):
         p = o_d * W + 2 * D + c
@@ -242,8 +255,7 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
     # keys, values and log decays
     b_dk += b_w[:, None] * b_G - b_dE
     b_dw = tl.sum(b_k * b_G, 1)
-    b_dC = tl.where(o_t[None, :] <= o_t[:, None], b_dC * b_C, 0.)
-    b_dLD = b_dg * b_g + tl.sum(b_dC, 1) - tl.sum(b_dC, 0) - b_dw * b_w
+    b_dLD -= b_dw * b_w
     L = tl.sum(m_t.to(tl.int32), 0)
     b_dLD += tl.where(o_t == L - 1, tl.sum(b_dw * b_w, 0) + dgL * gL, 0.)
     b_dld = tl.sum(b_dLD, 0) - tl.cumsum(b_dLD, 0) + b_dLD
@@ -269,7 +281,6 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
         b_acc = tl.load(dM + p, mask=m_d, other=0.) + tl.sum(uf * b_dz[:, None], 0)
         tl.debug_barrier()
         tl.store(dM + p, b_acc, mask=m_d)
-    tl.store(dq + rows[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_td)
     tl.store(du + rows[:, None] * D + o_d[None, :], b_du.to(du.dtype.element_ty), mask=m_td)
     tl.debug_barrier()
     return tl.sum(d_e, 0), tl.sum(d_a, 0)
@@ -371,19 +382,32 @@ def selfmod_backward(q, u, lr_bias, decay_bias, M0, do, dMT, scale, lr_max, peri
 
 
 # ----------------------------------------------------------------------------- AOT compile specs
+SCALARS = {"T": "i32", "NB": "i32", "period": "i32", "scale": "fp32", "lr_c": "fp32", "eps": "fp32"}
+SPEC_SHAPES = [(D, dt) for D in (64, 128) for dt in ("bf16", "fp32")]
+
+
+def _flags_spec(D: int) -> dict:
+    return dict(H=4, D=D, W=3 * D + 2, BD=D, BL=16, UPCAST=False)
+
+
 def compile_specs():
-    """Both kernels at D = 64 and 128, bf16 and fp32, blocks of 16 tokens."""
+    """The forward kernel at D = 64 and 128, bf16 and fp32, blocks of 16 tokens (no spills). The backward's
+    specs are listed apart (`backward_compile_specs`): its default configs spill on sm_80 / sm_90."""
     specs = []
-    scalars = {"T": "i32", "NB": "i32", "period": "i32", "scale": "fp32", "lr_c": "fp32", "eps": "fp32"}
-    for D in (64, 128):
-        for dt in ("bf16", "fp32"):
-            tag = f"D={D},{dt}"
-            flags = dict(H=4, D=D, W=3 * D + 2, BD=D, BL=16, UPCAST=False)
-            ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", o=dt, MT="fp32")
-            specs.append(kernel_spec(f"titans.selfmod_fwd[{tag}]", selfmod_fwd_kernel, FWD_CONFIGS, ptrs, set(ptrs),
-                                     scalars, flags))
-            ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", do=dt, dMT="fp32", dq=dt, du=dt,
-                        dlrb="fp32", ddb="fp32", dM0="fp32", st="fp32")
-            specs.append(kernel_spec(f"titans.selfmod_bwd[{tag}]", selfmod_bwd_kernel, BWD_CONFIGS, ptrs, set(ptrs),
-                                     dict(scalars, S="i32", NCK="i32"), dict(flags, USE_FINAL_GRAD=True)))
+    for D, dt in SPEC_SHAPES:
+        ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", o=dt, MT="fp32")
+        specs.append(kernel_spec(f"titans.selfmod_fwd[D={D},{dt}]", selfmod_fwd_kernel, FWD_CONFIGS, ptrs, set(ptrs),
+                                 SCALARS, _flags_spec(D)))
+    return specs
+
+
+def backward_compile_specs():
+    """The backward kernel at the forward's shapes. It compiles for sm_80 and sm_90, but spills: at D = 64,
+    bf16, ~3.5-4.4 KB of local memory per thread on sm_80 (255 registers at 4 warps, 128 at 8)."""
+    specs = []
+    for D, dt in SPEC_SHAPES:
+        ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", do=dt, dMT="fp32", dq=dt, du=dt,
+                    dlrb="fp32", ddb="fp32", dM0="fp32", st="fp32")
+        specs.append(kernel_spec(f"titans.selfmod_bwd[D={D},{dt}]", selfmod_bwd_kernel, BWD_CONFIGS, ptrs, set(ptrs),
+                                 dict(SCALARS, S="i32", NCK="i32"), dict(_flags_spec(D), USE_FINAL_GRAD=True)))
     return specs
