@@ -17,8 +17,11 @@ i.e. titans_scan at `period` with keys k, values vhat and gates lr, decay read f
 memory; a block's inputs depend on the previous block's result, so blocks run one after another.
 See DESIGN.md ("titans_selfmod_scan").
 
-The torch path (also what backend="triton" runs: there is no Triton kernel for it) computes a block
-in one chunk-parallel step, ~25 tensor ops vectorised over batch, heads and the block's tokens:
+backend="triton" without momentum (head size D <= 128, blocks of min(period, T) <= 64 tokens) runs
+triton_selfmod.py: one forward and one backward kernel launch, a program per (batch x head) looping over
+the blocks with the memory in an fp32 workspace (its module docstring). Momentum, and longer blocks, run
+the torch path on any backend: a Python loop over blocks, each block one chunk-parallel step of ~25
+tensor ops vectorised over batch, heads and the block's tokens:
 with X = lr (v - k) Mbar (= lr (vhat - k Mbar)) and the decay / momentum products D, M of
 torch_chunked (C = D M, a = D mu, gamma_i = d_1 ... d_i),
 
