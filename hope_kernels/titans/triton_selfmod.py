@@ -390,24 +390,27 @@ def _flags_spec(D: int) -> dict:
     return dict(H=4, D=D, W=3 * D + 2, BD=D, BL=16, UPCAST=False)
 
 
+def _fwd_spec(D: int, dt: str):
+    ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", o=dt, MT="fp32")
+    return kernel_spec(f"titans.selfmod_fwd[D={D},{dt}]", selfmod_fwd_kernel, FWD_CONFIGS, ptrs, set(ptrs), SCALARS,
+                       _flags_spec(D))
+
+
+def _bwd_spec(D: int, dt: str):
+    ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", do=dt, dMT="fp32", dq=dt, du=dt,
+                dlrb="fp32", ddb="fp32", dM0="fp32", st="fp32")
+    return kernel_spec(f"titans.selfmod_bwd[D={D},{dt}]", selfmod_bwd_kernel, BWD_CONFIGS, ptrs, set(ptrs),
+                       dict(SCALARS, S="i32", NCK="i32"), dict(_flags_spec(D), USE_FINAL_GRAD=True))
+
+
 def compile_specs():
-    """The forward kernel at D = 64 and 128, bf16 and fp32, blocks of 16 tokens (no spills). The backward's
-    specs are listed apart (`backward_compile_specs`): its default configs spill on sm_80 / sm_90."""
-    specs = []
-    for D, dt in SPEC_SHAPES:
-        ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", o=dt, MT="fp32")
-        specs.append(kernel_spec(f"titans.selfmod_fwd[D={D},{dt}]", selfmod_fwd_kernel, FWD_CONFIGS, ptrs, set(ptrs),
-                                 SCALARS, _flags_spec(D)))
-    return specs
+    """The forward kernel at D = 64, bf16 and fp32, blocks of 16 tokens: no spills on sm_80 / sm_90."""
+    return [_fwd_spec(64, dt) for dt in ("bf16", "fp32")]
 
 
-def backward_compile_specs():
-    """The backward kernel at the forward's shapes. It compiles for sm_80 and sm_90, but spills: at D = 64,
-    bf16, ~3.5-4.4 KB of local memory per thread on sm_80 (255 registers at 4 warps, 128 at 8)."""
-    specs = []
-    for D, dt in SPEC_SHAPES:
-        ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", do=dt, dMT="fp32", dq=dt, du=dt,
-                    dlrb="fp32", ddb="fp32", dM0="fp32", st="fp32")
-        specs.append(kernel_spec(f"titans.selfmod_bwd[D={D},{dt}]", selfmod_bwd_kernel, BWD_CONFIGS, ptrs, set(ptrs),
-                                 dict(SCALARS, S="i32", NCK="i32"), dict(_flags_spec(D), USE_FINAL_GRAD=True)))
-    return specs
+def spilling_compile_specs():
+    """The specs that compile for sm_80 / sm_90 but spill in their default config, listed apart from the
+    no-spill check: the forward at D = 128 (4 warps: 0.4-1.7 KB of local memory per thread, fp32 on sm_80
+    15 KB; 8 warps: 16 B bf16, 144 B fp32 on sm_80) and the backward at D = 64 and 128 (D = 64 bf16 on
+    sm_80: 3.5-4.4 KB per thread at 4 or 8 warps)."""
+    return [_fwd_spec(128, dt) for dt in ("bf16", "fp32")] + [_bwd_spec(D, dt) for D, dt in SPEC_SHAPES]
