@@ -264,15 +264,17 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
     d_rk = nk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])
     d_rv = nv[:, None] * (b_dE - b_v * tl.sum(b_v * b_dE, 1)[:, None])
     # r = u Mbar[:, :2D + 2]: du and the u^T dr part of dMbar
+    for c in tl.static_range(2):
+        p, m = _tile_ptrs(dM, c * D, o_d, m_d, W)
+        b_dr = d_rk if c == 0 else d_rv
+        b_acc = tl.dot(tl.trans(b_u), b_dr.to(dt), acc=tl.load(p, mask=m, other=0.))
+        tl.debug_barrier()
+        tl.store(p, b_acc, mask=m)
     b_du = tl.zeros([BL, BD], dtype=tl.float32)
     for c in tl.static_range(2):
         p, m = _tile_ptrs(src, c * D, o_d, m_d, W)
         b_dr = d_rk if c == 0 else d_rv
         b_du += tl.dot(b_dr.to(dt), tl.trans(tl.load(p, mask=m, other=0.).to(dt)))
-        pd = dM + o_d[:, None] * W + c * D + o_d[None, :]
-        b_acc = tl.load(pd, mask=m, other=0.) + tl.dot(tl.trans(b_u), b_dr.to(dt))
-        tl.debug_barrier()
-        tl.store(pd, b_acc, mask=m)
     uf = b_u.to(tl.float32)
     for c in tl.static_range(2):
         p = o_d * W + 2 * D + c
