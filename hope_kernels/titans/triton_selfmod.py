@@ -76,20 +76,23 @@ def _copy(src, dst, N, LOAD: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tile_ptrs(M, col0, o_d, m_d, W: tl.constexpr):
-    """Pointers and mask of the [BD, BD] tile of columns col0 .. col0 + D - 1 of a [D, W] memory."""
-    return M + o_d[:, None] * W + col0 + o_d[None, :], m_d[:, None] & m_d[None, :]
+def _sub(row0, col0, o_r, m_r, o_c, m_c, W: tl.constexpr):
+    """Offsets and mask of rows row0 + o_r, columns col0 + o_c of a [D, W] memory."""
+    return (row0 + o_r)[:, None] * W + col0 + o_c[None, :], m_r[:, None] & m_c[None, :]
 
 
 @triton.jit
-def _tile(M, col0, o_d, m_d, W: tl.constexpr):
-    p, m = _tile_ptrs(M, col0, o_d, m_d, W)
-    return tl.load(p, mask=m, other=0.)
+def _cols(x, rows, m_t, c0, o_v, D: tl.constexpr, UPCAST: tl.constexpr):
+    """(offsets, mask, tile) of columns c0 + o_v of the block's tokens of x [B, T, H, D]."""
+    m_v = c0 + o_v < D
+    off = rows[:, None] * D + c0 + o_v[None, :]
+    m = m_t[:, None] & m_v[None, :]
+    return off, m, load_tile(x + off, m, UPCAST)
 
 
 @triton.jit
 def _tokens(x, n, i_b, i_h, period, T, o_t, o_d, m_d, H: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
-    """(rows, [BL, BD] mask, tile of x) of block n's tokens; rows index [B, T, H] flattened."""
+    """(rows, [BL] mask, [BL, BD] mask, tile of x) of block n's tokens; rows index [B, T, H] flattened."""
     t0 = n * period
     m_t = (o_t < period) & (t0 + o_t < T)
     rows = (i_b.to(tl.int64) * T + t0 + o_t) * H + i_h
@@ -98,12 +101,21 @@ def _tokens(x, n, i_b, i_h, period, T, o_t, o_d, m_d, H: tl.constexpr, D: tl.con
 
 
 @triton.jit
-def _project(src, b_u, b_lrb, b_db, lr_c, eps, m_t, o_d, m_d, D: tl.constexpr, W: tl.constexpr):
-    """The block's keys, values and gates from its start memory `src`:
+def _project(src, u, rows, b_u, b_lrb, b_db, lr_c, eps, m_t, o_d, m_d, D: tl.constexpr, W: tl.constexpr,
+             BD: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
+    """The block's keys, values and gates from its start memory `src`, r = u Mbar summed over row tiles of BV:
     (k, v, nk, nv, E = v - k, lr, sigmoid of the step's logit, ld = log decay, sigmoid of the decay's logit)."""
     dt = b_u.dtype
-    r_k = tl.dot(b_u, _tile(src, 0, o_d, m_d, W).to(dt))
-    r_v = tl.dot(b_u, _tile(src, D, o_d, m_d, W).to(dt))
+    o_v = tl.arange(0, BV)
+    r_k = tl.zeros([b_u.shape[0], BD], dtype=tl.float32)
+    r_v = tl.zeros([b_u.shape[0], BD], dtype=tl.float32)
+    for j in tl.static_range(BD // BV):
+        _, _, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
+        m_r = j * BV + o_v < D
+        p, m = _sub(j * BV, 0, o_v, m_r, o_d, m_d, W)
+        r_k += tl.dot(b_uj, tl.load(src + p, mask=m, other=0.).to(dt))
+        p, m = _sub(j * BV, D, o_v, m_r, o_d, m_d, W)
+        r_v += tl.dot(b_uj, tl.load(src + p, mask=m, other=0.).to(dt))
     uf = b_u.to(tl.float32)
     r_e = tl.sum(uf * tl.load(src + o_d * W + 2 * D, mask=m_d, other=0.)[None, :], 1)
     r_a = tl.sum(uf * tl.load(src + o_d * W + 2 * D + 1, mask=m_d, other=0.)[None, :], 1)
@@ -130,33 +142,39 @@ def _decays(b_ld, o_t):
 
 @triton.jit
 def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
-                   H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
-                   WRITE_O: tl.constexpr, UPCAST: tl.constexpr):
-    """Block n from its start memory `src` [D, W] to its end memory `dst` (may be `src`); o when WRITE_O."""
+                   H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                   BL: tl.constexpr, WRITE_O: tl.constexpr, UPCAST: tl.constexpr):
+    """Block n from its start memory `src` [D, W] to its end memory `dst` (may be `src`), in [D, BV] column
+    tiles; o when WRITE_O."""
     o_t = tl.arange(0, BL)
     o_d = tl.arange(0, BD)
+    o_v = tl.arange(0, BV)
     m_d = o_d < D
     rows, m_t, m_td, b_u = _tokens(u, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
     dt = b_u.dtype
-    b_k, b_v, nk, nv, b_E, b_lr, s_e, b_ld, s_a = _project(src, b_u, tl.load(lr_bias + i_h), tl.load(decay_bias + i_h),
-                                                           lr_c, eps, m_t, o_d, m_d, D, W)
+    b_k, b_v, nk, nv, b_E, b_lr, s_e, b_ld, s_a = _project(src, u, rows, b_u, tl.load(lr_bias + i_h),
+                                                           tl.load(decay_bias + i_h), lr_c, eps, m_t, o_d, m_d, D,
+                                                           W, BD, BV, UPCAST)
     b_g, b_C, b_w, gL = _decays(b_ld, o_t)
     b_wk = (b_w[:, None] * b_k).to(dt)
     b_Ed = b_E.to(dt)
+    if WRITE_O:
+        _, _, _, b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+        b_A = (tl.dot(b_q, tl.trans(b_k.to(dt))) * b_C).to(dt)
     tl.debug_barrier()
     for c in tl.static_range(3):
-        col0 = c * D + (2 if c == 2 else 0)
-        p, m = _tile_ptrs(src, col0, o_d, m_d, W)
-        b_M = tl.load(p, mask=m, other=0.)
-        b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
-        b_end = gL * b_M + tl.dot(tl.trans(b_wk), b_X.to(dt))
-        if c == 2 and WRITE_O:
-            _, _, _, b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
-            b_A = tl.dot(b_q, tl.trans(b_k.to(dt))) * b_C
-            b_o = b_g[:, None] * tl.dot(b_q, b_M.to(dt)) + tl.dot(b_A.to(dt), b_X.to(dt))
-            tl.store(o + rows[:, None] * D + o_d[None, :], (scale * b_o).to(o.dtype.element_ty), mask=m_td)
-        tl.debug_barrier()
-        tl.store(dst + o_d[:, None] * W + col0 + o_d[None, :], b_end, mask=m)
+        for s in tl.static_range(BD // BV):
+            col0 = c * D + (2 if c == 2 else 0) + s * BV
+            p, m = _sub(0, col0, o_d, m_d, o_v, s * BV + o_v < D, W)
+            b_M = tl.load(src + p, mask=m, other=0.)
+            b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
+            b_end = gL * b_M + tl.dot(tl.trans(b_wk), b_X.to(dt))
+            if c == 2 and WRITE_O:
+                b_o = b_g[:, None] * tl.dot(b_q, b_M.to(dt)) + tl.dot(b_A, b_X.to(dt))
+                po, mo, _ = _cols(o, rows, m_t, s * BV, o_v, D, False)
+                tl.store(o + po, (scale * b_o).to(o.dtype.element_ty), mask=mo)
+            tl.debug_barrier()
+            tl.store(dst + p, b_end, mask=m)
     for c in tl.static_range(2):
         p = o_d * W + 2 * D + c
         b_m = tl.load(src + p, mask=m_d, other=0.)
@@ -168,75 +186,89 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, perio
 
 
 @triton.jit
-def _end_tile(src, dM, col0, b_Y, b_X, b_Md, b_dX, b_dMbar, b_Ed, b_wk, b_lr, gL, b_G, b_dE, b_dlr, dgL, o_d, m_d,
+def _end_tile(src, dM, col0, m_c, b_dX, b_dMbar, b_Ed, b_wk, b_lr, gL, b_G, b_dE, b_dlr, dgL, o_d, m_d, o_v,
               W: tl.constexpr):
-    """One D-wide column tile of M_end = gamma_L Mbar + (w k)^T X, X = lr Y, Y = E Mbar, differentiated: dM_end
+    """One [D, BV] column tile of M_end = gamma_L Mbar + (w k)^T X, X = lr Y, Y = E Mbar, differentiated: dM_end
     (in dM) becomes gamma_L dM_end + E^T dY + b_dMbar; b_dX is the tile's dX from elsewhere (the read).
     Returns the running (G, dE, dlr, d gamma_L)."""
-    dt = b_Md.dtype
-    p, m = _tile_ptrs(dM, col0, o_d, m_d, W)
-    b_dN = tl.load(p, mask=m, other=0.)
+    dt = b_Ed.dtype
+    p, m = _sub(0, col0, o_d, m_d, o_v, m_c, W)
+    b_M = tl.load(src + p, mask=m, other=0.)
+    b_Md = b_M.to(dt)
+    pd = dM + p
+    b_dN = tl.load(pd, mask=m, other=0.)
+    b_Y = tl.dot(b_Ed, b_Md)
     b_dX += tl.dot(b_wk, b_dN.to(dt))
-    b_G += tl.dot(b_X, tl.trans(b_dN.to(dt)))
-    dgL += tl.sum(tl.sum(b_dN * _tile(src, col0, o_d, m_d, W), 1), 0)
+    b_G += tl.dot((b_lr[:, None] * b_Y).to(dt), tl.trans(b_dN.to(dt)))
+    dgL += tl.sum(tl.sum(b_dN * b_M, 1), 0)
     b_dlr += tl.sum(b_dX * b_Y, 1)
     b_dY = (b_lr[:, None] * b_dX).to(dt)
     b_dE += tl.dot(b_dY, tl.trans(b_Md))
     b_dMbar += gL * b_dN + tl.dot(tl.trans(b_Ed), b_dY)
     tl.debug_barrier()
-    tl.store(p, b_dMbar, mask=m)
+    tl.store(pd, b_dMbar, mask=m)
     return b_G, b_dE, b_dlr, dgL
 
 
 @triton.jit
 def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
-                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                    BL: tl.constexpr, UPCAST: tl.constexpr):
     """Block n's gradients from its start memory `src`; dM holds dM_end and becomes dMbar. Returns the
     block's contributions to (d lr_bias, d decay_bias)."""
     o_t = tl.arange(0, BL)
     o_d = tl.arange(0, BD)
+    o_v = tl.arange(0, BV)
     m_d = o_d < D
     rows, m_t, m_td, b_u = _tokens(u, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
-    _, _, _, b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
-    _, _, _, b_do = _tokens(do, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
     dt = b_u.dtype
-    b_do = (scale * b_do.to(tl.float32)).to(dt)
-    b_k, b_v, nk, nv, b_E, b_lr, s_e, b_ld, s_a = _project(src, b_u, tl.load(lr_bias + i_h), tl.load(decay_bias + i_h),
-                                                           lr_c, eps, m_t, o_d, m_d, D, W)
+    b_k, b_v, nk, nv, b_E, b_lr, s_e, b_ld, s_a = _project(src, u, rows, b_u, tl.load(lr_bias + i_h),
+                                                           tl.load(decay_bias + i_h), lr_c, eps, m_t, o_d, m_d, D,
+                                                           W, BD, BV, UPCAST)
     b_g, b_C, b_w, gL = _decays(b_ld, o_t)
     b_kd = b_k.to(dt)
     b_Ed = b_E.to(dt)
     b_wk = (b_w[:, None] * b_k).to(dt)
+    _, _, _, b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+    # the read o: P = do' X[mem]^T, do' Mbar[mem]^T and the rows of do' * (q Mbar[mem]), over the mem tiles
+    mem = 2 * D + 2
+    b_P = tl.zeros([BL, BL], dtype=tl.float32)
+    b_dq = tl.zeros([BL, BD], dtype=tl.float32)
+    b_dg = tl.zeros([BL], dtype=tl.float32)
+    for s in tl.static_range(BD // BV):
+        m_c = s * BV + o_v < D
+        p, m = _sub(0, mem + s * BV, o_d, m_d, o_v, m_c, W)
+        b_Md = tl.load(src + p, mask=m, other=0.).to(dt)
+        _, _, b_dos = _cols(do, rows, m_t, s * BV, o_v, D, UPCAST)
+        b_dos = (scale * b_dos.to(tl.float32)).to(dt)
+        b_P += tl.dot(b_dos, tl.trans((b_lr[:, None] * tl.dot(b_Ed, b_Md)).to(dt)))
+        b_dq += tl.dot(b_dos, tl.trans(b_Md))
+        b_dg += tl.sum(b_dos.to(tl.float32) * tl.dot(b_q, b_Md), 1)
+    b_PC = (b_P * b_C).to(dt)
+    b_dq = b_g[:, None] * b_dq + tl.dot(b_PC, b_kd)
+    tl.store(dq + rows[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_td)
+    b_dk = tl.dot(tl.trans(b_PC), b_q)
+    b_QK = tl.dot(b_q, tl.trans(b_kd))
+    b_dC = b_QK * b_P * b_C
+    b_dLD = b_g * b_dg + tl.sum(b_dC, 1) - tl.sum(b_dC, 0)
+    b_At = tl.trans((b_QK * b_C).to(dt))
+    b_qg = (b_g[:, None] * b_q.to(tl.float32)).to(dt)
+    # the end memory, column tile by column tile (mem first: its dX and dMbar get the read's parts)
     b_G = tl.zeros([BL, BD], dtype=tl.float32)       # X dM_end^T summed over columns
     b_dE = tl.zeros([BL, BD], dtype=tl.float32)
     b_dlr = tl.zeros([BL], dtype=tl.float32)
     dgL = 0.
-    # the mem columns and the read o: dq (stored here), o's part of dk, dLD, dX[mem] and dMbar[mem]
-    col0 = 2 * D + 2
-    p, m = _tile_ptrs(src, col0, o_d, m_d, W)
-    b_Md = tl.load(p, mask=m, other=0.).to(dt)
-    b_Y = tl.dot(b_Ed, b_Md)
-    b_Xm = (b_lr[:, None] * b_Y).to(dt)
-    b_QK = tl.dot(b_q, tl.trans(b_kd))
-    b_P = tl.dot(b_do, tl.trans(b_Xm))
-    b_PC = (b_P * b_C).to(dt)
-    b_dq = b_g[:, None] * tl.dot(b_do, tl.trans(b_Md)) + tl.dot(b_PC, b_kd)
-    tl.store(dq + rows[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_td)
-    b_dk = tl.dot(tl.trans(b_PC), b_q)
-    b_dC = b_QK * b_P * b_C
-    b_dLD = b_g * tl.sum(b_do.to(tl.float32) * tl.dot(b_q, b_Md), 1) + tl.sum(b_dC, 1) - tl.sum(b_dC, 0)
-    b_dX = tl.dot(tl.trans((b_QK * b_C).to(dt)), b_do)
-    b_dMbar = tl.dot(tl.trans(b_q), (b_g[:, None] * b_do.to(tl.float32)).to(dt))
-    b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, col0, b_Y, b_Xm, b_Md, b_dX, b_dMbar, b_Ed, b_wk, b_lr, gL, b_G, b_dE,
-                                      b_dlr, dgL, o_d, m_d, W)
-    # the M_k and M_v columns
+    for s in tl.static_range(BD // BV):
+        m_c = s * BV + o_v < D
+        _, _, b_dos = _cols(do, rows, m_t, s * BV, o_v, D, UPCAST)
+        b_dos = (scale * b_dos.to(tl.float32)).to(dt)
+        b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, mem + s * BV, m_c, tl.dot(b_At, b_dos),
+                                          tl.dot(tl.trans(b_qg), b_dos), b_Ed, b_wk, b_lr, gL, b_G, b_dE, b_dlr,
+                                          dgL, o_d, m_d, o_v, W)
     for c in tl.static_range(2):
-        p, m = _tile_ptrs(src, c * D, o_d, m_d, W)
-        b_Md = tl.load(p, mask=m, other=0.).to(dt)
-        b_Y = tl.dot(b_Ed, b_Md)
-        b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, c * D, b_Y, (b_lr[:, None] * b_Y).to(dt), b_Md, 0., 0., b_Ed, b_wk,
-                                          b_lr, gL, b_G, b_dE, b_dlr, dgL, o_d, m_d, W)
+        for s in tl.static_range(BD // BV):
+            b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, c * D + s * BV, s * BV + o_v < D, 0., 0., b_Ed, b_wk, b_lr,
+                                              gL, b_G, b_dE, b_dlr, dgL, o_d, m_d, o_v, W)
     b_wkf = b_wk.to(tl.float32)
     for c in tl.static_range(2):
         p = o_d * W + 2 * D + c
@@ -261,29 +293,29 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
     b_dld = tl.sum(b_dLD, 0) - tl.cumsum(b_dLD, 0) + b_dLD
     d_a = tl.where(m_t, b_dld * (1. - s_a), 0.)
     d_e = tl.where(m_t, b_dlr * b_lr * (1. - s_e), 0.)
-    d_rk = nk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])
-    d_rv = nv[:, None] * (b_dE - b_v * tl.sum(b_v * b_dE, 1)[:, None])
-    # r = u Mbar[:, :2D + 2]: du and the u^T dr part of dMbar
-    for c in tl.static_range(2):
-        p, m = _tile_ptrs(dM, c * D, o_d, m_d, W)
-        b_dr = d_rk if c == 0 else d_rv
-        b_acc = tl.dot(tl.trans(b_u), b_dr.to(dt), acc=tl.load(p, mask=m, other=0.))
-        tl.debug_barrier()
-        tl.store(p, b_acc, mask=m)
-    b_du = tl.zeros([BL, BD], dtype=tl.float32)
-    for c in tl.static_range(2):
-        p, m = _tile_ptrs(src, c * D, o_d, m_d, W)
-        b_dr = d_rk if c == 0 else d_rv
-        b_du += tl.dot(b_dr.to(dt), tl.trans(tl.load(p, mask=m, other=0.).to(dt)))
-    uf = b_u.to(tl.float32)
-    for c in tl.static_range(2):
-        p = o_d * W + 2 * D + c
-        b_dz = d_e if c == 0 else d_a
-        b_du += b_dz[:, None] * tl.load(src + p, mask=m_d, other=0.)[None, :]
-        b_acc = tl.load(dM + p, mask=m_d, other=0.) + tl.sum(uf * b_dz[:, None], 0)
-        tl.debug_barrier()
-        tl.store(dM + p, b_acc, mask=m_d)
-    tl.store(du + rows[:, None] * D + o_d[None, :], b_du.to(du.dtype.element_ty), mask=m_td)
+    d_rk = (nk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])).to(dt)
+    d_rv = (nv[:, None] * (b_dE - b_v * tl.sum(b_v * b_dE, 1)[:, None])).to(dt)
+    # r = u Mbar[:, :2D + 2], by row tiles j of BV: dMbar[j, k | v] += u_j^T dr, du_j = dr Mbar[j, k | v]^T + ...
+    for j in tl.static_range(BD // BV):
+        m_r = j * BV + o_v < D
+        pu, mu, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
+        b_duj = tl.zeros([BL, BV], dtype=tl.float32)
+        for c in tl.static_range(2):
+            b_dr = d_rk if c == 0 else d_rv
+            p, m = _sub(j * BV, c * D, o_v, m_r, o_d, m_d, W)
+            pd = dM + p
+            b_acc = tl.dot(tl.trans(b_uj), b_dr, acc=tl.load(pd, mask=m, other=0.))
+            b_duj += tl.dot(b_dr, tl.trans(tl.load(src + p, mask=m, other=0.).to(dt)))
+            tl.debug_barrier()
+            tl.store(pd, b_acc, mask=m)
+        for c in tl.static_range(2):
+            b_dz = d_e if c == 0 else d_a
+            pg = (j * BV + o_v) * W + 2 * D + c
+            b_duj += b_dz[:, None] * tl.load(src + pg, mask=m_r, other=0.)[None, :]
+            b_acc = tl.load(dM + pg, mask=m_r, other=0.) + tl.sum(b_uj.to(tl.float32) * b_dz[:, None], 0)
+            tl.debug_barrier()
+            tl.store(dM + pg, b_acc, mask=m_r)
+        tl.store(du + pu, b_duj.to(du.dtype.element_ty), mask=mu)
     tl.debug_barrier()
     return tl.sum(d_e, 0), tl.sum(d_a, 0)
 
@@ -292,8 +324,8 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
 @autotune(FWD_CONFIGS, key=["H", "D", "BL"])
 @triton.jit
 def selfmod_fwd_kernel(q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scale, lr_c, eps,
-                       H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                       BL: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (batch x head): every block in order, the memory in MT (the final-state output)."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
@@ -302,14 +334,14 @@ def selfmod_fwd_kernel(q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scal
     tl.debug_barrier()
     for n in range(0, NB):
         _block_forward(state, state, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
-                       H, D, W, BD, BL, True, UPCAST)
+                       H, D, W, BD, BV, BL, True, UPCAST)
 
 
 @autotune(BWD_CONFIGS, key=["H", "D", "BL", "USE_FINAL_GRAD"])
 @triton.jit
 def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb, dM0, st, T, NB, S, NCK, period,
                        scale, lr_c, eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr,
-                       BL: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, UPCAST: tl.constexpr):
+                       BV: tl.constexpr, BL: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (batch x head): checkpoints every S blocks, then segments in reverse (module docstring).
     `st` holds NCK + S memories per program: checkpoint g in slot g, a segment's block i > 0 in slot NCK + i
     (slot NCK is also the running memory of the first replay)."""
@@ -325,7 +357,7 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
         i_src = tl.where(n % S == 0, n // S, NCK)
         i_dst = tl.where((n + 1) % S == 0, (n + 1) // S, NCK)
         _block_forward(base + i_src * DW, base + i_dst * DW, q, u, q, lr_bias, decay_bias, n, i_b, i_h, T, period,
-                       scale, lr_c, eps, H, D, W, BD, BL, False, UPCAST)
+                       scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
     d_lrb = 0.
     d_db = 0.
     for g_rev in range(0, NCK):
@@ -335,12 +367,12 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
         for i in range(0, nb - 1):
             i_src = tl.where(i == 0, g, NCK + i)
             _block_forward(base + i_src * DW, base + (NCK + i + 1) * DW, q, u, q, lr_bias, decay_bias, n0 + i, i_b,
-                           i_h, T, period, scale, lr_c, eps, H, D, W, BD, BL, False, UPCAST)
+                           i_h, T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
         for i_rev in range(0, nb):
             i = nb - 1 - i_rev
             i_src = tl.where(i == 0, g, NCK + i)
             a, b = _block_backward(base + i_src * DW, dM, q, u, do, dq, du, lr_bias, decay_bias, n0 + i, i_b, i_h,
-                                   T, period, scale, lr_c, eps, H, D, W, BD, BL, UPCAST)
+                                   T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
             d_lrb += a
             d_db += b
     tl.store(dlrb + i_bh, d_lrb)
@@ -348,9 +380,16 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
 
 
 # ----------------------------------------------------------------------------- launchers
+def column_tile(BD: int) -> int:
+    """Columns (and rows) per tile of the [D, W] memory: [D, 16] up to D = 64, [D, 32] above."""
+    return min(BD, 16 if BD <= 64 else 32)
+
+
 def _flags(q, T: int, period: int):
     D = q.shape[-1]
-    return dict(H=q.shape[2], D=D, W=3 * D + 2, BD=_pad(D), BL=_pad(min(period, T)), UPCAST=upcast_dots(q.dtype))
+    BD = _pad(D)
+    return dict(H=q.shape[2], D=D, W=3 * D + 2, BD=BD, BV=column_tile(BD), BL=_pad(min(period, T)),
+                UPCAST=upcast_dots(q.dtype))
 
 
 def selfmod_forward(q, u, lr_bias, decay_bias, M0, scale, lr_max, period, eps):
@@ -389,7 +428,7 @@ SPEC_SHAPES = [(D, dt) for D in (64, 128) for dt in ("bf16", "fp32")]
 
 
 def _flags_spec(D: int) -> dict:
-    return dict(H=4, D=D, W=3 * D + 2, BD=D, BL=16, UPCAST=False)
+    return dict(H=4, D=D, W=3 * D + 2, BD=D, BV=column_tile(D), BL=16, UPCAST=False)
 
 
 def _fwd_spec(D: int, dt: str):
