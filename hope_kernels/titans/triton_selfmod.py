@@ -10,15 +10,16 @@ L <= period tokens (rows of a [BL, D] tile, BL = the padded block) with start me
     M_end = gamma_L Mbar + (w k)^T X
 
 selfmod_fwd_kernel: one program per (batch x head) walks the blocks; the memory lives in an fp32 global
-workspace (the final-state output) of [D, W] per program, read and written once per block in D-wide
-column tiles ([M_k], [M_v], [M_mem]) and the two gate columns. Block n's keys and gates are read from the
+workspace (the final-state output) of [D, W] per program, read and written once per block in [D, BV]
+column tiles of the [M_k], [M_v], [M_mem] blocks (BV = 16 up to D = 64, 32 above; the projections r by
+row tiles of BV) and the two gate columns. Block n's keys and gates are read from the
 tiles first, then each tile is read, updated and written back in place (barriers between the phases).
 
 selfmod_bwd_kernel: one program per (batch x head). It replays the forward (no outputs) to the block-start
 memories of blocks 0, S, 2S, ... (S = ceil(sqrt(#blocks))) kept in a workspace, then walks the segments in
 reverse: a segment's block-start memories are recomputed from its checkpoint into S more slots, and its
 blocks are differentiated last to first with the adjoint dM of the memory (fp32 workspace, the dM_0
-output) updated in place, column tile by column tile:
+output) updated in place, in whole [D, D] column tiles (BV = D):
 
     dX    = (w k) dM_end (+ (A^T do') on mem, A = (q k^T) * C, do' = scale do),   dY = lr dX,   dE = dY Mbar^T
     dlr   = rowsum(dX * Y),   G = X dM_end^T,  dk = w G + (P * C)^T q - dE  (P = do' X[mem]^T),   dv = dE
@@ -41,7 +42,7 @@ import triton.language as tl
 from ..aot import KernelConfig
 from ..triton_utils import autotune, check_grid, empty, kernel_spec, load_tile, upcast_dots
 
-FWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 4) for w in (4, 8)]
+FWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 8) for w in (4, 8)]
 BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 8) for w in (4, 8)]
 MAX_BLOCK = 64      # tokens per block (min(period, T)) the kernels take; longer blocks run the torch path
 MAX_D = 128
@@ -381,7 +382,8 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
 
 # ----------------------------------------------------------------------------- launchers
 def column_tile(BD: int) -> int:
-    """Columns (and rows) per tile of the [D, W] memory: [D, 16] up to D = 64, [D, 32] above."""
+    """Columns (and rows) per tile of the forward's [D, W] memory: [D, 16] up to D = 64, [D, 32] above. The
+    backward takes whole [D, D] tiles (BV = BD): with narrower ones its unrolled tiles spill more."""
     return min(BD, 16 if BD <= 64 else 32)
 
 
@@ -418,7 +420,8 @@ def selfmod_backward(q, u, lr_bias, decay_bias, M0, do, dMT, scale, lr_max, peri
     if B * H:
         selfmod_bwd_kernel[check_grid((B * H,))](q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb, dM0, st,
                                                  T, NB, S, NCK, period, scale, lr_max / period, eps,
-                                                 USE_FINAL_GRAD=dMT is not None, **_flags(q, T, period))
+                                                 USE_FINAL_GRAD=dMT is not None,
+                                                 **dict(_flags(q, T, period), BV=_pad(D)))
     return dq, du, dlrb.sum(0), ddb.sum(0), dM0
 
 
@@ -441,17 +444,17 @@ def _bwd_spec(D: int, dt: str):
     ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", do=dt, dMT="fp32", dq=dt, du=dt,
                 dlrb="fp32", ddb="fp32", dM0="fp32", st="fp32")
     return kernel_spec(f"titans.selfmod_bwd[D={D},{dt}]", selfmod_bwd_kernel, BWD_CONFIGS, ptrs, set(ptrs),
-                       dict(SCALARS, S="i32", NCK="i32"), dict(_flags_spec(D), USE_FINAL_GRAD=True))
+                       dict(SCALARS, S="i32", NCK="i32"), dict(_flags_spec(D), BV=D, USE_FINAL_GRAD=True))
 
 
 def compile_specs():
-    """The forward kernel at D = 64, bf16 and fp32, blocks of 16 tokens: no spills on sm_80 / sm_90."""
-    return [_fwd_spec(64, dt) for dt in ("bf16", "fp32")]
+    """The forward kernel at D = 64 (bf16, fp32) and D = 128 (bf16), blocks of 16 tokens: no spills on sm_80 /
+    sm_90 in the default config (8 warps)."""
+    return [_fwd_spec(64, "bf16"), _fwd_spec(64, "fp32"), _fwd_spec(128, "bf16")]
 
 
 def spilling_compile_specs():
     """The specs that compile for sm_80 / sm_90 but spill in their default config, listed apart from the
-    no-spill check: the forward at D = 128 (4 warps: 0.4-1.7 KB of local memory per thread, fp32 on sm_80
-    15 KB; 8 warps: 16 B bf16, 144 B fp32 on sm_80) and the backward at D = 64 and 128 (D = 64 bf16 on
-    sm_80: 3.5-4.4 KB per thread at 4 or 8 warps)."""
-    return [_fwd_spec(128, dt) for dt in ("bf16", "fp32")] + [_bwd_spec(D, dt) for D, dt in SPEC_SHAPES]
+    no-spill check: the forward at D = 128 in fp32 (224 B of spill stores per thread on sm_80) and the
+    backward at D = 64 and 128 (D = 64 bf16 on sm_80: 255 registers and ~0.6 KB of spills at 8 warps)."""
+    return [_fwd_spec(128, "fp32")] + [_bwd_spec(D, dt) for D, dt in SPEC_SHAPES]
