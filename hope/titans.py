@@ -20,8 +20,8 @@ TitansLayer is also the base of the other matrix memories: the self-modifying Ti
 HOPE (hope.selfmod) and the linear CMS levels (hope.levels.LinearLevel); each says what it projects
 (`_inputs`) and how the op runs it (`_scan`, `_continue`). A forward is one op call over the whole
 sequence. The cache (generation) holds the memory state (S or (S, Z)), the block-start memory, the
-number of tokens seen, and the conv history: one new token is a `titans_step` 
-with `block_state`; a cached chunk of tokens continues the current block first, then runs the op.
+number of tokens seen, and the conv history: one new token is a `titans_step` with
+`block_state`; a cached chunk of tokens continues the current block first, then runs the op.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def test_earlier_seed_config_is_todays_default_block():
 ])
 def test_earlier_fields_map(earlier, fields):
     assert HOPEConfig.from_dict({**SEED, **earlier}) == HOPEConfig(**SEED, **fields)
-    assert HOPE(**SEED, **earlier, backend="torch").config == HOPEConfig(**SEED, **fields)
+    assert HOPE(**{**SEED, **earlier, "backend": "torch"}).config == HOPEConfig(**SEED, **fields)
 
 
 @pytest.mark.parametrize("earlier, match", [
