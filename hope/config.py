@@ -1,4 +1,4 @@
-"""HOPEConfig: every knob of the HOPE language model, validated, with YAML load/save."""
+"""HOPEConfig: the fields of the HOPE language model, validated, with YAML load/save."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from typing import Any, List, Mapping, Optional
 
 import yaml
+
+from .checkpoint import upgrade_model_config
 
 ATTENTIONS = ("softmax", "linear", "titans")
 CMS_KINDS = ("multiscale", "levels", "none")
@@ -193,7 +195,6 @@ class HOPEConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "HOPEConfig":
         """The fields in `data`; a dict of an earlier vocabulary is read through
         hope.checkpoint.upgrade_model_config first."""
-        from .checkpoint import upgrade_model_config
         return cls(**check_keys(cls, upgrade_model_config(data), "HOPEConfig"))
 
     def to_yaml(self, path: Optional[str] = None) -> str:

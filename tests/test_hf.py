@@ -134,7 +134,7 @@ def test_save_pretrained_round_trip(tmp_path, variant):
     model_hf = hf.to_hf(model)
     model_hf.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
-    assert AutoConfig.from_pretrained(tmp_path).to_hope_config("torch") == model.config
+    assert AutoConfig.from_pretrained(tmp_path).to_hope_config() == model.config
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, backend="torch")
     assert type(loaded) is hf.HOPEForCausalLM and not loaded.training
     assert loaded.model.head.weight is loaded.model.embed.tok.weight   # still tied
