@@ -98,7 +98,7 @@ def _autocast(device, dtype: str):
 def variant_kwargs(name: str) -> dict:
     """HOPE keywords of a variant (an attention name alone means the seed block with that attention)."""
     if name in ATTENTIONS:
-        return dict(attention=name, use_cms=True)
+        return dict(attention=name, cms="multiscale")
     return dict(variant(name).overrides)
 
 
@@ -108,7 +108,7 @@ def _build(cfg: ModelBenchConfig, name: str, backend: str, device, max_len: int)
     kw = {**variant_kwargs(name), **dict(vocab_size=cfg.vocab_size, dim=cfg.dim, num_layers=cfg.num_layers,
                                         num_heads=cfg.num_heads, head_dim=None, max_seq_len=max_len,
                                         backend=backend)}
-    if kw.get("use_cms", True) and kw.get("cms", "decay") == "decay":
+    if kw.get("cms", "multiscale") == "multiscale":
         kw["num_memory_modules"] = cfg.num_memory_modules
     return HOPE(**kw).to(device)
 

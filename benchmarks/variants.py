@@ -31,21 +31,21 @@ class Variant(NamedTuple):
         return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
 
 
-SEED = {"attention": "softmax", "use_cms": True}
-PAPER = {"attention": "titans", "self_modifying": True, "use_cms": True, "cms": "levels"}
+SEED = {"attention": "softmax", "cms": "multiscale"}
+PAPER = {"attention": "titans", "self_modifying": True, "cms": "levels"}
 VARIANTS: List[Variant] = [
-    Variant("Transformer", {"attention": "softmax", "use_cms": False}),                      # attention -> MLP
-    Variant("linear attention", {"attention": "linear", "use_cms": False}),
+    Variant("Transformer", {"attention": "softmax", "cms": "none"}),                      # attention -> MLP
+    Variant("linear attention", {"attention": "linear", "cms": "none"}),
     Variant("seed HOPE", SEED),                                         # attention -> multi-timescale CMS -> MLP
-    Variant("Titans", {"attention": "titans", "use_cms": False}),
-    Variant("Titans period 1 (DGD)", {"attention": "titans", "titans_period": 1, "use_cms": False}),
-    Variant("self-modifying Titans", {"attention": "titans", "self_modifying": True, "use_cms": False}),
+    Variant("Titans", {"attention": "titans", "cms": "none"}),
+    Variant("Titans period 1 (DGD)", {"attention": "titans", "titans_period": 1, "cms": "none"}),
+    Variant("self-modifying Titans", {"attention": "titans", "self_modifying": True, "cms": "none"}),
     Variant("paper HOPE", PAPER),                                       # self-modifying Titans -> CMS levels
-    Variant("Hope-attention", {"attention": "softmax", "use_cms": True, "cms": "levels"}),  # attention -> levels
+    Variant("Hope-attention", {"attention": "softmax", "cms": "levels"}),  # attention -> levels
     # the Transformer with the MLP widened to the seed HOPE's parameter count (equal-parameter LM row)
     Variant("Transformer with seed HOPE params (wider MLP)",
-            {"attention": "softmax", "use_cms": False, "mlp_ratio": 6.65625}, LM_ONLY),
-    Variant("Titans HOPE", {"attention": "titans", "use_cms": True}, NO_TASKS),  # Titans -> multi-timescale CMS -> MLP
+            {"attention": "softmax", "cms": "none", "mlp_ratio": 6.65625}, LM_ONLY),
+    Variant("Titans HOPE", {"attention": "titans", "cms": "multiscale"}, NO_TASKS),  # Titans -> multi-timescale CMS -> MLP
     Variant("paper HOPE with MLP levels", {**PAPER, "cms_memory": "mlp"}, NO_TASKS),  # 2-layer MLP fast weights
 ]
 

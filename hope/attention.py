@@ -12,20 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import RotaryEmbedding, split_heads
+from .layers import RotaryEmbedding, resolve_head_dim, split_heads
 from .ops import check_backend, get_op
-
-
-def _head_dim(dim: int, num_heads: int, head_dim: Optional[int]) -> int:
-    if num_heads <= 0 or dim <= 0:
-        raise ValueError(f"dim and num_heads must be positive, got dim={dim}, num_heads={num_heads}")
-    if head_dim is None:
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-        return dim // num_heads
-    if head_dim <= 0:
-        raise ValueError(f"head_dim must be positive, got {head_dim}")
-    return head_dim
 
 
 class SoftmaxAttention(nn.Module):
@@ -41,7 +29,7 @@ class SoftmaxAttention(nn.Module):
                  backend: Optional[str] = None):
         super().__init__()
         self.num_heads = num_heads
-        self.head_dim = _head_dim(dim, num_heads, head_dim)
+        self.head_dim = resolve_head_dim(dim, num_heads, head_dim)
         inner = num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
         self.proj = nn.Linear(inner, dim, bias=bias)
@@ -93,7 +81,7 @@ class LinearAttention(nn.Module):
                  eps: float = 1e-6, bias: bool = False, dropout: float = 0.0, backend: Optional[str] = None):
         super().__init__()
         self.num_heads = num_heads
-        self.head_dim = _head_dim(dim, num_heads, head_dim)
+        self.head_dim = resolve_head_dim(dim, num_heads, head_dim)
         inner = num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
         self.proj = nn.Linear(inner, dim, bias=bias)

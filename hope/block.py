@@ -1,23 +1,25 @@
 """The HOPE block: the frequency spectrum, each part pre-norm residual.
 
-    x = x + attn(norm_1(x))   # the sequence memory: softmax or linear attention, or Titans (hope.titans)
-    # the seed block (cms="decay"):
-    x = x + cms(norm_2(x))    # the Continuum Memory System: M timescales (if use_cms)
+    x = x + attn(norm_1(x))   # the sequence memory: softmax or linear attention (hope.attention), Titans
+                              # (hope.titans) or self-modifying Titans (hope.selfmod)
+    # cms="multiscale" (the seed block, the default):
+    x = x + cms(norm_2(x))    # the Continuum Memory System: M timescales (hope.cms)
     x = x + mlp(norm_3(x))    # zero frequency: static weights
-    # the paper's HOPE (cms="levels", Eq. 70-71): levels that learn in context every C^(l) tokens
-    x = x + level_l(norm_l(x))   for l = 1 .. len(cms_periods)   (no static MLP: the levels replace it)
+    # cms="levels" (the paper's HOPE, Eq. 70-71): levels that learn in context every C^(l) tokens
+    x = x + level_l(norm_l(x))   for l = 1 .. len(cms_periods)   (hope.levels; the levels replace the MLP)
+    # cms="none": attention and the MLP (a Transformer block)
 
-Variants by config: seed (attention="softmax", cms="decay"), the paper's HOPE (attention="titans",
+Variants by config: seed (attention="softmax", cms="multiscale"), the paper's HOPE (attention="titans",
 self_modifying=True, cms="levels"), Hope-attention (attention="softmax", cms="levels").
 
-The seed CMS (hope/cms.py; docs/findings.md): its q, k, v pass a short causal
-convolution (cms_conv_size=4), so a key can describe the token before the value it stores, and each
-memory writes with the delta rule (cms_update="delta": S = tau S - beta k^T (k S - v)), which overwrites
-what a key stored instead of adding to it. With the seed's additive write (cms_update="outer") the
-memory counts tokens, which hands MQAR a shortcut (guess a value not yet asked for: 0.53) that delays
-the attention's induction circuit; with both changes the block matches the Transformer on MQAR (0.999
-vs 1.000, 3 seeds) and beats it on byte-level LM. The CMS levels read their block-start weights
-(Eq. 71) for the same reason.
+The multiscale CMS (hope/cms.py; docs/findings.md): its q, k, v pass a short causal convolution, so a
+key can describe the token before the value it stores, and each memory writes with the delta rule
+(S = tau S - beta k^T (k S - v)), which overwrites what a key stored instead of adding to it. With the
+seed's additive write (the CMS ablation, benchmarks/quality/designs.py) the memory counts tokens,
+which hands MQAR a shortcut (guess a value not yet asked for: 0.53) that delays the attention's
+induction circuit; with both changes the block matches the Transformer on MQAR (0.999 vs 1.000,
+3 seeds) and beats it on byte-level LM. The CMS levels read their block-start weights (Eq. 71) for
+the same reason.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .cms import CMSLayer
 from .config import HOPEConfig
 from .layers import MLP, RMSNorm
 from .levels import make_level
+from .selfmod import SelfModifyingTitans
 from .titans import TitansLayer
 
 
@@ -38,33 +41,40 @@ def _sub(cache: Optional[dict], name: str) -> Optional[dict]:
     return None if cache is None else cache.setdefault(name, {})
 
 
+def make_attention(c: HOPEConfig, backend: Optional[str] = None) -> nn.Module:
+    """The block's sequence memory of kind c.attention."""
+    if c.attention == "softmax":
+        return SoftmaxAttention(c.dim, c.num_heads, c.head_dim, bias=c.bias, dropout=c.dropout,
+                                position=c.position, rope_base=c.rope_base, backend=backend)
+    if c.attention == "titans":
+        kind = SelfModifyingTitans if c.self_modifying else TitansLayer
+        return kind(c.dim, c.num_heads, c.head_dim, period=c.titans_period, momentum=c.titans_momentum,
+                    lr_max=c.titans_lr_max, bias=c.bias, dropout=c.dropout, backend=backend)
+    return LinearAttention(c.dim, c.num_heads, c.head_dim, bias=c.bias, dropout=c.dropout, backend=backend)
+
+
+def make_cms(c: HOPEConfig, backend: Optional[str] = None, **layer) -> CMSLayer:
+    """The multiscale CMS of c; `layer`: CMSLayer arguments that HOPEConfig does not carry (the CMS
+    ablation's earlier designs, benchmarks/quality/designs.py)."""
+    return CMSLayer(c.dim, c.num_heads, c.num_memory_modules, c.head_dim, tau_min=c.cms_tau_min,
+                    tau_max=c.cms_tau_max, learn_tau=c.cms_learn_tau, bias=c.bias, dropout=c.dropout,
+                    backend=backend, **layer)
+
+
 class HOPEBlock(nn.Module):
-    def __init__(self, config: HOPEConfig):
+    def __init__(self, config: HOPEConfig, backend: Optional[str] = None):
         super().__init__()
         c = config
-        if c.attention == "softmax":
-            self.attn = SoftmaxAttention(c.dim, c.num_heads, c.head_dim, bias=c.bias, dropout=c.dropout,
-                                         position=c.position, rope_base=c.rope_base, backend=c.backend)
-        elif c.attention == "titans":
-            self.attn = TitansLayer(c.dim, c.num_heads, c.head_dim, period=c.titans_period,
-                                    self_modifying=c.self_modifying, momentum=c.titans_momentum,
-                                    lr_max=c.titans_lr_max, conv_window=c.titans_conv, bias=c.bias,
-                                    dropout=c.dropout, backend=c.backend)
-        else:
-            self.attn = LinearAttention(c.dim, c.num_heads, c.head_dim, normalize=c.linear_normalize,
-                                        bias=c.bias, dropout=c.dropout, backend=c.backend)
+        self.attn = make_attention(c, backend)
         self.norm_attn = RMSNorm(c.dim, c.norm_eps)
         self.cms = self.mlp = None
-        self.levels = nn.ModuleList(make_level(c, p) for p in c.cms_periods) if c.cms_levels else nn.ModuleList()
+        levels = c.cms == "levels"
+        self.levels = nn.ModuleList(make_level(c, p, backend) for p in c.cms_periods) if levels else nn.ModuleList()
         self.norm_levels = nn.ModuleList(RMSNorm(c.dim, c.norm_eps) for _ in self.levels)
-        if c.use_cms and not c.cms_levels:
+        if c.cms == "multiscale":
             self.norm_cms = RMSNorm(c.dim, c.norm_eps)
-            self.cms = CMSLayer(c.dim, c.num_heads, c.num_memory_modules, c.head_dim, tau_min=c.cms_tau_min,
-                                tau_max=c.cms_tau_max, learn_tau=c.cms_learn_tau,
-                                per_head_tau=c.cms_per_head_tau, data_dependent_mix=c.cms_data_dependent_mix,
-                                conv_size=c.cms_conv_size, gated_readout=c.cms_gated_readout, update=c.cms_update,
-                                bias=c.bias, dropout=c.dropout, backend=c.backend)
-        if not c.cms_levels:
+            self.cms = make_cms(c, backend)
+        if not levels:
             self.norm_mlp = RMSNorm(c.dim, c.norm_eps)
             self.mlp = MLP(c.dim, int(c.mlp_ratio * c.dim), bias=c.bias, dropout=c.dropout)
 

@@ -32,6 +32,51 @@ REQUIRED = {"config": dict, "model": dict, "step": int}   # what every reader of
 RESUME = {"optimizer": dict, "scheduler": dict, "data": dict, "rng": dict}   # what a resume needs too
 
 
+# HOPEConfig fields that were removed, at the only value the model now builds, and why.
+REMOVED_MODEL_FIELDS = {
+    "cms_update": ("delta", "the additive write is an ablation design (benchmarks.quality.designs)"),
+    "cms_conv_size": (4, "the CMS without its short convolution is an ablation design (benchmarks.quality.designs)"),
+    "cms_gated_readout": (True, "the ungated read-out is an ablation design (benchmarks.quality.designs)"),
+    "cms_per_head_tau": (True, "the timescales are per head"),
+    "cms_data_dependent_mix": (True, "the mixing gates are data dependent"),
+    "linear_normalize": (True, "linear attention divides by q . sum(k)"),
+    "titans_conv": (4, "the Titans layer's short convolution has window 4"),
+}
+
+
+def upgrade_model_config(data) -> dict:
+    """A model config dict of any earlier HOPEConfig vocabulary in today's (a copy; today's passes as is).
+
+    use_cms=False -> cms="none"; cms="decay" (the old name of the multiscale CMS) -> "multiscale"; the
+    CMS levels' inner step bound was titans_lr_max, now cms_lr_max; `backend` (a run-time choice, not
+    part of the model) is dropped; a removed field (REMOVED_MODEL_FIELDS) at the value the model builds
+    is dropped, at any other value it is a ValueError (no model of today computes it)."""
+    if not hasattr(data, "items"):
+        raise ValueError(f"a model config must be a mapping, got {type(data).__name__}")
+    d = dict(data)
+    old = bool({"use_cms", "backend"} & set(d)) or d.get("cms") == "decay" or bool(set(REMOVED_MODEL_FIELDS) & set(d))
+    if not old:
+        return d
+    for name, (value, why) in REMOVED_MODEL_FIELDS.items():
+        if name in d and d.pop(name) != value:
+            raise ValueError(f"model config {name}={data[name]!r}: this field was removed and only "
+                             f"{name}={value!r} is built ({why})")
+    d.pop("backend", None)
+    if d.get("cms") == "decay":
+        d["cms"] = "multiscale"
+    if "use_cms" in d:
+        use = d.pop("use_cms")
+        if not isinstance(use, bool):
+            raise ValueError(f"model config use_cms must be true or false, got {use!r}")
+        if not use:
+            d["cms"] = "none"
+        elif d.get("cms") == "none":
+            raise ValueError("model config use_cms=True contradicts cms='none'")
+    if "cms_lr_max" not in d and "titans_lr_max" in d:
+        d["cms_lr_max"] = d["titans_lr_max"]
+    return d
+
+
 def rng_state() -> dict:
     """The torch, Python and NumPy (as plain data) random states, CUDA's when it is in use."""
     name, keys, pos, has_gauss, cached = np.random.get_state()

@@ -37,9 +37,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .attention import _head_dim
-from .layers import ShortConv, gated_readout, split_heads
-from .titans import l2norm, up
+from .layers import ShortConv, gated_readout, l2norm, resolve_head_dim, split_heads, up
 from .ops import check_backend, get_op
 
 # tau = sigmoid(logit) is kept inside [1e-3, 1 - 1e-4], where the kernels are numerically safe.
@@ -83,7 +81,7 @@ class CMSLayer(nn.Module):
             raise ValueError(f"update={update!r}: expected one of {UPDATES}")
         self.update = update
         self.num_heads, self.num_memories = num_heads, num_memory_modules
-        self.head_dim = _head_dim(dim, num_heads, head_dim)
+        self.head_dim = resolve_head_dim(dim, num_heads, head_dim)
         inner = num_heads * self.head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
         self.conv = ShortConv(3 * inner, conv_size, init="uniform") if conv_size > 1 else None

@@ -1,4 +1,4 @@
-"""HOPEConfig: every knob of the HOPE language model, validated, with YAML load/save."""
+"""HOPEConfig: the fields of the HOPE language model, validated, with YAML load/save."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +9,11 @@ from typing import Any, List, Mapping, Optional
 
 import yaml
 
-from .ops import BACKENDS
+from .checkpoint import upgrade_model_config
 
 ATTENTIONS = ("softmax", "linear", "titans")
-CMS_KINDS = ("decay", "levels")
+CMS_KINDS = ("multiscale", "levels", "none")
 CMS_MEMORIES = ("linear", "mlp")
-CMS_UPDATES = ("delta", "outer")
 POSITIONS = ("rotary", "learned", "none")
 
 
@@ -108,10 +107,13 @@ def check_choice(obj, name: str, choices) -> None:
 
 @dataclass
 class HOPEConfig:
-    """The HOPE language model. Each block: x += attn(norm(x)), then the CMS (see hope.block):
+    """The HOPE language model. Each block: x += attn(norm(x)), then by `cms` (see hope.block):
 
-    cms="decay":  x += cms(norm(x)); x += mlp(norm(x))      (the seed block; use_cms=False drops the CMS)
-    cms="levels": x += level_l(norm_l(x)) for each period    (the paper's CMS; it replaces the MLP)
+    cms="multiscale": x += cms(norm(x)); x += mlp(norm(x))    (the seed block: M delta-rule memories, hope.cms)
+    cms="levels":     x += level_l(norm_l(x)) for each period  (the paper's CMS, hope.levels; it replaces the MLP)
+    cms="none":       x += mlp(norm(x))                        (attention and MLP: a Transformer block)
+
+    The backend is not part of the model: HOPE(config, backend=...) and HOPE.set_backend choose it.
     """
 
     vocab_size: int = 256                 # 256 = the byte-level tokenizer
@@ -119,43 +121,34 @@ class HOPEConfig:
     num_layers: int = 12
     num_heads: int = 8
     head_dim: Optional[int] = None        # None: dim // num_heads
-    mlp_ratio: float = 4.0                # MLP hidden size = mlp_ratio * dim
+    mlp_ratio: float = 4.0                # MLP hidden size = mlp_ratio * dim (and the MLP levels')
     max_seq_len: int = 1024               # training context (and the learned-position table size)
     attention: str = "softmax"            # "softmax" (SDPA), "linear" (linear_attention), "titans" (titans_scan)
     position: str = "rotary"              # "rotary" | "learned" | "none" (rotary applies to softmax attention)
     rope_base: float = 10000.0
-    linear_normalize: bool = True         # linear attention divides by q . sum(k)
     titans_period: int = 16               # titans: gradients of a block of this many tokens at its start memory
     self_modifying: bool = False          # titans: k, v, lr, decay are in-context memories (the paper's HOPE)
     titans_momentum: bool = False         # titans: momentum on the memory's gradient steps
-    titans_lr_max: float = 1.0            # titans and CMS levels: inner step bound, in (0, 2)
-    titans_conv: int = 4                  # titans: causal depthwise conv window on q, k, v (<= 1: none)
-    use_cms: bool = True
-    cms: str = "decay"                    # "decay" (seed: cms_scan timescales, then an MLP) | "levels" (paper)
+    titans_lr_max: float = 1.0            # titans: inner step bound, in (0, 2)
+    cms: str = "multiscale"               # "multiscale" (seed: timescales, then an MLP) | "levels" (paper) | "none"
+    num_memory_modules: int = 4           # multiscale: memories (timescales) per head
+    cms_tau_min: float = 0.01             # multiscale: the timescales' initial retention range
+    cms_tau_max: float = 0.99
+    cms_learn_tau: bool = True            # multiscale: tau is a parameter (else fixed)
     cms_periods: List[int] = dataclasses.field(default_factory=lambda: [16, 64, 256])  # levels: C^(l)
     cms_memory: str = "linear"            # levels: "linear" (titans_scan matrix memory) | "mlp" (2-layer MLP)
-    num_memory_modules: int = 4           # CMS timescales per head (cms="decay")
-    cms_tau_min: float = 0.01
-    cms_tau_max: float = 0.99
-    cms_learn_tau: bool = True
-    cms_per_head_tau: bool = True
-    cms_data_dependent_mix: bool = True
-    cms_conv_size: int = 4                # short causal conv on the CMS q, k, v (1: none; docs/findings.md)
-    cms_gated_readout: bool = True        # CMS read-out W_o (rmsnorm(o) * silu(x W_g)) (False: W_o o; docs/findings.md)
-    cms_update: str = "delta"             # CMS write: "delta" (titans_scan, period 1) | "outer" (the additive write; docs/findings.md)
+    cms_lr_max: float = 1.0               # levels: inner step bound, in (0, 2)
     dropout: float = 0.0
     bias: bool = False
     tie_weights: bool = True              # output head shares the token embedding
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    backend: Optional[str] = None         # None | "triton" | "torch" | "reference"
 
     def __post_init__(self):
         check_types(self)
-        check_int(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "num_memory_modules",
-                  "cms_conv_size")
+        check_int(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "num_memory_modules")
         check_positive(self, "vocab_size", "dim", "num_layers", "num_heads", "max_seq_len",
-                       "num_memory_modules", "cms_conv_size", "mlp_ratio", "rope_base", "norm_eps", "init_std")
+                       "num_memory_modules", "mlp_ratio", "rope_base", "norm_eps", "init_std")
         if self.head_dim is None:
             if self.dim % self.num_heads:
                 raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads} "
@@ -166,18 +159,17 @@ class HOPEConfig:
         check_choice(self, "attention", ATTENTIONS)
         check_choice(self, "cms", CMS_KINDS)
         check_choice(self, "cms_memory", CMS_MEMORIES)
-        check_choice(self, "cms_update", CMS_UPDATES)
-        check_int(self, "titans_period", "titans_conv")
+        check_int(self, "titans_period")
         check_positive(self, "titans_period")
-        if not 0.0 < self.titans_lr_max < 2.0:
-            raise ValueError(f"titans_lr_max must be in (0, 2) (stable inner gradient descent), "
-                             f"got {self.titans_lr_max}")
+        for name in ("titans_lr_max", "cms_lr_max"):
+            if not 0.0 < getattr(self, name) < 2.0:
+                raise ValueError(f"{name} must be in (0, 2) (stable inner gradient descent), "
+                                 f"got {getattr(self, name)}")
         if (not isinstance(self.cms_periods, (list, tuple)) or not self.cms_periods
                 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.cms_periods)):
             raise ValueError(f"cms_periods must be a non-empty list of positive integers, got {self.cms_periods!r}")
         self.cms_periods = list(self.cms_periods)
         check_choice(self, "position", POSITIONS)
-        check_choice(self, "backend", BACKENDS)
         if self.position == "rotary" and self.attention == "softmax" and self.resolved_head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.resolved_head_dim}")
         if not 0.0 < self.cms_tau_min <= self.cms_tau_max < 1.0:
@@ -187,15 +179,9 @@ class HOPEConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
-    def cms_levels(self) -> bool:
-        return self.use_cms and self.cms == "levels"
-
-    @property
     def residual_branches(self) -> int:
-        """Residual branches per block: attention, then the CMS levels or (decay CMS and) the MLP."""
-        if self.cms_levels:
-            return 1 + len(self.cms_periods)
-        return 3 if self.use_cms else 2
+        """Residual branches per block: attention, then the CMS levels, or (the multiscale CMS and) the MLP."""
+        return {"levels": 1 + len(self.cms_periods), "multiscale": 3, "none": 2}[self.cms]
 
     @property
     def resolved_head_dim(self) -> int:
@@ -207,7 +193,9 @@ class HOPEConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HOPEConfig":
-        return cls(**check_keys(cls, data, "HOPEConfig"))
+        """The fields in `data`; a dict of an earlier vocabulary is read through
+        hope.checkpoint.upgrade_model_config first."""
+        return cls(**check_keys(cls, upgrade_model_config(data), "HOPEConfig"))
 
     def to_yaml(self, path: Optional[str] = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -41,15 +41,14 @@ def evaluate(checkpoint, *, data_files: Optional[List[str]] = None, batches: Opt
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     dev = pick_device(cfg.train.device)
-    check_backend_runs(backend if backend is not None else cfg.model.backend, dev)
-    model = HOPE(cfg.model)
+    backend = backend if backend is not None else cfg.train.backend
+    check_backend_runs(backend, dev)
+    model = HOPE(cfg.model, backend=backend)
     load_model_state(model, ckpt["model"], checkpoint if not isinstance(checkpoint, dict) else "the checkpoint")
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise ValueError(f"the checkpoint holds non-finite weights (in {bad[:3]}): its run diverged")
     model.to(dev)
-    if backend is not None:
-        model.set_backend(backend)
     stream = build_stream(cfg)
     trained_on = (ckpt.get("meta") or {}).get("corpus") or {}
     if not data_files and trained_on.get("sha256") not in (None, stream.corpus["sha256"]):

@@ -46,7 +46,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 
 from hope_kernels.utils import skip_host_checks
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, REMOVED_MODEL_FIELDS, load_checkpoint, save_checkpoint
 from .config import HOPEConfig
 from .generation import HOPECache
 from .layers import RotaryEmbedding
@@ -54,8 +54,10 @@ from .model import HOPE
 from .run_config import RunConfig
 
 # HOPEConfig's fields as carried by the Hugging Face config (the backend is a run-time choice of the
-# machine, not of the weights: HOPEForCausalLM(config, backend), from_pretrained(..., backend=...)).
-HOPE_FIELDS = tuple(f.name for f in dataclasses.fields(HOPEConfig) if f.name != "backend")
+# machine, not of the weights: HOPEForCausalLM(config, backend), from_pretrained(..., backend=...)),
+# and the fields of earlier vocabularies that a saved config.json may hold (upgrade_model_config).
+HOPE_FIELDS = tuple(f.name for f in dataclasses.fields(HOPEConfig))
+EARLIER_FIELDS = ("use_cms", "backend", *REMOVED_MODEL_FIELDS)
 
 
 class HOPEHFConfig(PretrainedConfig):
@@ -69,23 +71,22 @@ class HOPEHFConfig(PretrainedConfig):
                      "max_position_embeddings": "max_seq_len", "tie_word_embeddings": "tie_weights"}
 
     def __init__(self, hope_run: Optional[dict] = None, use_cache: bool = True, **kwargs):
-        kwargs.pop("backend", None)
         for hf_name, name in self.attribute_map.items():
             if hf_name in kwargs:
                 kwargs.setdefault(name, kwargs.pop(hf_name))
-        fields = HOPEConfig.from_dict({k: kwargs.pop(k) for k in HOPE_FIELDS if k in kwargs}).to_dict()
+        fields = HOPEConfig.from_dict({k: kwargs.pop(k) for k in HOPE_FIELDS + EARLIER_FIELDS if k in kwargs}).to_dict()
         for k in HOPE_FIELDS:
             setattr(self, k, fields[k])
         self.hope_run = hope_run
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=fields["tie_weights"], **kwargs)
 
-    def to_hope_config(self, backend: Optional[str] = None) -> HOPEConfig:
-        return HOPEConfig.from_dict({**{k: getattr(self, k) for k in HOPE_FIELDS}, "backend": backend})
+    def to_hope_config(self) -> HOPEConfig:
+        return HOPEConfig.from_dict({k: getattr(self, k) for k in HOPE_FIELDS})
 
     @classmethod
     def from_hope_config(cls, config: HOPEConfig, **kwargs) -> "HOPEHFConfig":
-        return cls(**{k: v for k, v in config.to_dict().items() if k != "backend"}, **kwargs)
+        return cls(**config.to_dict(), **kwargs)
 
 
 def _map_tensors(obj, fn):
@@ -185,7 +186,7 @@ class HOPEPreTrainedModel(PreTrainedModel):
 
 class HOPEForCausalLM(HOPEPreTrainedModel, GenerationMixin):
     """A `hope.HOPE` (`.model`) as a transformers causal LM; see the module docstring. `backend` (also
-    a keyword of from_pretrained) is the layers' backend, as in HOPEConfig."""
+    a keyword of from_pretrained) is the layers' backend, as in hope.HOPE."""
 
     _tied_weights_keys = {"model.head.weight": "model.embed.tok.weight"}
     loss_type = "ForCausalLM"
@@ -194,7 +195,7 @@ class HOPEForCausalLM(HOPEPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: HOPEHFConfig, backend: Optional[str] = None):
         super().__init__(config)
-        self.model = HOPE(config.to_hope_config(backend))
+        self.model = HOPE(config.to_hope_config(), backend=backend)
         self.post_init()
 
     @classmethod
@@ -302,7 +303,7 @@ def to_hf(model: HOPE, hope_run: Optional[dict] = None) -> HOPEForCausalLM:
     if not isinstance(model, HOPE):
         raise TypeError(f"model must be a hope.HOPE, got {type(model).__name__}")
     p = next(model.parameters())
-    hf = HOPEForCausalLM(HOPEHFConfig.from_hope_config(model.config, hope_run=hope_run), model.config.backend)
+    hf = HOPEForCausalLM(HOPEHFConfig.from_hope_config(model.config, hope_run=hope_run), model.backend)
     hf.to(device=p.device, dtype=p.dtype)
     hf.model.load_state_dict(model.state_dict())
     return hf.train(model.training)
@@ -314,7 +315,7 @@ def from_hf(hf_model: HOPEForCausalLM) -> HOPE:
         raise TypeError(f"hf_model must be a HOPEForCausalLM, got {type(hf_model).__name__}")
     src = hf_model.model
     p = next(src.parameters())
-    model = HOPE(src.config).to(device=p.device, dtype=p.dtype)
+    model = HOPE(src.config, backend=src.backend).to(device=p.device, dtype=p.dtype)
     model.load_state_dict(src.state_dict())
     return model.train(hf_model.training)
 

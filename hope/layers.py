@@ -1,13 +1,57 @@
-"""Small building blocks shared by the HOPE layers: RMSNorm, the static MLP, rotary positions, embeddings,
-the short causal convolution and the gated read-out of the memories."""
+"""Small building blocks shared by the HOPE layers: head sizes, float32 promotion, L2 normalisation, block
+boundaries of the in-context memories, RMSNorm, the static MLP, rotary positions, embeddings, the short
+causal convolution and the gated read-out of the memories."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def resolve_head_dim(dim: int, num_heads: int, head_dim: Optional[int]) -> int:
+    """The head size: head_dim, or dim // num_heads when it is None (dim must then divide)."""
+    if num_heads <= 0 or dim <= 0:
+        raise ValueError(f"dim and num_heads must be positive, got dim={dim}, num_heads={num_heads}")
+    if head_dim is None:
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        return dim // num_heads
+    if head_dim <= 0:
+        raise ValueError(f"head_dim must be positive, got {head_dim}")
+    return head_dim
+
+
+def up(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (states and gates are float32 for half inputs; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(||x||^2 + eps) over the last dimension (the norm in at least float32)."""
+    return x * torch.rsqrt(up(x).pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def block_segments(pos: int, T: int, period: int, per_block: bool) -> List[Tuple[int, int]]:
+    """Split tokens pos .. pos+T-1 (positions in the sequence) at block boundaries.
+
+    Returns (start, end) ranges over 0..T: the rest of the current block first, then whole blocks
+    (one range each when `per_block`, else together), then the unfinished tail.
+    """
+    out, s = [], 0
+    head = (-pos) % period
+    if head:
+        out.append((0, min(head, T)))
+        s = out[-1][1]
+    body = (T - s) // period * period
+    if body:
+        out += [(i, i + period) for i in range(s, s + body, period)] if per_block else [(s, s + body)]
+        s += body
+    if s < T:
+        out.append((s, T))
+    return out
 
 
 class RMSNorm(nn.Module):

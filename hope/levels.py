@@ -12,8 +12,8 @@ accumulated over the block, taken at the block-start weights:
     l_t(theta)  = 1/2 ||M_theta(k_t) - v_t||^2    k_t, v_t: learned projections of the level's input
 
 Two memory kinds (`cms_memory`):
-- "linear": M_theta(k) = k S, one matrix per head: a TitansLayer (hope.titans) without the short
-  convolution, with period C^(l) on `titans_scan` (the kernel path; one call with read="block_start" per
+- "linear": M_theta(k) = k S, one matrix per head (LinearLevel: the Titans memory of hope.titans without
+  its short convolution), with period C^(l) on `titans_scan` (the kernel path; one call with read="block_start" per
   forward), read at the key and at the block-start weights: y_t = W_o (rmsnorm(k_t S_n) * silu(x_t W_g)) for t in block n,
   exactly Eq. 71 (the level maps its input as an MLP with weights S_n does; a block's updates are seen
   from the next block on). Reading the weights updated token by token instead (the op's own output)
@@ -33,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .titans import TitansLayer, block_segments, up
+from .layers import block_segments, l2norm, split_heads, up
+from .ops import get_op
+from .titans import TitansLayer
 
 
 def _silu_grad(h: torch.Tensor) -> torch.Tensor:
@@ -90,12 +92,38 @@ class MLPLevel(nn.Module):
         return self.dropout(y.to(x.dtype))
 
 
-def make_level(config, period: int) -> nn.Module:
+class LinearLevel(TitansLayer):
+    """One CMS level whose memory is a matrix per head (module docstring): the Titans memory with
+    q = k (no short convolution, no momentum), read at the key and at the block-start memory,
+    o_t = k_t Sbar_n (Eq. 71, as an MLP with weights Sbar_n reads its input; titans_scan's
+    read="block_start"): a block's updates are seen from the next block on. x: [B, T, dim] -> [B, T, dim]."""
+
+    streams = 2            # k and v
+
+    def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None, *, period: int = 16,
+                 lr_max: float = 1.0, bias: bool = False, dropout: float = 0.0, backend: Optional[str] = None):
+        super().__init__(dim, num_heads, head_dim, period=period, lr_max=lr_max, conv_window=0, bias=bias,
+                         dropout=dropout, backend=backend)
+
+    def _inputs(self, h, gates, mom):
+        k, v = (split_heads(t, self.num_heads) for t in h.chunk(2, dim=-1))
+        q = k = l2norm(k)
+        return q, k, v, self._lr(gates[:, :, 0]), self._decay(gates[:, :, 1]), mom
+
+    def _scan(self, inputs, state):
+        return get_op("titans_scan", self.backend)(*inputs, 1.0, period=self.period, read="block_start",
+                                                   initial_state=state, output_final_state=True)
+
+    def _continue(self, inputs, state, block_state, step: bool):
+        o, state = super()._continue(inputs, state, block_state, step)
+        return torch.einsum("bthk,bhkv->bthv", up(inputs[0]), block_state).to(o.dtype), state
+
+
+def make_level(config, period: int, backend: Optional[str] = None) -> nn.Module:
     """A CMS level of kind config.cms_memory with update period `period`."""
     c = config
     if c.cms_memory == "mlp":
-        return MLPLevel(c.dim, int(c.mlp_ratio * c.dim), period, lr_max=c.titans_lr_max, bias=c.bias,
+        return MLPLevel(c.dim, int(c.mlp_ratio * c.dim), period, lr_max=c.cms_lr_max, bias=c.bias,
                         dropout=c.dropout)
-    return TitansLayer(c.dim, c.num_heads, c.head_dim, period=period, lr_max=c.titans_lr_max, conv_window=0,
-                       read_with_key=True, bias=c.bias, dropout=c.dropout, backend=c.backend)
-
+    return LinearLevel(c.dim, c.num_heads, c.head_dim, period=period, lr_max=c.cms_lr_max, bias=c.bias,
+                       dropout=c.dropout, backend=backend)

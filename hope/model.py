@@ -1,13 +1,12 @@
-"""HOPE: a decoder-only language model of HOPE blocks (attention -> CMS -> MLP), with cached generation.
+"""HOPE: a decoder-only language model of HOPE blocks (attention -> CMS -> MLP by default), with cached generation.
 
     from hope import HOPE, HOPEConfig
-    model = HOPE(vocab_size=32000, dim=512, num_layers=12, num_heads=8, num_memory_modules=5, use_cms=True)
+    model = HOPE(vocab_size=32000, dim=512, num_layers=12, num_heads=8, num_memory_modules=5)
     logits, loss = model(tokens, targets)        # loss is None without targets
     out = model.generate(prompt, max_new_tokens=50, temperature=0.8, top_k=None)
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional, Sequence, Union
 
@@ -16,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .block import HOPEBlock
+from .checkpoint import upgrade_model_config
 from .config import HOPEConfig
 from .generation import HOPECache, check_max_new_tokens, check_sampling, sample_next
 from .layers import Embeddings, RMSNorm
@@ -23,19 +23,23 @@ from .ops import check_backend
 
 
 class HOPE(nn.Module):
-    """HOPE(config) or HOPE(**fields of HOPEConfig) (or both: keywords override the config)."""
+    """HOPE(config) or HOPE(**fields of HOPEConfig) (or both: keywords override the config; keywords of
+    an earlier vocabulary, e.g. use_cms, are read through hope.checkpoint.upgrade_model_config).
+    `backend` (None | "triton" | "torch" | "reference") is the layers' ops, a run-time choice that
+    set_backend changes; it is not part of the config."""
 
-    def __init__(self, config: Optional[HOPEConfig] = None, **kwargs):
+    def __init__(self, config: Optional[HOPEConfig] = None, *, backend: Optional[str] = None, **kwargs):
         super().__init__()
         if config is None:
             config = HOPEConfig.from_dict(kwargs)
         elif not isinstance(config, HOPEConfig):
             raise TypeError(f"config must be a HOPEConfig, got {type(config).__name__}")
         elif kwargs:
-            config = HOPEConfig.from_dict({**config.to_dict(), **kwargs})
+            config = HOPEConfig.from_dict({**config.to_dict(), **upgrade_model_config(kwargs)})
         self.config = c = config
+        self.backend = check_backend(backend)
         self.embed = Embeddings(c.vocab_size, c.dim, c.max_seq_len, c.position, c.dropout)
-        self.blocks = nn.ModuleList(HOPEBlock(c) for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(HOPEBlock(c, backend) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_weights:
@@ -68,11 +72,10 @@ class HOPE(nn.Module):
 
     def set_backend(self, backend: Optional[str]) -> "HOPE":
         """Run every layer on `backend` (None | "triton" | "torch" | "reference"); same weights."""
-        check_backend(backend)
+        self.backend = check_backend(backend)
         for m in self.modules():
-            if hasattr(m, "backend") and m is not self:
+            if hasattr(m, "backend"):
                 m.backend = backend
-        self.config = dataclasses.replace(self.config, backend=backend)
         return self
 
     def new_cache(self) -> HOPECache:

@@ -9,6 +9,8 @@ from typing import Any, List, Mapping, Optional
 
 import yaml
 
+from .ops import BACKENDS
+from .checkpoint import upgrade_model_config
 from .config import HOPEConfig, check_choice, check_int, check_keys, check_positive, check_types, load_yaml
 
 OPTIMIZERS = ("adamw", "deep_momentum")
@@ -61,6 +63,7 @@ class TrainConfig:
     amp: bool = True                      # bf16 autocast on CUDA (ignored on CPU)
     device: str = "auto"                  # "auto" | "cpu" | "cuda" | "cuda:N"
     num_threads: Optional[int] = None     # torch intra-op CPU threads (None: torch's default)
+    backend: Optional[str] = None         # the layers' ops: None (triton where it runs, else torch) | "triton" | "torch" | "reference"
     progress: bool = True
 
     def __post_init__(self):
@@ -70,6 +73,7 @@ class TrainConfig:
         check_positive(self, "seq_len", "batch_size", "max_steps", "lr", "eval_interval", "eval_batches",
                        "checkpoint_interval", "log_interval")
         check_choice(self, "optimizer", OPTIMIZERS)
+        check_choice(self, "backend", BACKENDS)
         if self.num_threads is not None:
             check_int(self, "num_threads")
             check_positive(self, "num_threads")
@@ -109,11 +113,16 @@ class RunConfig:
         unknown = sorted(set(data) - set(cls.SECTIONS))
         if unknown:
             raise ValueError(f"unknown config section(s) {unknown}; expected {sorted(cls.SECTIONS)}")
-        parts = {}
+        parts, backend = {}, None
         for name, kind in cls.SECTIONS.items():
             sec = data.get(name) or {}
             if not isinstance(sec, Mapping):
                 raise ValueError(f"config section {name!r} must be a mapping, got {type(sec).__name__}")
+            if kind is HOPEConfig:   # an earlier vocabulary; its model.backend is now train.backend
+                backend = sec.get("backend")
+                sec = upgrade_model_config(sec)
+            elif kind is TrainConfig and backend is not None and "backend" not in sec:
+                sec = {**sec, "backend": backend}
             try:
                 parts[name] = kind(**check_keys(kind, sec, name))
             except ValueError as e:

@@ -41,7 +41,7 @@ def check_backend_runs(backend: Optional[str], device: torch.device) -> None:
     if backend == "triton":
         why = triton_unavailable_reason(device)
         if why is not None:
-            raise ValueError(f"model.backend='triton' cannot run on {device}: {why}")
+            raise ValueError(f"backend='triton' cannot run on {device}: {why}")
 
 
 class CommandLine(argparse.ArgumentParser):

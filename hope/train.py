@@ -44,7 +44,7 @@ def build_optimizer(model: HOPE, cfg: RunConfig) -> torch.optim.Optimizer:
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas))
     return DeepMomentum(groups, lr=t.lr, betas=t.momentum_betas, deep=t.deep_momentum,
-                        normalize=t.momentum_normalize, backend=cfg.model.backend)
+                        normalize=t.momentum_normalize, backend=t.backend)
 
 
 # ---------------------------------------------------------------------- distributed
@@ -70,7 +70,7 @@ RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RUN_INFO_NAME)
 # what a resumed run may change (applied, and recorded in run.json); every other key must be the checkpoint's
 RESUMABLE_CHANGES = ("train.max_steps", "train.out_dir", "train.device", "train.num_threads", "train.progress",
                      "train.log_interval", "train.eval_interval", "train.eval_batches",
-                     "train.checkpoint_interval", "model.backend")
+                     "train.checkpoint_interval", "train.backend")
 
 
 class RunExistsError(ValueError):
@@ -216,7 +216,7 @@ def preflight(cfg: RunConfig, stop_at: Optional[int] = None, local_rank: int = 0
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"--stop-at must be a step >= 1, got {stop_at}")
     device = pick_device(cfg.train.device, local_rank)
-    check_backend_runs(cfg.model.backend, device)
+    check_backend_runs(cfg.train.backend, device)
     out_dir = Path(cfg.train.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file, not a directory")
@@ -248,7 +248,7 @@ def _train(cfg: RunConfig, ckpt: Optional[dict], stop_at: Optional[int], overwri
         torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
     stream = build_stream(cfg)
-    model = HOPE(cfg.model).to(device)
+    model = HOPE(cfg.model, backend=t.backend).to(device)
     optimizer = build_optimizer(model, cfg)
     min_ratio = t.min_lr / t.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -449,7 +449,7 @@ def config_from_args(args, base: Optional[dict] = None) -> RunConfig:
     overrides = list(args.set)
     for flag, key in (("max_steps", "train.max_steps"), ("out_dir", "train.out_dir"),
                       ("batch_size", "train.batch_size"), ("lr", "train.lr"), ("device", "train.device"),
-                      ("backend", "model.backend"), ("optimizer", "train.optimizer")):
+                      ("backend", "train.backend"), ("optimizer", "train.optimizer")):
         v = getattr(args, flag)
         if v is not None:
             overrides.append(f"{key}={v}")

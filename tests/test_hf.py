@@ -22,7 +22,7 @@ from hope.evaluate import evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "hope" / "configs"
-SMALL = dict(vocab_size=61, dim=32, num_layers=2, num_heads=4, max_seq_len=64, backend="torch")
+SMALL = dict(vocab_size=61, dim=32, num_layers=2, num_heads=4, max_seq_len=64)
 # the configs' tiny variants, shrunk; periods short enough that prompt + generation cross block starts
 VARIANTS = {
     "seed": ("tiny.yaml", {}),
@@ -37,7 +37,7 @@ VARIANTS = {
 def make(variant: str, **fields) -> HOPE:
     name, over = VARIANTS[variant]
     cfg = HOPEConfig.from_yaml(str(CONFIGS / name))
-    return HOPE(HOPEConfig.from_dict({**cfg.to_dict(), **SMALL, **over, **fields})).eval()
+    return HOPE(HOPEConfig.from_dict({**cfg.to_dict(), **SMALL, **over, **fields}), backend="torch").eval()
 
 
 def count_forward_tokens(model: HOPE) -> list:
@@ -134,7 +134,7 @@ def test_save_pretrained_round_trip(tmp_path, variant):
     model_hf = hf.to_hf(model)
     model_hf.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
-    assert AutoConfig.from_pretrained(tmp_path).to_hope_config("torch") == model.config
+    assert AutoConfig.from_pretrained(tmp_path).to_hope_config() == model.config
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, backend="torch")
     assert type(loaded) is hf.HOPEForCausalLM and not loaded.training
     assert loaded.model.head.weight is loaded.model.embed.tok.weight   # still tied
@@ -157,7 +157,7 @@ def test_converted_run_evaluates_to_the_same_bits_per_byte(tmp_path):
     """A tiny hope-train run -> Hugging Face folder (in process) -> run again (the command, in a fresh
     process that loads the folder offline through AutoModelForCausalLM)."""
     run, folder, back = tmp_path / "run", tmp_path / "hf", tmp_path / "back"
-    sets = ["model.backend=torch", "model.dim=32", "data.max_bytes=50000", "train.seq_len=32",
+    sets = ["train.backend=torch", "model.dim=32", "data.max_bytes=50000", "train.seq_len=32",
             "train.batch_size=4", "train.eval_batches=1", "train.warmup_steps=1"]
     args = ["--config", "tiny", "--out-dir", str(run), "--max-steps", "3", "--no-progress"]
     assert hope_train.main(args + [a for s in sets for a in ("--set", s)]) == 0

@@ -9,11 +9,12 @@ TINY = dict(vocab_size=61, dim=32, num_layers=2, num_heads=4, num_memory_modules
 
 
 
-@pytest.mark.parametrize("attention, position, use_cms", [
-    ("softmax", "rotary", True), ("softmax", "learned", True), ("linear", "none", True), ("linear", "none", False),
+@pytest.mark.parametrize("attention, position, cms", [
+    ("softmax", "rotary", "multiscale"), ("softmax", "learned", "multiscale"), ("linear", "none", "multiscale"),
+    ("linear", "none", "none"),
 ])
-def test_greedy_cached_equals_recompute(attention, position, use_cms):
-    model = HOPE(**TINY, attention=attention, position=position, use_cms=use_cms, backend="torch")
+def test_greedy_cached_equals_recompute(attention, position, cms):
+    model = HOPE(**TINY, attention=attention, position=position, cms=cms, backend="torch")
     prompt = torch.randint(0, 61, (3, 7))
     cached = model.generate(prompt, max_new_tokens=24, temperature=0.0)
     full = model.generate(prompt, max_new_tokens=24, temperature=0.0, use_cache=False)

@@ -1,10 +1,13 @@
 """hope layers: the same weights give the same outputs and gradients on "triton" (interpreter on CPU),
 "torch" and the token-by-token references (run in float64)."""
 import copy
+import functools
+from unittest import mock
 
 import pytest
 import torch
 
+import hope.block
 import hope_kernels
 from hope import AssociativeMemory, CMSLayer, HOPEBlock, HOPEConfig, LinearAttention, SoftmaxAttention, get_op
 from hope.cms import default_taus
@@ -32,11 +35,16 @@ def _layers():
         "cms_outer_static_mix_plain": lambda: CMSLayer(D, H, M, update="outer", data_dependent_mix=False,
                                                        gated_readout=False, conv_size=1),
         "softmax_attention": lambda: SoftmaxAttention(D, H),
-        "block_softmax": lambda: HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M,
-                                                      cms_gated_readout=False)),
-        "block_linear": lambda: HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M, attention="linear",
-                                                     cms_gated_readout=False)),
+        "block_softmax": lambda: _ungated_block("softmax"),
+        "block_linear": lambda: _ungated_block("linear"),
     }
+
+
+def _ungated_block(attention):
+    """A HOPE block whose CMS reads out without the gate (the CMS ablation's design)."""
+    cms = functools.partial(hope.block.make_cms, gated_readout=False)
+    with mock.patch.object(hope.block, "make_cms", cms):
+        return HOPEBlock(HOPEConfig(dim=D, num_heads=H, num_memory_modules=M, attention=attention))
 
 
 def _randomize(module):
@@ -196,7 +204,7 @@ def _delta_cms_on_titans(layer, x):
     heads of one scan: the form the layer had before it ran on cms_scan(beta=...)."""
     from hope.cms import READOUT_EPS
     from hope.layers import gated_readout, split_heads
-    from hope.titans import l2norm, up
+    from hope.layers import l2norm, up
     Bx, Tx, _ = x.shape
     Mm = layer.num_memories
     qkv = layer.qkv(x) if layer.conv is None else layer.conv(layer.qkv(x), None)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from benchmarks.quality.designs import build_model
 from hope import HOPE, HOPEConfig
 from helpers import assert_close
 
@@ -42,9 +43,9 @@ def test_seed_snippet_verbatim_full_size(torch_default_backend):
 
 
 @pytest.mark.parametrize("attention", ["softmax", "linear"])
-@pytest.mark.parametrize("use_cms", [True, False])
-def test_forward_backward(attention, use_cms):
-    model = HOPE(**TINY, attention=attention, use_cms=use_cms, backend="torch")
+@pytest.mark.parametrize("cms", ["multiscale", "none"])
+def test_forward_backward(attention, cms):
+    model = HOPE(**TINY, attention=attention, cms=cms, backend="torch")
     tokens = torch.randint(0, 97, (2, 20))
     logits, loss = model(tokens, tokens.roll(-1, 1))
     assert logits.shape == (2, 20, 97)
@@ -63,8 +64,8 @@ def test_forward_backward(attention, use_cms):
 def test_model_backends_agree(attention):
     """Same weights on "triton" (interpreter), "torch" and the float64 references (the CMS without its
     gated read-out: see tests/test_hope_layers.py _layers)."""
-    model = HOPE(**TINY, attention=attention, cms_gated_readout=False)
-    ref = HOPE(**TINY, attention=attention, cms_gated_readout=False).double().set_backend("reference")
+    model = build_model({**TINY, "attention": attention, "cms_gated_readout": False}, 0, backend=None)
+    ref = build_model({**TINY, "attention": attention, "cms_gated_readout": False}, 0).double().set_backend("reference")
     ref.load_state_dict(model.state_dict())
     tokens = torch.randint(0, 97, (2, 16))
     out_ref = ref(tokens)[0]
@@ -74,7 +75,7 @@ def test_model_backends_agree(attention):
 
 
 def test_config_paths_agree_and_yaml_round_trip(tmp_path):
-    cfg = HOPEConfig(**TINY, attention="linear", cms_learn_tau=False, backend="torch")
+    cfg = HOPEConfig(**TINY, attention="linear", cms_learn_tau=False)
     path = tmp_path / "model.yaml"
     cfg.to_yaml(str(path))
     assert HOPEConfig.from_yaml(str(path)) == cfg

@@ -21,7 +21,7 @@ from hope import train as hope_train
 from hope.data import read_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-SETS = ["model.backend=torch", "data.max_bytes=100000", "train.seq_len=32", "train.batch_size=4",
+SETS = ["train.backend=torch", "data.max_bytes=100000", "train.seq_len=32", "train.batch_size=4",
         "train.eval_batches=1", "train.log_interval=1", "train.warmup_steps=2"]
 SMALL = ["--config", "tiny"] + [a for s in SETS for a in ("--set", s)]
 

@@ -13,21 +13,32 @@ import torch
 import torch.nn.functional as F
 
 from hope import HOPE, HOPEConfig
-from hope.levels import MLPLevel
-from hope.titans import TitansLayer, block_segments
+from hope.layers import block_segments
+from hope.levels import LinearLevel, MLPLevel
+from hope.selfmod import SelfModifyingTitans
+from hope.titans import TitansLayer
 from helpers import rel_err, tolerance
 
 V = 61
-SMALL = dict(vocab_size=V, dim=32, num_layers=2, num_heads=4, max_seq_len=64, backend="torch")
+SMALL = dict(vocab_size=V, dim=32, num_layers=2, num_heads=4, max_seq_len=64)
 VARIANTS = {
     "titans": dict(attention="titans", titans_period=4),
     "titans-momentum-period1": dict(attention="titans", titans_period=1, titans_momentum=True),
-    "self-modifying": dict(attention="titans", self_modifying=True, titans_period=4, use_cms=False),
+    "self-modifying": dict(attention="titans", self_modifying=True, titans_period=4, cms="none"),
     "paper": dict(attention="titans", self_modifying=True, titans_period=4, cms="levels", cms_periods=[4, 8]),
     "paper-momentum-mlp": dict(attention="titans", self_modifying=True, titans_momentum=True, titans_period=4,
                                cms="levels", cms_memory="mlp", cms_periods=[4, 16]),
     "hope-attention": dict(attention="softmax", cms="levels", cms_periods=[4, 8]),
 }
+
+
+def memory_layer(dim, heads, head_dim, *, self_modifying, read_with_key, momentum, conv_window, **kw):
+    """Titans, self-modifying Titans, or a linear CMS level (read at the key and the block-start memory)."""
+    if read_with_key:
+        assert not momentum and conv_window == 0, "a linear level has no momentum and no convolution"
+        return LinearLevel(dim, heads, head_dim, **kw)
+    kind = SelfModifyingTitans if self_modifying else TitansLayer
+    return kind(dim, heads, head_dim, momentum=momentum, conv_window=conv_window, **kw)
 
 
 # ---------------------------------------------------------------------- naive references (float64)
@@ -42,7 +53,7 @@ def unit(x, eps=1e-6):
     return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def naive_titans(layer: TitansLayer, x):
+def naive_titans(layer: TitansLayer, x):   # any of the three kinds (memory_layer)
     """Token by token, every memory a separate matrix (Eq. 90-93 in DESIGN.md's form), float64."""
     B, T, _ = x.shape
     H, D, C = layer.num_heads, layer.head_dim, layer.period
@@ -56,13 +67,13 @@ def naive_titans(layer: TitansLayer, x):
     for b in range(B):
         for hh in range(H):
             P0 = layer.initial_memory[hh]
-            if layer.self_modifying:
+            if isinstance(layer, SelfModifyingTitans):
                 q_all, u_all = h[b, :, :H * D].view(T, H, D)[:, hh], h[b, :, H * D:].view(T, H, D)[:, hh]
                 names = {"k": slice(0, D), "v": slice(D, 2 * D), "eta": slice(2 * D, 2 * D + 1),
                          "alpha": slice(2 * D + 1, 2 * D + 2), "mem": slice(2 * D + 2, 3 * D + 2)}
             else:
                 parts = [h[b, :, i * H * D:(i + 1) * H * D].view(T, H, D)[:, hh] for i in range(h.shape[-1] // (H * D))]
-                q_all, k_all, v_all = [parts[0]] + parts if layer.read_with_key else parts
+                q_all, k_all, v_all = [parts[0]] + parts if isinstance(layer, LinearLevel) else parts
                 names = {"mem": slice(0, D)}
             M = {n: P0[:, s].clone() for n, s in names.items()}
             Z = {n: torch.zeros_like(m) for n, m in M.items()}
@@ -70,7 +81,7 @@ def naive_titans(layer: TitansLayer, x):
                 if t % C == 0:
                     bar = {n: m.clone() for n, m in M.items()}
                 q = unit(q_all[t])
-                if layer.self_modifying:
+                if isinstance(layer, SelfModifyingTitans):
                     u = u_all[t]
                     k, v = unit(u @ bar["k"]), unit(u @ bar["v"])
                     eta, alpha = lr_of((u @ bar["eta"])[0], hh), decay_of((u @ bar["alpha"])[0], hh)
@@ -87,7 +98,7 @@ def naive_titans(layer: TitansLayer, x):
                         M[n] = alpha * M[n] + Z[n]
                     else:
                         M[n] = alpha * M[n] - eta * grad
-                out[b, t, hh] = q @ (bar["mem"] if layer.read_with_key else M["mem"])   # a level reads Sbar (Eq. 71)
+                out[b, t, hh] = q @ (bar["mem"] if isinstance(layer, LinearLevel) else M["mem"])   # a level reads Sbar (Eq. 71)
     o = F.rms_norm(out, (D,)).reshape(B, T, H * D)
     return layer.proj(o * F.silu(g))
 
@@ -119,9 +130,9 @@ def naive_mlp_level(level: MLPLevel, x):
 ])
 def test_titans_layer_equals_naive_recurrence(self_modifying, momentum, period, conv, read_with_key):
     torch.manual_seed(0)
-    kw = dict(period=period, self_modifying=self_modifying, momentum=momentum, conv_window=conv,
-              read_with_key=read_with_key)
-    layer = TitansLayer(24, 2, 8, **kw, backend="reference").double()
+    kw = dict(self_modifying=self_modifying, read_with_key=read_with_key, period=period, momentum=momentum,
+              conv_window=conv)
+    layer = memory_layer(24, 2, 8, **kw, backend="reference").double()
     with torch.no_grad():   # non-trivial conv, gates and memories
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -129,7 +140,7 @@ def test_titans_layer_equals_naive_recurrence(self_modifying, momentum, period, 
     with torch.no_grad():
         assert rel_err(layer(x), naive_titans(layer, x)) < 1e-10, "titans layer (reference op) vs naive"
     # the chunked torch op gives the same layer output and parameter gradients in float32
-    layer32 = TitansLayer(24, 2, 8, **kw, backend="torch")
+    layer32 = memory_layer(24, 2, 8, **kw, backend="torch")
     layer32.load_state_dict({k: t.float() for k, t in layer.state_dict().items()})
     w = torch.randn(2, 13, 24, dtype=torch.float64)
     out32 = layer32(x.float())
@@ -168,7 +179,7 @@ def test_block_segments():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_trains_end_to_end_and_is_causal(variant):
     torch.manual_seed(0)
-    model = HOPE(**SMALL, **VARIANTS[variant])
+    model = HOPE(**SMALL, backend="torch", **VARIANTS[variant])
     with torch.no_grad():   # at the initial M_k = M_v the keys equal the values, so every inner gradient
         for n, p in model.named_parameters():          # (and that of the step's bias) is exactly zero
             if n.endswith("attn.initial_memory"):
@@ -192,7 +203,7 @@ def test_variant_trains_end_to_end_and_is_causal(variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_cached_generation_equals_recompute(variant):
     torch.manual_seed(1)
-    model = HOPE(**SMALL, **VARIANTS[variant])
+    model = HOPE(**SMALL, backend="torch", **VARIANTS[variant])
     prompt = torch.randint(0, V, (2, 7))                     # 7: the prompt ends inside a block
     cached = model.generate(prompt, max_new_tokens=13, temperature=0.0)
     full = model.generate(prompt, max_new_tokens=13, temperature=0.0, use_cache=False)
@@ -210,7 +221,7 @@ def test_variant_cached_generation_equals_recompute(variant):
 def test_paper_variant_on_triton_interpreter_matches_torch():
     """The Triton titans kernels (scan and step) run the paper's HOPE as the torch path does."""
     torch.manual_seed(2)
-    model = HOPE(**dict(SMALL, num_layers=1), **VARIANTS["paper"])
+    model = HOPE(backend="torch", **dict(SMALL, num_layers=1), **VARIANTS["paper"])
     tokens = torch.randint(0, V, (1, 12))
     with torch.no_grad():
         a = model(tokens)[0]
@@ -222,12 +233,12 @@ def test_paper_variant_on_triton_interpreter_matches_torch():
 
 
 def test_seed_api_and_block_layout_unchanged():
-    model = HOPE(vocab_size=97, dim=32, num_layers=2, num_heads=4, num_memory_modules=5, use_cms=True,
+    model = HOPE(vocab_size=97, dim=32, num_layers=2, num_heads=4, num_memory_modules=5,
                  backend="torch")
     block = model.blocks[0]
-    assert model.config.cms == "decay" and block.cms is not None and block.mlp is not None
+    assert model.config.cms == "multiscale" and block.cms is not None and block.mlp is not None
     assert len(block.levels) == 0
-    paper = HOPE(**SMALL, **VARIANTS["paper"]).blocks[0]
+    paper = HOPE(**SMALL, backend="torch", **VARIANTS["paper"]).blocks[0]
     assert paper.cms is None and paper.mlp is None and len(paper.levels) == 2
 
 
@@ -272,7 +283,7 @@ def per_block_forward(layer: TitansLayer, x):
     read and the self-modifying op), for a forward from the sequence start without a cache."""
     from hope_kernels import titans_scan
     from hope.layers import gated_readout, split_heads
-    from hope.titans import l2norm, up
+    from hope.layers import l2norm, up
     B, T, _ = x.shape
     H, D, C = layer.num_heads, layer.head_dim, layer.period
     h, g, gates = layer.proj_in(x).split(layer.splits, -1)
@@ -281,12 +292,12 @@ def per_block_forward(layer: TitansLayer, x):
     gates = gates.view(B, T, -1, H)
     mom = torch.sigmoid(up(gates[:, :, -1]) + up(layer.momentum_bias)) if layer.use_momentum else None
     state = layer._initial_state(B)
-    if layer.self_modifying:
+    if isinstance(layer, SelfModifyingTitans):
         q, u = (split_heads(t, H) for t in h.chunk(2, -1))
         q, u = l2norm(q), up(u)
     else:
-        parts = [split_heads(t, H) for t in h.chunk(2 if layer.read_with_key else 3, -1)]
-        q, k, v = [parts[0]] + parts if layer.read_with_key else parts
+        parts = [split_heads(t, H) for t in h.chunk(2 if isinstance(layer, LinearLevel) else 3, -1)]
+        q, k, v = [parts[0]] + parts if isinstance(layer, LinearLevel) else parts
         q, k = l2norm(q), l2norm(k)
         lr, decay = layer._lr(gates[:, :, 0]), layer._decay(gates[:, :, 1])
     outs = []
@@ -294,7 +305,7 @@ def per_block_forward(layer: TitansLayer, x):
         e = min(s + C, T)
         Mbar = state[0] if isinstance(state, tuple) else state
         m = None if mom is None else mom[:, s:e]
-        if layer.self_modifying:
+        if isinstance(layer, SelfModifyingTitans):
             r = torch.einsum("bthd,bhdw->bthw", u[:, s:e], Mbar)
             kk, vv, eta, alpha, _ = r.split([D, D, 1, 1, D], -1)
             kk, vv = l2norm(kk), l2norm(vv)
@@ -306,7 +317,7 @@ def per_block_forward(layer: TitansLayer, x):
             qs = q[:, s:e]
             o, state = titans_scan(qs, k[:, s:e], v[:, s:e], lr[:, s:e], decay[:, s:e], m, 1.0, period=C,
                                    initial_state=state, output_final_state=True, backend="torch")
-            if layer.read_with_key:
+            if isinstance(layer, LinearLevel):
                 o = torch.einsum("bthk,bhkv->bthv", qs, Mbar)
         outs.append(o)
     return layer.proj(gated_readout(torch.cat(outs, 1), g))
@@ -314,15 +325,15 @@ def per_block_forward(layer: TitansLayer, x):
 
 @pytest.mark.parametrize("self_modifying, momentum, period, read_with_key", [
     (True, False, 4, False), (True, True, 5, False), (True, False, 8, False),
-    (False, False, 4, True), (False, True, 8, True), (False, False, 3, False),
+    (False, False, 4, True), (False, False, 5, True), (False, True, 3, False),
 ])
 @pytest.mark.parametrize("T", [13, 21, 37])
 def test_one_op_call_equals_the_per_block_loop(self_modifying, momentum, period, read_with_key, T):
     """Outputs and every parameter gradient of the layer (one op call) equal the per-block loop to
     float32 rounding; a cached prefix split mid-block and its continuation equal the whole forward."""
     torch.manual_seed(T + period)
-    layer = TitansLayer(32, 2, 16, period=period, self_modifying=self_modifying, momentum=momentum,
-                        conv_window=0 if read_with_key else 4, read_with_key=read_with_key, backend="torch")
+    layer = memory_layer(32, 2, 16, period=period, self_modifying=self_modifying, momentum=momentum,
+                         conv_window=0 if read_with_key else 4, read_with_key=read_with_key, backend="torch")
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -355,7 +366,7 @@ def test_op_calls_per_forward_do_not_grow_with_t(monkeypatch):
         monkeypatch.setattr(hope_kernels, name,
                             lambda *a, _real=real, _name=name, **k: calls.__setitem__(_name, calls.get(_name, 0) + 1)
                             or _real(*a, **k))
-    model = HOPE(**dict(SMALL, num_layers=1, max_seq_len=256), **VARIANTS["paper"])
+    model = HOPE(backend="torch", **dict(SMALL, num_layers=1, max_seq_len=256), **VARIANTS["paper"])
     counts = []
     for T in (64, 256):
         calls.clear()

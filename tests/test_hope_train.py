@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_overrides(out_dir, **train):
     """The shipped tiny config, made smaller for tests, on the torch backend (not the interpreter)."""
     t = dict(seq_len=32, batch_size=8, eval_batches=2, progress=False, out_dir=str(out_dir), **train)
-    return ["model.backend=torch", "data.max_bytes=200000"] + [f"train.{k}={v}" for k, v in t.items()]
+    return ["train.backend=torch", "data.max_bytes=200000"] + [f"train.{k}={v}" for k, v in t.items()]
 
 
 def tiny_cfg(out_dir, **train) -> RunConfig:

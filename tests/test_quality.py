@@ -58,7 +58,7 @@ def test_mqar_rejects_impossible_tasks_and_scores_accuracy():
 
 
 def test_variant_table_skips_what_hopeconfig_rejects(capsys):
-    assert unsupported({"attention": "softmax", "use_cms": False}) is None
+    assert unsupported({"attention": "softmax", "cms": "none"}) is None
     assert "no_such_knob" in unsupported({"no_such_knob": 1})
     names = [v[0] for v in available()]
     assert {"Transformer", "linear attention", "seed HOPE"} <= set(names)
@@ -69,20 +69,36 @@ def test_variant_table_skips_what_hopeconfig_rejects(capsys):
         available(["Transformer", "nope"])
 
 
+def test_cms_design_fields_build_the_ablation_cells():
+    """Every ablation cell builds; its CMS is the layer its design fields name (defaults: the model's CMS)."""
+    from benchmarks.quality.ablation import BASE, CELLS, SEED_HOPE
+    from benchmarks.quality.designs import build_model, design_config
+    for name, overrides, *_ in CELLS:
+        fields = {**BASE, **SEED_HOPE, **overrides, "vocab_size": 32, "max_seq_len": 16}
+        cfg, cms = design_config(fields), build_model(fields, 0).blocks[0].cms
+        assert (cms is None) == (cfg["cms"] != "multiscale"), name
+        if cms is not None:
+            assert cms.update == cfg["cms_update"], name
+            assert (cms.conv is None) == (cfg["cms_conv_size"] == 1), name
+            assert (cms.out_gate is None) == (not cfg["cms_gated_readout"]), name
+    with pytest.raises(ValueError, match="need cms='multiscale'"):
+        build_model({"cms": "levels", "cms_update": "outer"}, 0)
+
+
 def test_ablation_designs():
     """Gate at 0: the block computes the Transformer block exactly; placements differ from each other."""
     torch.manual_seed(0)
     cfg = dict(vocab_size=40, dim=32, num_layers=2, num_heads=2, max_seq_len=16, backend="torch")
     x = torch.randint(0, 40, (2, 16))
-    hope = HOPE(**cfg, use_cms=True)
-    plain = HOPE(**cfg, use_cms=False)
+    hope = HOPE(**cfg, cms="multiscale")
+    plain = HOPE(**cfg, cms="none")
     plain.load_state_dict({k: v for k, v in hope.state_dict().items() if "cms" not in k})
-    gated = apply_design(HOPE(**cfg, use_cms=True), gate="channel")
+    gated = apply_design(HOPE(**cfg, cms="multiscale"), gate="channel")
     gated.load_state_dict(hope.state_dict(), strict=False)
     assert torch.allclose(gated(x)[0], plain(x)[0], atol=1e-6)
     outs = {}
     for placement in ("serial", "parallel", "after_mlp", "before_attn"):
-        m = apply_design(HOPE(**cfg, use_cms=True), placement=placement)
+        m = apply_design(HOPE(**cfg, cms="multiscale"), placement=placement)
         m.load_state_dict(hope.state_dict())
         outs[placement] = m(x)[0]
     assert torch.allclose(outs["serial"], hope(x)[0], atol=1e-6)   # "serial" is the seed block
@@ -158,8 +174,8 @@ def test_cms_update_rules():
     assert abs(grow(reads["outer"]) - 2.71) < 1e-3, reads["outer"]
     with pytest.raises(ValueError, match="update"):
         CMSLayer(16, 1, 1, update="hebb")
-    with pytest.raises(ValueError, match="cms_update"):
-        HOPEConfig(cms_update="hebb")
+    with pytest.raises(ValueError, match="cms_update='hebb': this field was removed"):
+        HOPEConfig.from_dict({"cms_update": "hebb"})
 
 
 def test_variant_names_can_be_listed_on_the_command_line():

@@ -24,7 +24,7 @@ from hope.data import read_corpus
 from hope.runtime import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
-SETS = ["model.backend=torch", "model.num_layers=1", "model.dim=16", "data.max_bytes=20000",
+SETS = ["train.backend=torch", "model.num_layers=1", "model.dim=16", "data.max_bytes=20000",
         "train.seq_len=16", "train.batch_size=2", "train.eval_batches=1", "train.log_interval=1",
         "train.warmup_steps=2"]
 SMALL = ["--config", "tiny", "--no-progress"] + [a for s in SETS for a in ("--set", s)]
@@ -166,7 +166,7 @@ def test_resume_refuses_changed_hyperparameters_and_records_allowed_changes(fini
     ("train.adam_betas=0.9", "train.adam_betas"), ("train.adam_betas=[0.9]", "train.adam_betas"),
     ("train.adam_betas=[0.9, abc]", "train.adam_betas"), ("train.adam_betas=[0.9, 1.5]", "train.adam_betas"),
     ("train.momentum_betas=[]", "train.momentum_betas"), ("train.amp=maybe", "train.amp"),
-    ("data.files=5", "data.files"), ("data.files=''", "data.files"), ("model.use_cms=2", "model.use_cms"),
+    ("data.files=5", "data.files"), ("data.files=''", "data.files"), ("model.cms=2", "model.cms"),
 ])
 def test_config_values_are_finite_and_typed(override, named, tmp_path, capsys):
     run = tmp_path / "run"

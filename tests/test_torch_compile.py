@@ -161,8 +161,8 @@ def _model(name, seed=0, **overrides):
     """The variant's tiny model with one block (tracing time grows with the block count; blocks are alike)."""
     from hope import HOPE
     torch.manual_seed(seed)
-    cfg = dataclasses.replace(_variants()[name], backend="torch", **{"num_layers": 1, **overrides})
-    return HOPE(cfg)
+    cfg = dataclasses.replace(_variants()[name], **{"num_layers": 1, **overrides})
+    return HOPE(cfg, backend="torch")
 
 
 def _tokens(B=2, T=32, seed=1):

@@ -32,10 +32,11 @@ from .report import aggregate, at_step, markdown_table, mean_spread, plot_curves
 from .runner import run_all
 
 # (name, model overrides, design, lr_scale, steps); None = the defaults below.
-SEED_HOPE = {"use_cms": True, "num_memory_modules": 3}
+SEED_HOPE = {"num_memory_modules": 3}
 # The lr is constant, so a run's curve at step 3,000 is what a 3,000-step run reports: the seed HOPE
 # cell runs 9,000 steps at the LONG_SEEDS and its table shows both (training length).
 LONG, LONG_SEEDS = 9000, (0,)
+# the CMS design fields (designs.CMS_DESIGN_FIELDS) rebuild the earlier CMS layers
 OUTER = {"cms_update": "outer"}                                  # the seed's write rule (cms_scan)
 OLD = {**OUTER, "cms_conv_size": 1, "cms_gated_readout": False}   # the seed HOPE block before the CMS fix
 CONV = {**OUTER, "cms_gated_readout": False}                      # + the short causal conv

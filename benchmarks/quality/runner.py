@@ -17,22 +17,21 @@ from typing import Iterable, List, Sequence
 
 import torch
 
-from hope import HOPEConfig
-
-from .designs import apply_design
+from .designs import apply_design, build_model, design_config
 from .lm import lm_stream
 from .mqar import MQARTask
-from .train import Budget, build_model, train_lm, train_mqar
+from .train import Budget, train_lm, train_mqar
 
 
 def model_config(job: dict) -> dict:
-    """The job's HOPEConfig: the task fixes vocabulary and context, the job's overrides the rest."""
+    """The job's model overrides (designs.build_model): the task fixes vocabulary and context, the job's
+    overrides the rest."""
     if job["task"] == "mqar":
         task = MQARTask(**job["task_args"])
         fixed = {"vocab_size": task.vocab_size, "max_seq_len": task.seq_len}
     else:
         fixed = {"vocab_size": 256, "max_seq_len": job["task_args"]["seq_len"]}
-    return {"backend": "torch", **job["model"], **fixed}
+    return {**job["model"], **fixed}
 
 
 def run_job(job: dict) -> dict:
@@ -60,7 +59,7 @@ def _summary(r: dict) -> str:
 def signature(job: dict) -> str:
     """What determines a run's result: the same signature trains the same model on the same batches."""
     what = {k: job.get(k) for k in ("task", "task_args", "design", "lr_scale", "seed")}
-    model = HOPEConfig.from_dict(model_config(job)).to_dict()
+    model = design_config(model_config(job))
     return json.dumps({**what, "model": model, "budget": Budget(**job["budget"]).__dict__}, sort_keys=True)
 
 

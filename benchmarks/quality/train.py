@@ -15,7 +15,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from hope import HOPE, HOPEConfig
 from hope.runtime import evaluate_loss, lr_factor
 
 from .mqar import MQARTask, accuracy, accuracy_by_pair
@@ -33,12 +32,6 @@ class Budget:
     grad_clip: float = 0.0
     eval_every: int = 250          # learning-curve points
     eval_size: int = 1024          # MQAR: held-out sequences; LM: validation windows (x batch_size)
-
-
-def build_model(overrides: dict, seed: int) -> HOPE:
-    """HOPE(HOPEConfig(**overrides)) with its weights drawn from `seed` (torch backend on CPU)."""
-    torch.manual_seed(seed)
-    return HOPE(HOPEConfig.from_dict(overrides))
 
 
 def make_optimizer(model: torch.nn.Module, budget: Budget,

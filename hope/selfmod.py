@@ -1,0 +1,73 @@
+"""Self-modifying Titans (`attention="titans"`, `self_modifying=True`): the sequence memory of the
+paper's HOPE. Nested Learning (Behrouz et al. 2025), Eq. 83-93 for
+matrix-valued memories in their chunk-wise form (Eq. 90-91, 93). Besides the output memory M_mem,
+the projections are in-context memories: M_k, M_v (D x D), M_eta, M_alpha (D x 1), each with its own
+learned initial state, all read at the start of t's block (state at block start n = bar):
+
+    u_t = conv4(x_t W_u),  q_t = conv4(x_t W_q) / ||.||                    q is the one static projection
+    k_t = norm(u_t Mbar_k),  v_t = norm(u_t Mbar_v)                        (Eq. 84/90)
+    eta_t = (lr_max / C) sigmoid(u_t Mbar_eta + b),  alpha_t = sigmoid(u_t Mbar_alpha + b)
+    vhat_{box,t} = v_t Mbar_box        self-generated values, box in {k, v, mem, eta, alpha}  (Eq. 83/91)
+    M_box,t = alpha_t M_box,t-1 - eta_t k_t^T (k_t Mbar_box - vhat_{box,t})                   (Eq. 93)
+    o_t = q_t M_mem,t
+
+All five memories share the keys k_t, the step eta_t and the decay alpha_t (as in the paper), so they
+are one memory of width 3D + 2 (the column blocks [M_k | M_v | M_eta | M_alpha | M_mem]): the
+gradient of a column block is that memory's own gradient. The keys and values of a block depend on
+the memories at the block's start, so blocks follow one another: `hope_kernels.titans_selfmod_scan`
+runs them all in one call (DESIGN.md, titans_selfmod_scan).
+
+Simplifications (stated): (1) matrix memories (Eq. 92-93), not the 2-layer MLP memories of Eq. 89;
+(2) Eq. 93 writes the decay/DGD term M(alpha I - eta k k^T) and the gradient at the block start
+together, which counts k k^T twice at period 1; we use DESIGN.md's rule (decay times the memory
+minus the gradient at the block start), which at period 1 is exactly DGD with decay (Eq. 88);
+(3) the projection memories read a per-head projection u_t = x_t W_u of the input (the memories
+are per head, D x D) rather than x_t itself; (4) v_t is L2-normalised like q and k, which keeps
+the self-generated targets bounded (lr * (1 - k.v) <= 2 lr); (5) q_t is read against the memory
+after the token's own update, the op's convention; (6) one period for all memories (the paper
+allows one for M_mem and one for the rest). The output norm and gate are the usual
+gated-delta-net read-out. With momentum, the one momentum gate m_t = sigmoid(x_t w_m + b_m) is a
+static projection (the paper's set of memories has no momentum).
+
+A forward is one `titans_selfmod_scan` call over the sequence; the cache continues a block token by
+token with `titans_selfmod_step` (at most period - 1 of them), then runs the op (hope.titans).
+"""
+from __future__ import annotations
+
+import torch
+
+from .layers import l2norm, split_heads, up
+from .ops import get_op
+from .titans import TitansLayer
+
+
+class SelfModifyingTitans(TitansLayer):
+    """Self-modifying Titans; see the module docstring. x: [B, T, dim] -> [B, T, dim]."""
+
+    streams = 2            # q and u
+    static_gates = 0       # the memories M_eta and M_alpha give lr and decay
+
+    def _initial_memory(self, H: int, D: int) -> torch.Tensor:
+        """[M_k | M_v | M_eta | M_alpha | M_mem]: identities and small read-outs."""
+        eye = torch.eye(D).expand(H, D, D)
+        return torch.cat([eye, eye, 0.02 * torch.randn(H, D, 2), eye], -1)
+
+    def _inputs(self, h, gates, mom):
+        q, u = (split_heads(t, self.num_heads) for t in h.chunk(2, dim=-1))
+        return l2norm(q), up(u), mom
+
+    def _scan(self, inputs, state):
+        q, u, mom = inputs
+        return get_op("titans_selfmod_scan", self.backend)(
+            q, u, self.lr_bias, self.decay_bias, mom, 1.0, lr_max=self.lr_max, period=self.period, initial_state=state,
+            output_final_state=True)
+
+    def _continue(self, inputs, state, block_state, step: bool):
+        q, u, mom = inputs   # one token at a time, in place
+        outs = []
+        for t in range(q.shape[1]):
+            o, state = get_op("titans_selfmod_step", self.backend)(
+                q[:, t], u[:, t], self.lr_bias, self.decay_bias, state, block_state,
+                None if mom is None else mom[:, t], 1.0, lr_max=self.lr_max, period=self.period)
+            outs.append(o)
+        return torch.stack(outs, 1), state
