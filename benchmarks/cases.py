@@ -252,13 +252,14 @@ def _layer(kind: str, dim: int, H: int, provider: str, dtype, device) -> torch.n
     """The layer of `kind` (same weights for every provider and dtype: built from one seed, then cast)."""
     key = (kind, dim, H, provider, dtype, str(device))
     if key not in _LAYERS:
-        from hope.titans import TitansLayer
+        from hope.levels import LinearLevel
+        from hope.selfmod import SelfModifyingTitans
         state = torch.random.get_rng_state()
         torch.manual_seed(0)
         if kind == "selfmod":     # the paper's HOPE attention part (hope_paper.yaml)
-            layer = TitansLayer(dim, H, period=SELFMOD_PERIOD, self_modifying=True, backend=provider)
+            layer = SelfModifyingTitans(dim, H, period=SELFMOD_PERIOD, backend=provider)
         else:                     # a CMS level (hope.levels.make_level, cms_memory="linear")
-            layer = TitansLayer(dim, H, period=SELFMOD_PERIOD, conv_window=0, read_with_key=True, backend=provider)
+            layer = LinearLevel(dim, H, period=SELFMOD_PERIOD, backend=provider)
         torch.random.set_rng_state(state)
         _LAYERS[key] = layer.to(device=device, dtype=dtype)
     return _LAYERS[key]

@@ -96,9 +96,9 @@ def test_chained_calls_from_a_state_left_mid_block(device):
 def test_layer_cache_continues_mid_block_on_triton(device):
     """The self-modifying layer on the Triton kernels: a prefill ending mid-block, a step, then a chunk equal
     the uncached forward."""
-    from hope.titans import TitansLayer
+    from hope.selfmod import SelfModifyingTitans
     torch.manual_seed(4)
-    layer = TitansLayer(32, 2, period=4, self_modifying=True, backend="triton").to(device)
+    layer = SelfModifyingTitans(32, 2, period=4, backend="triton").to(device)
     x = torch.randn(1, 15, 32, device=device)
     with torch.no_grad():
         want = layer(x)
