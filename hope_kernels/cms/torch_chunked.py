@@ -143,25 +143,27 @@ class _DeltaRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, U, W, ke, t, S):
         nC = U.shape[0]
-        starts, X = U.new_empty(nC, *S.shape), torch.empty_like(U)
+        states, X = U.new_empty(nC + 1, *S.shape), torch.empty_like(U)
+        states[0] = S
         for c in range(nC):
-            starts[c] = S
-            torch.baddbmm(U[c], W[c], S, alpha=-1, out=X[c])
-            S = torch.baddbmm(S * t, ke[c].transpose(-1, -2), X[c])
+            torch.baddbmm(U[c], W[c], states[c], alpha=-1, out=X[c])
+            torch.mul(states[c], t, out=states[c + 1]).baddbmm_(ke[c].transpose(-1, -2), X[c])
+        starts = states[:nC]
         ctx.save_for_backward(W, ke, t, starts, X)
-        return starts, X, S
+        return starts, X, states[nC].clone()
 
     @staticmethod
     def backward(ctx, d_starts, dX, dS):
         W, ke, t, starts, X = ctx.saved_tensors
         dU, dW, dke = torch.empty_like(X), torch.empty_like(W), torch.empty_like(ke)
         dt = torch.zeros_like(t)
+        N, K, V = dS.shape
         for c in reversed(range(dX.shape[0])):
             torch.baddbmm(dX[c], ke[c], dS, out=dU[c])
             torch.bmm(X[c], dS.transpose(-1, -2), out=dke[c])
-            dt += (starts[c] * dS).sum((-1, -2), keepdim=True)
+            dt.baddbmm_(starts[c].reshape(N, 1, K * V), dS.reshape(N, K * V, 1))
             torch.bmm(dU[c], starts[c].transpose(-1, -2), out=dW[c])
-            dS = torch.baddbmm(torch.addcmul(d_starts[c], t, dS), W[c].transpose(-1, -2), dU[c], alpha=-1)
+            dS = torch.addcmul(d_starts[c], t, dS).baddbmm_(W[c].transpose(-1, -2), dU[c], alpha=-1)
         return dU, dW.neg_(), dke, dt, dS
 
 
