@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .layers import ShortConv, gated_readout, l2norm, resolve_head_dim, split_heads, up
 from .ops import check_backend, get_op
@@ -112,21 +113,37 @@ class CMSLayer(nn.Module):
 
     def mixing(self, x: torch.Tensor) -> torch.Tensor:
         """Gates summing to 1 over the memories: [B, T, H, M] (data dependent) or [H, M]."""
-        if self.gate is None:
+        return self._mix(None if self.gate is None else self.gate(x))
+
+    def _mix(self, logits: Optional[torch.Tensor]) -> torch.Tensor:
+        """softmax over the memories of the gate logits x W_g + b_g [B, T, H * M], or of the static ones."""
+        if logits is None:
             return torch.softmax(self.mix_logit.float(), dim=-1)
-        B, T, _ = x.shape
-        return torch.softmax(self.gate(x).view(B, T, self.num_heads, -1).float(), dim=-1)
+        B, T, _ = logits.shape
+        return torch.softmax(logits.view(B, T, self.num_heads, -1).float(), dim=-1)
+
+    def _projections(self, x: torch.Tensor) -> dict:
+        """x W^T + b of qkv, out_gate, gate and beta (those the layer has; None for the others) as one
+        matmul, split back by name: the parameters stay the four Linear modules (checkpoints unchanged)."""
+        names = [n for n in ("qkv", "out_gate", "gate", "beta") if getattr(self, n) is not None]
+        lins = [getattr(self, n) for n in names]
+        bias = None
+        if any(m.bias is not None for m in lins):
+            bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in lins])
+        y = F.linear(x, torch.cat([m.weight for m in lins]), bias).split([m.out_features for m in lins], -1)
+        return {"qkv": None, "out_gate": None, "gate": None, "beta": None, **dict(zip(names, y))}
 
     def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv(x) if self.conv is None else self.conv(self.qkv(x), cache)
+        p = self._projections(x)
+        qkv = p["qkv"] if self.conv is None else self.conv(p["qkv"], cache)
         q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
-        decay, mix = self.decay(), self.mixing(x).to(q.dtype)
+        decay, mix = self.decay(), self._mix(p["gate"]).to(q.dtype)
         state = cache.get("state") if cache is not None else None
         rule = {}
         if self.update == "delta":   # unit keys and queries, scale 1, beta in (0, 1): a stable step
             q, k = l2norm(q), l2norm(k)
-            rule = dict(scale=1.0, beta=torch.sigmoid(up(self.beta(x))))
+            rule = dict(scale=1.0, beta=torch.sigmoid(up(p["beta"])))
         if state is not None and T == 1:
             step = get_op("cms_step", self.backend)
             if "beta" in rule:
@@ -138,5 +155,5 @@ class CMSLayer(nn.Module):
             o, state = scan(q, k, v, decay, mix, initial_state=state, output_final_state=cache is not None, **rule)
         if cache is not None:
             cache["state"] = state
-        y = o.reshape(B, T, -1) if self.out_gate is None else gated_readout(o, self.out_gate(x), READOUT_EPS)
+        y = o.reshape(B, T, -1) if self.out_gate is None else gated_readout(o, p["out_gate"], READOUT_EPS)
         return self.resid_dropout(self.proj(y))

@@ -220,6 +220,25 @@ def _delta_cms_on_titans(layer, x):
     return layer.proj(y)
 
 
+@pytest.mark.parametrize("kwargs", [{}, dict(bias=True), dict(update="outer", data_dependent_mix=False,
+                                                             gated_readout=False)], ids=["default", "bias", "outer"])
+def test_cms_one_input_matmul_is_the_linear_modules(kwargs):
+    """The layer's single input matmul gives each of its Linear modules' own outputs (those it has),
+    and its parameters are exactly those modules' (a checkpoint's keys are unchanged)."""
+    layer = _randomize(CMSLayer(D, H, M, **kwargs))
+    x = torch.randn(B, T, D)
+    p = layer._projections(x)
+    for name in ("qkv", "out_gate", "gate", "beta"):
+        m = getattr(layer, name)
+        assert (p[name] is None) == (m is None), name
+        if m is not None:
+            assert_close(name, p[name], m(x).double(), torch.float32, "cpu")
+    linears = {f"{n}.{w}" for n in ("qkv", "out_gate", "gate", "beta", "proj") if getattr(layer, n) is not None
+               for w in ("weight", "bias") if getattr(getattr(layer, n), w) is not None}
+    assert linears <= set(layer.state_dict()) and set(layer.state_dict()) - linears <= {"conv.weight", "tau_logit",
+                                                                                         "mix_logit"}
+
+
 @pytest.mark.parametrize("kwargs", [{}, dict(per_head_tau=False, data_dependent_mix=False, conv_size=1),
                                     dict(gated_readout=False)], ids=["default", "static", "plain"])
 def test_delta_cms_equals_the_titans_form(kwargs):

@@ -32,6 +32,10 @@ import torch
 import torch.nn.functional as F
 
 
+# the delta rule's chunk length on this path (see _delta_dense)
+DELTA_CHUNK = 32
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -68,14 +72,14 @@ def _scan_dense(q, k, v, tau, scale: float, state: Optional[torch.Tensor], chunk
 
 
 def _chunks(x, L):
-    """[B, T, H, *] with T a multiple of L -> [B, H, T / L, L, *]."""
+    """[B, T, H, *] with T a multiple of L -> [T / L, B, H, L, *] (chunk first: each chunk's slice is contiguous)."""
     B, T, H = x.shape[:3]
     x = x.reshape(B, T // L, L, H, *x.shape[3:])
-    return x.permute(0, 3, 1, 2, *range(4, x.dim()))
+    return x.permute(1, 0, 3, 2, *range(4, x.dim()))
 
 
 def _per_memory(x, L):
-    """beta / per-token mix [B, T, H] or [B, T, H, M] -> [B, H, T / L, M or 1, L]."""
+    """beta / per-token mix [B, T, H] or [B, T, H, M] -> [T / L, B, H, M or 1, L]."""
     return _chunks(x, L).unsqueeze(3) if x.dim() == 3 else _chunks(x, L).transpose(-1, -2)
 
 
@@ -124,65 +128,105 @@ def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     return _UnitLowerInverse.apply(A)
 
 
-def _delta_chunks(q, k, v, beta, mix, g, scale: float, S):
-    """Delta rule over T / L equal chunks of L = T tokens or fewer (all in the compute dtype).
+class _DeltaRecurrence(torch.autograd.Function):
+    """The delta rule's only sequential part, over chunks c = 1..nC with U_c, W_c [N, L, V | K],
+    ke_c = tau^{L-j} k_j [N, L, K], t = tau^L [N, 1, 1] and S_0 [N, K, V] (N = B H M):
 
-    q, k: [B, H, nC, L, K]; v: [B, H, nC, L, V]; beta: [B, H, nC, M or 1, L]; g = log(tau): [H, M];
-    mix: None, [H, M] or [B, H, nC, M, L]; S: [B, H, M, K, V]. Returns (list of chunk outputs
-    [B, H, L, V] with mix, [B, H, M, L, V] without, S at the end)."""
-    B, H, nC, L, K = q.shape
-    M = g.shape[-1]
+        X_c = U_c - W_c S_{c-1},   S_c = t S_{c-1} + ke_c^T X_c
+
+    Returns (S_{c-1} for every c [nC, N, K, V], X [nC, N, L, V], S_nC). Backward, from c = nC down:
+    dX_c += ke_c dS_c, dke_c = X_c dS_c^T, dt += <S_{c-1}, dS_c>, dU_c = dX_c, dW_c = -dX_c S_{c-1}^T,
+    dS_{c-1} = t dS_c - W_c^T dX_c + (the read-outs' gradient of S_{c-1}).
+    Written out because autograd's graph of this loop (one node per product, a stack, scalar
+    multiplies for the minus sign) cost more than the products themselves on the CPU."""
+
+    @staticmethod
+    def forward(ctx, U, W, ke, t, S):
+        nC = U.shape[0]
+        states, X = U.new_empty(nC + 1, *S.shape), torch.empty_like(U)
+        states[0] = S
+        for c in range(nC):
+            torch.baddbmm(U[c], W[c], states[c], alpha=-1, out=X[c])
+            torch.mul(states[c], t, out=states[c + 1]).baddbmm_(ke[c].transpose(-1, -2), X[c])
+        starts = states[:nC]
+        ctx.save_for_backward(W, ke, t, starts, X)
+        return starts, X, states[nC].clone()
+
+    @staticmethod
+    def backward(ctx, d_starts, dX, dS):
+        W, ke, t, starts, X = ctx.saved_tensors
+        dU, dW, dke = torch.empty_like(X), torch.empty_like(W), torch.empty_like(ke)
+        dt = torch.zeros_like(t)
+        N, K, V = dS.shape
+        for c in reversed(range(dX.shape[0])):
+            torch.baddbmm(dX[c], ke[c], dS, out=dU[c])
+            torch.bmm(X[c], dS.transpose(-1, -2), out=dke[c])
+            dt.baddbmm_(starts[c].reshape(N, 1, K * V), dS.reshape(N, K * V, 1))
+            torch.bmm(dU[c], starts[c].transpose(-1, -2), out=dW[c])
+            dS = torch.addcmul(d_starts[c], t, dS).baddbmm_(W[c].transpose(-1, -2), dU[c], alpha=-1)
+        return dU, dW.neg_(), dke, dt, dS
+
+
+def _delta_chunks(q, k, v, beta, mix, g, scale: float, S):
+    """Delta rule over nC equal chunks of L tokens (all in the compute dtype).
+
+    q, k: [nC, B, H, L, K]; v: [nC, B, H, L, V]; beta: [nC, B, H, M or 1, L]; g = log(tau): [H, M];
+    mix: None, [H, M] or [nC, B, H, M, L]; S: [B, H, M, K, V]. Returns (o: [nC, B, H, L, V] with mix,
+    [nC, B, H, M, L, V] without; S at the end).
+
+    Everything but the state recurrence is batched over chunks: the loop runs X_c = U_c - W_c S_{c-1}
+    and S_c = tau^L S_{c-1} + (tau^{L-j} k_j)^T X_c (`_DeltaRecurrence`); the read-outs
+    scale tau^i q_i S_{c-1} + sum_j tau^{i-j} (q_i . k_j) x_j follow for all chunks at once."""
+    nC, B, H, L, K = q.shape
+    V, M = v.shape[-1], g.shape[-1]
+    N = B * H * M
     pos = torch.arange(L, device=q.device, dtype=g.dtype)
     diff = pos[:, None] - pos[None, :]                                       # i - j
     gm = g[..., None, None]                                                  # [H, M, 1, 1]
-    # decay tables, masked in the exponent before exp: tau^{i-j} (j <= i) and tau^{i-1-j} (j < i)
-    E = torch.exp(torch.where(diff >= 0, diff * gm, float("-inf")))[None, :, None]    # [1, H, 1, M, L, L]
-    Ep = torch.exp(torch.where(diff >= 1, (diff - 1) * gm, float("-inf")))[None, :, None]
-    t_prev = torch.exp(pos * g[..., None])[None, :, None]                   # tau^{i-1} (1-based i)
-    t_read = torch.exp((pos + 1) * g[..., None])[None, :, None]             # tau^i
-    t_end = torch.exp((L - 1 - pos) * g[..., None])                         # tau^{L-j}: [H, M, L]
-    t_L = torch.exp(L * g)[None, :, :, None, None]                          # [1, H, M, 1, 1]
+    # decay tables [H, M, L, L], masked in the exponent before exp: tau^{i-j} (j <= i), tau^{i-1-j} (j < i)
+    E = torch.exp(torch.where(diff >= 0, diff * gm, float("-inf")))
+    Ep = torch.exp(torch.where(diff >= 1, (diff - 1) * gm, float("-inf")))
+    t_prev = torch.exp(pos * g[..., None])                                   # tau^{i-1} (1-based i): [H, M, L]
+    t_read = torch.exp((pos + 1) * g[..., None])                             # tau^i
+    t_end = torch.exp((L - 1 - pos) * g[..., None])                          # tau^{L-j}
+    t_L = torch.exp(L * g)[..., None, None]                                  # [H, M, 1, 1]
 
     kt = k.transpose(-1, -2)
-    A = beta[..., None] * Ep * (k @ kt)[:, :, :, None]                       # [B, H, nC, M, L, L]
-    Tinv = unit_lower_inverse(A)                                             # [B, H, nC, M, L, L]
+    A = (beta[..., None] * Ep) * (k @ kt)[:, :, :, None]                     # [nC, B, H, M, L, L]
+    Tb = unit_lower_inverse(A) * beta[..., None, :]
     # [U | W] = (I + A)^{-1} [beta V | beta tau^{i-1} K]: beta and tau^{j-1} scale the columns of the
     # inverse, so V and K are multiplied as they are (M and the rows flattened: one plain matmul each)
-    Tb = Tinv * beta[..., None, :]
-    flat = lambda x: x.reshape(B, H, nC, M * L, L)
-    U = (flat(Tb) @ v).view(B, H, nC, M, L, -1)
-    W = (flat(Tb * t_prev[..., None, :]) @ k).view(B, H, nC, M, L, K)
-    Aqk = (scale * (q @ kt))[:, :, :, None] * E                              # [B, H, nC, M, L, L]
-    c_read = scale * t_read                                                   # coefficient of q_i S_0
-    if mix is not None:
-        mx = mix[None, :, None, :, None] if mix.dim() == 2 else mix         # [*, H, *, M, L]
-        Aqk, c_read = Aqk * mx[..., None], c_read * mx
-        Aqk = Aqk.permute(0, 1, 2, 4, 3, 5).reshape(B, H, nC, L, M * L)     # the M memories summed in one matmul
-    c_read = c_read.expand(B, H, nC, M, L)
-    ke = k[:, :, :, None] * t_end[None, :, None, :, :, None]                 # tau^{L-j} k_j: [B, H, nC, M, L, K]
-    # per-chunk views by unbind: indexing inside the loop would make autograd scatter every chunk's
-    # gradient into a zero-filled copy of the whole tensor
-    U, W, Aqk, c_read, qs, ke = (x.unbind(2) for x in (U, W, Aqk, c_read, q, ke))
-    outs = []
-    for c in range(nC):
-        X = U[c] - W[c] @ S                                                  # [B, H, M, L, V]
-        qS = c_read[c][..., None] * torch.einsum("bhlk,bhmkv->bhmlv", qs[c], S)
-        if mix is not None:
-            outs.append(qS.sum(2) + Aqk[c] @ X.reshape(B, H, M * L, -1))
-        else:
-            outs.append(qS + Aqk[c] @ X)
-        S = t_L * S + ke[c].transpose(-1, -2) @ X
-    return outs, S
+    U = (Tb.reshape(nC, B, H, M * L, L) @ v).view(nC, N, L, V)
+    W = ((Tb * t_prev[..., None, :]).reshape(nC, B, H, M * L, L) @ k).view(nC, N, L, K)
+    ke = (k[:, :, :, None] * t_end[..., None]).reshape(nC, N, L, K)        # tau^{L-j} k_j
+    t_N = t_L.expand(B, H, M, 1, 1).reshape(N, 1, 1)
+    S0, X, S = _DeltaRecurrence.apply(U, W, ke, t_N, S.reshape(N, K, V))   # [nC, N, K, V], [nC, N, L, V]
+
+    qk = scale * (q @ kt)                                                    # [nC, B, H, L, L], shared by the M memories
+    c_read = scale * t_read                                                  # coefficient of q_i S_0
+    if mix is None:
+        Aqk = qk[:, :, :, None] * E                                          # [nC, B, H, M, L, L]
+        o = (c_read[..., None] * q[:, :, :, None]) @ S0.view(nC, B, H, M, K, V)
+        return o + Aqk @ X.view(nC, B, H, M, L, V), S.view(B, H, M, K, V)
+    mx = (mix[..., None] if mix.dim() == 2 else mix).transpose(-1, -2)     # [*, H, L or 1, M]
+    # the M memories summed inside one matmul each: rows i, columns (m, j) or (m, k)
+    Aqk = qk[..., None, :] * (E.transpose(-3, -2) * mx[..., None])            # [nC, B, H, L, M, L]
+    cq = (c_read.transpose(-1, -2) * mx)[..., None] * q[..., None, :]        # [nC, B, H, L, M, K]
+    o = cq.reshape(nC, B, H, L, M * K) @ S0.view(nC, B, H, M * K, V)
+    return o + Aqk.reshape(nC, B, H, L, M * L) @ X.view(nC, B, H, M * L, V), S.view(B, H, M, K, V)
 
 
 def _delta_dense(q, k, v, beta, tau, mix, scale: float, state, chunk_size: int):
     """One batch of equal-length sequences (compute dtype). beta [B, T, H(, M)], tau [H, M],
-    mix None / [H, M] / [B, T, H, M]. Returns o ([B, T, H, V] with mix, [B, T, H, M, V] without) and S_T."""
+    mix None / [H, M] / [B, T, H, M]. Returns o ([B, T, H, V] with mix, [B, T, H, M, V] without) and S_T.
+
+    The chunk is at most DELTA_CHUNK tokens whatever chunk_size asks: the work on the [L, L] tables
+    grows with L while the state recurrence does not, and 16-32 is fastest on the CPU."""
     B, T, H, K = q.shape
     V, M = v.shape[-1], tau.shape[-1]
     g = torch.log(tau)
     S = q.new_zeros(B, H, M, K, V) if state is None else state.to(q.dtype)
-    L = min(chunk_size, max(T, 1))
+    L = min(chunk_size, DELTA_CHUNK, max(T, 1))
     full = T // L * L
     outs = []
     for s, e, Lg in ((0, full, L), (full, T, T - full)):                     # the full chunks, then the rest
@@ -192,11 +236,10 @@ def _delta_dense(q, k, v, beta, tau, mix, scale: float, state, chunk_size: int):
         mx = None if mix is None else (mix if mix.dim() == 2 else _per_memory(part(mix), Lg))
         o, S = _delta_chunks(_chunks(part(q), Lg), _chunks(part(k), Lg), _chunks(part(v), Lg),
                              _per_memory(part(beta), Lg), mx, g, scale, S)
-        o = torch.stack(o, -3)                                              # [B, H, (M,) nC, L, V]
-        if mix is not None:
-            outs.append(o.permute(0, 2, 3, 1, 4).reshape(B, e - s, H, V))
-        else:
-            outs.append(o.permute(0, 3, 4, 1, 2, 5).reshape(B, e - s, H, M, V))
+        if mix is not None:                                                  # [nC, B, H, L, V]
+            outs.append(o.permute(1, 0, 3, 2, 4).reshape(B, e - s, H, V))
+        else:                                                                # [nC, B, H, M, L, V]
+            outs.append(o.permute(1, 0, 4, 2, 3, 5).reshape(B, e - s, H, M, V))
     if not outs:
         outs.append(q.new_zeros((B, 0, H, V) if mix is not None else (B, 0, H, M, V)))
     return torch.cat(outs, 1), S
