@@ -175,7 +175,7 @@ def test_a_folder_on_the_template_passes(tmp_path):
 
 @pytest.mark.parametrize("broken, expect", [
     ("missing", "torch_chunked.py is missing"),
-    ("extra", "helpers.py is neither"),
+    ("extra", "notes.py is neither"),
     ("top import", "at module top"),
     ("module import", "as a whole"),
     ("import triton", "imports triton"),
@@ -185,7 +185,7 @@ def test_a_folder_on_the_template_passes(tmp_path):
 ])
 def test_the_checks_catch_a_broken_folder(tmp_path, broken, expect):
     ops = GOOD_OPS
-    folder = _folder(tmp_path, ops, extra=("helpers.py",) if broken == "extra" else ())
+    folder = _folder(tmp_path, ops, extra=("notes.py",) if broken == "extra" else ())
     if broken == "missing":
         (folder / "torch_chunked.py").unlink()
     elif broken == "top import":
