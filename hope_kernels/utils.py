@@ -272,14 +272,10 @@ def prepare(backend: Optional[str], device: torch.device, inputs: dict, *, cast:
     return route_float64(backend, resolved, route), dtype, tensors
 
 
-def op_context(device: torch.device, *, grad: bool = True):
-    """Where a registered op runs: autocast off (its inputs were cast by `prepare`, states stay float32),
-    and with grad=False (the in-place step ops, inference) no autograd either."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, enabled=False))
-    if not grad:
-        stack.enter_context(torch.no_grad())
-    return stack
+def op_context(device: torch.device):
+    """Where a registered op runs: autocast off (its inputs were cast by `prepare`, states stay float32).
+    A plain `torch.autocast`, so torch.compile traces it; the in-place step ops add `torch.no_grad()`."""
+    return torch.autocast(device.type, enabled=False)
 
 
 @contextlib.contextmanager

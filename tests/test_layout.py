@@ -139,6 +139,8 @@ def test_registration_takes_only_registered_ops():
 
 # --------------------------------------------------------------------------- the checks catch a broken folder
 GOOD_OPS = '''
+import torch
+
 from .. import utils
 from .torch_chunked import f_torch
 
@@ -146,7 +148,7 @@ from .torch_chunked import f_torch
 def cms_step(q, state, *, backend=None):
     utils.require("state", state, "S")
     backend, dtype, (q,) = utils.prepare(backend, q.device, dict(q=q), state=state)
-    with utils.op_context(q.device, grad=False):
+    with torch.no_grad(), utils.op_context(q.device):
         return _step(q, state, backend)
 
 

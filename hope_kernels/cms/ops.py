@@ -114,7 +114,7 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, beta=None, backend=
     beta = _check_beta(beta, (B,), H, M, device, "[B, H] or [B, H, M]")
     scale = utils.resolve_scale(scale, K)
     backend, _, (q, k, v, mix) = utils.prepare(backend, device, dict(q=q, k=k, v=v), cast=(mix,), state=state)
-    with utils.op_context(device, grad=False):
+    with torch.no_grad(), utils.op_context(device):
         return _step(q, k, v, tau, state, mix, beta, scale, backend), state
 
 

@@ -53,7 +53,7 @@ def ema_update_(states: Tensors, update: Tensors, decay, *, backend: Optional[st
         return states
     backend, _, _ = utils.prepare(backend, p.device, {})
     as_list = lambda x: list(x) if isinstance(x, (list, tuple)) else [x]  # noqa: E731
-    with utils.op_context(p.device, grad=False):
+    with torch.no_grad(), utils.op_context(p.device):
         _ema_update(as_list(states), as_list(update), p.tau, isinstance(states, (list, tuple)),
                     isinstance(update, (list, tuple)), backend)
     return states

@@ -120,7 +120,7 @@ def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e
     scale = utils.resolve_scale(scale, K)
     backend, _, (q, k, v) = utils.prepare(backend, device, dict(q=q, k=k, v=v), state=S)
 
-    with utils.op_context(device, grad=False):
+    with torch.no_grad(), utils.op_context(device):
         o = _step(q, k, v, S, z, scale, eps, backend)
     return o, state
 

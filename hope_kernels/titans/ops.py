@@ -146,7 +146,7 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
     scale = utils.resolve_scale(scale, K)
     backend, _, (q, k, v) = utils.prepare(backend, device, dict(q=q, k=k, v=v), state=S)
 
-    with utils.op_context(device, grad=False):
+    with torch.no_grad(), utils.op_context(device):
         o = _step(q, k, v, lr, decay, momentum, S, Z, block_state, scale, backend)
     return o, state
 
