@@ -36,7 +36,7 @@ import torch
 
 from hope_kernels.utils import triton_unavailable_reason
 
-from .timing import quantile
+from .ops.timing import quantile
 from .variants import VARIANTS, variant
 
 

@@ -12,12 +12,11 @@ import functools
 from typing import Callable, Optional
 
 import hope_kernels
-from hope_kernels import reference
+from hope_kernels import reference, registry
 from hope_kernels.utils import BACKENDS as KERNEL_BACKENDS
 
 BACKENDS = (None, *KERNEL_BACKENDS, "reference")  # the kernels' own set, plus the references
-OPS = ("linear_attention", "linear_attention_step", "cms_scan", "cms_step", "ema_update_", "titans_scan",
-       "titans_step", "titans_selfmod_scan", "titans_selfmod_step")
+OPS = tuple(registry.OPS)
 
 
 def check_backend(backend: Optional[str]) -> Optional[str]:

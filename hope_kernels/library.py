@@ -6,7 +6,7 @@ arguments (shapes, dtypes, devices; value checks only where they cost no host sy
 tensor, scalars floats/ints/bools/strings) and calls its registered op `hope_kernels::<name>`,
 whose implementation dispatches to the Triton or the torch path by its `backend` string.
 
-    op(name, mutates_args=...)       -> torch.library.custom_op("hope_kernels::<name>")
+    op(name, mutates_args=...)       -> torch.library.custom_op("hope_kernels::<name>"), name in registry.OPS
     op(name, differentiable=(...))   -> also "hope_kernels::<name>_backward" and the autograd formula
 
 The backward of a differentiable op is a second registered op, opaque to the compiler too; only
@@ -27,6 +27,8 @@ import types
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from .registry import OPS
 
 NAMESPACE = "hope_kernels"
 
@@ -83,6 +85,9 @@ def op(name: str, *, mutates_args: Sequence[str] = (), differentiable: Sequence[
     None to fall back to the vjp of the forward. Register the fake (meta) implementation with
     `fake(the_op)`.
     """
+    if name not in OPS:
+        raise ValueError(f"op {name!r} is not a public op of hope_kernels.registry.OPS")
+
     def register(fn):
         @functools.wraps(fn)
         def impl(*args, **kwargs):

@@ -2,9 +2,14 @@
 
 Nothing here knows about a particular op; each op composes these helpers so that
 errors read the same everywhere and the backend rules of DESIGN.md live in one place.
+Every public entry point reads the same way (DESIGN.md, "Layout and house conventions"):
+
+    checks (check_*, require)  ->  backend, dtype, inputs = prepare(...)
+                               ->  with op_context(device): the registered op (its backend dispatch)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -190,6 +195,14 @@ def skip_host_checks(device: Optional[torch.device] = None) -> bool:
     return os.environ.get(DEBUG_ENV, "0") != "1"
 
 
+def require(name: str, value, expected: str):
+    """`value` itself, or a ValueError naming `name` and what was `expected` when it is None
+    (a state a step op updates in place, an initial state an op cannot start without)."""
+    if value is None:
+        raise ValueError(f"{name} must be given: {expected}")
+    return value
+
+
 def check_state(name: str, state, shape: Sequence[int], device: torch.device, layout: str) -> Optional[torch.Tensor]:
     """A recurrent state must be a floating tensor of exactly `shape` on `device`."""
     if state is None:
@@ -238,6 +251,42 @@ def resolve_scale(scale, head_dim: int) -> float:
 def contiguous(*tensors):
     """`.contiguous()` on every tensor, None passes through (one place for the layout rule)."""
     return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in tensors)
+
+
+def prepare(backend: Optional[str], device: torch.device, inputs: dict, *, cast: Sequence = (),
+            state: Optional[torch.Tensor] = None):
+    """The preamble every entry point shares, after its checks: (backend, dtype, tensors).
+
+    - backend: `resolve_backend(backend, device)`, then float64 routed to the torch path
+      (`route_float64`; a float64 `state` counts as float64 input);
+    - tensors: `inputs` (name -> tensor) followed by `cast` (optional tensors), each floating one
+      cast to the autocast dtype when autocast is on for `device` (`autocast_inputs`);
+    - dtype: the one dtype the autocast `inputs` share (a TypeError naming them otherwise).
+    Gates, decays and states are never passed here: tau = 0.9999 rounds to 1 in half precision.
+    """
+    resolved = resolve_backend(backend, device)
+    names = list(inputs)
+    tensors = autocast_inputs(device, *inputs.values(), *cast)
+    dtype = check_same_dtype(**dict(zip(names, tensors[:len(names)]))) if names else None
+    route = torch.float64 if state is not None and state.dtype == torch.float64 else dtype
+    return route_float64(backend, resolved, route), dtype, tensors
+
+
+def op_context(device: torch.device):
+    """Where a registered op runs: autocast off (its inputs were cast by `prepare`, states stay float32).
+    A plain `torch.autocast`, so torch.compile traces it; the in-place step ops add `torch.no_grad()`."""
+    return torch.autocast(device.type, enabled=False)
+
+
+@contextlib.contextmanager
+def contiguous_states(*states):
+    """Contiguous working copies of states a kernel updates in place (None passes through); on exit
+    every copy is written back into its state. The one rule for strided states on every backend."""
+    work = contiguous(*states)
+    yield work
+    for s, w in zip(states, work):
+        if w is not s:
+            s.copy_(w)
 
 
 def autocast_inputs(device: torch.device, *tensors):

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from benchmarks import roofline
-from benchmarks.cases import CASES
-from benchmarks.roofline import Shape
+from benchmarks.ops import roofline
+from benchmarks.ops.cases import CASES
+from benchmarks.ops.roofline import Shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LENS = (16, 32)

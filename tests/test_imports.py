@@ -1,6 +1,7 @@
 """The import graph of the repository's packages (hope_kernels, hope, benchmarks, tools, tests), read
-with `ast` from the sources: it has no cycle, counting imports inside functions too, and the kernels
-never import the model stack."""
+with `ast` from the sources: it has no cycle, counting imports inside functions too, the kernels never
+import the model stack, and `hope.train` (the training command) is imported by nothing but the tests
+that drive its entry point."""
 import ast
 from pathlib import Path
 from typing import Dict, List, Set
@@ -83,6 +84,8 @@ def test_the_graph_is_read_from_every_package():
     assert "benchmarks.quality.designs" in g["benchmarks.quality.runner"]      # a relative import
     assert "hope" in g["benchmarks.quality.designs"]                             # `from hope import HOPE`
     assert "tests.helpers" in g["tests.test_linear_attention"]                   # a test's bare import
+    assert "benchmarks.ops.timing" in g["benchmarks.model"]                     # a parent-relative import
+    assert "benchmarks.model" in g["benchmarks.ops.__main__"]                    # `from .. import model`
 
 
 def test_no_import_cycle():
@@ -99,3 +102,14 @@ def test_kernels_never_import_the_model_stack():
     bad = {n: sorted(m for m in deps if m == "hope" or m.startswith("hope."))
            for n, deps in graph().items() if n == "hope_kernels" or n.startswith("hope_kernels.")}
     assert not {n: d for n, d in bad.items() if d}, bad
+
+
+def test_training_command_is_imported_only_by_its_entry_points():
+    """hope/train.py is the `hope-train` command: what it defines is used through `main` (setup.py's
+    console script, `python -m hope.train`) and by the tests, never by a library module."""
+    importers = sorted(n for n, deps in graph().items() if "hope.train" in deps and not n.startswith("tests."))
+    assert importers == [], importers
+
+
+def test_graph_sees_an_import_of_the_training_command():
+    assert "hope.train" in graph()["tests.test_hope_train"]                      # `from hope import train`

@@ -465,7 +465,7 @@ BAD_STEPS = [
     ("int k", lambda d: {**d, "k": d["k"].int()}, TypeError, "k"),
     ("mixed dtypes", lambda d: {**d, "v": d["v"].half()}, TypeError, "share one dtype"),
     ("state shape", lambda d: {**d, "state": torch.randn(2, 2, 16, 9)}, ValueError, "state"),
-    ("state missing", lambda d: {**d, "state": None}, TypeError, "state"),
+    ("state missing", lambda d: {**d, "state": None}, ValueError, "state"),
     ("normalize without z", lambda d: {**d, "normalize": True}, TypeError, "state"),
     ("device", lambda d: {**d, "v": d["v"].to("meta")}, ValueError, "device"),
 ]

@@ -1,8 +1,7 @@
 """Runs that cannot be mixed up, and one line with exit 2 for every command-line or config mistake:
 one writer per run directory (a lock), no silent overwrite of any run file, a resume that is the
 same run, finite and typed config values, checkpoints checked against their digest, a corpus read
-no further than max_bytes, and `hope.train` imported only by its entry points."""
-import ast
+no further than max_bytes (that `hope.train` is imported only by its entry points: tests/test_imports.py)."""
 import errno
 import json
 import os
@@ -292,22 +291,3 @@ def test_evaluate_and_generate_reject_bad_arguments(finished_run, capsys):
             model.generate(**kwargs)
     assert calls == []                                                            # refused up front
     assert model.generate([1, 2, 3], max_new_tokens=6, temperature=0).shape == (9,)   # 8 positions fed
-
-
-# ---------------------------------------------------------------------- hope.train is an entry point only
-def test_train_module_is_imported_only_by_its_entry_points():
-    importers = []
-    for root in ("hope", "benchmarks"):
-        for path in (REPO / root).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                names = []
-                if isinstance(node, ast.ImportFrom):
-                    mod = node.module or ""
-                    if node.level and path.parent.name == "hope":
-                        mod = "hope." + mod if mod else "hope"
-                    names = [mod] + [f"{mod}.{a.name}" for a in node.names]
-                elif isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                if "hope.train" in names and path != REPO / "hope" / "train.py":
-                    importers.append(str(path.relative_to(REPO)))
-    assert importers == []

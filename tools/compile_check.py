@@ -1,6 +1,7 @@
 """Ahead-of-time compile check of every Triton kernel for sm_80 / sm_90, with no GPU needed.
 
-Every op folder's `triton_kernels.py` lists its kernels with `compile_specs()` (see `hope_kernels.aot`). For every
+Every op folder's `triton_kernels.py` (`hope_kernels.registry.kernel_modules()`) lists its kernels with
+`compile_specs()` (see `hope_kernels.aot`). For every
 (spec, config, arch) this module runs `triton.compile` for that GPU target and reads off the
 cubin, with the `cuobjdump` shipped in the Triton wheel:
 
@@ -35,20 +36,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from hope_kernels import registry
 from hope_kernels.aot import KernelConfig, KernelSpec
 from hope_kernels.triton_utils import unwrap
 
 
-def _kernel_modules() -> Tuple[str, ...]:
-    """`hope_kernels.<op>.triton_kernels` of every op folder (found on disk, so a new op is never missed)."""
-    import hope_kernels
-
-    root = os.path.dirname(hope_kernels.__file__)
-    return tuple(f"hope_kernels.{d}.triton_kernels" for d in sorted(os.listdir(root))
-                 if os.path.isfile(os.path.join(root, d, "triton_kernels.py")))
-
-
-KERNEL_MODULES = _kernel_modules()
+KERNEL_MODULES = registry.kernel_modules()   # each op folder's triton_kernels.py
 ARCHS = (80, 90)
 
 

@@ -90,14 +90,9 @@ def cms_scan(q, k, v, decay, mix=None, scale=None, *, beta=None, initial_state=N
     utils.check_state("initial_state", initial_state, (N, H, M, K, V), device, "[N, H, M, K, V]")
     chunk_size = utils.check_chunk_size(chunk_size)
     scale = utils.resolve_scale(scale, K)
-    requested, backend = backend, utils.resolve_backend(backend, device)
-
-    # decay, beta and states are never autocast: tau = 0.9999 rounds to 1 in half precision.
-    q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
-    utils.check_same_dtype(q=q, k=k, v=v)
+    backend, _, (q, k, v, mix) = utils.prepare(backend, device, dict(q=q, k=k, v=v), cast=(mix,))
     q, k, v, beta = utils.contiguous(q, k, v, beta)
-    backend = utils.route_float64(requested, backend, q.dtype)
-    with torch.autocast(device.type, enabled=False):
+    with utils.op_context(device):
         o, ST = _scan(q, k, v, tau, mix, initial_state, beta, scale, output_final_state, cu, chunk_size, backend)
     return o, library.present(ST)
 
@@ -112,19 +107,15 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, beta=None, backend=
     (B, H, K), V, device = utils.check_qkv(q, k, v, "B, H")
     tau = _check_decay(decay, H, device)
     M = tau.shape[-1]
-    if state is None:
-        raise ValueError("state must be a [B, H, M, K, V] float32 tensor (cms_step updates it in place)")
+    utils.require("state", state, "a [B, H, M, K, V] float32 tensor (cms_step updates it in place)")
     utils.check_state("state", state, (B, H, M, K, V), device, "[B, H, M, K, V]")
     utils.check_state_dtype("state", state)
     mix = _check_mix(mix, (B,), H, M, device, "[M], [H, M] or [B, H, M]")
     beta = _check_beta(beta, (B,), H, M, device, "[B, H] or [B, H, M]")
     scale = utils.resolve_scale(scale, K)
-    requested, backend = backend, utils.resolve_backend(backend, device)
-
-    q, k, v, mix = utils.autocast_inputs(device, q, k, v, mix)
-    utils.check_same_dtype(q=q, k=k, v=v)
-    backend = utils.route_float64(requested, backend, torch.float64 if torch.float64 in (q.dtype, state.dtype) else q.dtype)
-    return _step(q, k, v, tau, state, mix, beta, scale, backend), state
+    backend, _, (q, k, v, mix) = utils.prepare(backend, device, dict(q=q, k=k, v=v), cast=(mix,), state=state)
+    with torch.no_grad(), utils.op_context(device):
+        return _step(q, k, v, tau, state, mix, beta, scale, backend), state
 
 
 def _scan_backward(grads, needs, q, k, v, tau, mix, initial_state, beta, scale, output_final_state, cu_seqlens,
@@ -133,11 +124,11 @@ def _scan_backward(grads, needs, q, k, v, tau, mix, initial_state, beta, scale, 
     Triton path runs titans_scan, whose own registered backward the vjp then reaches)."""
     if backend != "triton" or beta is not None:
         return None
-    from . import triton_kernels as tk
-    BT = tk.chunk_tile(chunk_size, q.shape[1])
+    from .triton_kernels import CmsScanFunction, _layout, chunk_tile
+    BT = chunk_tile(chunk_size, q.shape[1])
     mix, h0 = (None if x is None else x.contiguous() for x in (mix, initial_state))
-    return library.function_backward(tk.CmsScanFunction, (q, k, v, tau.contiguous(), mix, h0, cu_seqlens), needs[:6],
-                                     grads, scale=scale, BT=BT, layout=tk._layout(q, cu_seqlens, BT))[:6] + (None,)
+    return library.function_backward(CmsScanFunction, (q, k, v, tau.contiguous(), mix, h0, cu_seqlens), needs[:6],
+                                     grads, scale=scale, BT=BT, layout=_layout(q, cu_seqlens, BT))[:6] + (None,)
 
 
 @library.op("cms_scan", differentiable=("q", "k", "v", "tau", "mix", "initial_state", "beta"),
@@ -166,10 +157,11 @@ def _scan_fake(q, k, v, tau, mix, initial_state, beta, scale, output_final_state
 def _step(q: Tensor, k: Tensor, v: Tensor, tau: Tensor, state: Tensor, mix: Optional[Tensor], beta: Optional[Tensor],
           scale: float, backend: str) -> Tensor:
     """o ([B, H, V] with mix, [B, H, M, V] without) in q's dtype; `state` updated in place."""
-    if backend == "torch" or not state.is_contiguous():
+    if backend == "torch":
         return cms_step_torch(q, k, v, tau, state, mix, scale, beta)[0]
     from .triton_kernels import cms_step_triton
-    return cms_step_triton(q, k, v, tau, state, mix, scale, beta)[0]
+    with utils.contiguous_states(state) as (work,):
+        return cms_step_triton(q, k, v, tau, work, mix, scale, beta)[0]
 
 
 @library.fake(_step)

@@ -8,8 +8,8 @@ buffers in the optimizers. The op is not differentiable: it updates buffers as u
 notices the change).
 
 Forms accepted:
-- states: one tensor `[M, *shape]` (any strides; slices that are not contiguous go through a
-  contiguous copy that is written back) or a list/tuple of M tensors of one shape and dtype.
+- states: one tensor `[M, *shape]` (any strides; on the Triton path slices that are not contiguous
+  go through a contiguous copy that is written back) or a list/tuple of M tensors of one shape and dtype.
   A list whose members are evenly spaced views of one buffer (e.g. `buf.unbind(0)`) runs as
   that buffer; any other list runs through a device table of data pointers, still one launch.
 - update: `[*shape]` (shared by all modules) or `[M, *shape]` or a list of M `[*shape]` tensors.
@@ -34,8 +34,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import library
-from ..utils import check_same_device, check_tensor, resolve_backend, skip_host_checks
+from .. import library, utils
+from ..utils import check_same_device, check_tensor, skip_host_checks
+from .torch_chunked import ema_update_torch
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 _STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -47,12 +48,12 @@ def ema_update_(states: Tensors, update: Tensors, decay, *, backend: Optional[st
     states: [M, *shape] or a list of M tensors of `shape`; update: [*shape], [M, *shape] or a
     list of M tensors; decay: [M] with values in [0, 1]. Returns `states` (the same object).
     """
-    p = _plan(states, update, decay)
+    p = plan(states, update, decay)
     if p.M == 0 or p.N == 0:
         return states
-    backend = resolve_backend(backend, p.device)
-    as_list = lambda x: list(x) if isinstance(x, (list, tuple)) else [x]
-    with torch.no_grad():
+    backend, _, _ = utils.prepare(backend, p.device, {})
+    as_list = lambda x: list(x) if isinstance(x, (list, tuple)) else [x]  # noqa: E731
+    with torch.no_grad(), utils.op_context(p.device):
         _ema_update(as_list(states), as_list(update), p.tau, isinstance(states, (list, tuple)),
                     isinstance(update, (list, tuple)), backend)
     return states
@@ -62,11 +63,12 @@ def ema_update_(states: Tensors, update: Tensors, decay, *, backend: Optional[st
 def _ema_update(states: List[torch.Tensor], update: List[torch.Tensor], decay: torch.Tensor, states_is_list: bool,
                 update_is_list: bool, backend: str) -> None:
     """The update on `backend`; `states` / `update` hold the one tensor of the tensor forms."""
-    p = _plan(states if states_is_list else states[0], update if update_is_list else update[0], decay)
-    if backend == "triton":
-        _run_triton(p)
+    p = plan(states if states_is_list else states[0], update if update_is_list else update[0], decay)
+    if backend == "torch":
+        ema_update_torch(p)
     else:
-        _run_torch(p)
+        from .triton_kernels import ema_update_triton
+        ema_update_triton(p)
 
 
 @library.fake(_ema_update)
@@ -76,7 +78,9 @@ def _ema_update_fake(states, update, decay, states_is_list, update_is_list, back
 
 # --------------------------------------------------------------------------- input checks
 @dataclass
-class _Plan:
+class Plan:
+    """The checked inputs of one update, in the forms both paths read."""
+
     s: Optional[torch.Tensor]          # stacked states [M, *shape] (possibly a view of a list)
     s_list: Optional[List[torch.Tensor]]
     u: Optional[torch.Tensor]          # [*shape] when shared, else [M, *shape]
@@ -92,7 +96,7 @@ class _Plan:
         return [self.s] if self.s is not None else self.s_list
 
 
-def _plan(states, update, decay) -> _Plan:
+def plan(states, update, decay) -> Plan:
     if isinstance(states, torch.Tensor):
         check_tensor("states", states, layout="[M, *shape]")
         if states.dim() == 0:
@@ -145,7 +149,7 @@ def _plan(states, update, decay) -> _Plan:
     N = 1
     for d in shape:
         N *= d
-    return _Plan(s, s_list, u, u_list, shared, tau, M, shape, N, device)
+    return Plan(s, s_list, u, u_list, shared, tau, M, shape, N, device)
 
 
 def _check_list(name: str, tensors, shape) -> List[torch.Tensor]:
@@ -231,100 +235,3 @@ def _as_stack(tensors: List[torch.Tensor]) -> Optional[torch.Tensor]:
     if any(t.data_ptr() - t0.data_ptr() != i * step_bytes for i, t in enumerate(tensors)):
         return None
     return t0.as_strided((len(tensors), *t0.shape), (step_bytes // size, *t0.stride()), t0.storage_offset())
-
-
-def _slices_contiguous(x: torch.Tensor) -> bool:
-    """Every x[m] is contiguous (the module stride is free)."""
-    return x.shape[0] == 0 or x[0].is_contiguous()
-
-
-# --------------------------------------------------------------------------- triton backend
-_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-
-
-def _pointer_table(tensors: List[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """int64 data pointers of `tensors` on `device`, cached (optimizers call with the same buffers)."""
-    key = (str(device), tuple(t.data_ptr() for t in tensors))
-    table = _TABLES.get(key)
-    if table is None:
-        table = torch.tensor(key[1], dtype=torch.int64).to(device)
-        _TABLES[key] = table
-        if len(_TABLES) > 256:
-            _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
-    return table
-
-
-def _tableable(tensors: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[Tuple[torch.Tensor, torch.Tensor]]]:
-    """Members the kernel can address (contiguous, 16-byte aligned), with (original, copy) pairs."""
-    out, copies = [], []
-    for t in tensors:
-        if t.is_contiguous() and t.data_ptr() % 16 == 0:
-            out.append(t)
-        else:
-            c = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
-            out.append(c)
-            copies.append((t, c))
-    return out, copies
-
-
-def _run_triton(p: _Plan) -> None:
-    from . import triton_kernels
-
-    write_back = []
-    s_table = None
-    if p.s is not None:
-        s = p.s
-        if not _slices_contiguous(s) or (p.M > 1 and s.stride(0) < p.N):
-            s = s.contiguous()
-            write_back.append((p.s, s))
-        stride_sm = s.stride(0)
-    else:
-        members, copies = _tableable(p.s_list)
-        write_back += copies
-        s, stride_sm = members[0], 0
-        s_table = _pointer_table(members, p.device)
-
-    u_table = None
-    if p.u is not None:
-        u = p.u
-        if p.shared:
-            u, stride_um = u.contiguous(), 0
-        else:
-            if not _slices_contiguous(u):
-                u = u.contiguous()
-            stride_um = u.stride(0)
-    else:
-        members, _ = _tableable(p.u_list)
-        u, stride_um = members[0], 0
-        u_table = _pointer_table(members, p.device)
-
-    triton_kernels.ema_update(s, u, p.tau.contiguous(), M=p.M, N=p.N, stride_sm=stride_sm,
-                              stride_um=stride_um, s_table=s_table, u_table=u_table, shared=p.shared)
-    for orig, work in write_back:
-        orig.copy_(work)
-
-
-# --------------------------------------------------------------------------- torch backend
-def _run_torch(p: _Plan) -> None:
-    """Vectorised torch: lerp on the stacked view, torch._foreach_lerp_ over a list."""
-    dtype = p.state_tensors()[0].dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    w = (1 - p.tau.to(acc)).view(p.M, *([1] * len(p.shape)))  # lerp weight: s + w (u - s)
-    if p.u is None:
-        u = torch.stack(p.u_list)
-    else:
-        u = p.u
-    if p.s is not None:
-        if dtype == acc:
-            p.s.lerp_(u.to(acc), w)
-        else:
-            p.s.copy_(torch.lerp(p.s.to(acc), u.to(acc), w))
-        return
-    if dtype == acc:
-        us = [u.to(acc)] * p.M if p.shared else list(u.to(acc).unbind(0))
-        torch._foreach_lerp_(p.s_list, us, list(w.expand(p.M, *p.shape).unbind(0)))
-    else:
-        s = torch.lerp(torch.stack(p.s_list).to(acc), u.to(acc), w)
-        torch._foreach_copy_(p.s_list, list(s.unbind(0)))

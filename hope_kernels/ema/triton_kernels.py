@@ -19,7 +19,8 @@ for float64 states); the result is rounded once to the state dtype.
 from __future__ import annotations
 
 import functools
-from typing import List
+from collections import OrderedDict
+from typing import List, Tuple
 
 import torch
 import triton
@@ -107,6 +108,78 @@ def ema_update(s, u, decay, *, M: int, N: int, stride_sm: int = 0, stride_um: in
     else:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]) * grid_m,)  # noqa: E731
         _ema_update_tuned[grid](*args, **flags)
+
+
+# --------------------------------------------------------------------------- the op on checked inputs
+def _slices_contiguous(x: torch.Tensor) -> bool:
+    """Every x[m] is contiguous (the module stride is free)."""
+    return x.shape[0] == 0 or x[0].is_contiguous()
+
+
+_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+
+def _pointer_table(tensors: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """int64 data pointers of `tensors` on `device`, cached (optimizers call with the same buffers)."""
+    key = (str(device), tuple(t.data_ptr() for t in tensors))
+    table = _TABLES.get(key)
+    if table is None:
+        table = torch.tensor(key[1], dtype=torch.int64).to(device)
+        _TABLES[key] = table
+        if len(_TABLES) > 256:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table
+
+
+def _tableable(tensors: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """Members the kernel can address (contiguous, 16-byte aligned), with (original, copy) pairs."""
+    out, copies = [], []
+    for t in tensors:
+        if t.is_contiguous() and t.data_ptr() % 16 == 0:
+            out.append(t)
+        else:
+            c = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+            out.append(c)
+            copies.append((t, c))
+    return out, copies
+
+
+def ema_update_triton(p) -> None:
+    """The update of a checked `ops.Plan` in one launch (states written back where a copy ran)."""
+    write_back = []
+    s_table = None
+    if p.s is not None:
+        s = p.s
+        if not _slices_contiguous(s) or (p.M > 1 and s.stride(0) < p.N):
+            s = s.contiguous()
+            write_back.append((p.s, s))
+        stride_sm = s.stride(0)
+    else:
+        members, copies = _tableable(p.s_list)
+        write_back += copies
+        s, stride_sm = members[0], 0
+        s_table = _pointer_table(members, p.device)
+
+    u_table = None
+    if p.u is not None:
+        u = p.u
+        if p.shared:
+            u, stride_um = u.contiguous(), 0
+        else:
+            if not _slices_contiguous(u):
+                u = u.contiguous()
+            stride_um = u.stride(0)
+    else:
+        members, _ = _tableable(p.u_list)
+        u, stride_um = members[0], 0
+        u_table = _pointer_table(members, p.device)
+
+    ema_update(s, u, p.tau.contiguous(), M=p.M, N=p.N, stride_sm=stride_sm, stride_um=stride_um,
+               s_table=s_table, u_table=u_table, shared=p.shared)
+    for orig, work in write_back:
+        orig.copy_(work)
 
 
 # --------------------------------------------------------------------------- AOT compile specs

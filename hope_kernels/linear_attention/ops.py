@@ -1,4 +1,4 @@
-"""Public linear-attention ops: input checks, backend choice, autocast, then the Triton or torch path.
+"""Public linear-attention ops: checks, `utils.prepare`, then the registered op (Triton or torch path).
 
     causal:     S_t = S_0 + sum_{s<=t} k_s v_s^T,  o_t = scale * q_t S_t
     non-causal: S   = S_0 + sum_{all s} k_s v_s^T, o_t = scale * q_t S
@@ -14,18 +14,12 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
-
 from torch import Tensor
 
 from .. import library, utils
 from .torch_chunked import linear_attention_step_torch, linear_attention_torch
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
-
-
-def _triton():
-    from . import triton_kernels  # imported lazily: the torch backend works without Triton
-    return triton_kernels
 
 
 def _check_state(name: str, state, normalize: bool, N: int, H: int, K: int, V: int, device) -> Optional[State]:
@@ -94,14 +88,10 @@ def linear_attention(q, k, v, scale=None, *, causal=True, normalize=False, eps=1
     N = B if cu is None else cu.numel() - 1
     initial_state = _check_state("initial_state", initial_state, normalize, N, H, K, V, device)
     scale = utils.resolve_scale(scale, K)
-    explicit = backend
-    backend = utils.resolve_backend(backend, device)
-    q, k, v = utils.autocast_inputs(device, q, k, v)
-    dtype = utils.check_same_dtype(q=q, k=k, v=v)
-    backend = utils.route_float64(explicit, backend, dtype)
+    backend, dtype, (q, k, v) = utils.prepare(backend, device, dict(q=q, k=k, v=v))
     sd = utils.state_dtype(dtype)
 
-    with torch.autocast(device.type, enabled=False):
+    with utils.op_context(device):
         S0, z0 = initial_state if normalize and initial_state is not None else (initial_state, None)
         if S0 is not None:
             S0 = S0.to(sd)
@@ -123,19 +113,14 @@ def linear_attention_step(q, k, v, state, scale=None, *, normalize=False, eps=1e
     the causal scan. Not differentiable (inference).
     """
     (B, H, K), V, device = utils.check_qkv(q, k, v, "B, H")
-    if state is None:
-        raise TypeError("state must be given: S [B, H, K, V] (or (S, z) with normalize=True)")
+    utils.require("state", state, "S [B, H, K, V] float32 (or (S, z) with normalize=True), updated in place")
     S, z = _check_state("state", state, normalize, B, H, K, V, device) if normalize else \
         (_check_state("state", state, normalize, B, H, K, V, device), None)
     utils.check_state_dtype("state", S, z)
     scale = utils.resolve_scale(scale, K)
-    explicit = backend
-    backend = utils.resolve_backend(backend, device)
-    q, k, v = utils.autocast_inputs(device, q, k, v)
-    dtype = utils.check_same_dtype(q=q, k=k, v=v)
-    backend = utils.route_float64(explicit, backend, torch.float64 if S.dtype == torch.float64 else dtype)
+    backend, _, (q, k, v) = utils.prepare(backend, device, dict(q=q, k=k, v=v), state=S)
 
-    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+    with torch.no_grad(), utils.op_context(device):
         o = _step(q, k, v, S, z, scale, eps, backend)
     return o, state
 
@@ -144,10 +129,10 @@ def _scan_backward(grads, needs, q, k, v, S0, scale, causal, output_final_state,
     """The Triton path's own backward kernels (no forward recomputed); None elsewhere."""
     if backend != "triton":
         return None
-    tk = _triton()
+    from .triton_kernels import LinearAttentionFunction, launch_plan
     q, k, v, S0 = utils.contiguous(q, k, v, S0)
-    plan = tk.launch_plan(*q.shape, v.shape[-1], chunk_size, cu_seqlens, causal)
-    return library.function_backward(tk.LinearAttentionFunction, (q, k, v, S0, cu_seqlens), needs, grads,
+    plan = launch_plan(*q.shape, v.shape[-1], chunk_size, cu_seqlens, causal)
+    return library.function_backward(LinearAttentionFunction, (q, k, v, S0, cu_seqlens), needs, grads,
                                      scale=scale, causal=causal, chunk_size=chunk_size, plan=plan)[:4]
 
 
@@ -158,9 +143,9 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, S0: Optional[Tensor], scale: float, c
     """(o in the state dtype, S_T or None): the scan of scale * q_t S_t on `backend`."""
     sd = utils.state_dtype(q.dtype)
     if backend == "triton":
+        from .triton_kernels import LinearAttentionFunction
         q, k, v, S0 = utils.contiguous(q, k, v, S0)
-        o, ST = _triton().LinearAttentionFunction.apply(q, k, v, S0, scale, causal, output_final_state,
-                                                        cu_seqlens, chunk_size)
+        o, ST = LinearAttentionFunction.apply(q, k, v, S0, scale, causal, output_final_state, cu_seqlens, chunk_size)
     else:
         o, ST = linear_attention_torch(q, k, v, scale, causal, S0, cu_seqlens, chunk_size, sd)
     return o.to(sd), (ST if output_final_state else None)
@@ -180,14 +165,10 @@ def _step(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Optional[Tensor], scale
     """o [B, H, V] in q's dtype; S (and z) updated in place."""
     if backend == "torch":
         return linear_attention_step_torch(q, k, v, S, scale, z, eps).to(q.dtype)
+    from .triton_kernels import linear_attention_step_triton
     q, k, v = utils.contiguous(q, k, v)
-    S_c, z_c = utils.contiguous(S, z)
-    o = _triton().linear_attention_step_triton(q, k, v, S_c, z_c, scale, eps, q.dtype)
-    if S_c is not S:  # the kernel updated a contiguous copy: write it back in place
-        S.copy_(S_c)
-    if z_c is not z:
-        z.copy_(z_c)
-    return o
+    with utils.contiguous_states(S, z) as (S_c, z_c):
+        return linear_attention_step_triton(q, k, v, S_c, z_c, scale, eps, q.dtype)
 
 
 @library.fake(_step)

@@ -21,11 +21,6 @@ from torch import Tensor
 from .. import library, utils
 from .torch_chunked import titans_scan_torch, titans_step_torch
 
-def _triton():
-    from . import triton_kernels  # imported lazily: the torch backend works without Triton
-    return triton_kernels
-
-
 State = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 # gate name -> (lower bound, lower bound included, upper bound, upper bound included)
 GATE_RANGES = {"lr": (0., True, float("inf"), False), "decay": (0., False, 1., True),
@@ -119,13 +114,8 @@ def titans_scan(q, k, v, lr, decay=None, momentum=None, scale=None, *, period=1,
                           "[N, H, K, V]")
     chunk_size = utils.check_chunk_size(chunk_size)
     scale = utils.resolve_scale(scale, K)
-    requested, backend = backend, utils.resolve_backend(backend, device)
-
-    # the gates and states are never autocast: decay = 0.9999 rounds to 1 in half precision
-    q, k, v = utils.autocast_inputs(device, q, k, v)
-    dtype = utils.check_same_dtype(q=q, k=k, v=v)
-    backend = utils.route_float64(requested, backend, dtype)
-    with torch.autocast(device.type, enabled=False):
+    backend, _, (q, k, v) = utils.prepare(backend, device, dict(q=q, k=k, v=v))
+    with utils.op_context(device):
         o, S, Z = _scan(q, k, v, lr, decay, momentum, S0, Z0, scale, period, read, cu, chunk_size, backend)
     if not output_final_state:
         return o, None
@@ -146,9 +136,7 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
         raise TypeError("lr must be a [B, H] tensor")
     decay = _check_gate("decay", decay, (B, H), device, "[B, H]")
     momentum = _check_gate("momentum", momentum, (B, H), device, "[B, H]")
-    if state is None:
-        raise ValueError("state must be given: S [B, H, K, V] float32 (or (S, Z) with momentum); "
-                         "titans_step updates it in place")
+    utils.require("state", state, "S [B, H, K, V] float32 (or (S, Z) with momentum); titans_step updates it in place")
     S, Z = _check_state("state", state, momentum is not None, (B, H, K, V), device, "[B, H, K, V]")
     if momentum is not None and Z is None:
         raise ValueError("state must be the pair (S, Z) with momentum, Z [B, H, K, V] float32 a tensor; "
@@ -156,12 +144,9 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
     utils.check_state_dtype("state", S, Z)
     utils.check_state("block_state", block_state, (B, H, K, V), device, "[B, H, K, V]")
     scale = utils.resolve_scale(scale, K)
-    requested, backend = backend, utils.resolve_backend(backend, device)
-    q, k, v = utils.autocast_inputs(device, q, k, v)
-    dtype = utils.check_same_dtype(q=q, k=k, v=v)
-    backend = utils.route_float64(requested, backend, torch.float64 if S.dtype == torch.float64 else dtype)
+    backend, _, (q, k, v) = utils.prepare(backend, device, dict(q=q, k=k, v=v), state=S)
 
-    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+    with torch.no_grad(), utils.op_context(device):
         o = _step(q, k, v, lr, decay, momentum, S, Z, block_state, scale, backend)
     return o, state
 
@@ -171,11 +156,12 @@ def _scan_backward(grads, needs, q, k, v, lr, decay, momentum, S0, Z0, scale, pe
     """The Triton path's own backward kernels (no forward recomputed); None elsewhere."""
     if backend != "triton":
         return None
-    tk = _triton()
+    from .triton_chunk import sequence_table
+    from .triton_kernels import TitansScanFunction, float32_gates
     q, k, v = utils.contiguous(q, k, v)
-    lr, decay, momentum, S0, Z0 = tk.float32_gates(lr, decay, momentum, S0, Z0)
-    table = None if momentum is not None else tk.triton_chunk.sequence_table(cu_seqlens, period, chunk_size)
-    return library.function_backward(tk.TitansScanFunction, (q, k, v, lr, decay, momentum, S0, Z0, cu_seqlens),
+    lr, decay, momentum, S0, Z0 = float32_gates(lr, decay, momentum, S0, Z0)
+    table = None if momentum is not None else sequence_table(cu_seqlens, period, chunk_size)
+    return library.function_backward(TitansScanFunction, (q, k, v, lr, decay, momentum, S0, Z0, cu_seqlens),
                                      needs, grads, scale=scale, period=period, chunk_size=chunk_size, table=table,
                                      read_block=read == "block_start")[:8]
 
@@ -187,9 +173,10 @@ def _scan(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Optional[Tensor], 
           cu_seqlens: Optional[Tensor], chunk_size: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(o in q's dtype, S_T, Z_T or None) of the checked inputs on `backend`."""
     if backend == "triton":
+        from .triton_kernels import titans_scan_triton
         q, k, v = utils.contiguous(q, k, v)
-        o, S, Z = _triton().titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu_seqlens,
-                                                chunk_size, read=read)
+        o, S, Z = titans_scan_triton(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu_seqlens, chunk_size,
+                                     read=read)
     else:
         o, S, Z = titans_scan_torch(q, k, v, lr, decay, momentum, scale, period, S0, Z0, cu_seqlens, chunk_size,
                                     utils.state_dtype(q.dtype), read=read)
@@ -208,9 +195,10 @@ def _scan_fake(q, k, v, lr, decay, momentum, S0, Z0, scale, period, read, cu_seq
 def _step(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Optional[Tensor], momentum: Optional[Tensor],
           S: Tensor, Z: Optional[Tensor], block_state: Optional[Tensor], scale: float, backend: str) -> Tensor:
     """o [B, H, V] in q's dtype; S (and Z) updated in place."""
-    states = [s for s in (S, Z) if s is not None]
-    if backend == "triton" and all(s.dtype == torch.float32 and s.is_contiguous() for s in states):
-        return _triton().titans_step_triton(q, k, v, lr, decay, momentum, S, Z, block_state, scale)
+    if backend == "triton":
+        from .triton_kernels import titans_step_triton
+        with utils.contiguous_states(S, Z) as (S_c, Z_c):
+            return titans_step_triton(q, k, v, lr, decay, momentum, S_c, Z_c, block_state, scale)
     o = titans_step_torch(q, k, v, lr, decay, momentum, S, Z, S if block_state is None else block_state, scale)
     return o.to(q.dtype)
 

@@ -146,19 +146,15 @@ def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *,
     period = _check_period(period)
     lr_max = _check_number("lr_max", lr_max, 0., 2.)
     eps = _check_number("eps", eps, 0., math.inf)
-    if initial_state is None:
-        raise ValueError("initial_state must be given: M_0 [B, H, D, 3D + 2] (or (M_0, Z_0) with momentum)")
+    utils.require("initial_state", initial_state, "M_0 [B, H, D, 3D + 2] (or (M_0, Z_0) with momentum)")
     M0, Z0 = _check_state("initial_state", initial_state, momentum is not None, (B, H, D, width(D)), device,
                           "[B, H, D, 3D + 2]")
     scale = utils.resolve_scale(scale, D)
-    requested, backend = backend, utils.resolve_backend(backend, device)
-    q, u = utils.autocast_inputs(device, q, u)
-    dtype = utils.check_same_dtype(q=q, u=u)
-    backend = utils.route_float64(requested, backend, dtype)
+    backend, dtype, (q, u) = utils.prepare(backend, device, dict(q=q, u=u))
     sd = utils.state_dtype(dtype)
     M0 = M0.to(sd)
     Z0 = None if momentum is None else (torch.zeros_like(M0) if Z0 is None else Z0.to(sd))
-    with torch.autocast(device.type, enabled=False):
+    with utils.op_context(device):
         o, M, Z = _scan(q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, backend)
     if not output_final_state:
         return o, None
@@ -225,9 +221,8 @@ def titans_selfmod_step(q, u, lr_bias, decay_bias, state, block_state, momentum=
     period = _check_period(period)
     lr_max = _check_number("lr_max", lr_max, 0., 2.)
     eps = _check_number("eps", eps, 0., math.inf)
+    utils.require("block_state", block_state, "the memory at the start of the token's block")
     utils.check_state("block_state", block_state, (B, H, D, width(D)), device, "[B, H, D, 3D + 2]")
-    if block_state is None:
-        raise ValueError("block_state must be given: the memory at the start of the token's block")
     sd = block_state.dtype
     with torch.no_grad():
         k, v, lr, log_decay = _projections(u.to(sd)[:, :, None], block_state, lr_bias.to(sd),

@@ -63,7 +63,7 @@ def table(rows: List[dict], meta: dict, notes: List[str] = ()) -> str:
         lines += ["", "notes:"] + [f"  - {n}" for n in notes]
     lines.append("mem MB: extra peak memory of one call (CUDA allocator peak, or peak RSS rise on the CPU); "
                  "rel_err: vs the float64 reference at the smallest T; %bw / %mm: achieved fraction of "
-                 "the measured copy bandwidth / matmul throughput (formulas: benchmarks/roofline.py).")
+                 "the measured copy bandwidth / matmul throughput (formulas: benchmarks/ops/roofline.py).")
     return "\n".join(lines)
 
 

@@ -1,15 +1,15 @@
 """pytest-benchmark timings of the CPU paths (the chunked torch backend and the references).
 
-    python -m pytest benchmarks --benchmark-only             # all
-    python -m pytest benchmarks --benchmark-only -k torch    # one provider
+    python -m pytest tools/test_bench_cpu.py --benchmark-only             # all
+    python -m pytest tools/test_bench_cpu.py --benchmark-only -k torch    # one provider
 
-Not part of `pytest tests`. The cases (inputs, calls) are those of `python -m benchmarks`.
+Not part of `pytest tests`. The cases (inputs, calls) are those of `python -m benchmarks.ops`.
 """
 import pytest
 import torch
 
-from benchmarks.cases import CASES
-from benchmarks.roofline import Shape
+from benchmarks.ops.cases import CASES
+from benchmarks.ops.roofline import Shape
 
 # The chunked backend at a realistic small size; the token-by-token reference at a short T.
 SHAPES = {"torch": Shape(B=2, T=512, H=4, K=64, V=64, M=4), "reference": Shape(B=1, T=64, H=4, K=64, V=64, M=4)}
@@ -24,7 +24,7 @@ def _params():
 
 @pytest.mark.parametrize("op, provider, mode", list(_params()))
 def test_cpu(benchmark, op, provider, mode):
-    from benchmarks.suite import timed_fn
+    from benchmarks.ops.suite import timed_fn
 
     case = CASES[op]
     torch.manual_seed(0)
