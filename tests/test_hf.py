@@ -143,7 +143,9 @@ def test_save_pretrained_round_trip(tmp_path, variant):
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), \
         [k for k in want if not torch.equal(want[k], got[k])]
     x = torch.randint(0, 61, (2, 11))
-    assert torch.equal(loaded(x).logits, model(x)[0])
+    # without the cache: a cached prefill (the HF default) runs the block-wise cache path, equal to the
+    # uncached forward only to float32 rounding (tests/test_hope_generate.py); the weights must be exact
+    assert torch.equal(loaded(x, use_cache=False).logits, model(x)[0])
     back = hf.from_hf(loaded)
     assert type(back) is HOPE and back.config == model.config
     assert torch.equal(back(x)[0], model(x)[0])
