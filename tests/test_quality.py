@@ -304,3 +304,5 @@ def test_toy_plans_end_to_end(tmp_path, plan, files):
     assert all(r["curve"] and r["params"] > 0 and {"Transformer", "paper HOPE"} >= {r["variant"]} for r in records)
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "already in" in again.stdout
+    report = subprocess.run(cmd + ["--report-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0 and f"report of the {len(records)} of {len(records)} runs" in report.stdout

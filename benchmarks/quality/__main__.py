@@ -20,6 +20,7 @@ PNG plots into --out. Runs append to runs.jsonl as they finish, and a rerun with
 from __future__ import annotations
 
 import argparse
+import calendar
 import dataclasses
 import os
 import platform
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import plans, suite
-from .runner import run_all
+from .runner import finished, run_all
 from ..variants import VARIANTS, available, variant
 
 
@@ -44,6 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--plan", choices=sorted(plans.PLANS), default=None,
                    help="the Zoology MQAR grid or the needle plan instead of the default suite")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument("--cells", default=None, help="--plan zoology*: (T)x(N) cells, e.g. 64x4,128x8 (default: the plan's)")
+    p.add_argument("--lrs", default=None, help="--plan zoology*: learning rates, e.g. 2.2e-3,1e-2 (default: the plan's)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report of the plan's runs already in --out/runs.jsonl")
     p.add_argument("--quick", action="store_true", help="a tiny plan (seconds): checks the pipeline end to end")
     p.add_argument("--full", action="store_true",
                    help="three seeds of the main setting and the LM, and all three sweeps at 2,000 steps (hours)")
@@ -95,18 +100,40 @@ def main(argv=None) -> int:
     variants = available([v.name for v in wanted])
     skipped = [v.name for v in wanted if v not in variants]
     torch.set_num_threads(1)
-    jobs = plans.jobs(plans.PLANS[a.plan], variants, a.device) if a.plan else suite.jobs(plan, variants)
+    if a.plan:
+        zplan = plans.PLANS[a.plan]
+        if (a.cells or a.lrs) and not isinstance(zplan, plans.ZooPlan):
+            p.error("--cells and --lrs apply to the zoology plans")
+        try:
+            if a.cells:
+                zplan = dataclasses.replace(zplan, cells=tuple(tuple(int(v) for v in c.split("x"))
+                                                               for c in a.cells.split(",")))
+            if a.lrs:
+                zplan = dataclasses.replace(zplan, lrs=tuple(float(v) for v in a.lrs.split(",")))
+        except ValueError:
+            p.error(f"--cells must be TxN,... and --lrs numbers, got {a.cells!r}, {a.lrs!r}")
+    jobs = plans.jobs(zplan, variants, a.device) if a.plan else suite.jobs(plan, variants)
     print(f"{len(jobs)} training runs, {workers} at a time, into {out}/")
     t0, started, load0 = time.time(), time.strftime("%Y-%m-%d %H:%M", time.gmtime()), os.getloadavg()
-    records = run_all(jobs, out / "runs.jsonl", workers, reuse=[Path(r) for r in a.reuse])
+    if a.report_only:
+        records = finished(jobs, out / "runs.jsonl")
+        print(f"report of the {len(records)} of {len(jobs)} runs in {out / 'runs.jsonl'}")
+    else:
+        records = run_all(jobs, out / "runs.jsonl", workers, reuse=[Path(r) for r in a.reuse])
+    if a.report_only and records:   # the runs' own times: the first start to the last finish
+        first = min(records, key=lambda r: r["finished"])
+        started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(
+            calendar.timegm(time.strptime(first["finished"], "%Y-%m-%dT%H:%M:%SZ")) - first["wall_s"]))
+        t0 = time.time() - sum(r["wall_s"] for r in records)
+        load0 = (first["load_start"],) * 3
     meta = {"command": "python -m benchmarks.quality" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-            "started": started, "ended": time.strftime("%H:%M", time.gmtime()), "wall_s": time.time() - t0,
+            "started": started, "ended": max(r["finished"] for r in records)[11:16] if a.report_only and records else time.strftime("%H:%M", time.gmtime()), "wall_s": time.time() - t0,
             "workers": workers, "load_start": " ".join(f"{x:.2f}" for x in load0),
             "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
             "skipped": skipped, "reused": sum(1 for r in records if r.get("reused_from")), "device": a.device}
     if a.plan:
-        print(plans.report(plans.PLANS[a.plan], records, variants, out, meta))
+        print(plans.report(zplan, records, variants, out, meta))
     else:
         print(suite.write_report(plan, records, variants, out, meta))
     print(f"\nwrote {out}/: CSV, JSON, table.txt, summary.md, *.png ({time.time() - t0:.0f} s)")

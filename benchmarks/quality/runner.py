@@ -115,3 +115,9 @@ def run_all(jobs: Iterable[dict], path: Path, workers: int = 1, verbose: bool = 
                 for r in pool.imap_unordered(run_job, todo):
                     keep(r)
     return [done[j["key"]] for j in jobs]
+
+
+def finished(jobs: Iterable[dict], path: Path) -> List[dict]:
+    """The records of `jobs` already in `path` (JSONL), in the order of `jobs`."""
+    done = {r["key"]: r for r in _load(path)}
+    return [done[j["key"]] for j in jobs if j["key"] in done]
