@@ -2,7 +2,7 @@
 # The GPU suite: GPU tests, all tests on CUDA, the full benchmark sweep at realistic sizes (bf16),
 # the model-level benchmark and the static compile report, in under 10 minutes on one H100; then
 # MQAR on the Zoology grid (`python -m benchmarks.quality --plan zoology --device cuda`, estimated
-# 5-7 minutes; QUALITY=0 skips it).
+# 7-8 minutes; QUALITY=0 skips it).
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]      # default OUT_DIR: benchmarks/results/<card>_<date>
 #

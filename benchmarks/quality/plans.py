@@ -8,15 +8,17 @@ Zoology grid (Arora et al. 2023, Figure 2; `iclr24_zoology_figure2/configs.py`):
 the attention baseline), rotary positions (theirs: learned), AdamW at a constant rate, fresh batches
 (benchmarks/quality/mqar.py, ZoologyMQAR, lists the data differences).
 
-`zoology` (GPU, `--device cuda`): 3 cells x 2 widths x 4 rates x 8 variants = 192 runs of 1,500
-steps at batch 64, 12 processes sharing the GPU. Estimate for one H100: the work is
-6 x params x tokens per step; params ~1.1M (d 64) / 2.4M (d 128), two thirds in the 8,192-way
-embedding and output; tokens per step 64 x T (mean T 149); summed over the runs
-6 x 1.75M x 9.5k x 1,500 x 192 = 2.9e16 FLOPs, ~150 s at 200 TFLOP/s (TF32 tensor cores, enabled
-for this plan). A step of these small models is launch-bound: ~6-10 ms eager (torch backend) per
-step, 192 x 1,500 x 8 ms = 2,300 s of launches, spread over 12 processes (16 host cores) ~190 s;
-with the held-out evaluation (3 x 1,024 sequences per run) the plan is estimated at 5-7 minutes.
-Not yet measured on a GPU.
+`zoology` (GPU, `--device cuda`): 3 cells x 2 widths x 4 rates x 8 variants = 192 runs of 1,000
+steps at batch 64, 12 processes sharing the GPU, the Triton kernels (backend None) with their default
+configs (HOPE_KERNELS_AUTOTUNE=0: no per-process autotuning). Estimate for one H100, two bounds:
+- arithmetic: 6 x (non-embedding params, ~0.1M at d 64 / ~0.4M at d 128) x tokens (64 x T, mean
+  T 149) per step, plus the tied 8,192-way output layer on the answer positions only
+  (train.answer_forward): ~3e15 FLOPs over the 192,000 steps, under a minute even at 50 TFLOP/s;
+- launches: such small models are launch-bound; ~300 kernels per step (2 blocks forward, backward
+  and AdamW) at ~5 us is ~1.5-2 ms of GPU time per step, 192,000 steps x 2 ms = 6.4 minutes if
+  the 12 processes' kernels never overlap, with their host-side Python in parallel on 16 cores.
+Plus start-up and the held-out evaluations (4 x 1,024 sequences per run, forward only): about 7-8
+minutes. An estimate, not yet measured on a GPU; if it runs long, the grid resumes from runs.jsonl.
 
 `zoology-cpu`: (T, N) = (64, 4) and (128, 8) at d 64, rates 4.6e-4 / 2.2e-3 / 1e-2, 400 steps at batch
 32; `zoology-toy`: one tiny cell, two rates, seconds (the pipeline check of gpu_suite.sh DRY=1).
@@ -68,7 +70,7 @@ class NeedlePlan:
 
 ZOO_BASE = {"num_layers": 2, "num_heads": 1, "num_memory_modules": 3}
 PLANS = {
-    "zoology": ZooPlan(cells=((64, 4), (128, 8), (256, 16)), dims=(64, 128), lrs=ZOOLOGY_LRS, steps=1500,
+    "zoology": ZooPlan(cells=((64, 4), (128, 8), (256, 16)), dims=(64, 128), lrs=ZOOLOGY_LRS, steps=1000,
                        batch_size=64, base=ZOO_BASE),
     "zoology-cpu": ZooPlan(cells=((64, 4), (128, 8)), dims=(64,), lrs=ZOOLOGY_LRS[1:], steps=400,
                            batch_size=32, base=ZOO_BASE, eval_every=100, eval_size=512),
@@ -84,6 +86,7 @@ PLANS = {
 
 def jobs(plan, variants: Sequence[tuple], device: str = "cpu") -> List[dict]:
     out = []
+    backend = {} if device == "cpu" else {"backend": None}      # CPU: the torch backend (runner.model_config)
     if isinstance(plan, ZooPlan):
         for T, N in plan.cells:
             for d in plan.dims:
@@ -97,7 +100,7 @@ def jobs(plan, variants: Sequence[tuple], device: str = "cpu") -> List[dict]:
                                     "task": "zoology", "variant": name, "num_pairs": N, "seq_len": T, "dim": d,
                                     "lr": lr, "steps": plan.steps, "seed": seed, "device": device,
                                     "task_args": {"num_pairs": N, "seq_len": T, "vocab": plan.vocab},
-                                    "model": {**plan.base, **ov, "dim": d},
+                                    "model": {**plan.base, **ov, "dim": d, **backend},
                                     "budget": {"steps": plan.steps, "batch_size": plan.batch_size, "lr": lr,
                                                "eval_every": plan.eval_every, "eval_size": plan.eval_size}})
     else:
@@ -113,7 +116,7 @@ def jobs(plan, variants: Sequence[tuple], device: str = "cpu") -> List[dict]:
                             "dim": plan.base["dim"], "lr": plan.lr, "steps": plan.steps, "seed": seed,
                             "device": device, "eval_lengths": lengths,
                             "task_args": {"seq_len": plan.train_len, "num_needles": n, **plan.task},
-                            "model": {**plan.base, **ov},
+                            "model": {**plan.base, **ov, **backend},
                             "budget": {"steps": plan.steps, "batch_size": plan.batch_size, "lr": plan.lr,
                                        "eval_every": plan.eval_every, "eval_size": plan.eval_size}})
     # smallest cells first: an interrupted run has whole cells (every variant and rate) to report

@@ -48,6 +48,7 @@ def run_job(job: dict) -> dict:
         apply_design(model, **job["design"])
     if job.get("device", "cpu") != "cpu":
         torch.backends.cuda.matmul.allow_tf32 = True     # the 8,192-way output layer on tensor cores
+        os.environ.setdefault("HOPE_KERNELS_AUTOTUNE", "0")    # default configs: no autotuning per process
         model.to(job["device"])
     budget = Budget(**job["budget"])
     if job["task"] in ("mqar", "zoology"):
