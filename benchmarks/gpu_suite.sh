@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: GPU tests, all tests on CUDA, the full benchmark sweep at realistic sizes (bf16),
-# the model-level benchmark and the static compile report, in under 10 minutes on one H100.
+# the model-level benchmark and the static compile report, in under 10 minutes on one H100; then
+# MQAR on the Zoology grid (`python -m benchmarks.quality --plan zoology --device cuda`, estimated
+# 7-8 minutes; QUALITY=0 skips it).
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]      # default OUT_DIR: benchmarks/results/<card>_<date>
 #
@@ -8,8 +10,9 @@
 # put on PYTHONPATH. pytest is used when importable (tests are skipped with a note otherwise);
 # flash-linear-attention is benchmarked when importable, or when a wheel lies in FLA_WHEEL_DIR
 # (default: <repo>/wheels), which is unpacked into OUT_DIR/.fla (no pip). Each phase has a time cap
-# (seconds, env: TESTS_GPU_S, TESTS_S, SWEEP_S, SWEEP_LARGE_S, MODEL_S, COMPILE_S; 560 s in all); an interrupted sweep still
-# writes the rows it measured. Everything lands in OUT_DIR: logs, junit XML, results.csv/json, plots.
+# (seconds, env: TESTS_GPU_S, TESTS_S, SWEEP_S, SWEEP_LARGE_S, MODEL_S, COMPILE_S; 560 s in all, and QUALITY_S 480
+# for the Zoology grid); an interrupted sweep still writes the rows it measured, an interrupted grid
+# resumes from OUT_DIR/quality_zoology/runs.jsonl when the script is run again on the same OUT_DIR. Everything lands in OUT_DIR: logs, junit XML, results.csv/json, plots.
 # DRY=1 runs the same phases on the CPU at tiny sizes (checks the script itself; no GPU numbers).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,6 +25,7 @@ if [ "$DRY" = 1 ]; then
     SIZES=(--device cpu --dtype float32 --batch 1 --heads 2 --head-dim 16 --seq-lens 64,128 --budget-s 0 --min-reps 1)
     SIZES_LARGE=("${SIZES[@]}")
     MODEL_ARGS=(--device cpu --quick)
+    QUALITY_ARGS=(--plan zoology-toy --device cpu)
     CARD=dry_run_cpu
 elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "[gpu_suite] no CUDA device visible to $PY: this script is for a GPU machine (DRY=1 checks it on a CPU)" >&2
@@ -30,6 +34,7 @@ else
     SIZES=(--dtype bfloat16 --batch 4 --heads 16 --head-dim 64 --seq-lens 1024,2048,4096,8192,16384)
     SIZES_LARGE=(--dtype bfloat16 --batch 8 --heads 32 --head-dim 128 --seq-lens 1024,4096,16384)
     MODEL_ARGS=()
+    QUALITY_ARGS=(--plan zoology --device cuda)
     CARD=$("$PY" -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_'))")
 fi
 OUT=${1:-"$REPO/benchmarks/results/${CARD}_$(date -u +%Y-%m-%d)"}
@@ -96,6 +101,13 @@ if [ -f "$REPO/tools/compile_report.py" ]; then
     # default configs for both archs (every config of every kernel is ~100 compiles: minutes)
     run_phase compile_report "${COMPILE_S:-60}" "$PY" -m tools.compile_report --arch 80 --arch 90 \
         --configs default --csv "$OUT/compile_report.csv"
+fi
+
+# 5. quality: MQAR on the Zoology grid, every variant, the best of four learning rates per cell
+if [ "${QUALITY:-1}" != 0 ]; then
+    run_phase quality_zoology "${QUALITY_S:-480}" "$PY" -m benchmarks.quality "${QUALITY_ARGS[@]}" --out "$OUT/quality_zoology"
+else
+    say "QUALITY=0: the Zoology MQAR grid skipped"
 fi
 
 say "done in $((SECONDS - START)) s (status $status). Results: $OUT"

@@ -186,3 +186,139 @@ def test_variant_names_can_be_listed_on_the_command_line():
     assert variant("seed-hope").name == "seed HOPE"
     with pytest.raises(ValueError, match="unknown variant"):
         variant("seed")
+
+
+# ---------------------------------------------------------------------- Zoology MQAR and the needle task
+from benchmarks.quality.mqar import ZoologyMQAR  # noqa: E402
+from benchmarks.quality.niah import NeedleTask  # noqa: E402
+
+
+@pytest.mark.parametrize("seq_len, num_pairs", [(64, 4), (128, 8), (16, 4)])
+def test_zoology_mqar_layout(seq_len, num_pairs):
+    """Keys in [1, V/2) and values in [V/2, V), each distinct within a sequence; every key queried once
+    at an even offset of the query region, the target there its value, blanks (0) everywhere else."""
+    task = ZoologyMQAR(num_pairs=num_pairs, seq_len=seq_len, vocab=8192)
+    x, y = task.batch(128, torch.Generator().manual_seed(1))
+    N, half = num_pairs, 4096
+    assert x.shape == y.shape == (128, seq_len) and x.dtype == y.dtype == torch.long
+    keys, values = x[:, 0:2 * N:2], x[:, 1:2 * N:2]
+    assert ((keys >= 1) & (keys < half)).all() and ((values >= half) & (values < 8192)).all()
+    assert all(len(set(k.tolist())) == N and len(set(v.tolist())) == N for k, v in zip(keys, values))
+    assert (y[:, :2 * N] == -100).all()
+    for b in range(128):
+        pos = (y[b] != -100).nonzero().flatten()
+        assert len(pos) == N and ((pos - 2 * N) % 2 == 0).all()
+        assert sorted(x[b, pos].tolist()) == sorted(keys[b].tolist())            # each key once
+        for p in pos.tolist():
+            i = keys[b].tolist().index(int(x[b, p]))
+            assert y[b, p] == values[b, i] and x[b, p + 1] == 0 if p + 1 < seq_len else True
+        blank = torch.ones(seq_len, dtype=torch.bool)
+        blank[:2 * N], blank[pos] = False, False
+        assert (x[b, blank] == 0).all()
+    noisy, _ = ZoologyMQAR(num_pairs, seq_len, random_non_queries=True).batch(128, torch.Generator().manual_seed(1))
+    assert (noisy[:, 2 * N:] != 0).float().mean() > 0.99 and torch.equal(noisy[:, :2 * N], x[:, :2 * N])
+
+
+def test_zoology_mqar_query_gaps_follow_the_power_law():
+    """One pair: the query's slot g has p(g) ~ (g + 1)^(a - 1); a = 1 is uniform."""
+    S, n = 31, 20_000
+    for a in (0.01, 1.0):
+        x, y = ZoologyMQAR(num_pairs=1, seq_len=64, power_a=a).batch(n, torch.Generator().manual_seed(2))
+        slot = ((y != -100).nonzero()[:, 1] - 2) // 2
+        p = torch.arange(1, S + 1, dtype=torch.float64) ** (a - 1)
+        p /= p.sum()
+        freq = torch.bincount(slot, minlength=S).double() / n
+        assert (freq - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max(), (a, freq[:4], p[:4])
+
+
+def test_zoology_mqar_and_needle_reject_impossible_tasks():
+    with pytest.raises(ValueError, match="seq_len"):
+        ZoologyMQAR(num_pairs=4, seq_len=15)
+    with pytest.raises(ValueError, match="seq_len"):
+        ZoologyMQAR(num_pairs=4, seq_len=12)
+    with pytest.raises(ValueError, match="vocab"):
+        ZoologyMQAR(num_pairs=4, seq_len=64, vocab=64)
+    with pytest.raises(ValueError, match="seq_len"):
+        NeedleTask(seq_len=8, num_needles=4)
+    with pytest.raises(ValueError, match="num_needles"):
+        NeedleTask(seq_len=128, num_needles=33)
+
+
+@pytest.mark.parametrize("seq_len, needles", [(32, 1), (33, 4), (128, 4)])
+def test_needle_layout(seq_len, needles):
+    """Needles "k v" at even positions in filler, distinct keys; the last token one of them; the
+    only target its value; the depth its position over T - 1."""
+    task = NeedleTask(seq_len=seq_len, num_needles=needles)
+    x, y, depth = task.batch(64, torch.Generator().manual_seed(5))
+    K, V = task.num_keys, task.num_values
+    assert (y[:, :-1] == -100).all() and ((y[:, -1] >= K) & (y[:, -1] < K + V)).all()
+    for b in range(64):
+        where = (x[b, :-1] < K).nonzero().flatten()                 # key tokens before the query
+        assert len(where) == needles and (where % 2 == 0).all() and len(set(x[b, where].tolist())) == needles
+        assert ((x[b, where + 1] >= K) & (x[b, where + 1] < K + V)).all()
+        rest = torch.ones(seq_len - 1, dtype=torch.bool)
+        rest[where], rest[where + 1] = False, False
+        assert (x[b, :-1][rest] >= K + V).all() and (x[b] < task.vocab_size).all()
+        asked = int(where[(x[b, where] == x[b, -1]).nonzero()[0, 0]])
+        assert y[b, -1] == x[b, asked + 1] and abs(depth[b] - asked / (seq_len - 1)) < 1e-12
+
+
+def test_answer_forward_is_the_model_loss():
+    """answer_forward's loss and gradients equal model(tokens, targets)'s (the output layer applied to
+    the answer positions only)."""
+    from benchmarks.quality.train import answer_forward
+    task = ZoologyMQAR(num_pairs=2, seq_len=16, vocab=64)
+    x, y = task.batch(4, torch.Generator().manual_seed(0))
+    for ov in ({"attention": "softmax", "use_cms": False}, {"attention": "titans", "self_modifying": True,
+                                                            "use_cms": True, "cms": "levels"}):
+        torch.manual_seed(0)
+        model = HOPE(vocab_size=64, dim=16, num_layers=2, num_heads=2, max_seq_len=16, backend="torch", **ov)
+        _, full = model(x, y)
+        gf = torch.autograd.grad(full, list(model.parameters()), allow_unused=True)
+        logits, sparse = answer_forward(model, x, y)
+        gs = torch.autograd.grad(sparse, list(model.parameters()), allow_unused=True)
+        assert logits.shape == (int((y != -100).sum()), 64)
+        assert torch.allclose(full, sparse, rtol=1e-6, atol=0)
+        assert all((a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-5, atol=1e-7))
+                   for a, b in zip(gf, gs))
+
+
+def test_best_learning_rate_per_cell():
+    from benchmarks.quality.plans import best_per_cell
+    recs = [{"variant": "A", "seq_len": 64, "num_pairs": 4, "dim": 64, "lr": lr, "accuracy": acc}
+            for lr, acc in ((1e-3, 0.4), (1e-2, 0.9), (1e-4, 0.1))]
+    recs += [{**recs[0], "dim": 128, "accuracy": 0.7}]
+    rows = {r["dim"]: r for r in best_per_cell(recs)}
+    assert rows[64]["best_lr"] == 1e-2 and rows[64]["accuracy"] == 0.9 and len(rows[64]["by_lr"]) == 3
+    assert rows[128]["best_lr"] == 1e-3 and rows[128]["accuracy"] == 0.7
+
+
+@pytest.mark.parametrize("plan, files", [
+    ("zoology-toy", ("zoology.csv", "zoology.json", "zoology_best.csv", "zoology_mqar.png")),
+    ("niah-toy", ("needle.csv", "needle.json", "needle.png"))])
+def test_toy_plans_end_to_end(tmp_path, plan, files):
+    """The toy plans write every output with one record per (variant, cell, rate) or (variant,
+    needles), every evaluation length and depth bin; a rerun resumes without training."""
+    from benchmarks.quality.plans import PLANS
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--plan", plan, "--variants", "transformer,paper-hope",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for name in files + ("table.txt", "summary.md", "runs.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    records = json.loads((tmp_path / files[1]).read_text())
+    p = PLANS[plan]
+    if plan.startswith("zoology"):
+        assert len(records) == 2 * len(p.cells) * len(p.dims) * len(p.lrs)
+        assert {r["lr"] for r in records} == set(p.lrs)
+    else:
+        assert len(records) == 2 * len(p.needles)
+        lengths = {str(f * p.train_len) for f in p.factors}
+        assert all(set(r["accuracy_by_length"]) == set(r["accuracy_by_depth"]) == lengths for r in records)
+        assert all(0 <= a <= 1 for r in records for a in r["accuracy_by_length"].values())
+    assert all(r["curve"] and r["params"] > 0 and {"Transformer", "paper HOPE"} >= {r["variant"]} for r in records)
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already in" in again.stdout
+    report = subprocess.run(cmd + ["--report-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0 and f"report of the {len(records)} of {len(records)} runs" in report.stdout

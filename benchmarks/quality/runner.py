@@ -2,9 +2,10 @@
 processes can run them; results append to a JSONL file as they finish, and a rerun skips the jobs
 already there (an interrupted suite resumes).
 
-    job = {"key": unique str, "task": "mqar" | "lm", "task_args": {...}, "model": {HOPEConfig overrides},
-           "design": {ablation block design} | None, "lr_scale": {...} | None, "budget": {Budget fields},
-           "seed": int, **labels}
+    job = {"key": unique str, "task": "mqar" | "zoology" | "niah" | "lm", "task_args": {...},
+           "model": {HOPEConfig overrides}, "design": {ablation block design} | None,
+           "lr_scale": {...} | None, "budget": {Budget fields}, "seed": int,
+           "eval_lengths": [...] (niah), "device": "cpu" (default) | "cuda", **labels}
 """
 from __future__ import annotations
 
@@ -19,16 +20,20 @@ import torch
 
 from .designs import apply_design, build_model, design_config
 from .lm import lm_stream
-from .mqar import MQARTask
+from .mqar import make_task
+from .niah import NeedleTask, train_niah
 from .train import Budget, train_lm, train_mqar
 
 
 def model_config(job: dict) -> dict:
     """The job's model overrides (designs.build_model): the task fixes vocabulary and context, the job's
     overrides the rest."""
-    if job["task"] == "mqar":
-        task = MQARTask(**job["task_args"])
+    if job["task"] in ("mqar", "zoology"):
+        task = make_task(job["task"], job["task_args"])
         fixed = {"vocab_size": task.vocab_size, "max_seq_len": task.seq_len}
+    elif job["task"] == "niah":
+        task = NeedleTask(**job["task_args"])
+        fixed = {"vocab_size": task.vocab_size, "max_seq_len": max([task.seq_len, *job["eval_lengths"]])}
     else:
         fixed = {"vocab_size": 256, "max_seq_len": job["task_args"]["seq_len"]}
     return {**job["model"], **fixed}
@@ -40,9 +45,17 @@ def run_job(job: dict) -> dict:
     model = build_model(model_config(job), job["seed"])
     if job.get("design"):
         apply_design(model, **job["design"])
+    if job.get("device", "cpu") != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = True     # the 8,192-way output layer on tensor cores
+        os.environ.setdefault("HOPE_KERNELS_AUTOTUNE", "0")    # default configs: no autotuning per process
+        model.to(job["device"])
     budget = Budget(**job["budget"])
-    if job["task"] == "mqar":
-        out = train_mqar(model, MQARTask(**job["task_args"]), budget, job["seed"], job.get("lr_scale"))
+    if job["task"] in ("mqar", "zoology"):
+        out = train_mqar(model, make_task(job["task"], job["task_args"]), budget, job["seed"], job.get("lr_scale"),
+                         sparse=job["task"] == "zoology")
+    elif job["task"] == "niah":
+        out = train_niah(model, NeedleTask(**job["task_args"]), budget, job["seed"], job["eval_lengths"],
+                         job.get("lr_scale"))
     else:
         a = job["task_args"]
         out = train_lm(model, lm_stream(a["seq_len"], a["max_bytes"]), budget, job["seed"], job.get("lr_scale"))
@@ -59,6 +72,8 @@ def _summary(r: dict) -> str:
 def signature(job: dict) -> str:
     """What determines a run's result: the same signature trains the same model on the same batches."""
     what = {k: job.get(k) for k in ("task", "task_args", "design", "lr_scale", "seed")}
+    if job.get("eval_lengths"):     # only the needle plan has them: earlier records keep their signatures
+        what["eval_lengths"] = job["eval_lengths"]
     model = design_config(model_config(job))
     return json.dumps({**what, "model": model, "budget": Budget(**job["budget"]).__dict__}, sort_keys=True)
 
@@ -102,3 +117,9 @@ def run_all(jobs: Iterable[dict], path: Path, workers: int = 1, verbose: bool = 
                 for r in pool.imap_unordered(run_job, todo):
                     keep(r)
     return [done[j["key"]] for j in jobs]
+
+
+def finished(jobs: Iterable[dict], path: Path) -> List[dict]:
+    """The records of `jobs` already in `path` (JSONL), in the order of `jobs`."""
+    done = {r["key"]: r for r in _load(path)}
+    return [done[j["key"]] for j in jobs if j["key"] in done]

@@ -15,9 +15,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from hope import HOPE
 from hope.runtime import evaluate_loss, lr_factor
 
-from .mqar import MQARTask, accuracy, accuracy_by_pair
+from .mqar import pair_counts
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class Budget:
     eval_size: int = 1024          # MQAR: held-out sequences; LM: validation windows (x batch_size)
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def make_optimizer(model: torch.nn.Module, budget: Budget,
                    lr_scale: Optional[Dict[str, float]] = None) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only. lr_scale {name substring: factor} multiplies the lr of the
@@ -48,30 +53,44 @@ def make_optimizer(model: torch.nn.Module, budget: Budget,
                               for (s, wd), ps in groups.items()], lr=budget.lr, betas=budget.betas)
 
 
+def answer_forward(model: HOPE, tokens: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logits [M, vocab] at the M positions whose target is not -100, their mean cross entropy): the
+    loss of model(tokens, targets), with the output layer applied to the answer positions only (the
+    8,192-way output layer of Zoology's MQAR would otherwise cost more than the whole model)."""
+    x = model.embed(tokens, 0)
+    for block in model.blocks:
+        x = block(x, None)
+    mask = targets != -100
+    logits = model.head(model.norm(x[mask]))
+    return logits, torch.nn.functional.cross_entropy(logits.float(), targets[mask])
+
+
 def fit(model: torch.nn.Module, batches: Callable[[int], Tuple[torch.Tensor, torch.Tensor]], budget: Budget,
-        evaluate: Callable[[], dict], lr_scale: Optional[Dict[str, float]] = None) -> dict:
+        evaluate: Callable[[], dict], lr_scale: Optional[Dict[str, float]] = None, sparse: bool = False) -> dict:
     """Train for budget.steps on batches(step); evaluate() every eval_every steps and at the end.
+    sparse: the loss from answer_forward (the same value; for targets that are mostly -100).
     Returns {"curve": [{"step", "train_loss", **evaluate()}], "final": evaluate() at the end, "wall_s"}."""
     opt = make_optimizer(model, budget, lr_scale)
-    curve, t0, running = [], time.perf_counter(), []
+    curve, t0, running, count = [], time.perf_counter(), 0.0, 0
     model.train()
     for step in range(budget.steps):
         f = lr_factor(step, budget.warmup, budget.steps, budget.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * f
         x, y = batches(step)
-        _, loss = model(x, y)
+        _, loss = answer_forward(model, x, y) if sparse else model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if budget.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), budget.grad_clip)
         opt.step()
-        running.append(loss.item())
-        if not math.isfinite(running[-1]):
-            break
+        running, count = running + loss.detach(), count + 1     # read back at evaluations only (no per-step sync)
         if (step + 1) % budget.eval_every == 0 or step + 1 == budget.steps:
-            curve.append({"step": step + 1, "train_loss": sum(running) / len(running), **evaluate()})
-            running = []
+            train_loss = float(running) / count
+            if not math.isfinite(train_loss):
+                break
+            curve.append({"step": step + 1, "train_loss": train_loss, **evaluate()})
+            running, count = 0.0, 0
     wall = time.perf_counter() - t0
     final = curve[-1] if curve and curve[-1]["step"] == budget.steps else {"step": step + 1, **evaluate()}
     return {"curve": curve, "final": final, "wall_s": wall}
@@ -83,19 +102,28 @@ EVAL_SEED = 1234     # one held-out MQAR set per task, the same for every varian
 
 @torch.no_grad()
 def mqar_accuracy(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
-                  num_pairs: Optional[int] = None, batch: int = 256) -> dict:
-    """Held-out accuracy and loss; with num_pairs also the accuracy per queried pair index."""
+                  num_pairs: Optional[int] = None, batch: int = 256, sparse: bool = False) -> dict:
+    """Held-out accuracy and loss; with num_pairs also the accuracy per queried pair index
+    (sparse: logits at the answer positions only, answer_forward)."""
     was = model.training
     model.eval()
     correct = count = 0
     loss = 0.0
     by_pair = torch.zeros(2, num_pairs or 0, dtype=torch.long)
     for i in range(0, len(tokens), batch):
-        logits, l = model(tokens[i:i + batch], targets[i:i + batch])
-        c, n = accuracy(logits, targets[i:i + batch])
+        x, y = tokens[i:i + batch].to(device_of(model)), targets[i:i + batch].to(device_of(model))
+        if sparse:
+            logits, l = answer_forward(model, x, y)
+            right = torch.zeros(y.shape, dtype=torch.bool)
+            right[(y != -100).cpu()] = (logits.argmax(-1) == y[y != -100]).cpu()
+        else:
+            logits, l = model(x, y)
+            right = (logits.argmax(-1) == y).cpu()
+        mask = targets[i:i + batch] != -100
+        c, n = int(right[mask].sum()), int(mask.sum())
         correct, count, loss = correct + c, count + n, loss + l.item() * n
         if num_pairs:
-            by_pair += torch.stack(accuracy_by_pair(logits, tokens[i:i + batch], targets[i:i + batch], num_pairs))
+            by_pair += torch.stack(pair_counts(right, tokens[i:i + batch], targets[i:i + batch], num_pairs))
     model.train(was)
     out = {"accuracy": correct / count, "eval_loss": loss / count}
     if num_pairs:
@@ -103,15 +131,17 @@ def mqar_accuracy(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.T
     return out
 
 
-def train_mqar(model: torch.nn.Module, task: MQARTask, budget: Budget, seed: int,
-               lr_scale: Optional[Dict[str, float]] = None) -> dict:
-    """Train on fresh batches (generator seeded by `seed`), report accuracy on a fixed held-out set."""
+def train_mqar(model: torch.nn.Module, task, budget: Budget, seed: int,
+               lr_scale: Optional[Dict[str, float]] = None, sparse: bool = False) -> dict:
+    """Train on fresh batches of `task` (MQARTask or ZoologyMQAR; generator seeded by `seed`, batches
+    drawn on the CPU and moved to the model's device), report accuracy on a fixed held-out set."""
     eval_x, eval_y = task.batch(budget.eval_size, torch.Generator().manual_seed(EVAL_SEED))
     g = torch.Generator().manual_seed(10_000 + seed)
-    out = fit(model, lambda step: task.batch(budget.batch_size, g), budget,
-              lambda: mqar_accuracy(model, eval_x, eval_y), lr_scale)
+    dev = device_of(model)
+    out = fit(model, lambda step: tuple(t.to(dev) for t in task.batch(budget.batch_size, g)), budget,
+              lambda: mqar_accuracy(model, eval_x, eval_y, sparse=sparse), lr_scale, sparse)
     out["accuracy"] = out["final"]["accuracy"]
-    out["accuracy_by_pair"] = mqar_accuracy(model, eval_x, eval_y, task.num_pairs)["accuracy_by_pair"]
+    out["accuracy_by_pair"] = mqar_accuracy(model, eval_x, eval_y, task.num_pairs, sparse=sparse)["accuracy_by_pair"]
     return out
 
 
