@@ -48,6 +48,7 @@ class HOPEBlock(nn.Module):
         elif c.attention == "titans":
             self.attn = TitansLayer(c.dim, c.num_heads, c.head_dim, period=c.titans_period,
                                     self_modifying=c.self_modifying, momentum=c.titans_momentum,
+                                    selfmod_init=c.titans_selfmod_init,
                                     lr_max=c.titans_lr_max, conv_window=c.titans_conv, bias=c.bias,
                                     dropout=c.dropout, backend=c.backend)
         else:

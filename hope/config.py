@@ -15,6 +15,7 @@ ATTENTIONS = ("softmax", "linear", "titans")
 CMS_KINDS = ("decay", "levels")
 CMS_MEMORIES = ("linear", "mlp")
 CMS_UPDATES = ("delta", "outer")
+SELFMOD_INITS = ("identity", "orthogonal")
 POSITIONS = ("rotary", "learned", "none")
 
 
@@ -128,6 +129,7 @@ class HOPEConfig:
     titans_period: int = 16               # titans: gradients of a block of this many tokens at its start memory
     self_modifying: bool = False          # titans: k, v, lr, decay are in-context memories (the paper's HOPE)
     titans_momentum: bool = False         # titans: momentum on the memory's gradient steps
+    titans_selfmod_init: str = "identity"  # self-modifying: M_k, M_v start as I, I | two random orthogonal matrices
     titans_lr_max: float = 1.0            # titans and CMS levels: inner step bound, in (0, 2)
     titans_conv: int = 4                  # titans: causal depthwise conv window on q, k, v (<= 1: none)
     use_cms: bool = True
@@ -167,6 +169,7 @@ class HOPEConfig:
         check_choice(self, "cms", CMS_KINDS)
         check_choice(self, "cms_memory", CMS_MEMORIES)
         check_choice(self, "cms_update", CMS_UPDATES)
+        check_choice(self, "titans_selfmod_init", SELFMOD_INITS)
         check_int(self, "titans_period", "titans_conv")
         check_positive(self, "titans_period")
         if not 0.0 < self.titans_lr_max < 2.0:

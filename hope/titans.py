@@ -72,6 +72,12 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(up(x).pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
 
 
+def random_orthogonal(H: int, D: int) -> torch.Tensor:
+    """H independent random orthogonal D x D matrices (QR of a Gaussian, signs fixed by R's diagonal)."""
+    q, r = torch.linalg.qr(torch.randn(H, D, D))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+
+
 def block_segments(pos: int, T: int, period: int, per_block: bool) -> List[Tuple[int, int]]:
     """Split tokens pos .. pos+T-1 (positions in the sequence) at block boundaries.
 
@@ -109,8 +115,8 @@ class TitansLayer(nn.Module):
     updates are seen from the next block on."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None, *, period: int = 16,
-                 self_modifying: bool = False, momentum: bool = False, lr_max: float = 1.0,
-                 conv_window: int = 4, read_with_key: bool = False, bias: bool = False,
+                 self_modifying: bool = False, momentum: bool = False, selfmod_init: str = "identity",
+                 lr_max: float = 1.0, conv_window: int = 4, read_with_key: bool = False, bias: bool = False,
                  dropout: float = 0.0, backend: Optional[str] = None):
         super().__init__()
         if not 0.0 < lr_max < 2.0:
@@ -118,6 +124,8 @@ class TitansLayer(nn.Module):
                              f"while lr * ||k||^2 < 2), got {lr_max}")
         if period < 1:
             raise ValueError(f"period must be a positive integer, got {period}")
+        if selfmod_init not in ("identity", "orthogonal"):
+            raise ValueError(f"selfmod_init must be 'identity' or 'orthogonal', got {selfmod_init!r}")
         self.num_heads, self.head_dim = num_heads, _head_dim(dim, num_heads, head_dim)
         H, D = num_heads, self.head_dim
         inner = H * D
@@ -132,9 +140,10 @@ class TitansLayer(nn.Module):
         self.lr_bias = nn.Parameter(torch.zeros(H))
         self.decay_bias = nn.Parameter(torch.full((H,), 4.0))       # alpha ~ 0.98 at init
         self.momentum_bias = nn.Parameter(torch.zeros(H)) if momentum else None
-        if self_modifying:   # [M_k | M_v | M_eta | M_alpha | M_mem]: identities and small read-outs
+        if self_modifying:   # [M_k | M_v | M_eta | M_alpha | M_mem]: M_k, M_v (module docstring), small read-outs, I
             eye = torch.eye(D).expand(H, D, D)
-            self.initial_memory = nn.Parameter(torch.cat([eye, eye, 0.02 * torch.randn(H, D, 2), eye], -1))
+            M_k, M_v = (eye, eye) if selfmod_init == "identity" else (random_orthogonal(H, D), random_orthogonal(H, D))
+            self.initial_memory = nn.Parameter(torch.cat([M_k, M_v, 0.02 * torch.randn(H, D, 2), eye], -1))
         else:
             self.initial_memory = nn.Parameter(torch.zeros(H, D, D))
         self.proj = nn.Linear(inner, dim, bias=bias)

@@ -24,6 +24,8 @@ VARIANTS = {
     "titans-momentum-period1": dict(attention="titans", titans_period=1, titans_momentum=True),
     "self-modifying": dict(attention="titans", self_modifying=True, titans_period=4, use_cms=False),
     "paper": dict(attention="titans", self_modifying=True, titans_period=4, cms="levels", cms_periods=[4, 8]),
+    "paper-orthogonal-period1": dict(attention="titans", self_modifying=True, titans_selfmod_init="orthogonal",
+                                     titans_period=1, cms="levels", cms_periods=[4, 8]),
     "paper-momentum-mlp": dict(attention="titans", self_modifying=True, titans_momentum=True, titans_period=4,
                                cms="levels", cms_memory="mlp", cms_periods=[4, 16]),
     "hope-attention": dict(attention="softmax", cms="levels", cms_periods=[4, 8]),
@@ -113,14 +115,16 @@ def naive_mlp_level(level: MLPLevel, x):
     return ys
 
 
-@pytest.mark.parametrize("self_modifying, momentum, period, conv, read_with_key", [
-    (False, False, 4, 4, False), (False, True, 3, 4, False), (False, False, 1, 0, False), (False, False, 4, 0, True),
-    (True, False, 4, 4, False), (True, True, 5, 4, False),
+@pytest.mark.parametrize("self_modifying, momentum, period, conv, read_with_key, init", [
+    (False, False, 4, 4, False, "identity"), (False, True, 3, 4, False, "identity"),
+    (False, False, 1, 0, False, "identity"), (False, False, 4, 0, True, "identity"),
+    (True, False, 4, 4, False, "identity"), (True, True, 5, 4, False, "identity"),
+    (True, False, 1, 4, False, "orthogonal"),
 ])
-def test_titans_layer_equals_naive_recurrence(self_modifying, momentum, period, conv, read_with_key):
+def test_titans_layer_equals_naive_recurrence(self_modifying, momentum, period, conv, read_with_key, init):
     torch.manual_seed(0)
     kw = dict(period=period, self_modifying=self_modifying, momentum=momentum, conv_window=conv,
-              read_with_key=read_with_key)
+              read_with_key=read_with_key, selfmod_init=init)
     layer = TitansLayer(24, 2, 8, **kw, backend="reference").double()
     with torch.no_grad():   # non-trivial conv, gates and memories
         for p in layer.parameters():
@@ -154,6 +158,32 @@ def test_mlp_level_equals_naive_block_updates():
     assert rel_err(first, got[:, :4]) < 1e-12, "the first block reads the initial weights"
     static = torch.bmm(F.silu(x @ level.w_in), level.w_out.expand(2, -1, -1))
     assert (got[:, 4:] - static[:, 4:]).abs().max() > 1e-3, "the fast weights did not move"
+
+
+@pytest.mark.parametrize("period", [1, 4])
+def test_selfmod_writes_at_init(period):
+    """With M_k = M_v = I (the default init) every key equals its value and every write
+    k^T (k Mbar - v Mbar) is exactly zero: with the decay held at 1 the memory ends where it began.
+    Two random orthogonal M_k, M_v write from the first step."""
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    ends = {}
+    for init in ("identity", "orthogonal"):
+        torch.manual_seed(0)
+        layer = TitansLayer(24, 2, 8, period=period, self_modifying=True, selfmod_init=init, backend="torch").double()
+        with torch.no_grad():
+            layer.decay_bias.fill_(60.0)          # sigmoid(60) == 1 in float64: no decay, only the writes
+        cache = {}
+        with torch.no_grad():
+            layer(x, cache=cache)
+        M0 = layer.initial_memory.detach().expand_as(cache["state"])
+        ends[init] = rel_err(cache["state"], M0)
+        if init == "orthogonal":
+            D = layer.head_dim
+            M_k, M_v = layer.initial_memory[..., :D].detach(), layer.initial_memory[..., D:2 * D].detach()
+            assert rel_err(M_k.transpose(-1, -2) @ M_k, torch.eye(D).expand_as(M_k)) < 1e-6
+            assert rel_err(M_k, M_v) > 0.5
+    assert ends["identity"] < 1e-14, "identity init: the writes are not zero"
+    assert ends["orthogonal"] > 1e-3, "orthogonal init: no write"
 
 
 def test_block_segments():
