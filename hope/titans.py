@@ -28,6 +28,11 @@ learned initial state, all read at the start of t's block (state at block start 
     M_box,t = alpha_t M_box,t-1 - eta_t k_t^T (k_t Mbar_box - vhat_{box,t})                   (Eq. 93)
     o_t = q_t M_mem,t
 
+Initial state (`selfmod_init`): M_mem = I, small M_eta, M_alpha, and M_k, M_v both I ("identity":
+then k_t = v_t, so every write k_t^T (k_t Mbar - v_t Mbar) is exactly zero until training moves M_k
+and M_v apart) or two independent random orthogonal matrices ("orthogonal": the memory writes from
+the first step; docs/findings.md).
+
 All five memories share the keys k_t, the step eta_t and the decay alpha_t (as in the paper), so they
 are one memory of width 3D + 2 (the column blocks [M_k | M_v | M_eta | M_alpha | M_mem]): the
 gradient of a column block is that memory's own gradient. The keys and values of a block depend on
