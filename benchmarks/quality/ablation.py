@@ -39,9 +39,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ..variants import variant
 from .report import aggregate, at_step, markdown_table, mean_spread, plot_curves, plot_points, terminal_table, write_csv_json
-from .runner import run_all
+from .mqar import MQARTask
+from .runner import model_config, run_all
+from .train import build_model
 
 # (name, model overrides, design, lr_scale, steps); None = the defaults below.
 SEED_HOPE = {"use_cms": True, "num_memory_modules": 3}
@@ -171,6 +175,40 @@ def recall_jobs(seeds: Sequence[int], cells=RECALL_CELLS, eval_every: int = 250,
     return out
 
 
+@torch.no_grad()
+def write_share(model, tokens) -> float:
+    """How much of the first self-modifying Titans layer's read o_t = q_t M_t comes from the sequence's
+    writes: ||o - o_0|| / ||o_0||, o_0 the read with every step lr_t = 0 (the initial memory, decayed)."""
+    from hope.layers import split_heads
+    from hope.titans import l2norm, up
+    from hope_kernels import titans_selfmod_scan
+    block = model.blocks[0]
+    layer, x = block.attn, block.norm_attn(model.embed(tokens, 0))
+    h = layer.proj_in(x).split(layer.splits, dim=-1)[0]
+    q, u = (split_heads(t, layer.num_heads) for t in layer.conv(h).chunk(2, dim=-1))
+    M0 = up(layer.initial_memory).expand(len(tokens), *layer.initial_memory.shape)
+    o = [titans_selfmod_scan(l2norm(q), up(u), layer.lr_bias + shift, layer.decay_bias, None, 1.0,
+                             lr_max=layer.lr_max, period=layer.period, initial_state=M0, backend="torch")[0]
+         for shift in (0.0, -1e4)]
+    return ((o[0] - o[1]).norm() / o[1].norm()).item()
+
+
+def write_shares(seed: int = 0, periods=(16, 8, 4, 1)) -> str:
+    """write_share at initialisation, MQAR (4 pairs, 64 tokens, 64 sequences), identity / orthogonal
+    M_k, M_v, per period: a markdown table."""
+    tokens = MQARTask(**T64).batch(64, torch.Generator().manual_seed(seed))[0]
+    rows = ["| init of M_k, M_v | " + " | ".join(f"period {p}" for p in periods) + " |",
+            "|---|" + "---|" * len(periods)]
+    for init in ("identity", "orthogonal"):
+        shares = []
+        for period in periods:
+            model = build_model(model_config({"task": "mqar", "task_args": T64, "model": {
+                **PAPER, "titans_period": period, "titans_selfmod_init": init}}), seed)
+            shares.append(f"{write_share(model, tokens):.2e}")
+        rows.append(f"| {init} | " + " | ".join(shares) + " |")
+    return "\n".join(rows)
+
+
 def recall_report(records, out: Path, header: str) -> str:
     names = [c[0] for c in RECALL_CELLS]
     records = [at_step(r, RECALL_STEPS[r["seq_len"]]) for r in records if r["steps"] > RECALL_STEPS[r["seq_len"]]] \
@@ -244,7 +282,13 @@ def recall_main(a, out: Path) -> int:
               f"--workers {a.workers}`. This invocation: {time.time() - t0:.0f} s, load average at start "
               f"{up0[0]:.2f}, at end {os.getloadavg()[0]:.2f}; runs made while other jobs shared the machine have "
               "inflated wall times (load per run in ablation.csv).")
-    print(recall_report(records, out, header))
+    table = recall_report(records, out, header)
+    shares = write_shares()
+    (out / "write_share.md").write_text(
+        "Share of the first Titans layer's read that comes from the sequence's writes at initialisation, "
+        "||o - o_0|| / ||o_0|| (o_0: every step lr_t = 0; benchmarks.quality.ablation.write_share), MQAR 4 pairs "
+        "/ 64 tokens, 64 sequences, seed 0.\n\n" + shares + "\n")
+    print(table + "\n\nwrite share at initialisation:\n" + shares)
     return 0
 
 
