@@ -261,7 +261,8 @@ def test_seed_api_and_block_layout_unchanged():
     assert paper.cms is None and paper.mlp is None and len(paper.levels) == 2
 
 
-@pytest.mark.parametrize("name", ["hope_paper", "hope_attention", "hope_paper_tiny", "hope_attention_tiny"])
+@pytest.mark.parametrize("name", ["hope_paper", "hope_attention", "hope_paper_tiny", "hope_attention_tiny",
+                                  "hope_paper_orthogonal_tiny"])
 def test_shipped_configs_build(name):
     from hope.run_config import RunConfig
     cfg = RunConfig.load(name).model

@@ -6,7 +6,8 @@
 --design paper-recall: why the paper's HOPE (self-modifying Titans -> CMS levels, variant "paper HOPE")
 does not recall on MQAR, and what makes it recall (results in
 benchmarks/results/quality_cpu-2core_2026-12-02_paper-hope-recall/). MQAR with 4 pairs at 64 tokens
-(1,000 steps) and at 16 tokens (3,000 steps), the CMS ablation's model size and recipe; each cell
+(1,000 steps; every run is also read at 500 steps off its curve) and at 16 tokens (3,000 steps), the
+CMS ablation's model size and recipe; each cell
 changes one thing of the paper HOPE (RECALL_CELLS): the Titans period, momentum, the self-modifying
 parts one at a time (benchmarks/quality/designs.py, apply_selfmod: M_k / M_v initialisation, static
 k / v projections, M_mem written toward v instead of vhat), the levels, lr_max, the learning rate and
@@ -211,8 +212,8 @@ def write_shares(seed: int = 0, periods=(16, 8, 4, 1)) -> str:
 
 def recall_report(records, out: Path, header: str) -> str:
     names = [c[0] for c in RECALL_CELLS]
-    records = [at_step(r, RECALL_STEPS[r["seq_len"]]) for r in records if r["steps"] > RECALL_STEPS[r["seq_len"]]] \
-        + list(records)
+    records = [at_step(r, n) for r in records for n in sorted({500, RECALL_STEPS[r["seq_len"]]}) if r["steps"] > n] \
+        + list(records)      # every run also at 500 steps (and a long one at the cell's steps): its curve
     records.sort(key=lambda r: (names.index(r["cell"]), r["steps"], r["seed"]))
     rows = aggregate(records, ["cell", "seq_len", "steps"], "accuracy")
     columns = COLUMNS[:1] + [("tokens", lambda r: str(r["seq_len"]))] + COLUMNS[1:]
