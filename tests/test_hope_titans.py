@@ -293,11 +293,16 @@ def test_shipped_configs_build(name):
     (dict(titans_lr_max=2.0), "titans_lr_max"), (dict(titans_lr_max=0.0), "titans_lr_max"),
     (dict(titans_period=0), "titans_period"), (dict(cms="both"), "cms"), (dict(cms_memory="deep"), "cms_memory"),
     (dict(cms_periods=[]), "cms_periods"), (dict(cms_periods=[4, 0]), "cms_periods"),
-    (dict(attention="titan"), "attention"),
+    (dict(attention="titan"), "attention"), (dict(titans_selfmod_init="eye"), "titans_selfmod_init"),
 ])
 def test_bad_config_values(bad, match):
     with pytest.raises(ValueError, match=match):
         HOPEConfig(**dict(SMALL, **bad))
+
+
+def test_bad_selfmod_init():
+    with pytest.raises(ValueError, match="selfmod_init must be one of"):
+        SelfModifyingTitans(24, 2, 8, selfmod_init="eye")
 
 
 @pytest.mark.parametrize("name", ["hope_paper_tiny", "hope_attention_tiny"])
