@@ -14,6 +14,7 @@ from .checkpoint import upgrade_model_config
 ATTENTIONS = ("softmax", "linear", "titans")
 CMS_KINDS = ("multiscale", "levels", "none")
 CMS_MEMORIES = ("linear", "mlp")
+SELFMOD_INITS = ("identity", "orthogonal")
 POSITIONS = ("rotary", "learned", "none")
 
 
@@ -129,6 +130,7 @@ class HOPEConfig:
     titans_period: int = 16               # titans: gradients of a block of this many tokens at its start memory
     self_modifying: bool = False          # titans: k, v, lr, decay are in-context memories (the paper's HOPE)
     titans_momentum: bool = False         # titans: momentum on the memory's gradient steps
+    titans_selfmod_init: str = "identity"  # self-modifying: M_k, M_v start as I, I | two random orthogonal matrices
     titans_lr_max: float = 1.0            # titans: inner step bound, in (0, 2)
     cms: str = "multiscale"               # "multiscale" (seed: timescales, then an MLP) | "levels" (paper) | "none"
     num_memory_modules: int = 4           # multiscale: memories (timescales) per head
@@ -159,6 +161,7 @@ class HOPEConfig:
         check_choice(self, "attention", ATTENTIONS)
         check_choice(self, "cms", CMS_KINDS)
         check_choice(self, "cms_memory", CMS_MEMORIES)
+        check_choice(self, "titans_selfmod_init", SELFMOD_INITS)
         check_int(self, "titans_period")
         check_positive(self, "titans_period")
         for name in ("titans_lr_max", "cms_lr_max"):

@@ -11,6 +11,11 @@ learned initial state, all read at the start of t's block (state at block start 
     M_box,t = alpha_t M_box,t-1 - eta_t k_t^T (k_t Mbar_box - vhat_{box,t})                   (Eq. 93)
     o_t = q_t M_mem,t
 
+Initial state (`selfmod_init`): M_mem = I, small M_eta, M_alpha, and M_k, M_v both I ("identity":
+then k_t = v_t, so every write k_t^T (k_t Mbar - v_t Mbar) is exactly zero until training moves M_k
+and M_v apart) or two independent random orthogonal matrices ("orthogonal": the memory writes from
+the first step; docs/findings.md).
+
 All five memories share the keys k_t, the step eta_t and the decay alpha_t (as in the paper), so they
 are one memory of width 3D + 2 (the column blocks [M_k | M_v | M_eta | M_alpha | M_mem]): the
 gradient of a column block is that memory's own gradient. The keys and values of a block depend on
@@ -38,19 +43,35 @@ import torch
 
 from .layers import l2norm, split_heads, up
 from .ops import get_op
+from .config import SELFMOD_INITS
 from .titans import TitansLayer
 
 
+def random_orthogonal(H: int, D: int) -> torch.Tensor:
+    """H independent random orthogonal D x D matrices (QR of a Gaussian, signs fixed by R's diagonal)."""
+    q, r = torch.linalg.qr(torch.randn(H, D, D))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+
+
 class SelfModifyingTitans(TitansLayer):
-    """Self-modifying Titans; see the module docstring. x: [B, T, dim] -> [B, T, dim]."""
+    """Self-modifying Titans; see the module docstring. x: [B, T, dim] -> [B, T, dim]. `selfmod_init`:
+    M_k, M_v at initialisation, "identity" or "orthogonal" (module docstring, Initial state); the
+    other arguments are TitansLayer's."""
 
     streams = 2            # q and u
     static_gates = 0       # the memories M_eta and M_alpha give lr and decay
 
+    def __init__(self, *args, selfmod_init: str = "identity", **kwargs):
+        if selfmod_init not in SELFMOD_INITS:
+            raise ValueError(f"selfmod_init must be one of {SELFMOD_INITS}, got {selfmod_init!r}")
+        self.selfmod_init = selfmod_init     # read by _initial_memory, which the base __init__ calls
+        super().__init__(*args, **kwargs)
+
     def _initial_memory(self, H: int, D: int) -> torch.Tensor:
-        """[M_k | M_v | M_eta | M_alpha | M_mem]: identities and small read-outs."""
+        """[M_k | M_v | M_eta | M_alpha | M_mem]: M_k, M_v (module docstring), small read-outs, I."""
         eye = torch.eye(D).expand(H, D, D)
-        return torch.cat([eye, eye, 0.02 * torch.randn(H, D, 2), eye], -1)
+        M_k, M_v = (eye, eye) if self.selfmod_init == "identity" else (random_orthogonal(H, D), random_orthogonal(H, D))
+        return torch.cat([M_k, M_v, 0.02 * torch.randn(H, D, 2), eye], -1)
 
     def _inputs(self, h, gates, mom):
         q, u = (split_heads(t, self.num_heads) for t in h.chunk(2, dim=-1))

@@ -26,19 +26,26 @@ VARIANTS = {
     "titans-momentum-period1": dict(attention="titans", titans_period=1, titans_momentum=True),
     "self-modifying": dict(attention="titans", self_modifying=True, titans_period=4, cms="none"),
     "paper": dict(attention="titans", self_modifying=True, titans_period=4, cms="levels", cms_periods=[4, 8]),
+    "paper-orthogonal-period1": dict(attention="titans", self_modifying=True, titans_selfmod_init="orthogonal",
+                                     titans_period=1, cms="levels", cms_periods=[4, 8]),
     "paper-momentum-mlp": dict(attention="titans", self_modifying=True, titans_momentum=True, titans_period=4,
                                cms="levels", cms_memory="mlp", cms_periods=[4, 16]),
     "hope-attention": dict(attention="softmax", cms="levels", cms_periods=[4, 8]),
 }
 
 
-def memory_layer(dim, heads, head_dim, *, self_modifying, read_with_key, momentum, conv_window, **kw):
-    """Titans, self-modifying Titans, or a linear CMS level (read at the key and the block-start memory)."""
+def memory_layer(dim, heads, head_dim, *, self_modifying, read_with_key, momentum, conv_window,
+                 selfmod_init="identity", **kw):
+    """Titans, self-modifying Titans (M_k, M_v initialised by selfmod_init), or a linear CMS level (read
+    at the key and the block-start memory)."""
     if read_with_key:
         assert not momentum and conv_window == 0, "a linear level has no momentum and no convolution"
         return LinearLevel(dim, heads, head_dim, **kw)
-    kind = SelfModifyingTitans if self_modifying else TitansLayer
-    return kind(dim, heads, head_dim, momentum=momentum, conv_window=conv_window, **kw)
+    if self_modifying:
+        return SelfModifyingTitans(dim, heads, head_dim, momentum=momentum, conv_window=conv_window,
+                                   selfmod_init=selfmod_init, **kw)
+    assert selfmod_init == "identity", "only the self-modifying memory has an M_k, M_v initialisation"
+    return TitansLayer(dim, heads, head_dim, momentum=momentum, conv_window=conv_window, **kw)
 
 
 # ---------------------------------------------------------------------- naive references (float64)
@@ -124,14 +131,16 @@ def naive_mlp_level(level: MLPLevel, x):
     return ys
 
 
-@pytest.mark.parametrize("self_modifying, momentum, period, conv, read_with_key", [
-    (False, False, 4, 4, False), (False, True, 3, 4, False), (False, False, 1, 0, False), (False, False, 4, 0, True),
-    (True, False, 4, 4, False), (True, True, 5, 4, False),
+@pytest.mark.parametrize("self_modifying, momentum, period, conv, read_with_key, init", [
+    (False, False, 4, 4, False, "identity"), (False, True, 3, 4, False, "identity"),
+    (False, False, 1, 0, False, "identity"), (False, False, 4, 0, True, "identity"),
+    (True, False, 4, 4, False, "identity"), (True, True, 5, 4, False, "identity"),
+    (True, False, 1, 4, False, "orthogonal"),
 ])
-def test_titans_layer_equals_naive_recurrence(self_modifying, momentum, period, conv, read_with_key):
+def test_titans_layer_equals_naive_recurrence(self_modifying, momentum, period, conv, read_with_key, init):
     torch.manual_seed(0)
     kw = dict(self_modifying=self_modifying, read_with_key=read_with_key, period=period, momentum=momentum,
-              conv_window=conv)
+              conv_window=conv, selfmod_init=init)
     layer = memory_layer(24, 2, 8, **kw, backend="reference").double()
     with torch.no_grad():   # non-trivial conv, gates and memories
         for p in layer.parameters():
@@ -165,6 +174,32 @@ def test_mlp_level_equals_naive_block_updates():
     assert rel_err(first, got[:, :4]) < 1e-12, "the first block reads the initial weights"
     static = torch.bmm(F.silu(x @ level.w_in), level.w_out.expand(2, -1, -1))
     assert (got[:, 4:] - static[:, 4:]).abs().max() > 1e-3, "the fast weights did not move"
+
+
+@pytest.mark.parametrize("period", [1, 4])
+def test_selfmod_writes_at_init(period):
+    """With M_k = M_v = I (the default init) every key equals its value and every write
+    k^T (k Mbar - v Mbar) is exactly zero: with the decay held at 1 the memory ends where it began.
+    Two random orthogonal M_k, M_v write from the first step."""
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    ends = {}
+    for init in ("identity", "orthogonal"):
+        torch.manual_seed(0)
+        layer = SelfModifyingTitans(24, 2, 8, period=period, selfmod_init=init, backend="torch").double()
+        with torch.no_grad():
+            layer.decay_bias.fill_(60.0)          # sigmoid(60) == 1 in float64: no decay, only the writes
+        cache = {}
+        with torch.no_grad():
+            layer(x, cache=cache)
+        M0 = layer.initial_memory.detach().expand_as(cache["state"])
+        ends[init] = rel_err(cache["state"], M0)
+        if init == "orthogonal":
+            D = layer.head_dim
+            M_k, M_v = layer.initial_memory[..., :D].detach(), layer.initial_memory[..., D:2 * D].detach()
+            assert rel_err(M_k.transpose(-1, -2) @ M_k, torch.eye(D).expand_as(M_k)) < 1e-6
+            assert rel_err(M_k, M_v) > 0.5
+    assert ends["identity"] < 1e-14, "identity init: the writes are not zero"
+    assert ends["orthogonal"] > 1e-3, "orthogonal init: no write"
 
 
 def test_block_segments():
@@ -242,7 +277,8 @@ def test_seed_api_and_block_layout_unchanged():
     assert paper.cms is None and paper.mlp is None and len(paper.levels) == 2
 
 
-@pytest.mark.parametrize("name", ["hope_paper", "hope_attention", "hope_paper_tiny", "hope_attention_tiny"])
+@pytest.mark.parametrize("name", ["hope_paper", "hope_attention", "hope_paper_tiny", "hope_attention_tiny",
+                                  "hope_paper_orthogonal_tiny"])
 def test_shipped_configs_build(name):
     from hope.run_config import RunConfig
     cfg = RunConfig.load(name).model
@@ -257,11 +293,16 @@ def test_shipped_configs_build(name):
     (dict(titans_lr_max=2.0), "titans_lr_max"), (dict(titans_lr_max=0.0), "titans_lr_max"),
     (dict(titans_period=0), "titans_period"), (dict(cms="both"), "cms"), (dict(cms_memory="deep"), "cms_memory"),
     (dict(cms_periods=[]), "cms_periods"), (dict(cms_periods=[4, 0]), "cms_periods"),
-    (dict(attention="titan"), "attention"),
+    (dict(attention="titan"), "attention"), (dict(titans_selfmod_init="eye"), "titans_selfmod_init"),
 ])
 def test_bad_config_values(bad, match):
     with pytest.raises(ValueError, match=match):
         HOPEConfig(**dict(SMALL, **bad))
+
+
+def test_bad_selfmod_init():
+    with pytest.raises(ValueError, match="selfmod_init must be one of"):
+        SelfModifyingTitans(24, 2, 8, selfmod_init="eye")
 
 
 @pytest.mark.parametrize("name", ["hope_paper_tiny", "hope_attention_tiny"])

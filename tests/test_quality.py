@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from benchmarks.quality.designs import apply_design
+from benchmarks.quality.designs import apply_design, selfmod_scan
 from benchmarks.quality.mqar import MQARTask, accuracy, accuracy_by_pair
 from benchmarks.variants import VARIANTS, available, unsupported, variant
 from hope import HOPE
+from helpers import rel_err, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +108,59 @@ def test_ablation_designs():
     assert all(not torch.allclose(a, b) for i, a in enumerate(vals) for b in vals[i + 1:])
     with pytest.raises(ValueError, match="placement"):
         apply_design(hope, placement="sideways")
+
+
+@pytest.mark.parametrize("period, T", [(1, 7), (3, 7), (8, 7)])
+def test_selfmod_design_scan_equals_the_op(period, T):
+    """The designs' torch scan at its defaults (block-start k, v; vhat targets) is titans_selfmod_scan."""
+    from hope_kernels import titans_selfmod_scan
+    torch.manual_seed(0)
+    B, H, D = 2, 2, 4
+    q = F.normalize(torch.randn(B, T, H, D, dtype=torch.float64), dim=-1)
+    u = torch.randn(B, T, H, D, dtype=torch.float64)
+    lr_bias, decay_bias = torch.randn(H, dtype=torch.float64), torch.randn(H, dtype=torch.float64) + 2
+    M0 = 0.5 * torch.randn(B, H, D, 3 * D + 2, dtype=torch.float64)
+    o, M = titans_selfmod_scan(q, u, lr_bias, decay_bias, None, 1.0, lr_max=1.0, period=period, initial_state=M0,
+                               output_final_state=True, backend="torch")
+    o2, M2 = selfmod_scan(q, u, lr_bias, decay_bias, 1.0, period, M0)
+    assert rel_err(o2, o) < tolerance(torch.float64, "cpu") and rel_err(M2, M) < tolerance(torch.float64, "cpu")
+
+
+def test_selfmod_designs():
+    """Static k, v (initialised from M_k, M_v) and writing v into M_mem = I change nothing inside the first
+    block and change the model from the second block on; the orthogonal init gives two distinct
+    orthogonal M_k, M_v; every parameter of a patched model gets a finite, non-zero gradient."""
+    cfg = dict(vocab_size=40, dim=32, num_layers=2, num_heads=2, max_seq_len=16, backend="torch",
+               attention="titans", self_modifying=True, titans_period=8, cms="levels", cms_periods=[4, 8])
+    x = torch.randint(0, 40, (2, 16))
+    torch.manual_seed(0)
+    base = apply_design(HOPE(**cfg), selfmod={"init": "orthogonal"})
+    layer = base.blocks[0].attn
+    D = layer.head_dim
+    M_k, M_v = layer.initial_memory[..., :D].detach(), layer.initial_memory[..., D:2 * D].detach()
+    eye = torch.eye(D).expand_as(M_k)
+    assert rel_err(M_k.transpose(-1, -2) @ M_k, eye) < 1e-5 and rel_err(M_v.transpose(-1, -2) @ M_v, eye) < 1e-5
+    assert rel_err(M_k, M_v) > 0.5
+    ref = base(x)[0]
+    for design in ({"kv": "static"}, {"values": "v"}):
+        m = apply_design(HOPE(**cfg), selfmod=design)
+        m.load_state_dict(base.state_dict(), strict=False)
+        if "kv" in design:
+            for b, mb in zip(base.blocks, m.blocks):
+                with torch.no_grad():
+                    mb.attn.design_kv.copy_(torch.stack([b.attn.initial_memory[..., :D], b.attn.initial_memory[..., D:2 * D]]))
+        out = m(x)[0]
+        assert rel_err(out[:, :8], ref[:, :8]) < 1e-5, design
+        assert rel_err(out[:, 8:], ref[:, 8:]) > 1e-4, design
+        _, loss = m(x, x.roll(-1, 1))
+        loss.backward()
+        bad = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+               or not p.grad.abs().sum() > 0]
+        assert not bad, (design, bad)
+    with pytest.raises(ValueError, match="kv"):
+        apply_design(HOPE(**cfg), selfmod={"kv": "dynamic"})
+    with pytest.raises(ValueError, match="self-modifying"):
+        apply_design(HOPE(**dict(cfg, self_modifying=False)), selfmod={})
 
 
 def test_quick_suite_end_to_end(tmp_path):

@@ -1,8 +1,21 @@
-"""The CMS ablation: why the seed's decaying CMS kept a softmax-attention HOPE block from solving MQAR,
-and what the block's default CMS changed (docs/findings.md; results in
-benchmarks/results/quality_cpu-2core_2026-11-26_cms-ablation/).
+"""The ablations (docs/findings.md), one command each:
 
-    python -m benchmarks.quality.ablation [--seeds 0,1,2] [--workers 2] [--out DIR]
+    python -m benchmarks.quality.ablation [--design cms] [--seeds 0,1,2] [--workers 2] [--out DIR]
+    python -m benchmarks.quality.ablation --design paper-recall [--seeds 0,1,2] [--workers 2] [--out DIR]
+
+--design paper-recall: why the paper's HOPE (self-modifying Titans -> CMS levels, variant "paper HOPE")
+does not recall on MQAR, and what makes it recall (results in
+benchmarks/results/quality_cpu-2core_2026-12-02_paper-hope-recall/). MQAR with 4 pairs at 64 tokens
+(1,000 steps; every run is also read at 500 steps off its curve) and at 16 tokens (3,000 steps), the
+CMS ablation's model size and recipe; each cell
+changes one thing of the paper HOPE (RECALL_CELLS): the Titans period, momentum, the self-modifying
+parts one at a time (benchmarks/quality/designs.py, apply_selfmod: M_k / M_v initialisation, static
+k / v projections, M_mem written toward v instead of vhat), the levels, lr_max, the learning rate and
+the training length; then the combinations that recall.
+
+--design cms (the default): why the seed's decaying CMS kept a softmax-attention HOPE block from
+solving MQAR, and what the block's default CMS changed (results in
+benchmarks/results/quality_cpu-2core_2026-11-26_cms-ablation/).
 
 Setting: MQAR with 4 pairs, 16 tokens (every key queried once), 2 layers, dim 64, 2 heads, M=3
 timescales, AdamW lr 1e-3 constant, batch 64, 3,000 steps, torch backend. Each cell changes one
@@ -27,9 +40,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ..variants import variant
 from .report import aggregate, at_step, markdown_table, mean_spread, plot_curves, plot_points, terminal_table, write_csv_json
-from .runner import run_all
+from .designs import build_model
+from .mqar import MQARTask
+from .runner import model_config, run_all
 
 # (name, model overrides, design, lr_scale, steps); None = the defaults below.
 SEED_HOPE = {"num_memory_modules": 3}
@@ -117,17 +134,123 @@ def report(records, out: Path, header: str) -> str:
     return terminal_table(rows, COLUMNS)
 
 
+# ---------------------------------------------------------------------- paper HOPE recall
+PAPER = {**BASE, **variant("paper HOPE").overrides}
+T64, T16 = {"num_pairs": 4, "seq_len": 64}, {"num_pairs": 4, "seq_len": 16}
+RECALL_STEPS = {64: 1000, 16: 3000}
+ORTHO = {"init": "orthogonal"}
+# (name, task, model overrides, apply_selfmod design, budget overrides); steps default RECALL_STEPS
+RECALL_CELLS = [
+    ("paper HOPE (period 16)", T64, {}, None, {}),
+    ("period 8", T64, {"titans_period": 8}, None, {}),
+    ("period 4", T64, {"titans_period": 4}, None, {}),
+    ("period 1 (exact DGD)", T64, {"titans_period": 1}, None, {}),
+    ("momentum", T64, {"titans_momentum": True}, None, {}),
+    ("M_k, M_v random orthogonal at init", T64, {}, ORTHO, {}),
+    ("static learned k, v projections", T64, {}, {"kv": "static"}, {}),
+    ("M_mem written toward v (not vhat)", T64, {}, {"values": "v"}, {}),
+    ("levels off (self-modifying Titans -> MLP)", T64, {"cms": "none"}, None, {}),
+    ("lr_max 1.9", T64, {"titans_lr_max": 1.9}, None, {}),
+    ("AdamW lr 3e-3", T64, {}, None, {"lr": 3e-3}),
+    ("3,000 steps", T64, {}, None, {"steps": 3000}),
+    ("orthogonal + period 4", T64, {"titans_period": 4}, ORTHO, {}),
+    ("orthogonal + period 1", T64, {"titans_period": 1}, ORTHO, {}),
+    ("paper HOPE (period 16), 16 tokens", T16, {}, None, {}),
+    ("orthogonal + period 1, 16 tokens", T16, {"titans_period": 1}, ORTHO, {}),
+]
+RECALL_MAIN = ["paper HOPE (period 16)", "orthogonal + period 1", "paper HOPE (period 16), 16 tokens",
+               "orthogonal + period 1, 16 tokens"]
+
+
+def recall_jobs(seeds: Sequence[int], cells=RECALL_CELLS, eval_every: int = 250, extra_seeds=MAIN_SEEDS):
+    """Every cell at `seeds`; the RECALL_MAIN cells also at extra_seeds."""
+    out = []
+    for seed in sorted(set(seeds) | set(extra_seeds)):
+        for name, task, model, design, budget in cells:
+            if seed not in seeds and name not in RECALL_MAIN:
+                continue
+            budget = {"steps": RECALL_STEPS[task["seq_len"]], "eval_every": eval_every, **budget}
+            key = f"paper-recall|{name}|T={task['seq_len']}|steps={budget['steps']}|seed={seed}"
+            out.append({"key": key, "cell": name, "task": "mqar", "task_args": task, "model": {**PAPER, **model},
+                        "design": None if design is None else {"selfmod": design}, "lr_scale": None,
+                        "budget": budget, "seed": seed, "steps": budget["steps"], "seq_len": task["seq_len"]})
+    return out
+
+
+@torch.no_grad()
+def write_share(model, tokens) -> float:
+    """How much of the first self-modifying Titans layer's read o_t = q_t M_t comes from the sequence's
+    writes: ||o - o_0|| / ||o_0||, o_0 the read with every step lr_t = 0 (the initial memory, decayed)."""
+    from hope_kernels import titans_selfmod_scan
+    block = model.blocks[0]
+    layer, x = block.attn, block.norm_attn(model.embed(tokens, 0))
+    h = layer.proj_in(x).split(layer.splits, dim=-1)[0]
+    q, u, _ = layer._inputs(h if layer.conv is None else layer.conv(h), None, None)
+    M0 = layer._initial_state(len(tokens))
+    o = [titans_selfmod_scan(q, u, layer.lr_bias + shift, layer.decay_bias, None, 1.0,
+                             lr_max=layer.lr_max, period=layer.period, initial_state=M0, backend="torch")[0]
+         for shift in (0.0, -1e4)]
+    return ((o[0] - o[1]).norm() / o[1].norm()).item()
+
+
+def write_shares(seed: int = 0, periods=(16, 8, 4, 1)) -> str:
+    """write_share at initialisation, MQAR (4 pairs, 64 tokens, 64 sequences), identity / orthogonal
+    M_k, M_v, per period: a markdown table."""
+    tokens = MQARTask(**T64).batch(64, torch.Generator().manual_seed(seed))[0]
+    rows = ["| init of M_k, M_v | " + " | ".join(f"period {p}" for p in periods) + " |",
+            "|---|" + "---|" * len(periods)]
+    for init in ("identity", "orthogonal"):
+        shares = []
+        for period in periods:
+            model = build_model(model_config({"task": "mqar", "task_args": T64, "model": {
+                **PAPER, "titans_period": period, "titans_selfmod_init": init}}), seed, backend="torch")
+            shares.append(f"{write_share(model, tokens):.2e}")
+        rows.append(f"| {init} | " + " | ".join(shares) + " |")
+    return "\n".join(rows)
+
+
+def recall_report(records, out: Path, header: str) -> str:
+    names = [c[0] for c in RECALL_CELLS]
+    records = [at_step(r, n) for r in records for n in sorted({500, RECALL_STEPS[r["seq_len"]]}) if r["steps"] > n] \
+        + list(records)      # every run also at 500 steps (and a long one at the cell's steps): its curve
+    records.sort(key=lambda r: (names.index(r["cell"]), r["steps"], r["seed"]))
+    rows = aggregate(records, ["cell", "seq_len", "steps"], "accuracy")
+    columns = COLUMNS[:1] + [("tokens", lambda r: str(r["seq_len"]))] + COLUMNS[1:]
+    md = markdown_table(rows, columns)
+    (out / "ablation.md").write_text(header + "\n\n" + md + "\n")
+    write_csv_json(records, out / "ablation", ["cell", "seq_len", "steps", "seed", "accuracy", "params", "wall_s",
+                                               "load_start", "load_end", "finished", "design"])
+    plot_points(rows, lambda r: f"{r['cell']} ({r['steps']:,} steps)" if "tokens" in r["cell"] or r["steps"] != 1000
+                else r["cell"], "MQAR accuracy (held-out)",
+                "paper HOPE recall: MQAR 4 pairs, 64 tokens (16 where named), 2 layers, dim 64 (dots: seeds)",
+                out / "ablation.png", hline=0.9)
+    by = {}
+    for r in records:
+        if r["steps"] == max(x["steps"] for x in records if x["cell"] == r["cell"]):
+            by.setdefault(r["cell"], []).append(r)
+    plot_curves(by, "accuracy", "MQAR accuracy", "Learning curves (mean, band: min-max over seeds)",
+                out / "ablation_curves.png")
+    return terminal_table(rows, columns)
+
+
+DESIGNS = {"cms": "benchmarks/results/quality_cpu-2core_2026-11-26_cms-ablation",
+           "paper-recall": "benchmarks/results/quality_cpu-2core_2026-12-02_paper-hope-recall"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality.ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0", help="seeds of every cell (the first three cells always run 0,1,2)")
     p.add_argument("--workers", type=int, default=1, help="parallel training processes (1 thread each)")
     p.add_argument("--cells", default=None, help="comma list of cell numbers (0-based) to run (default: all)")
-    p.add_argument("--out", default="benchmarks/results/quality_cpu-2core_2026-11-26_cms-ablation")
+    p.add_argument("--design", default="cms", choices=sorted(DESIGNS), help="which ablation (module docstring)")
+    p.add_argument("--out", default=None, help="results folder (default: the design's committed one)")
     p.add_argument("--reuse", nargs="*", default=(), help="runs.jsonl files whose identical runs are copied (see runner)")
     a = p.parse_args(argv)
-    out = Path(a.out)
+    out = Path(a.out or DESIGNS[a.design])
     out.mkdir(parents=True, exist_ok=True)
+    if a.design == "paper-recall":
+        return recall_main(a, out)
     cells = CELLS if a.cells is None else [CELLS[int(i)] for i in a.cells.split(",")]
     t0, up0 = time.time(), os.getloadavg()
     run_all(jobs([int(s) for s in a.seeds.split(",")], cells), out / "runs.jsonl", a.workers,
@@ -143,6 +266,29 @@ def main(argv=None) -> int:
               "compute the same as today's code. Wall times of runs made while other jobs shared the "
               "machine are inflated (load average per run in ablation.csv).")
     print(report(records, out, header))
+    return 0
+
+
+def recall_main(a, out: Path) -> int:
+    cells = RECALL_CELLS if a.cells is None else [RECALL_CELLS[int(i)] for i in a.cells.split(",")]
+    t0, up0 = time.time(), os.getloadavg()
+    run_all(recall_jobs([int(s) for s in a.seeds.split(",")], cells), out / "runs.jsonl", a.workers,
+            reuse=[Path(r) for r in a.reuse])
+    names = {c[0] for c in RECALL_CELLS}
+    records = [r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines()) if r["cell"] in names]
+    header = (f"paper HOPE recall: MQAR 4 pairs at 64 tokens (1,000 steps) and 16 tokens (3,000 steps), 2 layers, "
+              f"dim 64, 2 heads, AdamW lr 1e-3 constant, batch 64, torch backend, 1 thread per run "
+              f"({a.workers} parallel). Command: `python -m benchmarks.quality.ablation --design paper-recall "
+              f"--workers {a.workers}`. This invocation: {time.time() - t0:.0f} s, load average at start "
+              f"{up0[0]:.2f}, at end {os.getloadavg()[0]:.2f}; runs made while other jobs shared the machine have "
+              "inflated wall times (load per run in ablation.csv).")
+    table = recall_report(records, out, header)
+    shares = write_shares()
+    (out / "write_share.md").write_text(
+        "Share of the first Titans layer's read that comes from the sequence's writes at initialisation, "
+        "||o - o_0|| / ||o_0|| (o_0: every step lr_t = 0; benchmarks.quality.ablation.write_share), MQAR 4 pairs "
+        "/ 64 tokens, 64 sequences, seed 0.\n\n" + shares + "\n")
+    print(table + "\n\nwrite share at initialisation:\n" + shares)
     return 0
 
 

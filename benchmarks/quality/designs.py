@@ -1,4 +1,4 @@
-"""Designs that hope/ does not offer, for the CMS ablation (`benchmarks.quality.ablation`).
+"""Designs that hope/ does not offer, for the ablations (`benchmarks.quality.ablation`).
 
 - The earlier CMS layers (CMS_DESIGN_FIELDS, model overrides next to HOPEConfig's fields): the seed's
   additive write, no short convolution, the ungated read-out. `build_model` builds each block's CMS
@@ -8,6 +8,22 @@
   block, a learned gate on its output, a per-head RMSNorm of its read-out, which layers keep a CMS,
   and H3's shift initialisation of its short convolution. The quality runner applies a job's design
   after building its model.
+- Self-modifying Titans designs applied in place (`apply_selfmod`, reached through apply_design's
+  `selfmod` argument), each one part of hope/selfmod.py's memory changed (its docstring and
+  hope_kernels/titans/selfmod.py have the math; M = [M_k | M_v | M_eta | M_alpha | M_mem], Mbar the
+  block-start memory):
+
+    init="orthogonal"   M_k, M_v start as two independent random orthogonal D x D matrices instead of
+                        both the identity; with M_k = M_v every k_t = v_t and every write
+                        G_t = k_t^T (k_t Mbar - v_t Mbar) is exactly zero at initialisation
+    init_mem=0.0        M_mem starts at this multiple of the identity (default 1: the identity)
+    kv="static"         k_t = norm(u_t W_k), v_t = norm(u_t W_v) with learned W_k, W_v (initialised
+                        from M_k, M_v's initial state) instead of the reads of the block-start memory
+    values="v"          the output memory M_mem is written toward v_t (Titans' own target) instead of
+                        its self-generated value vhat_t = v_t Mbar_mem; the other memories keep vhat
+
+  kv and values need their own scan (`selfmod_scan`, the op's chunk form in torch, no momentum and no
+  cache: training only); init alone keeps the op.
 """
 from __future__ import annotations
 
@@ -18,9 +34,11 @@ from unittest import mock
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import hope.block
 from hope import HOPE, HOPEConfig
+from hope.selfmod import SelfModifyingTitans, random_orthogonal
 
 # model override -> (CMSLayer argument, the default CMS's value)
 CMS_DESIGN_FIELDS = {
@@ -102,11 +120,15 @@ def _forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
 
 
 def apply_design(model: nn.Module, placement: str = "serial", gate: Optional[str] = None, out_norm: bool = False,
-                 cms_layers: Optional[Sequence[int]] = None, shift_init: bool = False) -> nn.Module:
+                 cms_layers: Optional[Sequence[int]] = None, shift_init: bool = False,
+                 selfmod: Optional[dict] = None) -> nn.Module:
     """Rewire every block of a built HOPE (cms="multiscale") in place: placement of the CMS (PLACEMENTS),
     gate None | "scalar" | "channel" (learned, initialised at 0), out_norm (HeadRMSNorm before the
     CMS output projection), cms_layers (indices of the blocks that keep their CMS; None: all),
-    shift_init (H3's init of the CMS short convolution: k_t reads x_{t-1}, q_t and v_t read x_t)."""
+    shift_init (H3's init of the CMS short convolution: k_t reads x_{t-1}, q_t and v_t read x_t).
+    With `selfmod` (apply_selfmod's arguments) only the self-modifying Titans layers change."""
+    if selfmod is not None:
+        return apply_selfmod(model, **selfmod)
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r}: expected one of {PLACEMENTS}")
     if gate not in (None, "scalar", "channel"):
@@ -128,4 +150,73 @@ def apply_design(model: nn.Module, placement: str = "serial", gate: Optional[str
         if out_norm and block.cms is not None:
             block.cms.proj = nn.Sequential(HeadRMSNorm(block.cms.num_heads, block.cms.head_dim), block.cms.proj)
         block.forward = types.MethodType(_forward, block)
+    return model
+
+
+INITS, KVS, VALUES = ("identity", "orthogonal"), ("memory", "static"), ("vhat", "v")
+
+
+def selfmod_scan(q, u, lr_bias, decay_bias, lr_max: float, period: int, M, W_kv=None, values: str = "vhat",
+                 eps: float = 1e-6):
+    """The self-modifying Titans memory (hope_kernels/titans/selfmod.py's math) block by block, with
+    k, v read from the static W_kv = (W_k, W_v) [H, D, D] when given, and M_mem written toward v
+    when values == "v". q, u [B, T, H, D], M [B, H, D, 3D + 2]; returns (o [B, T, H, D], M_end)."""
+    B, T, H, D = q.shape
+    mem = slice(2 * D + 2, None)
+    unit = lambda x: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)   # noqa: E731
+    outs = []
+    for qb, ub in zip(q.transpose(1, 2).split(period, 2), u.transpose(1, 2).split(period, 2)):
+        r = ub @ M                                                             # [B, H, L, W]
+        kk, vv = (r[..., :D], r[..., D:2 * D]) if W_kv is None else (ub @ W_kv[0], ub @ W_kv[1])
+        k, v = unit(kk), unit(vv)
+        lr = (lr_max / period) * torch.sigmoid(r[..., 2 * D] + lr_bias[:, None])
+        LD = F.logsigmoid(r[..., 2 * D + 1] + decay_bias[:, None]).cumsum(-1)   # log decay products
+        target = v @ M
+        if values == "v":
+            target = torch.cat([target[..., :2 * D + 2], v], -1)
+        X = lr[..., None] * (target - k @ M)                                   # -lr times the gradient rows
+        C = (LD[..., :, None] - LD[..., None, :]).masked_fill(
+            ~torch.ones(LD.shape[-1], LD.shape[-1], dtype=torch.bool, device=q.device).tril(), float("-inf")).exp()
+        outs.append(LD.exp()[..., None] * (qb @ M[..., mem]) + ((qb @ k.transpose(-1, -2)) * C) @ X[..., mem])
+        M = LD[..., -1, None, None].exp() * M + (C[..., -1, :, None] * k).transpose(-1, -2) @ X
+    return torch.cat(outs, 2).transpose(1, 2), M
+
+
+def _selfmod_scan_method(self, inputs, state):
+    q, u, mom = inputs
+    if mom is not None or isinstance(state, tuple):
+        raise ValueError("the self-modifying Titans designs kv='static' / values='v' have no momentum")
+    W_kv = None if self.design_kv is None else (self.design_kv[0], self.design_kv[1])
+    o, M = selfmod_scan(q, u, self.lr_bias, self.decay_bias, self.lr_max, self.period, state, W_kv,
+                        self.design_values)
+    return o, M
+
+
+def _no_continue(self, *args, **kwargs):
+    raise NotImplementedError("the self-modifying Titans designs kv='static' / values='v' train only "
+                              "(no cached generation)")
+
+
+def apply_selfmod(model: nn.Module, init: str = "identity", init_mem: float = 1.0, kv: str = "memory",
+                  values: str = "vhat") -> nn.Module:
+    """Change every self-modifying Titans layer of a built HOPE in place (module docstring): init of
+    M_k / M_v (INITS), init_mem (M_mem's initial multiple of the identity), kv (KVS), values (VALUES)."""
+    for name, choice, allowed in (("init", init, INITS), ("kv", kv, KVS), ("values", values, VALUES)):
+        if choice not in allowed:
+            raise ValueError(f"{name}={choice!r}: expected one of {allowed}")
+    layers = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]
+    if not layers:
+        raise ValueError("apply_selfmod needs a model with self-modifying Titans layers (self_modifying=True)")
+    for layer in layers:
+        H, D = layer.num_heads, layer.head_dim
+        with torch.no_grad():
+            M0 = layer.initial_memory
+            if init == "orthogonal":
+                M0[..., :D], M0[..., D:2 * D] = random_orthogonal(H, D), random_orthogonal(H, D)
+            M0[..., 2 * D + 2:] = init_mem * torch.eye(D)
+        layer.design_kv = nn.Parameter(torch.stack([M0[..., :D], M0[..., D:2 * D]]).clone()) if kv == "static" else None
+        layer.design_values = values
+        if kv == "static" or values == "v":
+            layer._scan = types.MethodType(_selfmod_scan_method, layer)
+            layer._continue = types.MethodType(_no_continue, layer)
     return model
