@@ -605,35 +605,11 @@ def chunk_tile(chunk_size: int, T: int) -> int:
     return min(chunk_size, max(16, triton.next_power_of_2(max(T, 1))))
 
 
-def _delta_scan(q, k, v, tau, mix, scale, h0, output_final_state, cu_seqlens, chunk_size, beta):
-    """The delta rule as titans_scan (period 1) on the Triton backend, memory m of head h as head h M + m."""
-    from ..titans.ops import titans_scan
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], tau.shape[-1]
-    fold = lambda x: x.unsqueeze(3).expand(B, T, H, M, x.shape[-1]).reshape(B, T, H * M, x.shape[-1])
-    lr = (beta.unsqueeze(-1) if beta.dim() == 3 else beta).expand(B, T, H, M).reshape(B, T, H * M)
-    decay = tau.reshape(1, 1, H * M).expand(B, T, H * M)
-    S0 = None if h0 is None else h0.reshape(-1, H * M, K, V)
-    # A learned tau takes the token recurrence (a zero momentum: the same math), whose decay gradient is
-    # <dS_t, S_{t-1}> itself; the chunk pipeline's, d log d_t / d_t from cumulative log-decays, loses up to
-    # 5e-4 relative in float32 at tau = 1e-3.
-    momentum = torch.zeros_like(lr) if tau.requires_grad else None
-    o, ht = titans_scan(fold(q), fold(k), fold(v), lr, decay, momentum, scale, period=1,
-                        initial_state=S0 if momentum is None or S0 is None else (S0, torch.zeros_like(S0)),
-                        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                        backend="triton")
-    if ht is not None and momentum is not None:
-        ht = ht[0]
-    o = o.view(B, T, H, M, V)
-    if mix is not None:
-        o = (o.float() * (mix if mix.dim() == 4 else mix[None, None]).float()[..., None]).sum(3).to(q.dtype)
-    return o, None if ht is None else ht.view(-1, H, M, K, V)
-
-
 def cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, beta=None):
     """Inputs validated and contiguous from ops.py: tau [H, M]; mix None / [H, M] / [B, T, H, M]."""
     if beta is not None:
-        return _delta_scan(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, beta)
+        from .triton_delta import delta_scan
+        return delta_scan(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, beta)
     BT = chunk_tile(chunk_size, q.shape[1])
     mix = None if mix is None else mix.contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
