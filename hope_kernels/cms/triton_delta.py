@@ -49,6 +49,8 @@ from .triton_kernels import _decays, _mix_rows, _pad, _rows, _store_rows
 
 WY_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1)) for w in (4, 8) for s in (1, 2)]
 STATE_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1)) for w in (4, 8) for s in (1, 2)]
+STATE_BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1))
+                     for w in (4, 8) for s in (1, 2)]
 OUT_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1)) for w in (4, 8) for s in (1, 2)]
 GRAD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1)) for w in (4, 8) for s in (1, 2)]
 STATE_BV = 32      # V-tile of the sequential passes: a [K, 32] fp32 state stays in registers at K = 128
@@ -66,7 +68,7 @@ def launch_grids(*, N: int, H: int, M: int, NT: int, V: int) -> dict:
     """Every launch grid of the pipeline by kernel name; NT counts the real chunks of the batch."""
     seq = (N * H * M, triton.cdiv(V, STATE_BV))
     return {"wy": (NT * H,), "state": seq, "out": (NT * H, triton.cdiv(V, OUT_BV)), "state_bwd": seq,
-            "grad": (NT * H,)}
+            "grad_out": (NT * H,), "grad_wy": (NT * H,)}
 
 
 @triton.jit
@@ -188,7 +190,7 @@ def delta_out_kernel(q, k, decay, mix, x, h, o, cu_seqlens, chunk_idx, scale, T,
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     for i_m in range(M):
         g = tl.log(tl.load(decay + i_h * M + i_m).to(tl.float32))
-        b_D, e_q, _ = _decays(g, L, o_t)
+        b_D, e_q, e_k = _decays(g, L, o_t)
         b_h = load_tile(h + ((i_c.to(tl.int64) * H + i_h) * M + i_m) * K * V + o_k[:, None] * V + o_v[None, :],
                         m_k[:, None] & m_v[None, :], UPCAST)
         b_x = _rows(x + (i_h * M + i_m) * V, row0, H * M * V, o_t, o_v, m_tv, UPCAST)
@@ -213,7 +215,7 @@ def _do_rows(do, row0, i_h, i_m, o_t, o_v, m_tv, H: tl.constexpr, M, V: tl.const
 
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None, "HAS_MIX": lambda a: a["mix"] is not None,
                     "USE_FINAL_GRAD": lambda a: a["dht"] is not None, "STORE_INITIAL_GRAD": lambda a: a["dh0"] is not None})
-@autotune(STATE_CONFIGS, key=["H", "K", "V", "BT", "MIX_PER_TOKEN"])
+@autotune(STATE_BWD_CONFIGS, key=["H", "K", "V", "BT", "MIX_PER_TOKEN"])
 @triton.jit(do_not_specialize=["T", "M"])
 def delta_state_bwd_kernel(q, k, decay, mix, Mi, w, do, dht, dr, dhn, dh0, cu_seqlens, chunk_offs, scale, T, M,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -265,23 +267,21 @@ def delta_state_bwd_kernel(q, k, decay, mix, Mi, w, do, dht, dr, dhn, dh0, cu_se
 
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None, "HAS_MIX": lambda a: a["mix"] is not None,
                     "COMPUTE_DMIX": lambda a: a["dmix"] is not None, "COMPUTE_DDECAY": lambda a: a["dg"] is not None})
-@autotune(GRAD_CONFIGS, key=["H", "K", "V", "BT", "MIX_PER_TOKEN", "BETA_PER_MEMORY"])
+@autotune(GRAD_CONFIGS, key=["H", "K", "V", "BT", "MIX_PER_TOKEN"])
 @triton.jit(do_not_specialize=["T", "M"])
-def delta_grad_kernel(q, k, v, beta, decay, mix, x, h, dhn, dr, do, dq, dk, dv, dbeta, dmix, dg, cu_seqlens,
-                      chunk_idx, scale, T, M, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, BETA_PER_MEMORY: tl.constexpr, MIX_PER_TOKEN: tl.constexpr,
-                      HAS_MIX: tl.constexpr, COMPUTE_DMIX: tl.constexpr, COMPUTE_DDECAY: tl.constexpr,
-                      IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr):
-    """One program per (chunk, head), memories and V-tiles looped inside, q k^T and k k^T formed once. Per
-    memory, with P = dO x^T, dO_m = mix_i dO_i, D, E the masks of tau^{i-j} (j <= i) and tau^{i-1-j} (j < i),
-    G = -(dr x^T) * E and B = beta_i G:
+def delta_grad_out_kernel(q, k, decay, mix, x, h, dhn, do, dq, dk, dmix, dg, cu_seqlens, chunk_idx, scale, T, M,
+                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                          BV: tl.constexpr, MIX_PER_TOKEN: tl.constexpr, HAS_MIX: tl.constexpr,
+                          COMPUTE_DMIX: tl.constexpr, COMPUTE_DDECAY: tl.constexpr, IS_VARLEN: tl.constexpr,
+                          UPCAST: tl.constexpr):
+    """One program per (chunk, head), memories and V-tiles looped inside, q k^T formed once: the gradients
+    through o and h_next. Per memory, with P = dO x^T, dO_m = mix_i dO_i and D the mask of tau^{i-j} (j <= i):
 
-        dq += scale (tau^{i+1} mix_i dO h^T + ((mix_i P) * D) k)
-        dk += scale ((mix_i P) * D)^T q + tau^{L-1-j} x dh_next^T - beta_i tau^i dr h^T + (B + B^T) k
-        dbeta_i = dr_i . (v_i - tau^i k_i h) + sum_j B_ij (k_i . k_j) / beta_i  (= sum_j G_ij k_i . k_j)
-        dmix_{i,m} = dO_i . o_{m,i},   dv = sum_m beta_m dr_m
+        dq += scale (tau^{i+1} mix_i dO h^T + ((mix_i P) * D) k)             (stored, q's dtype)
+        dk += scale ((mix_i P) * D)^T q + tau^{L-1-j} x dh_next^T            (stored fp32: delta_grad_wy_kernel adds to it)
+        dmix_{i,m} = dO_i . o_{m,i}
 
-    and dL/dg of the memory (see the module docstring) into dg[chunk, head, memory]."""
+    and these paths' share of dL/dg (weights i + 1, i - j, L, L - 1 - j) into dg[0, chunk, head, memory]."""
     i_ch = tl.program_id(0)
     i_c, i_h = i_ch // H, i_ch % H
     _, row0, L = chunk_bounds(i_c, T, cu_seqlens, chunk_idx, BT, IS_VARLEN)
@@ -293,23 +293,17 @@ def delta_grad_kernel(q, k, v, beta, decay, mix, x, h, dhn, dr, do, dq, dk, dv, 
     b_k = _rows(k + i_h * K, row0, H * K, o_t, o_k, m_tk, UPCAST)
     dt = b_q.dtype
     b_qk = tl.dot(b_q, tl.trans(b_k))
-    b_kk = tl.dot(b_k, tl.trans(b_k))
     p_i = o_t.to(tl.float32)
-    diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+    Lf = L.to(tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_m in range(M):
         g = tl.log(tl.load(decay + i_h * M + i_m).to(tl.float32))
-        b_beta = _beta_rows(beta, rows, i_h, i_m, m_t, H, M, BETA_PER_MEMORY)
         b_mx = _mix_rows(mix, row0, i_h, i_m, o_t, m_t, H, M, HAS_MIX, MIX_PER_TOKEN)
         p_s = ((i_c.to(tl.int64) * H + i_h) * M + i_m) * K * V
         b_P = tl.zeros([BT, BT], dtype=tl.float32)       # dO x^T
-        b_G = tl.zeros([BT, BT], dtype=tl.float32)       # dr x^T
         b_doh = tl.zeros([BT, BK], dtype=tl.float32)     # dO h^T
         b_xdh = tl.zeros([BT, BK], dtype=tl.float32)     # x dh_next^T
-        b_drh = tl.zeros([BT, BK], dtype=tl.float32)     # dr h^T
-        b_drv = tl.zeros([BT], dtype=tl.float32)         # rows of dr * v
         b_hdh = tl.zeros([BK], dtype=tl.float32)         # rows of h * dh_next
         for i_v in range(0, tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
@@ -318,44 +312,92 @@ def delta_grad_kernel(q, k, v, beta, decay, mix, x, h, dhn, dr, do, dq, dk, dv, 
             off_kv = o_k[:, None] * V + o_v[None, :]
             b_do = _do_rows(do, row0, i_h, i_m, o_t, o_v, m_tv, H, M, V, HAS_MIX, UPCAST)
             b_x = _rows(x + (i_h * M + i_m) * V, row0, H * M * V, o_t, o_v, m_tv, UPCAST)
-            b_v = _rows(v + i_h * V, row0, H * V, o_t, o_v, m_tv, UPCAST)
-            b_dr = _rows(dr + (i_h * M + i_m) * V, row0, H * M * V, o_t, o_v, m_tv, False)
             b_h = load_tile(h + p_s + off_kv, m_kv, UPCAST)
             b_dn = load_tile(dhn + p_s + off_kv, m_kv, UPCAST)
             b_P += tl.dot(b_do, tl.trans(b_x))
-            b_G += tl.dot(b_dr.to(dt), tl.trans(b_x))
             b_doh += tl.dot(b_do, tl.trans(b_h))
             b_xdh += tl.dot(b_x, tl.trans(b_dn))
-            b_drh += tl.dot(b_dr.to(dt), tl.trans(b_h))
-            b_drv += tl.sum(b_dr * b_v.to(tl.float32), 1)
             if COMPUTE_DDECAY:
                 b_hdh += tl.sum(b_h.to(tl.float32) * b_dn.to(tl.float32), 1)
         b_D, e_q, e_k = _decays(g, L, o_t)
-        e_w = tl.where(m_t, tl.exp(p_i * g), 0.)
         r_q = scale * e_q * tl.sum(b_q.to(tl.float32) * b_doh, 1)     # dO_i . (scale tau^{i+1} q_i h)
         b_W = scale * b_qk * b_D * b_P                                 # its (i, j) pair terms
         if COMPUTE_DMIX:
             tl.store(dmix + (rows * H + i_h) * M + i_m, r_q + tl.sum(b_W, 1), mask=m_t)
         b_PD = (scale * b_mx[:, None]) * b_P * b_D
         b_dq += (scale * e_q * b_mx)[:, None] * b_doh + tl.dot(b_PD.to(dt), b_k)
+        b_dk += tl.dot(tl.trans(b_PD).to(dt), b_q) + e_k[:, None] * b_xdh
+        if COMPUTE_DDECAY:
+            r_k = e_k * tl.sum(b_k.to(tl.float32) * b_xdh, 1)
+            diff = (o_t[:, None] - o_t[None, :]).to(tl.float32)
+            d_g = (tl.sum((p_i + 1) * r_q * b_mx, 0) + tl.sum(tl.sum(diff * b_W * b_mx[:, None], 1), 0)
+                   + Lf * tl.exp(Lf * g) * tl.sum(b_hdh, 0) + tl.sum(tl.where(m_t, Lf - 1 - p_i, 0.) * r_k, 0))
+            tl.store(dg + (i_c.to(tl.int64) * H + i_h) * M + i_m, d_g)
+    _store_rows(dq + i_h * K, row0, H * K, o_t, o_k, m_tk, b_dq)
+    _store_rows(dk + i_h * K, row0, H * K, o_t, o_k, m_tk, b_dk)
+
+
+@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None, "COMPUTE_DDECAY": lambda a: a["dg"] is not None})
+@autotune(GRAD_CONFIGS, key=["H", "K", "V", "BT", "BETA_PER_MEMORY"])
+@triton.jit(do_not_specialize=["T", "M", "NT"])
+def delta_grad_wy_kernel(k, v, beta, decay, x, h, dr, dk_o, dk, dv, dbeta, dg, cu_seqlens, chunk_idx, T, M, NT,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, BETA_PER_MEMORY: tl.constexpr, COMPUTE_DDECAY: tl.constexpr,
+                         IS_VARLEN: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (chunk, head), memories and V-tiles looped inside, k k^T formed once: the gradients
+    through (I + A) x = beta (v - tau^i k h) from dr = Minv^T dx. Per memory, with E the mask of tau^{i-1-j}
+    (j < i), G = -(dr x^T) * E (= dL/dA) and B = beta_i G:
+
+        dk = dk_o + sum_m (-beta_i tau^i dr h^T + (B + B^T) k),   dv = sum_m beta_m dr_m
+        dbeta_i = dr_i . (v_i - tau^i k_i h) + sum_j G_ij (k_i . k_j)   (summed over m for beta [B, T, H])
+
+    and these paths' share of dL/dg (weights i, i - 1 - j) into dg[1, chunk, head, memory]."""
+    i_ch = tl.program_id(0)
+    i_c, i_h = i_ch // H, i_ch % H
+    _, row0, L = chunk_bounds(i_c, T, cu_seqlens, chunk_idx, BT, IS_VARLEN)
+    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
+    m_t, m_k = o_t < L, o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    rows = row0 + o_t
+    b_k = _rows(k + i_h * K, row0, H * K, o_t, o_k, m_tk, UPCAST)
+    dt = b_k.dtype
+    b_kk = tl.dot(b_k, tl.trans(b_k))
+    p_i = o_t.to(tl.float32)
+    b_dk = tl.load(dk_o + row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0.)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_m in range(M):
+        g = tl.log(tl.load(decay + i_h * M + i_m).to(tl.float32))
+        b_beta = _beta_rows(beta, rows, i_h, i_m, m_t, H, M, BETA_PER_MEMORY)
+        p_s = ((i_c.to(tl.int64) * H + i_h) * M + i_m) * K * V
+        b_G = tl.zeros([BT, BT], dtype=tl.float32)       # dr x^T
+        b_drh = tl.zeros([BT, BK], dtype=tl.float32)     # dr h^T
+        b_drv = tl.zeros([BT], dtype=tl.float32)         # rows of dr * v
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_tv, m_kv = m_t[:, None] & m_v[None, :], m_k[:, None] & m_v[None, :]
+            b_x = _rows(x + (i_h * M + i_m) * V, row0, H * M * V, o_t, o_v, m_tv, UPCAST)
+            b_v = _rows(v + i_h * V, row0, H * V, o_t, o_v, m_tv, UPCAST)
+            b_dr = _rows(dr + (i_h * M + i_m) * V, row0, H * M * V, o_t, o_v, m_tv, False)
+            b_h = load_tile(h + p_s + o_k[:, None] * V + o_v[None, :], m_kv, UPCAST)
+            b_G += tl.dot(b_dr.to(dt), tl.trans(b_x))
+            b_drh += tl.dot(b_dr.to(dt), tl.trans(b_h))
+            b_drv += tl.sum(b_dr * b_v.to(tl.float32), 1)
+        e_w = tl.where(m_t, tl.exp(p_i * g), 0.)
         b_G = -b_G * _exp_mask(g, L, o_t, True)
         b_B = b_beta[:, None] * b_G
         b_r_kh = tl.sum(b_k.to(tl.float32) * b_drh, 1)                # dr_i . (k_i h)
-        b_dk += (tl.dot(tl.trans(b_PD).to(dt), b_q) + e_k[:, None] * b_xdh - (b_beta * e_w)[:, None] * b_drh
-                 + tl.dot(b_B.to(dt), b_k) + tl.dot(tl.trans(b_B).to(dt), b_k))
+        b_dk += (tl.dot(b_B.to(dt), b_k) + tl.dot(tl.trans(b_B).to(dt), b_k)
+                 - (b_beta * e_w)[:, None] * b_drh)
         b_db = b_drv - e_w * b_r_kh + tl.sum(b_G * b_kk, 1)
         if BETA_PER_MEMORY:
             tl.store(dbeta + (rows * H + i_h) * M + i_m, b_db, mask=m_t)
         else:
             b_dbeta += b_db
         if COMPUTE_DDECAY:
-            r_k = e_k * tl.sum(b_k.to(tl.float32) * b_xdh, 1)
-            Lf = L.to(tl.float32)
-            d_g = (tl.sum((p_i + 1) * r_q * b_mx, 0) + tl.sum(tl.sum(diff * b_W * b_mx[:, None], 1), 0)
-                   + Lf * tl.exp(Lf * g) * tl.sum(b_hdh, 0) + tl.sum(tl.where(m_t, Lf - 1 - p_i, 0.) * r_k, 0)
-                   - tl.sum(p_i * b_beta * e_w * b_r_kh, 0) + tl.sum(tl.sum((diff - 1) * b_B * b_kk, 1), 0))
-            tl.store(dg + (i_c.to(tl.int64) * H + i_h) * M + i_m, d_g)
-    _store_rows(dq + i_h * K, row0, H * K, o_t, o_k, m_tk, b_dq)
+            diff = (o_t[:, None] - o_t[None, :] - 1).to(tl.float32)
+            d_g = tl.sum(tl.sum(diff * b_B * b_kk, 1), 0) - tl.sum(p_i * b_beta * e_w * b_r_kh, 0)
+            tl.store(dg + ((NT + i_c.to(tl.int64)) * H + i_h) * M + i_m, d_g)
     _store_rows(dk + i_h * K, row0, H * K, o_t, o_k, m_tk, b_dk)
     if not BETA_PER_MEMORY:
         tl.store(dbeta + rows * H + i_h, b_dbeta, mask=m_t)
@@ -438,14 +480,17 @@ def backward(q, k, v, tau, beta, mix, scale, h0, cu_seqlens, BT, lay, do, dht, n
     _launch(delta_state_bwd_kernel, grids["state_bwd"], q, k, tau, mix, Mi, w, do, dht, dr, dhn, dh0, cu_seqlens,
             offs, scale, T, M, MIX_PER_TOKEN=per_token, **dict(flags, BV=min(STATE_BV, _pad(V))))
     dq, dk = empty(B, T, H, K, dtype=q.dtype, device=q.device), empty(B, T, H, K, dtype=k.dtype, device=k.device)
+    dk_o = empty(B, T, H, K, **f32)
     dv = empty(B, T, H, V, dtype=v.dtype, device=v.device)
     dbeta = empty(*beta.shape, **f32)
     dmix = empty(B, T, H, M, **f32) if need["mix"] else None
-    dg = empty(max(NT, 1), H, M, **f32) if need["decay"] else None
-    _launch(delta_grad_kernel, grids["grad"], q, k, v, beta, tau, mix, x, h, dhn, dr, do, dq, dk, dv, dbeta, dmix,
-            dg, cu_seqlens, idx, scale, T, M, BETA_PER_MEMORY=beta.dim() == 4, MIX_PER_TOKEN=per_token,
-            **dict(flags, BV=min(LOOP_BV, _pad(V))))
-    dtau = None if dg is None else dg[:NT].sum(0) / tau.to(torch.float32)
+    dg = empty(2, max(NT, 1), H, M, **f32) if need["decay"] else None   # the two gradient kernels' shares
+    loop = dict(flags, BV=min(LOOP_BV, _pad(V)))
+    _launch(delta_grad_out_kernel, grids["grad_out"], q, k, tau, mix, x, h, dhn, do, dq, dk_o, dmix, dg, cu_seqlens,
+            idx, scale, T, M, MIX_PER_TOKEN=per_token, **loop)
+    _launch(delta_grad_wy_kernel, grids["grad_wy"], k, v, beta, tau, x, h, dr, dk_o, dk, dv, dbeta, dg, cu_seqlens,
+            idx, T, M, max(NT, 1), BETA_PER_MEMORY=beta.dim() == 4, **loop)
+    dtau = None if dg is None else dg[:, :NT].sum((0, 1)) / tau.to(torch.float32)
     return dq, dk, dv, dtau, dbeta, dmix, dh0
 
 
@@ -488,3 +533,50 @@ def delta_scan(q, k, v, tau, mix, scale, h0, output_final_state, cu_seqlens, chu
     o, ht = DeltaScanFunction.apply(q, k, v, tau.contiguous(), beta.contiguous(), mix, h0, scale,
                                     output_final_state, cu_seqlens, BT)
     return o, (ht if output_final_state else None)
+
+
+# ----------------------------------------------------------------------------- AOT compile specs
+def compile_specs():
+    """Every kernel of the pipeline at K = V = 64 and 128, M = 4, in bf16 and fp32, with and without a mix
+    (per token, static), beta per head and per memory, dense and packed; chunk tiles as `chunk_tile` picks."""
+    specs = []
+    variants = (
+        # K = V, dtype, mix form, beta form, varlen
+        (64, "bf16", "token", "head", False),
+        (64, "fp32", None, "memory", True),
+        (128, "bf16", "static", "memory", False),
+        (128, "fp32", "token", "head", False),
+    )
+    for D, dt, mix, beta, varlen in variants:
+        tag = f"K={D},V={D},M=4,{dt},mix={mix or 'none'},beta={beta}{',varlen' if varlen else ''}"
+        big = dict(q=dt, k=dt, v=dt, w=dt, u=dt, x=dt, h=dt, dhn=dt, o=dt, do=dt, dq=dt, dk=dt, dv=dt, mix=dt)
+        ptrs = dict(big, dk_o="fp32", beta="fp32", decay="fp32", Mi="fp32", h0="fp32", ht="fp32", dht="fp32", dh0="fp32",
+                    dr="fp32", dbeta="fp32", dmix="fp32", dg="fp32", cu_seqlens="i64", chunk_offs="i64",
+                    chunk_idx="i32")
+        present = set(ptrs) - ({"mix", "dmix"} if mix is None else set()) - (
+            set() if varlen else {"cu_seqlens", "chunk_offs", "chunk_idx"})
+        flags = dict(H=4, K=D, V=D, BT=chunk_tile(64, D, 1 << 20), BK=D, UPCAST=False, IS_VARLEN=varlen)
+        mixed = dict(HAS_MIX=mix is not None, MIX_PER_TOKEN=mix == "token")
+        ints = {"T": "i32", "M": "i32"}
+        scaled = dict(ints, scale="fp32")
+
+        def spec(name, kernel, configs, args, scalars, **kw):
+            specs.append(kernel_spec(f"cms.delta_{name}[{tag}]", kernel, configs, {a: ptrs[a] for a in args.split()},
+                                     present, scalars, dict(flags, **kw)))
+
+        spec("wy", delta_wy_kernel, WY_CONFIGS, "k v beta decay Mi w u cu_seqlens chunk_idx", ints,
+             BV=min(LOOP_BV, D), BETA_PER_MEMORY=beta == "memory")
+        spec("state", delta_state_kernel, STATE_CONFIGS, "k decay w u x h h0 ht cu_seqlens chunk_offs", ints,
+             BV=STATE_BV, USE_INITIAL_STATE=True)
+        spec("out", delta_out_kernel, OUT_CONFIGS, "q k decay mix x h o cu_seqlens chunk_idx", scaled,
+             BV=OUT_BV, **mixed)
+        spec("state_bwd", delta_state_bwd_kernel, STATE_BWD_CONFIGS,
+             "q k decay mix Mi w do dht dr dhn dh0 cu_seqlens chunk_offs", scaled, BV=STATE_BV,
+             USE_FINAL_GRAD=True, STORE_INITIAL_GRAD=True, **mixed)
+        spec("grad_out", delta_grad_out_kernel, GRAD_CONFIGS,
+             "q k decay mix x h dhn do dq dk dmix dg cu_seqlens chunk_idx", scaled, BV=min(LOOP_BV, D),
+             COMPUTE_DMIX=mix is not None, COMPUTE_DDECAY=True, **mixed)
+        spec("grad_wy", delta_grad_wy_kernel, GRAD_CONFIGS,
+             "k v beta decay x h dr dk_o dk dv dbeta dg cu_seqlens chunk_idx", dict(ints, NT="i32"),
+             BV=min(LOOP_BV, D), BETA_PER_MEMORY=beta == "memory", COMPUTE_DDECAY=True)
+    return specs

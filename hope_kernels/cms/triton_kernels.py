@@ -633,7 +633,7 @@ def cms_step_triton(q, k, v, tau, state, mix, scale, beta=None):
 # ----------------------------------------------------------------------------- AOT compile specs
 def compile_specs():
     """Every kernel at K = V = 64 and 128, M = 4, 64-row chunks: bf16 and fp16 with each mix form, one fp32
-    (the state passes also with their 32-wide tiles)."""
+    (the state passes also with their 32-wide tiles), and the delta-rule pipeline (triton_delta.compile_specs)."""
     specs = []
     scan_variants = (
         # K = V, dtype, mix form, varlen
@@ -684,6 +684,8 @@ def compile_specs():
                            {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32"},
                            dict(common, **mixed, BK=t["BK"], BV=t["BVB"], ACCUMULATE=True,
                                 COMPUTE_DMIX=mix is not None, COMPUTE_DDECAY=True)))
+    from .triton_delta import compile_specs as delta_specs
+    specs += delta_specs()
     for D, dt, mix, beta in ((64, "bf16", "batch", None), (128, "fp32", None, None), (64, "bf16", "batch", "head"),
                              (128, "bf16", "static", "memory")):
         present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set()) | ({"beta"} if beta else set())
