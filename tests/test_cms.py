@@ -444,6 +444,19 @@ def test_delta_triton_launches_fill_the_gpu(monkeypatch, D):
     assert programs() >= T // 64 * B * H
 
 
+def test_packed_chunk_tables_refuse_cuda_graph_capture(monkeypatch):
+    """The chunk tables of packed batches (this op's and titans_scan's) read chunk counts on the host: during a
+    CUDA graph capture that is a clear RuntimeError, not a failed capture."""
+    from hope_kernels.titans.triton_chunk import chunk_table
+    cu = torch.tensor([0, 5, 22])          # 1 + 2 chunks of 16
+    assert chunk_indices(cu, 16).shape == (3, 2) and chunk_table(cu, 16, 16, 1)[2] == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for build in (lambda: chunk_indices(cu, 16), lambda: chunk_table(cu, 16, 16, 1)):
+        with pytest.raises(RuntimeError, match="cu_seqlens.*CUDA graph"):
+            build()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_delta_packed_sequences(backend, device, poison_empty):
     """cu_seqlens (one sequence empty, one longer than a chunk) against the token loop per sequence."""

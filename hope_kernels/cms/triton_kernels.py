@@ -1,4 +1,6 @@
 """The "triton" backend of cms_scan / cms_step: kernels, launchers, autograd.Function, compile specs.
+This module holds the outer-product rule and the one-token step; the delta rule's chunk pipeline is
+triton_delta.py (its compile specs are listed here too).
 
 Chunked form, per memory m with g = log(tau_m), chunk length L, local positions i, j = 1..L:
 
