@@ -55,13 +55,19 @@ OUT_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4,
 GRAD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8, 1)) for w in (4, 8) for s in (1, 2)]
 STATE_BV = 32      # V-tile of the sequential passes: a [K, 32] fp32 state stays in registers at K = 128
 OUT_BV = 64        # V-tile of the output kernel
-LOOP_BV = 32       # V-tile of the loops inside the WY and gradient kernels
+LOOP_BV = 32       # V-tile of the loops inside the chunk kernels (see loop_bv)
 
 
 def chunk_tile(chunk_size: int, K: int, T: int) -> int:
     """Tokens per chunk: chunk_size, at most 32 (16 where K > 64, for the gradient kernel's registers), at most
     T rounded up to a power of two, at least 16 (tl.dot)."""
     return max(16, min(chunk_size, 32 if K <= 64 else 16, triton.next_power_of_2(max(T, 1))))
+
+
+def loop_bv(K: int, V: int, kernel: str) -> int:
+    """V-tile of the loops inside the chunk kernels: 32, or 16 for the WY and output-gradient kernels where
+    K > 64 (at 32 they use local memory on sm_90; the WY-gradient kernel spills at 16 instead)."""
+    return min(LOOP_BV // 2 if K > 64 and kernel in ("wy", "grad_out") else LOOP_BV, _pad(V))
 
 
 def launch_grids(*, N: int, H: int, M: int, NT: int, V: int) -> dict:
@@ -447,7 +453,7 @@ def _states(q, k, v, beta, tau, h0, cu_seqlens, BT, lay):
     h = empty(max(NT, 1), H, M, K, V, dtype=dt, device=dev)
     ht = empty(N, H, M, K, V, dtype=torch.float32, device=dev)
     _launch(delta_wy_kernel, grids["wy"], k, v, beta, tau, Mi, w, u, cu_seqlens, idx, T, M,
-            BV=min(LOOP_BV, _pad(V)), BETA_PER_MEMORY=beta.dim() == 4, **flags)
+            BV=loop_bv(K, V, "wy"), BETA_PER_MEMORY=beta.dim() == 4, **flags)
     _launch(delta_state_kernel, grids["state"], k, tau, w, u, x, h, h0, ht, cu_seqlens, offs, T, M,
             **dict(flags, BV=min(STATE_BV, _pad(V))))
     return Mi, w, x, h, ht
@@ -485,11 +491,10 @@ def backward(q, k, v, tau, beta, mix, scale, h0, cu_seqlens, BT, lay, do, dht, n
     dbeta = empty(*beta.shape, **f32)
     dmix = empty(B, T, H, M, **f32) if need["mix"] else None
     dg = empty(2, max(NT, 1), H, M, **f32) if need["decay"] else None   # the two gradient kernels' shares
-    loop = dict(flags, BV=min(LOOP_BV, _pad(V)))
     _launch(delta_grad_out_kernel, grids["grad_out"], q, k, tau, mix, x, h, dhn, do, dq, dk_o, dmix, dg, cu_seqlens,
-            idx, scale, T, M, MIX_PER_TOKEN=per_token, **loop)
+            idx, scale, T, M, MIX_PER_TOKEN=per_token, **dict(flags, BV=loop_bv(K, V, "grad_out")))
     _launch(delta_grad_wy_kernel, grids["grad_wy"], k, v, beta, tau, x, h, dr, dk_o, dk, dv, dbeta, dg, cu_seqlens,
-            idx, T, M, max(NT, 1), BETA_PER_MEMORY=beta.dim() == 4, **loop)
+            idx, T, M, max(NT, 1), BETA_PER_MEMORY=beta.dim() == 4, **dict(flags, BV=loop_bv(K, V, "grad_wy")))
     dtau = None if dg is None else dg[:, :NT].sum((0, 1)) / tau.to(torch.float32)
     return dq, dk, dv, dtau, dbeta, dmix, dh0
 
@@ -565,7 +570,7 @@ def compile_specs():
                                      present, scalars, dict(flags, **kw)))
 
         spec("wy", delta_wy_kernel, WY_CONFIGS, "k v beta decay Mi w u cu_seqlens chunk_idx", ints,
-             BV=min(LOOP_BV, D), BETA_PER_MEMORY=beta == "memory")
+             BV=loop_bv(D, D, "wy"), BETA_PER_MEMORY=beta == "memory")
         spec("state", delta_state_kernel, STATE_CONFIGS, "k decay w u x h h0 ht cu_seqlens chunk_offs", ints,
              BV=STATE_BV, USE_INITIAL_STATE=True)
         spec("out", delta_out_kernel, OUT_CONFIGS, "q k decay mix x h o cu_seqlens chunk_idx", scaled,
@@ -574,9 +579,9 @@ def compile_specs():
              "q k decay mix Mi w do dht dr dhn dh0 cu_seqlens chunk_offs", scaled, BV=STATE_BV,
              USE_FINAL_GRAD=True, STORE_INITIAL_GRAD=True, **mixed)
         spec("grad_out", delta_grad_out_kernel, GRAD_CONFIGS,
-             "q k decay mix x h dhn do dq dk dmix dg cu_seqlens chunk_idx", scaled, BV=min(LOOP_BV, D),
+             "q k decay mix x h dhn do dq dk dmix dg cu_seqlens chunk_idx", scaled, BV=loop_bv(D, D, "grad_out"),
              COMPUTE_DMIX=mix is not None, COMPUTE_DDECAY=True, **mixed)
         spec("grad_wy", delta_grad_wy_kernel, GRAD_CONFIGS,
              "k v beta decay x h dr dk_o dk dv dbeta dg cu_seqlens chunk_idx", dict(ints, NT="i32"),
-             BV=min(LOOP_BV, D), BETA_PER_MEMORY=beta == "memory", COMPUTE_DDECAY=True)
+             BV=loop_bv(D, D, "grad_wy"), BETA_PER_MEMORY=beta == "memory", COMPUTE_DDECAY=True)
     return specs
