@@ -45,7 +45,7 @@ import triton.language as tl
 from ..aot import KernelConfig
 from ..triton_utils import (autotune, check_grid, chunk_bounds, chunk_indices, chunk_offsets, empty, kernel_spec,
                             load_tile, seq_bounds, unit_lower_inverse, upcast_dots)
-from .triton_kernels import _decays, _mix_rows, _pad, _rows, _store_rows
+from .triton_tiles import _decays, _mix_rows, _pad, _rows, _store_rows
 
 WY_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1)) for w in (4, 8) for s in (1, 2)]
 STATE_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1)) for w in (4, 8) for s in (1, 2)]
