@@ -115,6 +115,15 @@ def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def host_lengths(lengths: torch.Tensor) -> list:
+    """The packed sequences' lengths (or chunk counts) on the host: the one sync a launch grid over the real
+    chunks of a packed batch needs. A CUDA graph capture cannot make it: RuntimeError then."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("cu_seqlens: the chunk count of a packed batch is read on the host, which cannot "
+                           "happen while capturing a CUDA graph; capture a padded batch or run packed ones eagerly")
+    return lengths.tolist()
+
+
 def chunk_indices(cu_seqlens: Optional[torch.Tensor], BT: int) -> Optional[torch.Tensor]:
     """[NT, 2] int32 (sequence, chunk within the sequence) of every real chunk of a packed batch.
 
@@ -122,7 +131,7 @@ def chunk_indices(cu_seqlens: Optional[torch.Tensor], BT: int) -> Optional[torch
     """
     if cu_seqlens is None:
         return None
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    lens = host_lengths(cu_seqlens[1:] - cu_seqlens[:-1])
     pairs = [(n, c) for n, L in enumerate(lens) for c in range(triton.cdiv(L, BT))]
     if not pairs:
         return torch.zeros(0, 2, dtype=torch.int32, device=cu_seqlens.device)

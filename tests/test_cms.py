@@ -413,11 +413,48 @@ def test_delta_scan_matches_reference(backend, device, poison_empty, dtype, M, m
                  per_memory=per_memory, h0=h0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk_size", [16, 64])
-def test_delta_scan_all_timescales_T256(device, chunk_size):
-    """tau = 1e-3 .. 0.9999 in one call over several chunks (torch path), every gradient."""
-    _check_delta("torch", device, torch.float32, B=1, T=256, H=2, K=16, V=16, M=5, mix="BTHM", per_head=True,
+def test_delta_scan_all_timescales_T256(backend, device, chunk_size):
+    """tau = 1e-3 .. 0.9999 in one call over several chunks, every gradient (the decay's included)."""
+    _check_delta(backend, device, torch.float32, B=1, T=256, H=2, K=16, V=16, M=5, mix="BTHM", per_head=True,
                  per_memory=True, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_delta_triton_launches_fill_the_gpu(monkeypatch, D):
+    """B = 1, H = 2, T = 1024: the largest forward and backward launches of the Triton delta pipeline run at
+    least T / 64 x B x H programs (chunk-parallel, not one program per sequence). Launches are recorded, not run."""
+    from hope_kernels.cms import triton_delta as td
+    B, T, H, M = 1, 1024, 2, 3
+    launched = []
+    monkeypatch.setattr(td, "_launch", lambda kernel, grid, *a, **kw: launched.append((kernel, check_grid(grid))))
+    q, k = randn(B, T, H, D), randn(B, T, H, D)
+    v, beta, tau = randn(B, T, H, D), torch.rand(B, T, H, M), _decay(M, H)
+    BT = td.chunk_tile(64, D, T)
+    lay = td.layout(q, None, BT)
+    programs = lambda: max(g[0] * (g[1] if len(g) > 1 else 1) for _, g in launched)
+    td.forward(q, k, v, tau, beta, None, 0.1, None, None, BT, lay)
+    assert [kn for kn, _ in launched] == [td.delta_wy_kernel, td.delta_state_kernel, td.delta_out_kernel]
+    assert programs() >= T // 64 * B * H
+    launched.clear()
+    do = randn(B, T, H, M, D)
+    td.backward(q, k, v, tau, beta, None, 0.1, None, None, BT, lay, do, None, dict(decay=True, mix=False, h0=False))
+    assert {td.delta_state_bwd_kernel, td.delta_grad_out_kernel, td.delta_grad_wy_kernel} <= {kn for kn, _ in launched}
+    assert programs() >= T // 64 * B * H
+
+
+def test_packed_chunk_tables_refuse_cuda_graph_capture(monkeypatch):
+    """The chunk tables of packed batches (this op's and titans_scan's) read chunk counts on the host: during a
+    CUDA graph capture that is a clear RuntimeError, not a failed capture."""
+    from hope_kernels.titans.triton_chunk import chunk_table
+    cu = torch.tensor([0, 5, 22])          # 1 + 2 chunks of 16
+    assert chunk_indices(cu, 16).shape == (3, 2) and chunk_table(cu, 16, 16, 1)[2] == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for build in (lambda: chunk_indices(cu, 16), lambda: chunk_table(cu, 16, 16, 1)):
+        with pytest.raises(RuntimeError, match="cu_seqlens.*CUDA graph"):
+            build()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -135,6 +135,21 @@ def test_cms_scan(on_gpu_rules, extra, mix):
     assert _count(run) == []
 
 
+@pytest.mark.parametrize("mix", [False, True])
+def test_cms_scan_delta_triton_pipeline(on_gpu_rules, mix):
+    """The Triton delta-rule chunk pipeline (under the interpreter here), forward and registered backward,
+    a learned decay included: no host sync in its launchers."""
+    M = 2
+
+    def run():
+        o, st = cms_scan(_leaf(1, T, H, K), _unit(1, T, H, K), _leaf(1, T, H, K), _leaf(M, lo=0.1, hi=0.9),
+                         _leaf(H, M) if mix else None, beta=_leaf(1, T, H, lo=0.1, hi=0.9),
+                         initial_state=_leaf(1, H, M, K, K), output_final_state=True, chunk_size=16,
+                         backend="triton")
+        return [o, st]
+    assert _count(run) == []
+
+
 def test_the_counter_sees_value_checks():
     """On CPU rules the gate checks read their values: the counter must see those syncs."""
     def run():

@@ -120,13 +120,21 @@ def cms_step(q, k, v, decay, state, mix=None, scale=None, *, beta=None, backend=
 
 def _scan_backward(grads, needs, q, k, v, tau, mix, initial_state, beta, scale, output_final_state, cu_seqlens,
                    chunk_size, backend):
-    """The Triton path's own backward kernels (no forward recomputed); None elsewhere (the delta rule's
-    Triton path runs titans_scan, whose own registered backward the vjp then reaches)."""
-    if backend != "triton" or beta is not None:
+    """The Triton path's own backward kernels (no forward recomputed beyond the chunk states); None on the
+    torch path (the vjp differentiates it)."""
+    if backend != "triton":
         return None
+    mix, h0 = (None if x is None else x.contiguous() for x in (mix, initial_state))
+    if beta is not None:
+        from .triton_delta import DeltaScanFunction, chunk_tile as delta_tile, layout
+        BT = delta_tile(chunk_size, q.shape[-1], q.shape[1])
+        dq, dk, dv, dtau, dbeta, dmix, dh0 = library.function_backward(
+            DeltaScanFunction, (q, k, v, tau.contiguous(), beta.contiguous(), mix, h0, cu_seqlens),
+            (*needs[:4], needs[6], needs[4], needs[5]), grads, scale=scale, BT=BT,
+            layout=layout(q, cu_seqlens, BT))[:7]
+        return dq, dk, dv, dtau, dmix, dh0, dbeta
     from .triton_kernels import CmsScanFunction, _layout, chunk_tile
     BT = chunk_tile(chunk_size, q.shape[1])
-    mix, h0 = (None if x is None else x.contiguous() for x in (mix, initial_state))
     return library.function_backward(CmsScanFunction, (q, k, v, tau.contiguous(), mix, h0, cu_seqlens), needs[:6],
                                      grads, scale=scale, BT=BT, layout=_layout(q, cu_seqlens, BT))[:6] + (None,)
 

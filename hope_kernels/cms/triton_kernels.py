@@ -1,4 +1,6 @@
 """The "triton" backend of cms_scan / cms_step: kernels, launchers, autograd.Function, compile specs.
+This module holds the outer-product rule and the one-token step; the delta rule's chunk pipeline is
+triton_delta.py (its compile specs are listed here too).
 
 Chunked form, per memory m with g = log(tau_m), chunk length L, local positions i, j = 1..L:
 
@@ -47,6 +49,7 @@ import triton.language as tl
 from ..aot import KernelConfig
 from ..triton_utils import (autotune, check_grid, chunk_bounds, chunk_indices, chunk_offsets, empty, kernel_spec,
                             load_tile, seq_bounds, upcast_dots)
+from .triton_tiles import _decays, _mix_rows, _pad, _rows, _store_rows
 
 # ----------------------------------------------------------------------------- configs
 # Tiles are fixed by (K, V) (see `tiles`), so the grids do not depend on the tuned config.
@@ -57,11 +60,6 @@ BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (8,
 STEP_CONFIGS = [KernelConfig({"BV": bv}, num_warps=w, num_stages=1, default=(bv, w) == (32, 4))
                 for bv in (16, 32, 64) for w in (2, 4)]
 CHUNK = 64          # default chunk length of the kernels (cms_scan's chunk_size)
-
-
-def _pad(n: int) -> int:
-    """A head dimension padded to a power of two >= 16 (tl.dot needs every dimension >= 16)."""
-    return max(16, triton.next_power_of_2(n))
 
 
 STATE_PROGRAMS = 256  # the sequential state passes split K x V finer until they run about this many programs
@@ -91,42 +89,6 @@ def launch_grid(name: str, *, N: int, H: int, M: int, n_chunks: int, K: int, V: 
             "fwd": (n_chunks * H, triton.cdiv(V, t["BVO"])), "dv": (n_chunks * H, triton.cdiv(V, t["BVO"])),
             "bwd": (n_chunks * H,)}[name]
     return check_grid(grid)
-
-
-# ----------------------------------------------------------------------------- helpers
-@triton.jit
-def _rows(ptr, row0, stride, o_t, o_d, mask, UPCAST: tl.constexpr):
-    """Tile [rows o_t, columns o_d] of a row-major tensor whose rows are `stride` apart, from row0 on."""
-    return load_tile(ptr + row0 * stride + (o_t[:, None] * stride + o_d[None, :]), mask, UPCAST)
-
-
-@triton.jit
-def _store_rows(ptr, row0, stride, o_t, o_d, mask, x):
-    tl.store(ptr + row0 * stride + (o_t[:, None] * stride + o_d[None, :]), x.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _decays(g, L, o_t):
-    """Causal decay mask tau^{i-j} (j <= i < L), tau^i and tau^{L-j}, all from exponents <= 0."""
-    m_t = o_t < L
-    causal = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
-    # masked exponents: 1e30 * g <= -1e23 (tau < 1 - 1e-7) underflows exp to exactly 0
-    b_D = tl.exp(tl.where(causal, (o_t[:, None] - o_t[None, :]).to(tl.float32), 1e30) * g)
-    e_q = tl.where(m_t, tl.exp((o_t + 1).to(tl.float32) * g), 0.0)
-    e_k = tl.where(m_t, tl.exp(tl.where(m_t, (L - 1 - o_t).to(tl.float32) * g, 0.0)), 0.0)
-    return b_D, e_q, e_k
-
-
-@triton.jit
-def _mix_rows(mix, row0, i_h, i_m, o_t, m_t, H: tl.constexpr, M, HAS_MIX: tl.constexpr, MIX_PER_TOKEN: tl.constexpr):
-    """mix_{i,m} of the chunk's rows ([BT] fp32): per token, per (head, memory), or ones without mix."""
-    if HAS_MIX:
-        if MIX_PER_TOKEN:
-            return tl.load(mix + (row0 * H + i_h) * M + i_m + o_t * (H * M), mask=m_t, other=0.).to(tl.float32)
-        else:
-            return tl.zeros(o_t.shape, dtype=tl.float32) + tl.load(mix + i_h * M + i_m).to(tl.float32)
-    else:
-        return tl.where(m_t, 1.0, 0.0)
 
 
 # ----------------------------------------------------------------------------- state pass
@@ -605,35 +567,11 @@ def chunk_tile(chunk_size: int, T: int) -> int:
     return min(chunk_size, max(16, triton.next_power_of_2(max(T, 1))))
 
 
-def _delta_scan(q, k, v, tau, mix, scale, h0, output_final_state, cu_seqlens, chunk_size, beta):
-    """The delta rule as titans_scan (period 1) on the Triton backend, memory m of head h as head h M + m."""
-    from ..titans.ops import titans_scan
-    B, T, H, K = q.shape
-    V, M = v.shape[-1], tau.shape[-1]
-    fold = lambda x: x.unsqueeze(3).expand(B, T, H, M, x.shape[-1]).reshape(B, T, H * M, x.shape[-1])
-    lr = (beta.unsqueeze(-1) if beta.dim() == 3 else beta).expand(B, T, H, M).reshape(B, T, H * M)
-    decay = tau.reshape(1, 1, H * M).expand(B, T, H * M)
-    S0 = None if h0 is None else h0.reshape(-1, H * M, K, V)
-    # A learned tau takes the token recurrence (a zero momentum: the same math), whose decay gradient is
-    # <dS_t, S_{t-1}> itself; the chunk pipeline's, d log d_t / d_t from cumulative log-decays, loses up to
-    # 5e-4 relative in float32 at tau = 1e-3.
-    momentum = torch.zeros_like(lr) if tau.requires_grad else None
-    o, ht = titans_scan(fold(q), fold(k), fold(v), lr, decay, momentum, scale, period=1,
-                        initial_state=S0 if momentum is None or S0 is None else (S0, torch.zeros_like(S0)),
-                        output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                        backend="triton")
-    if ht is not None and momentum is not None:
-        ht = ht[0]
-    o = o.view(B, T, H, M, V)
-    if mix is not None:
-        o = (o.float() * (mix if mix.dim() == 4 else mix[None, None]).float()[..., None]).sum(3).to(q.dtype)
-    return o, None if ht is None else ht.view(-1, H, M, K, V)
-
-
 def cms_scan_triton(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, beta=None):
     """Inputs validated and contiguous from ops.py: tau [H, M]; mix None / [H, M] / [B, T, H, M]."""
     if beta is not None:
-        return _delta_scan(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, beta)
+        from .triton_delta import delta_scan
+        return delta_scan(q, k, v, tau, mix, scale, initial_state, output_final_state, cu_seqlens, chunk_size, beta)
     BT = chunk_tile(chunk_size, q.shape[1])
     mix = None if mix is None else mix.contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
@@ -657,7 +595,7 @@ def cms_step_triton(q, k, v, tau, state, mix, scale, beta=None):
 # ----------------------------------------------------------------------------- AOT compile specs
 def compile_specs():
     """Every kernel at K = V = 64 and 128, M = 4, 64-row chunks: bf16 and fp16 with each mix form, one fp32
-    (the state passes also with their 32-wide tiles)."""
+    (the state passes also with their 32-wide tiles), and the delta-rule pipeline (triton_delta.compile_specs)."""
     specs = []
     scan_variants = (
         # K = V, dtype, mix form, varlen
@@ -708,6 +646,8 @@ def compile_specs():
                            {"scale": "fp32", "T": "i32", "i_m": "i32", "M": "i32"},
                            dict(common, **mixed, BK=t["BK"], BV=t["BVB"], ACCUMULATE=True,
                                 COMPUTE_DMIX=mix is not None, COMPUTE_DDECAY=True)))
+    from .triton_delta import compile_specs as delta_specs
+    specs += delta_specs()
     for D, dt, mix, beta in ((64, "bf16", "batch", None), (128, "fp32", None, None), (64, "bf16", "batch", "head"),
                              (128, "bf16", "static", "memory")):
         present = {"q", "k", "v", "decay", "state", "o"} | ({"mix"} if mix else set()) | ({"beta"} if beta else set())

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from ..aot import KernelConfig
-from ..triton_utils import autotune, check_grid, empty, kernel_spec, load_tile, unit_lower_inverse, upcast_dots
+from ..triton_utils import (autotune, check_grid, empty, host_lengths, kernel_spec, load_tile, unit_lower_inverse,
+                            upcast_dots)
 
 WY_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1)) for w in (4, 8) for s in (1, 2)]
 STATE_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
@@ -85,11 +86,11 @@ def chunks_of(L, BT: int, G: int, CPB: int):
 
 def chunk_table(cu_seqlens, BT: int, G: int, CPB: int):
     """(chunk_offsets [N + 1] int64 on the device, chunk_idx [NT, 2] int32 (sequence, chunk), NT) of a packed
-    batch: the one host sync of the op (the grid needs NT)."""
+    batch: the one host sync of the op (the grid needs NT), which a CUDA graph capture cannot make."""
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     n = chunks_of(lens, BT, G, CPB)
     offsets = torch.cat([n.new_zeros(1), n.cumsum(0)]).to(torch.int64)
-    counts = n.tolist()
+    counts = host_lengths(n)
     NT = sum(counts)
     seq = torch.repeat_interleave(torch.arange(len(counts), device=cu_seqlens.device), n)
     within = torch.arange(NT, device=cu_seqlens.device) - offsets[:-1].repeat_interleave(n)
