@@ -92,6 +92,22 @@ def seq_bounds(i_n, T, cu_seqlens, chunk_offs, BT: tl.constexpr, IS_VARLEN: tl.c
 
 
 @triton.jit
+def state_tile(x, i_nh, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                LOAD: tl.constexpr):
+    """Index vectors and masks of the program's [BK, BV] state tile, and the tile of x[i_nh] in float32
+    (zeros unless LOAD): the prologue of the sequential chunk-state passes."""
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    off_kv = o_k[:, None] * V + o_v[None, :]
+    b_x = tl.zeros([BK, BV], dtype=tl.float32)
+    if LOAD:
+        b_x = tl.load(x + i_nh.to(tl.int64) * K * V + off_kv, mask=m_kv, other=0.)
+    return o_k, o_v, m_k, m_v, m_kv, off_kv, b_x
+
+
+@triton.jit
 def chunk_bounds(i_c, T, cu_seqlens, chunk_idx, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(sequence, first token as int64, rows) of the i_c-th real chunk of the batch (see chunk_indices)."""
     if IS_VARLEN:

@@ -113,6 +113,19 @@ COLUMNS = [
 ]
 
 
+def _plot_longest_curves(records, out: Path) -> None:
+    """ablation_curves.png: each cell's learning curves at its longest training run (band over seeds)."""
+    longest = {}
+    for r in records:
+        longest[r["cell"]] = max(longest.get(r["cell"], 0), r["steps"])
+    by = {}
+    for r in records:
+        if r["steps"] == longest[r["cell"]]:
+            by.setdefault(r["cell"], []).append(r)
+    plot_curves(by, "accuracy", "MQAR accuracy", "Learning curves (mean, band: min-max over seeds)",
+                out / "ablation_curves.png")
+
+
 def report(records, out: Path, header: str) -> str:
     records = [at_step(r, STEPS) for r in records if r["steps"] > STEPS] + list(records)
     records.sort(key=lambda r: ([c[0] for c in CELLS].index(r["cell"]) if r["cell"] in [c[0] for c in CELLS]
@@ -125,12 +138,7 @@ def report(records, out: Path, header: str) -> str:
     plot_points(rows, lambda r: r["cell"] + ("" if r["steps"] == STEPS else f" ({r['steps']:,} steps)"), "MQAR accuracy (held-out)",
                 "CMS ablation: MQAR 4 pairs, 16 tokens, 2 layers, dim 64 (dots: seeds)", out / "ablation.png",
                 hline=1.0)
-    by = {}
-    for r in records:
-        if r["steps"] == max(x["steps"] for x in records if x["cell"] == r["cell"]):
-            by.setdefault(r["cell"], []).append(r)
-    plot_curves(by, "accuracy", "MQAR accuracy", "Learning curves (mean, band: min-max over seeds)",
-                out / "ablation_curves.png")
+    _plot_longest_curves(records, out)
     return terminal_table(rows, COLUMNS)
 
 
@@ -224,12 +232,7 @@ def recall_report(records, out: Path, header: str) -> str:
                 else r["cell"], "MQAR accuracy (held-out)",
                 "paper HOPE recall: MQAR 4 pairs, 64 tokens (16 where named), 2 layers, dim 64 (dots: seeds)",
                 out / "ablation.png", hline=0.9)
-    by = {}
-    for r in records:
-        if r["steps"] == max(x["steps"] for x in records if x["cell"] == r["cell"]):
-            by.setdefault(r["cell"], []).append(r)
-    plot_curves(by, "accuracy", "MQAR accuracy", "Learning curves (mean, band: min-max over seeds)",
-                out / "ablation_curves.png")
+    _plot_longest_curves(records, out)
     return terminal_table(rows, columns)
 
 

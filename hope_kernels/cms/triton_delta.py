@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ..aot import KernelConfig
 from ..triton_utils import (autotune, check_grid, chunk_bounds, chunk_indices, chunk_offsets, empty, kernel_spec,
-                            load_tile, seq_bounds, unit_lower_inverse, upcast_dots)
+                            load_tile, seq_bounds, state_tile, unit_lower_inverse, upcast_dots)
 from .triton_tiles import _decays, _mix_rows, _pad, _rows, _store_rows
 
 WY_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1)) for w in (4, 8) for s in (1, 2)]
@@ -145,15 +145,8 @@ def delta_state_kernel(k, decay, w, u, x, h, h0, ht, cu_seqlens, chunk_offs, T, 
     i_nh, i_m = i_nhm // M, i_nhm % M
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_seq, boc = seq_bounds(i_n, T, cu_seqlens, chunk_offs, BT, IS_VARLEN)
-    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    off_kv = o_k[:, None] * V + o_v[None, :]
-    if USE_INITIAL_STATE:
-        b_h = tl.load(h0 + i_nhm.to(tl.int64) * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
-    else:
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    o_t = tl.arange(0, BT)
+    o_k, o_v, m_k, m_v, m_kv, off_kv, b_h = state_tile(h0, i_nhm, i_v, K, V, BK, BV, USE_INITIAL_STATE)
     g = tl.log(tl.load(decay + i_h * M + i_m).to(tl.float32))
     for c in range(0, tl.cdiv(T_seq, BT)):
         tl.store(h + (((boc + c) * H + i_h) * M + i_m) * K * V + off_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
@@ -234,15 +227,8 @@ def delta_state_bwd_kernel(q, k, decay, mix, Mi, w, do, dht, dr, dhn, dh0, cu_se
     i_nh, i_m = i_nhm // M, i_nhm % M
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_seq, boc = seq_bounds(i_n, T, cu_seqlens, chunk_offs, BT, IS_VARLEN)
-    o_t, o_k = tl.arange(0, BT), tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    off_kv = o_k[:, None] * V + o_v[None, :]
-    if USE_FINAL_GRAD:
-        b_dh = tl.load(dht + i_nhm.to(tl.int64) * K * V + off_kv, mask=m_kv, other=0.).to(tl.float32)
-    else:
-        b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    o_t = tl.arange(0, BT)
+    o_k, o_v, m_k, m_v, m_kv, off_kv, b_dh = state_tile(dht, i_nhm, i_v, K, V, BK, BV, USE_FINAL_GRAD)
     g = tl.log(tl.load(decay + i_h * M + i_m).to(tl.float32))
     NC = tl.cdiv(T_seq, BT)
     for c_rev in range(0, NC):

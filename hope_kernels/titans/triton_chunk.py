@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from ..aot import KernelConfig
-from ..triton_utils import (autotune, check_grid, empty, host_lengths, kernel_spec, load_tile, unit_lower_inverse,
-                            upcast_dots)
+from ..triton_utils import (autotune, check_grid, empty, host_lengths, kernel_spec, load_tile, state_tile,
+                            unit_lower_inverse, upcast_dots)
 
 WY_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1)) for w in (4, 8) for s in (1, 2)]
 STATE_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=s, default=(w, s) == (4, 1))
@@ -124,22 +124,6 @@ def _chunk(i_c, T, G, CPB, NC, cu_seqlens, chunk_idx, BT: tl.constexpr, IS_VARLE
     cw = c % CPB
     t0 = (c // CPB) * G + cw * BT
     return bos + t0, tl.minimum(tl.minimum(G - cw * BT, L - t0), BT), cw
-
-
-@triton.jit
-def _state_tile(x, i_nh, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                LOAD: tl.constexpr):
-    """Index vectors and masks of the program's [BK, BV] state tile, and the tile of x[i_nh] in float32
-    (zeros unless LOAD): the prologue of the sequential passes."""
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    off_kv = o_k[:, None] * V + o_v[None, :]
-    b_x = tl.zeros([BK, BV], dtype=tl.float32)
-    if LOAD:
-        b_x = tl.load(x + i_nh.to(tl.int64) * K * V + off_kv, mask=m_kv, other=0.)
-    return o_k, o_v, m_k, m_v, m_kv, off_kv, b_x
 
 
 @triton.jit
@@ -228,7 +212,7 @@ def titans_chunk_state_kernel(k, decay, w, u, x, h, h0, ht, cu_seqlens, chunk_of
     i_n, i_h = i_nh // H, i_nh % H
     bos, L, boc, nc = _sequence(i_n, T, G, CPB, NC, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
-    o_k, o_v, m_k, m_v, m_kv, off_kv, b_h = _state_tile(h0, i_nh, i_v, K, V, BK, BV, USE_INITIAL_STATE)
+    o_k, o_v, m_k, m_v, m_kv, off_kv, b_h = state_tile(h0, i_nh, i_v, K, V, BK, BV, USE_INITIAL_STATE)
     b_hs = b_h
     for c in range(0, nc):
         cw = c % CPB
@@ -296,7 +280,7 @@ def titans_chunk_state_bwd_kernel(q, k, lr, decay, Mi, w, do, dht, dr, dv, dhn, 
     i_n, i_h = i_nh // H, i_nh % H
     bos, L, boc, nc = _sequence(i_n, T, G, CPB, NC, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
-    o_k, o_v, m_k, m_v, m_kv, off_kv, b_dh = _state_tile(dht, i_nh, i_v, K, V, BK, BV, USE_FINAL_GRAD)
+    o_k, o_v, m_k, m_v, m_kv, off_kv, b_dh = state_tile(dht, i_nh, i_v, K, V, BK, BV, USE_FINAL_GRAD)
     b_dhs = tl.zeros([BK, BV], dtype=tl.float32)
     for c_rev in range(0, nc):
         c = nc - 1 - c_rev
