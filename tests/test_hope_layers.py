@@ -199,6 +199,34 @@ def test_gated_readout():
     assert CMSLayer(D, H, M).out_gate is not None and CMSLayer(D, H, M, gated_readout=False).out_gate is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_conv_matches_grouped_conv1d(dtype):
+    """ShortConv (shifted multiply-adds with a hand-written backward) against a float64 causal grouped
+    conv1d over [cached history, x]: the output and the gradients of x, the weight and the history."""
+    from hope.layers import ShortConv
+    from helpers import as_ref, poisoned, randn
+    torch.manual_seed(0)
+    Bc, Tc, C, w = 2, 7, 5, 4
+    conv = ShortConv(C, w, init="uniform").to(dtype)
+    x = randn(Bc, Tc, C, dtype=dtype, requires_grad=True)
+    hist = randn(Bc, w - 1, C, dtype=dtype, requires_grad=True)
+    dy = randn(Bc, Tc, C, dtype=dtype)
+    cache = {"conv": hist}
+    y = poisoned(Bc, Tc, C, dtype=dtype)
+    y.copy_(conv(x, cache))
+    y_graph = conv(x, {"conv": hist})
+    y_graph.backward(dy)
+    x64, h64, w64 = as_ref(x), as_ref(hist), as_ref(conv.weight)
+    want = torch.nn.functional.conv1d(torch.cat([h64, x64], 1).transpose(1, 2), w64[:, None], groups=C).transpose(1, 2)
+    want.backward(dy.double())
+    assert_close("short conv", y, want, dtype, "cpu")
+    assert_close("short conv (graph)", y_graph, want, dtype, "cpu")
+    for name, got, ref in (("dx", x.grad, x64.grad), ("dweight", conv.weight.grad, w64.grad),
+                           ("dhistory", hist.grad, h64.grad)):
+        assert_close(name, got, ref, dtype, "cpu", grad=True)
+    assert torch.equal(cache["conv"], torch.cat([hist, x], 1)[:, -(w - 1):])
+
+
 def _delta_cms_on_titans(layer, x):
     """The delta-rule CMS layer written on titans_scan (period 1) with the M memories of a head as M
     heads of one scan: the form the layer had before it ran on cms_scan(beta=...)."""

@@ -51,7 +51,9 @@ def _projections(u, Mbar, lr_bias, decay_bias, lr_max: float, period: int, eps: 
     """(k, v, lr, log decay) of tokens u [B, H, L, D] from the block-start memory Mbar [B, H, D, W]."""
     D = u.shape[-1]
     r = u @ Mbar                              # all W columns: cheaper than a slice of Mbar in backward
-    kk, vv, eta, alpha = r[..., :D], r[..., D:2 * D], r[..., 2 * D], r[..., 2 * D + 1]
+    # one split (backward: one concatenation), not four slices (backward: a zero [.., W] buffer each)
+    kk, vv, eta, alpha, _ = r.split([D, D, 1, 1, D], -1)
+    eta, alpha = eta.squeeze(-1), alpha.squeeze(-1)
     k = kk * torch.rsqrt(kk.pow(2).sum(-1, keepdim=True) + eps)
     v = vv * torch.rsqrt(vv.pow(2).sum(-1, keepdim=True) + eps)
     lr = (lr_max / period) * torch.sigmoid(eta + lr_bias[:, None])
