@@ -28,6 +28,8 @@ trained at T_train, evaluated at T_train, 4 T_train and 16 T_train.
 """
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -87,38 +89,32 @@ PLANS = {
 def jobs(plan, variants: Sequence[tuple], device: str = "cpu") -> List[dict]:
     out = []
     backend = {} if device == "cpu" else {"backend": None}      # CPU: the torch backend (runner.model_config)
+    recall_variants = [v for v in variants if "mqar" in v[2]]
     if isinstance(plan, ZooPlan):
-        for T, N in plan.cells:
-            for d in plan.dims:
-                for lr in plan.lrs:
-                    for seed in plan.seeds:
-                        for name, ov, tasks in variants:
-                            if "mqar" in tasks:
-                                out.append({
-                                    "key": f"zoology|{name}|T={T}|N={N}|dim={d}|lr={lr:.3g}|steps={plan.steps}|"
-                                           f"B={plan.batch_size}|V={plan.vocab}|seed={seed}",
-                                    "task": "zoology", "variant": name, "num_pairs": N, "seq_len": T, "dim": d,
-                                    "lr": lr, "steps": plan.steps, "seed": seed, "device": device,
-                                    "task_args": {"num_pairs": N, "seq_len": T, "vocab": plan.vocab},
-                                    "model": {**plan.base, **ov, "dim": d, **backend},
-                                    "budget": {"steps": plan.steps, "batch_size": plan.batch_size, "lr": lr,
-                                               "eval_every": plan.eval_every, "eval_size": plan.eval_size}})
+        for (T, N), d, lr, seed, (name, ov, _) in itertools.product(plan.cells, plan.dims, plan.lrs, plan.seeds,
+                                                                    recall_variants):
+            out.append({
+                "key": f"zoology|{name}|T={T}|N={N}|dim={d}|lr={lr:.3g}|steps={plan.steps}|"
+                       f"B={plan.batch_size}|V={plan.vocab}|seed={seed}",
+                "task": "zoology", "variant": name, "num_pairs": N, "seq_len": T, "dim": d,
+                "lr": lr, "steps": plan.steps, "seed": seed, "device": device,
+                "task_args": {"num_pairs": N, "seq_len": T, "vocab": plan.vocab},
+                "model": {**plan.base, **ov, "dim": d, **backend},
+                "budget": {"steps": plan.steps, "batch_size": plan.batch_size, "lr": lr,
+                           "eval_every": plan.eval_every, "eval_size": plan.eval_size}})
     else:
         lengths = [f * plan.train_len for f in plan.factors]
-        for n in plan.needles:
-            for seed in plan.seeds:
-                for name, ov, tasks in variants:
-                    if "mqar" in tasks:
-                        out.append({
-                            "key": f"niah|{name}|needles={n}|T={plan.train_len}|eval={','.join(map(str, lengths))}|"
-                                   f"steps={plan.steps}|lr={plan.lr:.3g}|seed={seed}",
-                            "task": "niah", "variant": name, "num_needles": n, "seq_len": plan.train_len,
-                            "dim": plan.base["dim"], "lr": plan.lr, "steps": plan.steps, "seed": seed,
-                            "device": device, "eval_lengths": lengths,
-                            "task_args": {"seq_len": plan.train_len, "num_needles": n, **plan.task},
-                            "model": {**plan.base, **ov, **backend},
-                            "budget": {"steps": plan.steps, "batch_size": plan.batch_size, "lr": plan.lr,
-                                       "eval_every": plan.eval_every, "eval_size": plan.eval_size}})
+        for n, seed, (name, ov, _) in itertools.product(plan.needles, plan.seeds, recall_variants):
+            out.append({
+                "key": f"niah|{name}|needles={n}|T={plan.train_len}|eval={','.join(map(str, lengths))}|"
+                       f"steps={plan.steps}|lr={plan.lr:.3g}|seed={seed}",
+                "task": "niah", "variant": name, "num_needles": n, "seq_len": plan.train_len,
+                "dim": plan.base["dim"], "lr": plan.lr, "steps": plan.steps, "seed": seed,
+                "device": device, "eval_lengths": lengths,
+                "task_args": {"seq_len": plan.train_len, "num_needles": n, **plan.task},
+                "model": {**plan.base, **ov, **backend},
+                "budget": {"steps": plan.steps, "batch_size": plan.batch_size, "lr": plan.lr,
+                           "eval_every": plan.eval_every, "eval_size": plan.eval_size}})
     # smallest cells first: an interrupted run has whole cells (every variant and rate) to report
     return sorted(out, key=lambda j: (j["steps"] * j["seq_len"] * j["dim"], j.get("num_needles", 0)))
 
