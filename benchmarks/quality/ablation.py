@@ -163,6 +163,11 @@ RECALL_CELLS = [
     ("3,000 steps", T64, {}, None, {"steps": 3000}),
     ("orthogonal + period 4", T64, {"titans_period": 4}, ORTHO, {}),
     ("orthogonal + period 1", T64, {"titans_period": 1}, ORTHO, {}),
+    ("orthogonal + period 1 + static learned k, v", T64, {"titans_period": 1}, {**ORTHO, "kv": "static"}, {}),
+    ("orthogonal + period 1 + M_mem written toward v", T64, {"titans_period": 1}, {**ORTHO, "values": "v"}, {}),
+    ("orthogonal + period 1 + static k, v + M_mem toward v", T64, {"titans_period": 1},
+     {**ORTHO, "kv": "static", "values": "v"}, {}),
+    ("orthogonal + period 1, AdamW lr 3e-3", T64, {"titans_period": 1}, ORTHO, {"lr": 3e-3}),
     ("paper HOPE (period 16), 16 tokens", T16, {}, None, {}),
     ("orthogonal + period 1, 16 tokens", T16, {"titans_period": 1}, ORTHO, {}),
 ]
