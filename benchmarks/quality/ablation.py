@@ -10,7 +10,7 @@ benchmarks/results/quality_cpu-2core_2026-12-02_paper-hope-recall/). MQAR with 4
 CMS ablation's model size and recipe; each cell
 changes one thing of the paper HOPE (RECALL_CELLS): the Titans period, momentum, the self-modifying
 parts one at a time (benchmarks/quality/designs.py, apply_selfmod: M_k / M_v initialisation, static
-k / v projections, M_mem written toward v instead of vhat), the levels, lr_max, the learning rate and
+k / v projections, M_mem written toward v instead of vhat, M_mem at its own period 1), the levels, lr_max, the learning rate and
 the training length; then the combinations that recall.
 
 --design cms (the default): why the seed's decaying CMS kept a softmax-attention HOPE block from
@@ -168,6 +168,7 @@ RECALL_CELLS = [
     ("orthogonal + period 1 + static k, v + M_mem toward v", T64, {"titans_period": 1},
      {**ORTHO, "kv": "static", "values": "v"}, {}),
     ("orthogonal + period 1, AdamW lr 3e-3", T64, {"titans_period": 1}, ORTHO, {"lr": 3e-3}),
+    ("orthogonal + M_mem at period 1, projections at 16", T64, {}, {**ORTHO, "mem": "online"}, {}),
     ("paper HOPE (period 16), 16 tokens", T16, {}, None, {}),
     ("orthogonal + period 1, 16 tokens", T16, {"titans_period": 1}, ORTHO, {}),
 ]
