@@ -169,6 +169,8 @@ RECALL_CELLS = [
      {**ORTHO, "kv": "static", "values": "v"}, {}),
     ("orthogonal + period 1, AdamW lr 3e-3", T64, {"titans_period": 1}, ORTHO, {"lr": 3e-3}),
     ("orthogonal + M_mem at period 1, projections at 16", T64, {}, {**ORTHO, "mem": "online"}, {}),
+    ("orthogonal + M_mem at period 1, one head (D = 64)", T64, {"num_heads": 1}, {**ORTHO, "mem": "online"}, {}),
+    ("orthogonal + period 1, one head (D = 64)", T64, {"num_heads": 1, "titans_period": 1}, ORTHO, {}),
     ("paper HOPE (period 16), 16 tokens", T16, {}, None, {}),
     ("orthogonal + period 1, 16 tokens", T16, {"titans_period": 1}, ORTHO, {}),
 ]
