@@ -173,6 +173,8 @@ RECALL_CELLS = [
     ("orthogonal + period 1, one head (D = 64)", T64, {"num_heads": 1, "titans_period": 1}, ORTHO, {}),
     ("orthogonal + M_mem at period 1, one head, AdamW lr 3e-3", T64, {"num_heads": 1}, {**ORTHO, "mem": "online"},
      {"lr": 3e-3}),
+    ("orthogonal + M_mem at period 1, AdamW lr 3e-3", T64, {}, {**ORTHO, "mem": "online"}, {"lr": 3e-3}),
+    ("orthogonal, AdamW lr 3e-3", T64, {}, ORTHO, {"lr": 3e-3}),
     ("control: Titans period 1 (not self-modifying, no levels)", T64,
      {**variant("Titans period 1 (DGD)").overrides, "self_modifying": False}, None, {}),
     ("paper HOPE (period 16), 16 tokens", T16, {}, None, {}),
