@@ -47,7 +47,8 @@ def make_attention(c: HOPEConfig, backend: Optional[str] = None) -> nn.Module:
         return SoftmaxAttention(c.dim, c.num_heads, c.head_dim, bias=c.bias, dropout=c.dropout,
                                 position=c.position, rope_base=c.rope_base, backend=backend)
     if c.attention == "titans":
-        kind, extra = (SelfModifyingTitans, {"selfmod_init": c.titans_selfmod_init}) if c.self_modifying \
+        kind, extra = (SelfModifyingTitans, {"selfmod_init": c.titans_selfmod_init,
+                                             "mem_period": c.titans_mem_period}) if c.self_modifying \
             else (TitansLayer, {})
         return kind(c.dim, c.num_heads, c.head_dim, period=c.titans_period, momentum=c.titans_momentum,
                     lr_max=c.titans_lr_max, bias=c.bias, dropout=c.dropout, backend=backend, **extra)

@@ -131,6 +131,7 @@ class HOPEConfig:
     self_modifying: bool = False          # titans: k, v, lr, decay are in-context memories (the paper's HOPE)
     titans_momentum: bool = False         # titans: momentum on the memory's gradient steps
     titans_selfmod_init: str = "identity"  # self-modifying: M_k, M_v start as I, I | two random orthogonal matrices
+    titans_mem_period: Optional[int] = None  # self-modifying: M_mem's own period, None (= titans_period) | 1 (online)
     titans_lr_max: float = 1.0            # titans: inner step bound, in (0, 2)
     cms: str = "multiscale"               # "multiscale" (seed: timescales, then an MLP) | "levels" (paper) | "none"
     num_memory_modules: int = 4           # multiscale: memories (timescales) per head
@@ -164,6 +165,11 @@ class HOPEConfig:
         check_choice(self, "titans_selfmod_init", SELFMOD_INITS)
         check_int(self, "titans_period")
         check_positive(self, "titans_period")
+        if self.titans_mem_period not in (None, 1, self.titans_period):
+            raise ValueError(f"titans_mem_period must be None, 1 or titans_period={self.titans_period}, "
+                             f"got {self.titans_mem_period!r}")
+        if self.titans_mem_period == 1 and self.titans_period > 1 and self.titans_momentum:
+            raise ValueError("titans_mem_period=1 needs titans_momentum=False (M_mem's online rule has no momentum)")
         for name in ("titans_lr_max", "cms_lr_max"):
             if not 0.0 < getattr(self, name) < 2.0:
                 raise ValueError(f"{name} must be in (0, 2) (stable inner gradient descent), "

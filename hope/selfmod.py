@@ -39,6 +39,8 @@ token with `titans_selfmod_step` (at most period - 1 of them), then runs the op 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .layers import l2norm, split_heads, up
@@ -55,17 +57,21 @@ def random_orthogonal(H: int, D: int) -> torch.Tensor:
 
 class SelfModifyingTitans(TitansLayer):
     """Self-modifying Titans; see the module docstring. x: [B, T, dim] -> [B, T, dim]. `selfmod_init`:
-    M_k, M_v at initialisation, "identity" or "orthogonal" (module docstring, Initial state); the
+    M_k, M_v at initialisation, "identity" or "orthogonal" (module docstring, Initial state);
+    `mem_period`: M_mem's own period, None (the layer's) or 1 (module docstring, M_mem online); the
     other arguments are TitansLayer's."""
 
     streams = 2            # q and u
     static_gates = 0       # the memories M_eta and M_alpha give lr and decay
 
-    def __init__(self, *args, selfmod_init: str = "identity", **kwargs):
+    def __init__(self, *args, selfmod_init: str = "identity", mem_period: Optional[int] = None, **kwargs):
         if selfmod_init not in SELFMOD_INITS:
             raise ValueError(f"selfmod_init must be one of {SELFMOD_INITS}, got {selfmod_init!r}")
         self.selfmod_init = selfmod_init     # read by _initial_memory, which the base __init__ calls
         super().__init__(*args, **kwargs)
+        if mem_period not in (None, 1, self.period):
+            raise ValueError(f"mem_period must be None, 1 or period={self.period}, got {mem_period!r}")
+        self.mem_period = mem_period
 
     def _initial_memory(self, H: int, D: int) -> torch.Tensor:
         """[M_k | M_v | M_eta | M_alpha | M_mem]: M_k, M_v (module docstring), small read-outs, I."""
@@ -81,7 +87,7 @@ class SelfModifyingTitans(TitansLayer):
         q, u, mom = inputs
         return get_op("titans_selfmod_scan", self.backend)(
             q, u, self.lr_bias, self.decay_bias, mom, 1.0, lr_max=self.lr_max, period=self.period, initial_state=state,
-            output_final_state=True)
+            output_final_state=True, mem_period=self.mem_period)
 
     def _continue(self, inputs, state, block_state, step: bool):
         q, u, mom = inputs   # one token at a time, in place
@@ -89,6 +95,7 @@ class SelfModifyingTitans(TitansLayer):
         for t in range(q.shape[1]):
             o, state = get_op("titans_selfmod_step", self.backend)(
                 q[:, t], u[:, t], self.lr_bias, self.decay_bias, state, block_state,
-                None if mom is None else mom[:, t], 1.0, lr_max=self.lr_max, period=self.period)
+                None if mom is None else mom[:, t], 1.0, lr_max=self.lr_max, period=self.period,
+                mem_period=self.mem_period)
             outs.append(o)
         return torch.stack(outs, 1), state

@@ -28,6 +28,8 @@ VARIANTS = {
     "paper": dict(attention="titans", self_modifying=True, titans_period=4, cms="levels", cms_periods=[4, 8]),
     "paper-orthogonal-period1": dict(attention="titans", self_modifying=True, titans_selfmod_init="orthogonal",
                                      titans_period=1, cms="levels", cms_periods=[4, 8]),
+    "paper-online-mem": dict(attention="titans", self_modifying=True, titans_selfmod_init="orthogonal",
+                             titans_period=4, titans_mem_period=1, cms="levels", cms_periods=[4, 8]),
     "paper-momentum-mlp": dict(attention="titans", self_modifying=True, titans_momentum=True, titans_period=4,
                                cms="levels", cms_memory="mlp", cms_periods=[4, 16]),
     "hope-attention": dict(attention="softmax", cms="levels", cms_periods=[4, 8]),
@@ -294,6 +296,8 @@ def test_shipped_configs_build(name):
     (dict(titans_period=0), "titans_period"), (dict(cms="both"), "cms"), (dict(cms_memory="deep"), "cms_memory"),
     (dict(cms_periods=[]), "cms_periods"), (dict(cms_periods=[4, 0]), "cms_periods"),
     (dict(attention="titan"), "attention"), (dict(titans_selfmod_init="eye"), "titans_selfmod_init"),
+    (dict(titans_mem_period=2), "titans_mem_period"),
+    (dict(titans_mem_period=1, titans_momentum=True), "titans_mem_period=1 needs"),
 ])
 def test_bad_config_values(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hope_kernels import reference, titans_scan, titans_step
-from helpers import as_ref, assert_close, randn, simulated_autotuning
+from helpers import as_ref, assert_close, randn, rel_err, simulated_autotuning
 
 BACKENDS = ["triton", "torch"]
 NAMES = ["q", "k", "v", "lr", "decay", "momentum", "S0", "Z0"]
@@ -520,6 +520,55 @@ def test_selfmod_scan_matches_reference(backend, device, dtype, period, momentum
             assert_close("d" + name, g[id(x)], rg[id(r)], dtype, device, grad=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,period,T", [(torch.float32, 4, 21), (torch.float32, 8, 5), (torch.bfloat16, 3, 13)])
+def test_selfmod_scan_online_mem_matches_reference(backend, device, dtype, period, T):
+    """mem_period=1 (M_mem by the online rule inside each block) against the float64 reference: output, final
+    state, every gradient; and it is not the block rule."""
+    from hope_kernels import titans_selfmod_scan
+    xs = _selfmod_inputs(2, T, 2, 8, dtype, device, False)
+    outs = _selfmod(titans_selfmod_scan, xs, period, mem_period=1, backend=backend)
+    refs_in = [None if x is None else as_ref(x).cpu() for x in xs]
+    refs = _selfmod(reference.titans_selfmod_scan, refs_in, period, mem_period=1)
+    for name, a, b in zip(["o", "M"], outs, refs):
+        assert_close(name, a, b, dtype, device)
+    g, rg = _grads(outs, xs), _grads(refs, refs_in)
+    for name, x, r in zip(["q", "u", "lr_bias", "decay_bias", "momentum", "M0"], xs, refs_in):
+        if x is not None:
+            assert_close("d" + name, g[id(x)], rg[id(r)], dtype, device, grad=True)
+    with torch.no_grad():
+        block = _selfmod(reference.titans_selfmod_scan, refs_in, period)
+    assert rel_err(refs[0], block[0]) > 1e-3
+
+
+def test_selfmod_online_mem_split_and_steps():
+    """mem_period=1: two calls split at a multiple of period equal one; a loop of steps equals the scan; at
+    period 1 it is the block rule."""
+    from hope_kernels import titans_selfmod_scan, titans_selfmod_step
+    period, T = 4, 14
+    q, u, lr_b, d_b, _, M0, _ = [None if x is None else x.detach()
+                                 for x in _selfmod_inputs(2, T, 2, 8, torch.float32, "cpu", False)]
+    kw = dict(lr_max=1.0, period=period, output_final_state=True, mem_period=1, backend="torch")
+    o, M = titans_selfmod_scan(q, u, lr_b, d_b, None, 1.0, initial_state=M0, **kw)
+    o1, st = titans_selfmod_scan(q[:, :8], u[:, :8], lr_b, d_b, None, 1.0, initial_state=M0, **kw)
+    o2, M2 = titans_selfmod_scan(q[:, 8:], u[:, 8:], lr_b, d_b, None, 1.0, initial_state=st, **kw)
+    assert_close("o", torch.cat([o1, o2], 1), o.double(), torch.float32, "cpu")
+    assert_close("M", M2, M.double(), torch.float32, "cpu")
+    state, outs = M0.clone(), []
+    for t in range(T):
+        block = state.clone() if t % period == 0 else block
+        o_t, ret = titans_selfmod_step(q[:, t], u[:, t], lr_b, d_b, state, block, None, 1.0, lr_max=1.0,
+                                       period=period, mem_period=1, backend="torch")
+        assert ret is state
+        outs.append(o_t)
+    assert_close("o", torch.stack(outs, 1), o.double(), torch.float32, "cpu")
+    assert_close("M", state, M.double(), torch.float32, "cpu")
+    kw1 = dict(kw, period=1)
+    for a, b in zip(titans_selfmod_scan(q, u, lr_b, d_b, None, 1.0, initial_state=M0, **kw1),
+                    titans_selfmod_scan(q, u, lr_b, d_b, None, 1.0, initial_state=M0, **dict(kw1, mem_period=None))):
+        assert_close("period 1", a, b.double(), torch.float32, "cpu")
+
+
 def test_selfmod_split_and_resume_and_steps():
     """Two calls split at a multiple of period equal one; a loop of steps (block state refreshed every
     period tokens) equals the scan."""
@@ -567,6 +616,10 @@ BAD_SELFMOD = [
     (dict(period=True), TypeError, "period"),
     (dict(lr_max=2.0), ValueError, "lr_max"),
     (dict(lr_max=float("nan")), ValueError, "lr_max"),
+    (dict(mem_period=3), ValueError, "mem_period"),
+    (dict(mem_period=0), ValueError, "period"),
+    (dict(mem_period=1, momentum=torch.full((1, 6, 2), 0.5), initial_state=(torch.zeros(1, 2, 4, 14),) * 2),
+     ValueError, "mem_period=1 needs momentum=None"),
 ]
 
 

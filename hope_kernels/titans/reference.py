@@ -80,9 +80,11 @@ def titans_step(q, k, v, lr, state, decay=None, momentum=None, scale=None, *, bl
 
 
 def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *, lr_max, period, initial_state,
-                        output_final_state=False, eps=1e-6):
+                        output_final_state=False, eps=1e-6, mem_period=None):
     """The self-modifying Titans memory as a loop over blocks (hope_kernels/titans/selfmod.py): each
-    block reads its keys, values, step and decay from the block-start memory Mbar, then one titans_scan.
+    block reads its keys, values, step and decay from the block-start memory Mbar, then one titans_scan
+    (with mem_period=1, one at `period` on the other memories' columns and one at period 1, step
+    period * lr, on M_mem's).
 
     q, u: [B, T, H, D]; lr_bias, decay_bias: [H]; momentum: [B, T, H]; initial_state M [B, H, D, 3D + 2]
     (or (M, Z) with momentum). Returns (o [B, T, H, D], final state or None)."""
@@ -102,6 +104,14 @@ def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *,
         vhat = torch.einsum("bthd,bhdw->bthw", v, Mbar.to(sd))                    # self-generated values
         lr = lr_max / period * torch.sigmoid(eta + lr_bias.to(sd))
         decay = torch.sigmoid(alpha + decay_bias.to(sd))
+        if mem_period not in (None, period):
+            _, rest = titans_scan(q[:, s:e].to(sd), k, vhat[..., :2 * D + 2], lr, decay, scale=scale, period=period,
+                                  initial_state=state[..., :2 * D + 2], output_final_state=True)
+            o, mem = titans_scan(q[:, s:e].to(sd), k, vhat[..., 2 * D + 2:], period * lr, decay, scale=scale,
+                                 period=1, initial_state=state[..., 2 * D + 2:], output_final_state=True)
+            state = torch.cat([rest, mem], -1)
+            outs.append(o)
+            continue
         o, state = titans_scan(q[:, s:e].to(sd), k, vhat, lr, decay, None if momentum is None else momentum[:, s:e],
                                scale, period=period, initial_state=state, output_final_state=True)
         outs.append(o[..., 2 * D + 2:])
@@ -110,8 +120,9 @@ def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *,
 
 
 def titans_selfmod_step(q, u, lr_bias, decay_bias, state, block_state, momentum=None, scale=None, *, lr_max,
-                        period, eps=1e-6):
-    """One token in place: the keys, values, step and decay from block_state, then titans_step."""
+                        period, eps=1e-6, mem_period=None):
+    """One token in place: the keys, values, step and decay from block_state, then titans_step (with
+    mem_period=1, M_mem's columns at their current state with step period * lr)."""
     D = q.shape[-1]
     sd = block_state.dtype
     r = torch.einsum("bhd,bhdw->bhw", u.to(sd), block_state)
@@ -120,5 +131,10 @@ def titans_selfmod_step(q, u, lr_bias, decay_bias, state, block_state, momentum=
     vhat = torch.einsum("bhd,bhdw->bhw", v, block_state)
     lr = lr_max / period * torch.sigmoid(r[..., 2 * D] + lr_bias.to(sd))
     decay = torch.sigmoid(r[..., 2 * D + 1] + decay_bias.to(sd))
+    if mem_period not in (None, period):
+        titans_step(q.to(sd), k, vhat[..., :2 * D + 2], lr, state[..., :2 * D + 2], decay, None, scale,
+                    block_state=block_state[..., :2 * D + 2])
+        o, _ = titans_step(q.to(sd), k, vhat[..., 2 * D + 2:], period * lr, state[..., 2 * D + 2:], decay, None, scale)
+        return o.to(q.dtype), state
     o, state = titans_step(q.to(sd), k, vhat, lr, state, decay, momentum, scale, block_state=block_state)
     return o[..., 2 * D + 2:].to(q.dtype), state

@@ -17,11 +17,21 @@ i.e. titans_scan at `period` with keys k, values vhat and gates lr, decay read f
 memory; a block's inputs depend on the previous block's result, so blocks run one after another.
 See DESIGN.md ("titans_selfmod_scan").
 
+`mem_period=1` gives the output memory M_mem its own period (the paper allows one period for M_mem and
+one for the rest): inside a block it takes the exact online step, the gradient at M_mem,t-1 with the
+step bound of period 1, while keys, values, gates and vhat stay read at the block start:
+
+    M_mem,t  = decay_t M_mem,t-1 - lr'_t k_t^T (k_t M_mem,t-1 - vhat_t[mem]),   lr'_t = period * lr_t
+
+(titans_scan at period 1 on the M_mem columns, so a block stays parallel: a delta rule with given keys
+and values). With the step scaled by 1 / period a pair written inside a block comes back at most
+lr_max / period strong; online, a step of 1 replaces the key's value (docs/findings.md).
+
 backend="triton" without momentum (head size D <= 128, blocks of min(period, T) <= 64 tokens) runs
 triton_selfmod.py: one forward and one backward kernel launch, a program per (batch x head) looping over
 the blocks with the memory in an fp32 workspace (its module docstring). Momentum, and longer blocks, run
-the torch path on any backend: a Python loop over blocks, each block one chunk-parallel step of ~25
-tensor ops vectorised over batch, heads and the block's tokens:
+the torch path on any backend, and so does mem_period=1: a Python loop over blocks, each block one
+chunk-parallel step of ~25 tensor ops vectorised over batch, heads and the block's tokens:
 with X = lr (v - k) Mbar (= lr (vhat - k Mbar)) and the decay / momentum products D, M of
 torch_chunked (C = D M, a = D mu, gamma_i = d_1 ... d_i),
 
@@ -39,7 +49,7 @@ from torch import Tensor
 
 from .. import library, utils
 from .ops import _check_gate, _check_period, _check_state, titans_step
-from .torch_chunked import _decay_products, _momentum_products
+from .torch_chunked import _decay_products, _dense, _momentum_products
 
 
 def width(D: int) -> int:
@@ -60,11 +70,26 @@ def _projections(u, Mbar, lr_bias, decay_bias, lr_max: float, period: int, eps: 
     return k, v, lr, F.logsigmoid(alpha + decay_bias[:, None])
 
 
-def _block(q, u, m, M, Z, lr_bias, decay_bias, scale, lr_max, period, eps):
-    """One block of L tokens from its start memory M (and Z): (o [B, H, L, D], M_end, Z_end)."""
+def _online_mem(q, k, v, lr, log_decay, Mbar, period, scale):
+    """M_mem over one block by the online rule (module docstring, mem_period=1): titans_scan's torch path at
+    period 1 on the M_mem columns. q, k, v [B, H, L, D], lr, log_decay [B, H, L]; returns (o, M_mem end)."""
+    D = q.shape[-1]
+    mem = Mbar[..., 2 * D + 2:]
+    heads = lambda x: x.transpose(1, 2)                                    # noqa: E731  [B, L, H, *]
+    o, S, _ = _dense(heads(q), heads(k), heads(v @ mem), heads(period * lr), heads(log_decay.exp()), None, scale,
+                     1, "current", mem, None, 64)
+    return heads(o), S
+
+
+def _block(q, u, m, M, Z, lr_bias, decay_bias, scale, lr_max, period, eps, online_mem=False):
+    """One block of L tokens from its start memory M (and Z): (o [B, H, L, D], M_end, Z_end); with online_mem
+    the M_mem columns run the online rule (mem_period=1) and the rest the block rule."""
     D = q.shape[-1]
     dt = M.dtype
     k, v, lr, log_decay = _projections(u, M, lr_bias, decay_bias, lr_max, period, eps)
+    if online_mem:
+        o, S = _online_mem(q, k, v, lr, log_decay, M, period, scale)
+        M = M[..., :2 * D + 2]
     X = lr[..., None] * ((v - k) @ M)                                      # [B, H, L, W]
     LD = log_decay.double().cumsum(-1)
     Dp = _decay_products(LD)
@@ -77,8 +102,10 @@ def _block(q, u, m, M, Z, lr_bias, decay_bias, scale, lr_max, period, eps):
     else:
         C = Dp
     C = C.to(dt)
-    o = (gamma.to(dt)[..., None] * (q @ M[..., mem]) + ((q @ k.transpose(-1, -2)) * C) @ X[..., mem])
     M_end = gamma[..., -1, None, None].to(dt) * M + (C[..., -1, :, None] * k).transpose(-1, -2) @ X
+    if online_mem:
+        return o, torch.cat([M_end, S], -1), Z
+    o = (gamma.to(dt)[..., None] * (q @ M[..., mem]) + ((q @ k.transpose(-1, -2)) * C) @ X[..., mem])
     if m is not None:
         o = o + a.to(dt)[..., None] * (q @ Z[..., mem])
         M_end = M_end + a[..., -1, None, None].to(dt) * Z
@@ -86,7 +113,7 @@ def _block(q, u, m, M, Z, lr_bias, decay_bias, scale, lr_max, period, eps):
     return scale * o, M_end, Z
 
 
-def selfmod_scan_torch(q, u, lr_bias, decay_bias, momentum, scale, lr_max, period, M, Z, eps, sd):
+def selfmod_scan_torch(q, u, lr_bias, decay_bias, momentum, scale, lr_max, period, M, Z, eps, sd, mem_period=None):
     """The scan in `sd`: a loop over blocks of min(period, T) tokens. Returns (o [B, T, H, D] in sd, M, Z)."""
     B, T, H, D = q.shape
     if T == 0:
@@ -99,7 +126,7 @@ def selfmod_scan_torch(q, u, lr_bias, decay_bias, momentum, scale, lr_max, perio
     lr_bias, decay_bias = lr_bias.to(sd), decay_bias.to(sd)
     outs = []
     for qb, ub, mb in zip(qs, us, ms):
-        o, M, Z = _block(qb, ub, mb, M, Z, lr_bias, decay_bias, scale, lr_max, period, eps)
+        o, M, Z = _block(qb, ub, mb, M, Z, lr_bias, decay_bias, scale, lr_max, period, eps, mem_period != period)
         outs.append(o)
     return torch.cat(outs, 2).transpose(1, 2), M, Z
 
@@ -125,8 +152,20 @@ def _check_number(name: str, x, lo: float, hi: float) -> float:
     return float(x)
 
 
+def _check_mem_period(mem_period, period: int, momentum) -> int:
+    """M_mem's period: None (the period) or 1 (the online rule, no momentum) -> an int."""
+    if mem_period is None:
+        return period
+    mem_period = _check_period(mem_period)
+    if mem_period not in (1, period):
+        raise ValueError(f"mem_period must be None, 1 or period={period}, got {mem_period}")
+    if mem_period != period and momentum is not None:
+        raise ValueError("mem_period=1 needs momentum=None (M_mem's online rule has no momentum)")
+    return mem_period
+
+
 def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *, lr_max, period, initial_state,
-                        output_final_state=False, eps=1e-6, backend=None):
+                        output_final_state=False, eps=1e-6, mem_period=None, backend=None):
     """The self-modifying Titans memory over whole sequences (module docstring for the math).
 
     Args:
@@ -137,6 +176,8 @@ def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *,
         lr_max: in (0, 2); the step is lr_max / period times a sigmoid.
         period: tokens per block (an integer >= 1; a value >= T is one block).
         initial_state: M_0 [B, H, D, 3D + 2] (the five memories' columns), or (M_0, Z_0) with momentum.
+        mem_period: None (M_mem at `period` like the others) or 1 (M_mem by the online rule inside each
+            block, module docstring; no momentum).
     Returns:
         o [B, T, H, D] in the input dtype, and the final state (float32; M, or (M, Z) with momentum)
         when output_final_state, else None. Differentiable in q, u, lr_bias, decay_bias, momentum,
@@ -146,6 +187,7 @@ def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *,
     B, T, H, D = q.shape
     momentum = _check_gate("momentum", momentum, (B, T, H), device, "[B, T, H]")
     period = _check_period(period)
+    mem_period = _check_mem_period(mem_period, period, momentum)
     lr_max = _check_number("lr_max", lr_max, 0., 2.)
     eps = _check_number("eps", eps, 0., math.inf)
     utils.require("initial_state", initial_state, "M_0 [B, H, D, 3D + 2] (or (M_0, Z_0) with momentum)")
@@ -157,23 +199,25 @@ def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *,
     M0 = M0.to(sd)
     Z0 = None if momentum is None else (torch.zeros_like(M0) if Z0 is None else Z0.to(sd))
     with utils.op_context(device):
-        o, M, Z = _scan(q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, backend)
+        o, M, Z = _scan(q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, mem_period, backend)
     if not output_final_state:
         return o, None
     return o, (M if momentum is None else (M, Z))
 
 
-def _triton_case(q, momentum, period: int, backend: str) -> bool:
-    """Whether the Triton kernels run this call (no momentum, a head size and block they take)."""
-    if backend != "triton" or momentum is not None:
+def _triton_case(q, momentum, period: int, mem_period: int, backend: str) -> bool:
+    """Whether the Triton kernels run this call (no momentum, M_mem at the period, a head size and block they
+    take)."""
+    if backend != "triton" or momentum is not None or mem_period != period:
         return False
     from .triton_selfmod import supported
     return supported(q.shape[-1], q.shape[1], period)
 
 
-def _scan_backward(grads, needs, q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, backend):
+def _scan_backward(grads, needs, q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, mem_period,
+                   backend):
     """The Triton backward kernel (no forward graph rebuilt); None (the vjp of the torch path) elsewhere."""
-    if not _triton_case(q, momentum, period, backend) or q.shape[1] == 0:
+    if not _triton_case(q, momentum, period, mem_period, backend) or q.shape[1] == 0:
         return None
     from .triton_selfmod import selfmod_backward
     do, dMT = library.present(grads[0]), library.present(grads[1])
@@ -188,39 +232,41 @@ def _scan_backward(grads, needs, q, u, lr_bias, decay_bias, momentum, M0, Z0, sc
 @library.op("titans_selfmod_scan", differentiable=("q", "u", "lr_bias", "decay_bias", "momentum", "M0", "Z0"),
             backward=_scan_backward)
 def _scan(q: Tensor, u: Tensor, lr_bias: Tensor, decay_bias: Tensor, momentum: Optional[Tensor], M0: Tensor,
-          Z0: Optional[Tensor], scale: float, lr_max: float, period: int, eps: float, backend: str
+          Z0: Optional[Tensor], scale: float, lr_max: float, period: int, eps: float, mem_period: int, backend: str
           ) -> Tuple[Tensor, Tensor, Tensor]:
     """(o in q's dtype, M_T, Z_T or None) of the checked inputs: the Triton kernels where `_triton_case`,
     else the torch loop over blocks."""
-    if _triton_case(q, momentum, period, backend) and q.shape[1] > 0:
+    if _triton_case(q, momentum, period, mem_period, backend) and q.shape[1] > 0:
         from .triton_selfmod import selfmod_forward
         o, M = selfmod_forward(q.contiguous(), u.contiguous(), lr_bias.float().contiguous(),
                                decay_bias.float().contiguous(), M0.float().contiguous(), scale, lr_max, period, eps)
         return o, M, None
     o, M, Z = selfmod_scan_torch(q, u, lr_bias, decay_bias, momentum, scale, lr_max, period, M0, Z0, eps,
-                                 utils.state_dtype(q.dtype))
+                                 utils.state_dtype(q.dtype), mem_period)
     return o.to(q.dtype), M, (Z if momentum is not None else None)
 
 
 @library.fake(_scan)
-def _scan_fake(q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, backend):
+def _scan_fake(q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, mem_period, backend):
     M = M0.new_empty(M0.shape, dtype=utils.state_dtype(q.dtype))
     return q.new_empty(q.shape), M, (torch.empty_like(M) if momentum is not None else None)
 
 
 def titans_selfmod_step(q, u, lr_bias, decay_bias, state, block_state, momentum=None, scale=None, *, lr_max,
-                        period, eps=1e-6, backend=None):
+                        period, eps=1e-6, mem_period=None, backend=None):
     """One token of titans_selfmod_scan for generation, updating `state` in place.
 
     q, u: [B, H, D]; momentum: [B, H]; state: M [B, H, D, 3D + 2] float32, or (M, Z) with momentum;
     block_state [B, H, D, 3D + 2]: the memory at the start of the token's block (the keys, values,
-    step and decay are read from it; the caller refreshes it every `period` tokens). Returns
+    step and decay are read from it; the caller refreshes it every `period` tokens); mem_period as in
+    titans_selfmod_scan (1: M_mem's gradient at its current state, step lr_max * sigmoid). Returns
     (o [B, H, D] in the input dtype, state). Not differentiable (inference). Runs titans_step on
     `backend`.
     """
     device = _check_inputs(q, u, lr_bias, decay_bias, "B, H")
     B, H, D = q.shape
     period = _check_period(period)
+    mem_period = _check_mem_period(mem_period, period, momentum)
     lr_max = _check_number("lr_max", lr_max, 0., 2.)
     eps = _check_number("eps", eps, 0., math.inf)
     utils.require("block_state", block_state, "the memory at the start of the token's block")
@@ -229,7 +275,14 @@ def titans_selfmod_step(q, u, lr_bias, decay_bias, state, block_state, momentum=
     with torch.no_grad():
         k, v, lr, log_decay = _projections(u.to(sd)[:, :, None], block_state, lr_bias.to(sd),
                                            decay_bias.to(sd), lr_max, period, eps)
-        vhat = v @ block_state
-        o, state = titans_step(q, k[:, :, 0].to(q.dtype), vhat[:, :, 0].to(q.dtype), lr[:, :, 0], state,
-                               log_decay[:, :, 0].exp(), momentum, scale, block_state=block_state, backend=backend)
-    return o[..., 2 * D + 2:], state
+        vhat = (v @ block_state)[:, :, 0].to(q.dtype)
+        k, lr, decay = k[:, :, 0].to(q.dtype), lr[:, :, 0], log_decay[:, :, 0].exp()
+        if mem_period == period:
+            o, state = titans_step(q, k, vhat, lr, state, decay, momentum, scale, block_state=block_state,
+                                   backend=backend)
+            return o[..., 2 * D + 2:], state
+        rest, mem = slice(None, 2 * D + 2), slice(2 * D + 2, None)     # column views of the state, in place
+        titans_step(q, k, vhat[..., rest], lr, state[..., rest], decay, None, scale, block_state=block_state[..., rest],
+                    backend=backend)
+        o, _ = titans_step(q, k, vhat[..., mem], period * lr, state[..., mem], decay, None, scale, backend=backend)
+    return o, state
