@@ -29,8 +29,12 @@ minus the gradient at the block start), which at period 1 is exactly DGD with de
 (3) the projection memories read a per-head projection u_t = x_t W_u of the input (the memories
 are per head, D x D) rather than x_t itself; (4) v_t is L2-normalised like q and k, which keeps
 the self-generated targets bounded (lr * (1 - k.v) <= 2 lr); (5) q_t is read against the memory
-after the token's own update, the op's convention; (6) one period for all memories (the paper
-allows one for M_mem and one for the rest). The output norm and gate are the usual
+after the token's own update, the op's convention; (6) one period for all memories unless
+`mem_period=1` (config `titans_mem_period`; the paper allows one period for M_mem and one for the
+rest): M_mem then takes the exact online step inside each block, with keys, values and gates still read
+at the block start (hope_kernels/titans/selfmod.py). Within a block the chunk-wise rule scales every
+write by lr_max / period, so M_mem recalls a pair stored in the same block at most that strongly; the
+online M_mem writes a unit step (docs/findings.md: it is what lets the paper's HOPE recall on MQAR). The output norm and gate are the usual
 gated-delta-net read-out. With momentum, the one momentum gate m_t = sigmoid(x_t w_m + b_m) is a
 static projection (the paper's set of memories has no momentum).
 
