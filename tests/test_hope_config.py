@@ -26,12 +26,13 @@ SEED = dict(vocab_size=256, dim=16, num_layers=1, num_heads=2, max_seq_len=32, n
 def test_earlier_seed_config_is_todays_default_block():
     new = upgrade_model_config(EARLIER_SEED)
     today = HOPEConfig(**SEED).to_dict()
-    # fields added since (titans_selfmod_init) are absent from the earlier dict and read at their default
+    # fields added since (titans_selfmod_init, titans_mem_period) are absent from the earlier dict and read at
+    # their default
     assert new == {k: v for k, v in today.items() if k in new} and new["cms"] == "multiscale"
-    assert set(today) - set(new) == {"titans_selfmod_init"} and HOPEConfig.from_dict(new).to_dict() == today
+    assert set(today) - set(new) == {"titans_selfmod_init", "titans_mem_period"} and HOPEConfig.from_dict(new).to_dict() == today
     assert "backend" not in new and "use_cms" not in new
     assert upgrade_model_config(new) == new                     # today's vocabulary passes as is
-    assert len(EARLIER_SEED) == 35 and len(dataclasses.fields(HOPEConfig)) == 28
+    assert len(EARLIER_SEED) == 35 and len(dataclasses.fields(HOPEConfig)) == 29
 
 
 @pytest.mark.parametrize("earlier, fields", [

@@ -82,11 +82,14 @@ def _opcheck_cases():
         cases += [
             (f"titans_selfmod_scan-{n}", ops.titans_selfmod_scan,
              (q, k, _gate(2, dtype=dt, lo=-1.0, hi=1.0), _gate(2, dtype=dt, lo=-1.0, hi=1.0), None,
-              (0.3 * randn(2, 2, 8, W, dtype=dt)).requires_grad_(), None, 0.3, 1.0, 4, 1e-6, "torch")),
+              (0.3 * randn(2, 2, 8, W, dtype=dt)).requires_grad_(), None, 0.3, 1.0, 4, 1e-6, 4, "torch")),
+            (f"titans_selfmod_scan-online-mem-{n}", ops.titans_selfmod_scan,
+             (q, k, _gate(2, dtype=dt, lo=-1.0, hi=1.0), _gate(2, dtype=dt, lo=-1.0, hi=1.0), None,
+              (0.3 * randn(2, 2, 8, W, dtype=dt)).requires_grad_(), None, 0.3, 1.0, 4, 1e-6, 1, "torch")),
             (f"titans_selfmod_scan-momentum-{n}", ops.titans_selfmod_scan,
              (q, k, _gate(2, dtype=dt, lo=-1.0, hi=1.0), _gate(2, dtype=dt, lo=-1.0, hi=1.0), mom,
               (0.3 * randn(2, 2, 8, W, dtype=dt)).requires_grad_(), _state(2, 2, 8, W, dtype=sd, grad=True), 0.3,
-              1.0, 3, 1e-6, "torch")),
+              1.0, 3, 1e-6, 3, "torch")),
         ]
         q1, k1, v1 = (x[:, 0].detach() for x in (q, kn, v))
         cases += [
