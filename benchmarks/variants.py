@@ -47,8 +47,9 @@ VARIANTS: List[Variant] = [
             {"attention": "softmax", "cms": "none", "mlp_ratio": 6.65625}, LM_ONLY),
     Variant("Titans HOPE", {"attention": "titans", "cms": "multiscale"}, NO_TASKS),  # Titans -> multi-timescale CMS -> MLP
     Variant("paper HOPE with MLP levels", {**PAPER, "cms_memory": "mlp"}, NO_TASKS),  # 2-layer MLP fast weights
-    # M_k, M_v start as two random orthogonal matrices: the memory writes from the first step (docs/findings.md)
-    Variant("paper HOPE with orthogonal M_k and M_v", {**PAPER, "titans_selfmod_init": "orthogonal"}, NO_TASKS),
+    # the paper's HOPE in the form that recalls (docs/findings.md): M_k, M_v start as two random orthogonal
+    # matrices (the memory writes from the first step) and M_mem has its own period 1 (full-strength writes)
+    Variant("paper HOPE with online M_mem", {**PAPER, "titans_selfmod_init": "orthogonal", "titans_mem_period": 1}),
 ]
 
 

@@ -280,7 +280,7 @@ def test_seed_api_and_block_layout_unchanged():
 
 
 @pytest.mark.parametrize("name", ["hope_paper", "hope_attention", "hope_paper_tiny", "hope_attention_tiny",
-                                  "hope_paper_orthogonal_tiny"])
+                                  "hope_paper_recall_tiny"])
 def test_shipped_configs_build(name):
     from hope.run_config import RunConfig
     cfg = RunConfig.load(name).model
