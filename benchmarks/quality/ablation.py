@@ -175,13 +175,15 @@ RECALL_CELLS = [
      {"lr": 3e-3}),
     ("orthogonal + M_mem at period 1, AdamW lr 3e-3", T64, {}, {**ORTHO, "mem": "online"}, {"lr": 3e-3}),
     ("orthogonal, AdamW lr 3e-3", T64, {}, ORTHO, {"lr": 3e-3}),
+    ("orthogonal + M_mem at period 1, AdamW lr 3e-3, 2,000 steps", T64, {}, {**ORTHO, "mem": "online"},
+     {"lr": 3e-3, "steps": 2000}),
     ("control: Titans period 1 (not self-modifying, no levels)", T64,
      {**variant("Titans period 1 (DGD)").overrides, "self_modifying": False}, None, {}),
     ("paper HOPE (period 16), 16 tokens", T16, {}, None, {}),
     ("orthogonal + period 1, 16 tokens", T16, {"titans_period": 1}, ORTHO, {}),
 ]
 RECALL_MAIN = ["paper HOPE (period 16)", "orthogonal + period 1", "paper HOPE (period 16), 16 tokens",
-               "orthogonal + period 1, 16 tokens"]
+               "orthogonal + period 1, 16 tokens", "orthogonal + M_mem at period 1, AdamW lr 3e-3, 2,000 steps"]
 
 
 def recall_jobs(seeds: Sequence[int], cells=RECALL_CELLS, eval_every: int = 250, extra_seeds=MAIN_SEEDS):
