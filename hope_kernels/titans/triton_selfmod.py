@@ -110,8 +110,8 @@ def _project(src, u, rows, b_u, b_lrb, b_db, lr_c, eps, m_t, o_d, m_d, D: tl.con
     o_v = tl.arange(0, BV)
     r_k = tl.zeros([b_u.shape[0], BD], dtype=tl.float32)
     r_v = tl.zeros([b_u.shape[0], BD], dtype=tl.float32)
-    for j in tl.static_range(BD // BV):
-        _, _, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
+    for j in range(0, BD // BV):
+        b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)[2]
         m_r = j * BV + o_v < D
         p, m = _sub(j * BV, 0, o_v, m_r, o_d, m_d, W)
         r_k += tl.dot(b_uj, tl.load(src + p, mask=m, other=0.).to(dt))
@@ -160,22 +160,22 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, perio
     b_wk = (b_w[:, None] * b_k).to(dt)
     b_Ed = b_E.to(dt)
     if WRITE_O:
-        _, _, _, b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+        b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[3]
         b_A = (tl.dot(b_q, tl.trans(b_k.to(dt))) * b_C).to(dt)
     tl.debug_barrier()
-    for c in tl.static_range(3):
-        for s in tl.static_range(BD // BV):
-            col0 = c * D + (2 if c == 2 else 0) + s * BV
-            p, m = _sub(0, col0, o_d, m_d, o_v, s * BV + o_v < D, W)
-            b_M = tl.load(src + p, mask=m, other=0.)
-            b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
-            b_end = gL * b_M + tl.dot(tl.trans(b_wk), b_X.to(dt))
-            if c == 2 and WRITE_O:
+    for t in range(0, 3 * (BD // BV)):
+        c, s = t // (BD // BV), t % (BD // BV)
+        p, m = _sub(0, c * D + 2 * (c == 2).to(tl.int32) + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
+        b_M = tl.load(src + p, mask=m, other=0.)
+        b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
+        b_end = gL * b_M + tl.dot(tl.trans(b_wk), b_X.to(dt))
+        if WRITE_O:
+            if c == 2:
                 b_o = b_g[:, None] * tl.dot(b_q, b_M.to(dt)) + tl.dot(b_A, b_X.to(dt))
-                po, mo, _ = _cols(o, rows, m_t, s * BV, o_v, D, False)
+                po, mo = _cols(o, rows, m_t, s * BV, o_v, D, False)[:2]
                 tl.store(o + po, (scale * b_o).to(o.dtype.element_ty), mask=mo)
-            tl.debug_barrier()
-            tl.store(dst + p, b_end, mask=m)
+        tl.debug_barrier()
+        tl.store(dst + p, b_end, mask=m)
     for c in tl.static_range(2):
         p = o_d * W + 2 * D + c
         b_m = tl.load(src + p, mask=m_d, other=0.)
@@ -230,17 +230,17 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
     b_kd = b_k.to(dt)
     b_Ed = b_E.to(dt)
     b_wk = (b_w[:, None] * b_k).to(dt)
-    _, _, _, b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+    b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[3]
     # the read o: P = do' X[mem]^T, do' Mbar[mem]^T and the rows of do' * (q Mbar[mem]), over the mem tiles
     mem = 2 * D + 2
     b_P = tl.zeros([BL, BL], dtype=tl.float32)
     b_dq = tl.zeros([BL, BD], dtype=tl.float32)
     b_dg = tl.zeros([BL], dtype=tl.float32)
-    for s in tl.static_range(BD // BV):
+    for s in range(0, BD // BV):
         m_c = s * BV + o_v < D
         p, m = _sub(0, mem + s * BV, o_d, m_d, o_v, m_c, W)
         b_Md = tl.load(src + p, mask=m, other=0.).to(dt)
-        _, _, b_dos = _cols(do, rows, m_t, s * BV, o_v, D, UPCAST)
+        b_dos = _cols(do, rows, m_t, s * BV, o_v, D, UPCAST)[2]
         b_dos = (scale * b_dos.to(tl.float32)).to(dt)
         b_P += tl.dot(b_dos, tl.trans((b_lr[:, None] * tl.dot(b_Ed, b_Md)).to(dt)))
         b_dq += tl.dot(b_dos, tl.trans(b_Md))
@@ -259,17 +259,17 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
     b_dE = tl.zeros([BL, BD], dtype=tl.float32)
     b_dlr = tl.zeros([BL], dtype=tl.float32)
     dgL = 0.
-    for s in tl.static_range(BD // BV):
+    for s in range(0, BD // BV):
         m_c = s * BV + o_v < D
-        _, _, b_dos = _cols(do, rows, m_t, s * BV, o_v, D, UPCAST)
+        b_dos = _cols(do, rows, m_t, s * BV, o_v, D, UPCAST)[2]
         b_dos = (scale * b_dos.to(tl.float32)).to(dt)
         b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, mem + s * BV, m_c, tl.dot(b_At, b_dos),
                                           tl.dot(tl.trans(b_qg), b_dos), b_Ed, b_wk, b_lr, gL, b_G, b_dE, b_dlr,
                                           dgL, o_d, m_d, o_v, W)
-    for c in tl.static_range(2):
-        for s in tl.static_range(BD // BV):
-            b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, c * D + s * BV, s * BV + o_v < D, 0., 0., b_Ed, b_wk, b_lr,
-                                              gL, b_G, b_dE, b_dlr, dgL, o_d, m_d, o_v, W)
+    for t in range(0, 2 * (BD // BV)):
+        c, s = t // (BD // BV), t % (BD // BV)
+        b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, c * D + s * BV, s * BV + o_v < D, 0., 0., b_Ed, b_wk, b_lr,
+                                          gL, b_G, b_dE, b_dlr, dgL, o_d, m_d, o_v, W)
     b_wkf = b_wk.to(tl.float32)
     for c in tl.static_range(2):
         p = o_d * W + 2 * D + c
@@ -297,18 +297,17 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
     d_rk = (nk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])).to(dt)
     d_rv = (nv[:, None] * (b_dE - b_v * tl.sum(b_v * b_dE, 1)[:, None])).to(dt)
     # r = u Mbar[:, :2D + 2], by row tiles j of BV: dMbar[j, k | v] += u_j^T dr, du_j = dr Mbar[j, k | v]^T + ...
-    for j in tl.static_range(BD // BV):
+    for j in range(0, BD // BV):
         m_r = j * BV + o_v < D
         pu, mu, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
         b_duj = tl.zeros([BL, BV], dtype=tl.float32)
         for c in tl.static_range(2):
             b_dr = d_rk if c == 0 else d_rv
-            p, m = _sub(j * BV, c * D, o_v, m_r, o_d, m_d, W)
-            pd = dM + p
-            b_acc = tl.dot(tl.trans(b_uj), b_dr, acc=tl.load(pd, mask=m, other=0.))
-            b_duj += tl.dot(b_dr, tl.trans(tl.load(src + p, mask=m, other=0.).to(dt)))
+            pj, mj = _sub(j * BV, c * D, o_v, m_r, o_d, m_d, W)
+            b_acc = tl.dot(tl.trans(b_uj), b_dr, acc=tl.load(dM + pj, mask=mj, other=0.))
+            b_duj += tl.dot(b_dr, tl.trans(tl.load(src + pj, mask=mj, other=0.).to(dt)))
             tl.debug_barrier()
-            tl.store(pd, b_acc, mask=m)
+            tl.store(dM + pj, b_acc, mask=mj)
         for c in tl.static_range(2):
             b_dz = d_e if c == 0 else d_a
             pg = (j * BV + o_v) * W + 2 * D + c
@@ -444,7 +443,7 @@ def _bwd_spec(D: int, dt: str):
     ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", do=dt, dMT="fp32", dq=dt, du=dt,
                 dlrb="fp32", ddb="fp32", dM0="fp32", st="fp32")
     return kernel_spec(f"titans.selfmod_bwd[D={D},{dt}]", selfmod_bwd_kernel, BWD_CONFIGS, ptrs, set(ptrs),
-                       dict(SCALARS, S="i32", NCK="i32"), dict(_flags_spec(D), BV=D, USE_FINAL_GRAD=True))
+                       dict(SCALARS, S="i32", NCK="i32"), dict(_flags_spec(D), USE_FINAL_GRAD=True))
 
 
 def compile_specs():
