@@ -187,7 +187,7 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, perio
 
 
 @triton.jit
-def _end_tile(src, dM, col0, m_c, b_dX, b_dMbar, b_Ed, b_wk, b_lr, gL, b_G, b_dE, b_dlr, dgL, o_d, m_d, o_v,
+def _end_tile(src, dM, col0, m_c, b_dX, b_dMbar, b_Ed, b_wk, b_lr, gL, b_Gt, b_dEt, b_dlr, dgL, o_d, m_d, o_v,
               W: tl.constexpr):
     """One [D, BV] column tile of M_end = gamma_L Mbar + (w k)^T X, X = lr Y, Y = E Mbar, differentiated: dM_end
     (in dM) becomes gamma_L dM_end + E^T dY + b_dMbar; b_dX is the tile's dX from elsewhere (the read).
@@ -200,15 +200,15 @@ def _end_tile(src, dM, col0, m_c, b_dX, b_dMbar, b_Ed, b_wk, b_lr, gL, b_G, b_dE
     b_dN = tl.load(pd, mask=m, other=0.)
     b_Y = tl.dot(b_Ed, b_Md)
     b_dX += tl.dot(b_wk, b_dN.to(dt))
-    b_G += tl.dot((b_lr[:, None] * b_Y).to(dt), tl.trans(b_dN.to(dt)))
+    b_Gt += tl.dot(b_dN.to(dt), tl.trans((b_lr[:, None] * b_Y).to(dt)))
     dgL += tl.sum(tl.sum(b_dN * b_M, 1), 0)
     b_dlr += tl.sum(b_dX * b_Y, 1)
     b_dY = (b_lr[:, None] * b_dX).to(dt)
-    b_dE += tl.dot(b_dY, tl.trans(b_Md))
+    b_dEt += tl.dot(b_Md, tl.trans(b_dY))
     b_dMbar += gL * b_dN + tl.dot(tl.trans(b_Ed), b_dY)
     tl.debug_barrier()
     tl.store(pd, b_dMbar, mask=m)
-    return b_G, b_dE, b_dlr, dgL
+    return b_Gt, b_dEt, b_dlr, dgL
 
 
 @triton.jit
@@ -255,21 +255,21 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
     b_At = tl.trans((b_QK * b_C).to(dt))
     b_qg = (b_g[:, None] * b_q.to(tl.float32)).to(dt)
     # the end memory, column tile by column tile (mem first: its dX and dMbar get the read's parts)
-    b_G = tl.zeros([BL, BD], dtype=tl.float32)       # X dM_end^T summed over columns
-    b_dE = tl.zeros([BL, BD], dtype=tl.float32)
+    b_Gt = tl.zeros([BD, BL], dtype=tl.float32)      # G^T = dM_end X^T, summed over columns
+    b_dEt = tl.zeros([BD, BL], dtype=tl.float32)
     b_dlr = tl.zeros([BL], dtype=tl.float32)
     dgL = 0.
     for s in range(0, BD // BV):
         m_c = s * BV + o_v < D
         b_dos = _cols(do, rows, m_t, s * BV, o_v, D, UPCAST)[2]
         b_dos = (scale * b_dos.to(tl.float32)).to(dt)
-        b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, mem + s * BV, m_c, tl.dot(b_At, b_dos),
-                                          tl.dot(tl.trans(b_qg), b_dos), b_Ed, b_wk, b_lr, gL, b_G, b_dE, b_dlr,
+        b_Gt, b_dEt, b_dlr, dgL = _end_tile(src, dM, mem + s * BV, m_c, tl.dot(b_At, b_dos),
+                                            tl.dot(tl.trans(b_qg), b_dos), b_Ed, b_wk, b_lr, gL, b_Gt, b_dEt, b_dlr,
                                           dgL, o_d, m_d, o_v, W)
     for t in range(0, 2 * (BD // BV)):
         c, s = t // (BD // BV), t % (BD // BV)
-        b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, c * D + s * BV, s * BV + o_v < D, 0., 0., b_Ed, b_wk, b_lr,
-                                          gL, b_G, b_dE, b_dlr, dgL, o_d, m_d, o_v, W)
+        b_Gt, b_dEt, b_dlr, dgL = _end_tile(src, dM, c * D + s * BV, s * BV + o_v < D, 0., 0., b_Ed, b_wk, b_lr,
+                                            gL, b_Gt, b_dEt, b_dlr, dgL, o_d, m_d, o_v, W)
     b_wkf = b_wk.to(tl.float32)
     for c in tl.static_range(2):
         p = o_d * W + 2 * D + c
@@ -277,15 +277,17 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
         b_dn = tl.load(dM + p, mask=m_d, other=0.)
         b_y = tl.sum(b_E * b_m[None, :], 1)
         b_dx = tl.sum(b_wkf * b_dn[None, :], 1)
-        b_G += (b_lr * b_y)[:, None] * b_dn[None, :]
+        b_Gt += b_dn[:, None] * (b_lr * b_y)[None, :]
         dgL += tl.sum(b_dn * b_m, 0)
         b_dlr += b_dx * b_y
         b_dy = b_lr * b_dx
-        b_dE += b_dy[:, None] * b_m[None, :]
+        b_dEt += b_m[:, None] * b_dy[None, :]
         tl.debug_barrier()
         tl.store(dM + p, gL * b_dn + tl.sum(b_E * b_dy[:, None], 0), mask=m_d)
     tl.debug_barrier()
     # keys, values and log decays
+    b_G = tl.trans(b_Gt)
+    b_dE = tl.trans(b_dEt)
     b_dk += b_w[:, None] * b_G - b_dE
     b_dw = tl.sum(b_k * b_G, 1)
     b_dLD -= b_dw * b_w
