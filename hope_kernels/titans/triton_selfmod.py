@@ -165,7 +165,7 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, perio
     tl.debug_barrier()
     for t in range(0, 3 * (BD // BV)):
         c, s = t // (BD // BV), t % (BD // BV)
-        p, m = _sub(0, c * D + 2 * (c == 2).to(tl.int32) + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
+        p, m = _sub(0, c * D + 2 * (c // 2) + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
         b_M = tl.load(src + p, mask=m, other=0.)
         b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
         b_end = gL * b_M + tl.dot(tl.trans(b_wk), b_X.to(dt))
@@ -202,7 +202,7 @@ def _dos(do, rows, m_t, c0, o_v, scale, dt, D: tl.constexpr, UPCAST: tl.constexp
 def _tile(t, o_d, m_d, o_v, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """(offsets, mask, is mem) of column tile t of a [D, W] memory: BD // BV tiles each of M_k, M_v, M_mem."""
     c, s = t // (BD // BV), t % (BD // BV)
-    p, m = _sub(0, c * D + 2 * (c == 2).to(tl.int32) + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
+    p, m = _sub(0, c * D + 2 * (c // 2) + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
     return p, m, c == 2
 
 
