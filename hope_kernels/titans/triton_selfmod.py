@@ -233,6 +233,26 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
     b_wkf = (b_w[:, None] * b_k).to(dt).to(tl.float32)
     tl.store(_scr(scr, 0, o_t, o_d, SW), b_E)
     tl.store(_scr(scr, BD, o_t, o_d, SW), b_wkf)
+    # the end memory M_end = gamma_L Mbar + (w k)^T X, X = lr Y, Y = E Mbar: its two gate columns first (vector
+    # products); G = X dM_end^T and dE = dY Mbar^T are summed transposed, [D, BL]
+    b_Gt = tl.zeros([BD, BL], dtype=tl.float32)
+    b_dEt = tl.zeros([BD, BL], dtype=tl.float32)
+    b_dlr = tl.zeros([BL], dtype=tl.float32)
+    dgL = 0.
+    for c in tl.static_range(2):
+        pg = o_d * W + 2 * D + c
+        b_m = tl.load(src + pg, mask=m_d, other=0.)
+        b_dn = tl.load(dM + pg, mask=m_d, other=0.)
+        b_y = tl.sum(b_E * b_m[None, :], 1)
+        b_dx = tl.sum(b_wkf * b_dn[None, :], 1)
+        b_Gt += b_dn[:, None] * (b_lr * b_y)[None, :]
+        dgL += tl.sum(b_dn * b_m, 0)
+        b_dlr += b_dx * b_y
+        b_dy = b_lr * b_dx
+        b_dEt += b_m[:, None] * b_dy[None, :]
+        tl.debug_barrier()
+        tl.store(dM + pg, gL * b_dn + tl.sum(b_E * b_dy[:, None], 0), mask=m_d)
+    tl.debug_barrier()
     b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[3]
     # the read o: do' Mbar[mem]^T over the mem tiles; P = do' X[mem]^T = (do' Mbar[mem]^T E^T) lr and the rows of
     # do' * (q Mbar[mem]) = rows of q * (do' Mbar[mem]^T)
@@ -254,10 +274,8 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
     b_At = tl.trans((b_QK * b_C).to(dt))
     b_qg = (b_g[:, None] * b_q.to(tl.float32)).to(dt)
     tl.debug_barrier()
-    # the end memory M_end = gamma_L Mbar + (w k)^T X, X = lr Y, Y = E Mbar, by column tiles t (on mem, dX and
-    # dMbar get the read's A^T do' and q^T (gamma do')). First Y and dX = (w k) dM_end (+ A^T do'), staged as
-    # lr Y and dY = lr dX ...
-    b_dlr = tl.zeros([BL], dtype=tl.float32)
+    # then M_end's column tiles t (on mem, dX and dMbar get the read's A^T do' and q^T (gamma do')). First Y and
+    # dX = (w k) dM_end (+ A^T do'), staged as lr Y and dY = lr dX ...
     for t in range(0, 3 * NS):
         p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
         b_Y = tl.dot(tl.load(_scr(scr, 0, o_t, o_d, SW)).to(dt), tl.load(src + p, mask=m, other=0.).to(dt))
@@ -267,10 +285,7 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
         tl.store(_scr(scr, 2 * BD + t * BV, o_t, o_v, SW), (b_lr[:, None] * b_Y).to(dt).to(tl.float32))
         tl.store(_scr(scr, 5 * BD + t * BV, o_t, o_v, SW), (b_lr[:, None] * b_dX).to(dt).to(tl.float32))
     tl.debug_barrier()
-    # ... then G = X dM_end^T, dE = dY Mbar^T (both transposed) and dMbar = gamma_L dM_end + E^T dY (+ q^T (gamma do'))
-    b_Gt = tl.zeros([BD, BL], dtype=tl.float32)
-    b_dEt = tl.zeros([BD, BL], dtype=tl.float32)
-    dgL = 0.
+    # ... then G, dE and dMbar = gamma_L dM_end + E^T dY (+ q^T (gamma do'))
     for t in range(0, 3 * NS):
         p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
         b_M = tl.load(src + p, mask=m, other=0.)
@@ -283,19 +298,6 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
         b_dMbar += gL * b_dN + tl.dot(tl.trans(b_Ed), b_dY)
         tl.debug_barrier()
         tl.store(dM + p, b_dMbar, mask=m)
-    for c in tl.static_range(2):
-        p = o_d * W + 2 * D + c
-        b_m = tl.load(src + p, mask=m_d, other=0.)
-        b_dn = tl.load(dM + p, mask=m_d, other=0.)
-        b_y = tl.sum(b_E * b_m[None, :], 1)
-        b_dx = tl.sum(b_wkf * b_dn[None, :], 1)
-        b_Gt += b_dn[:, None] * (b_lr * b_y)[None, :]
-        dgL += tl.sum(b_dn * b_m, 0)
-        b_dlr += b_dx * b_y
-        b_dy = b_lr * b_dx
-        b_dEt += b_m[:, None] * b_dy[None, :]
-        tl.debug_barrier()
-        tl.store(dM + p, gL * b_dn + tl.sum(b_E * b_dy[:, None], 0), mask=m_d)
     tl.debug_barrier()
     # keys, values and log decays
     b_G = tl.trans(b_Gt)
@@ -327,11 +329,11 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
             tl.store(dM + pj, b_acc, mask=mj)
         for c in tl.static_range(2):
             b_dz = d_e if c == 0 else d_a
-            pg = (j * BV + o_v) * W + 2 * D + c
-            b_duj += b_dz[:, None] * tl.load(src + pg, mask=m_r, other=0.)[None, :]
-            b_acc = tl.load(dM + pg, mask=m_r, other=0.) + tl.sum(b_uj.to(tl.float32) * b_dz[:, None], 0)
+            pgj = (j * BV + o_v) * W + 2 * D + c
+            b_duj += b_dz[:, None] * tl.load(src + pgj, mask=m_r, other=0.)[None, :]
+            b_acc = tl.load(dM + pgj, mask=m_r, other=0.) + tl.sum(b_uj.to(tl.float32) * b_dz[:, None], 0)
             tl.debug_barrier()
-            tl.store(dM + pg, b_acc, mask=m_r)
+            tl.store(dM + pgj, b_acc, mask=m_r)
         tl.store(du + pu, b_duj.to(du.dtype.element_ty), mask=mu)
     tl.debug_barrier()
     return tl.sum(d_e, 0), tl.sum(d_a, 0)
