@@ -141,7 +141,7 @@ def _decays(b_ld, o_t):
     return tl.exp(LD), b_C, tl.exp(LDL - LD), tl.exp(LDL)
 
 
-@triton.jit
+@triton.jit(noinline=True)
 def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                    BL: tl.constexpr, WRITE_O: tl.constexpr, UPCAST: tl.constexpr):
@@ -206,7 +206,7 @@ def _tile(t, o_d, m_d, o_v, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, 
     return p, m, c == 2
 
 
-@triton.jit
+@triton.jit(noinline=True)
 def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
                     H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                     BL: tl.constexpr, UPCAST: tl.constexpr):
