@@ -207,6 +207,39 @@ def _tile(t, o_d, m_d, o_v, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, 
 
 
 @triton.jit(noinline=True)
+def _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                   BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr):
+    """The last step of _block_backward: r = u Mbar[:, :2D + 2] differentiated by row tiles j of BV, from
+    dr_k | dr_v | d r_eta | d r_a in the scratch: dMbar[j, :2D + 2] += u_j^T dr, du_j = dr Mbar[j, :2D + 2]^T."""
+    SW: tl.constexpr = 8 * BD
+    o_t = tl.arange(0, BL)
+    o_d = tl.arange(0, BD)
+    o_v = tl.arange(0, BV)
+    m_d = o_d < D
+    rows, m_t = _tokens(u, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[:2]
+    for j in range(0, BD // BV):
+        m_r = j * BV + o_v < D
+        pu, mu, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
+        b_duj = tl.zeros([BL, BV], dtype=tl.float32)
+        for c in tl.static_range(2):
+            b_dr = tl.load(_scr(scr, (2 + c) * BD, o_t, o_d, SW)).to(b_uj.dtype)
+            pj, mj = _sub(j * BV, c * D, o_v, m_r, o_d, m_d, W)
+            b_acc = tl.dot(tl.trans(b_uj), b_dr, acc=tl.load(dM + pj, mask=mj, other=0.))
+            b_duj += tl.dot(b_dr, tl.trans(tl.load(src + pj, mask=mj, other=0.).to(b_uj.dtype)))
+            tl.debug_barrier()
+            tl.store(dM + pj, b_acc, mask=mj)
+        for c in tl.static_range(2):
+            b_dz = tl.load(scr + o_t * SW + 4 * BD + c)
+            pgj = (j * BV + o_v) * W + 2 * D + c
+            b_duj += b_dz[:, None] * tl.load(src + pgj, mask=m_r, other=0.)[None, :]
+            b_acc = tl.load(dM + pgj, mask=m_r, other=0.) + tl.sum(b_uj.to(tl.float32) * b_dz[:, None], 0)
+            tl.debug_barrier()
+            tl.store(dM + pgj, b_acc, mask=m_r)
+        tl.store(du + pu, b_duj.to(du.dtype.element_ty), mask=mu)
+    tl.debug_barrier()
+
+
+@triton.jit(noinline=True)
 def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
                     H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                     BL: tl.constexpr, UPCAST: tl.constexpr):
@@ -314,28 +347,10 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
              .to(tl.float32))
     tl.store(_scr(scr, 3 * BD, o_t, o_d, SW), (nv[:, None] * (b_dE - b_v * tl.sum(b_v * b_dE, 1)[:, None])).to(dt)
              .to(tl.float32))
+    tl.store(scr + o_t * SW + 4 * BD, d_e)
+    tl.store(scr + o_t * SW + 4 * BD + 1, d_a)
     tl.debug_barrier()
-    # r = u Mbar[:, :2D + 2], by row tiles j of BV: dMbar[j, k | v] += u_j^T dr, du_j = dr Mbar[j, k | v]^T + ...
-    for j in range(0, NS):
-        m_r = j * BV + o_v < D
-        pu, mu, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
-        b_duj = tl.zeros([BL, BV], dtype=tl.float32)
-        for c in tl.static_range(2):
-            b_dr = tl.load(_scr(scr, (2 + c) * BD, o_t, o_d, SW)).to(dt)
-            pj, mj = _sub(j * BV, c * D, o_v, m_r, o_d, m_d, W)
-            b_acc = tl.dot(tl.trans(b_uj), b_dr, acc=tl.load(dM + pj, mask=mj, other=0.))
-            b_duj += tl.dot(b_dr, tl.trans(tl.load(src + pj, mask=mj, other=0.).to(dt)))
-            tl.debug_barrier()
-            tl.store(dM + pj, b_acc, mask=mj)
-        for c in tl.static_range(2):
-            b_dz = d_e if c == 0 else d_a
-            pgj = (j * BV + o_v) * W + 2 * D + c
-            b_duj += b_dz[:, None] * tl.load(src + pgj, mask=m_r, other=0.)[None, :]
-            b_acc = tl.load(dM + pgj, mask=m_r, other=0.) + tl.sum(b_uj.to(tl.float32) * b_dz[:, None], 0)
-            tl.debug_barrier()
-            tl.store(dM + pgj, b_acc, mask=m_r)
-        tl.store(du + pu, b_duj.to(du.dtype.element_ty), mask=mu)
-    tl.debug_barrier()
+    _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H, D, W, BD, BV, BL, UPCAST)
     return tl.sum(d_e, 0), tl.sum(d_a, 0)
 
 
