@@ -19,16 +19,26 @@ selfmod_bwd_kernel: one program per (batch x head). It replays the forward (no o
 memories of blocks 0, S, 2S, ... (S = ceil(sqrt(#blocks))) kept in a workspace, then walks the segments in
 reverse: a segment's block-start memories are recomputed from its checkpoint into S more slots, and its
 blocks are differentiated last to first with the adjoint dM of the memory (fp32 workspace, the dM_0
-output) updated in place, in whole [D, D] column tiles (BV = D):
+output) updated in place, in [D, BV] column tiles (BV = 32; D = 16: 16):
 
     dX    = (w k) dM_end (+ (A^T do') on mem, A = (q k^T) * C, do' = scale do),   dY = lr dX,   dE = dY Mbar^T
-    dlr   = rowsum(dX * Y),   G = X dM_end^T,  dk = w G + (P * C)^T q - dE  (P = do' X[mem]^T),   dv = dE
-    dq    = gamma (do' Mbar[mem]^T) + (P * C) k
+    dlr   = rowsum(dX * Y),   G = X dM_end^T,  dk = w G + (P * C)^T q - dE,   dv = dE
+    P     = do' X[mem]^T = ((do' Mbar[mem]^T) E^T) * lr^T,   dq = gamma (do' Mbar[mem]^T) + (P * C) k
     dLD   from gamma (o, gamma_L), C and w; d ld = reverse cumsum of dLD; dr through norm and the sigmoids
     du    = dr Mbar[:, :2D+2]^T
     dMbar = gamma_L dM_end + E^T dY (+ q^T (gamma do') on mem) (+ u^T dr on the first 2D + 2 columns)
 
-Memory beyond inputs and outputs: (#checkpoints + S) [D, W] fp32 states per (batch x head) in the backward.
+A loop over the tiles runs products of one orientation only, so that the compiler spreads every product's
+large side over the warps: [BL, BV] ones (Y = E Mbar, dX, du_j), which contract over the memory's D rows and
+take their [BL, D] factor (E, w k, dr) from a per-program fp32 scratch inside the loop, and [D, *] ones (G^T,
+dE^T, dMbar, u^T dr), which contract over the block's rows or a tile's columns; Y and dY go from the first
+loop to the second through the scratch. The replays stage X the same way. A block's forward, its backward and
+the backward's last step (the row tiles of dr) are non-inlined functions: inlined, their index and address
+arithmetic was hoisted out of the kernel's loops and kept live (spilled) across all of them.
+
+Memory beyond inputs and outputs, per (batch x head) in the backward: (#checkpoints + S) [D, W] fp32 states
+and a [BL, 8 BD] fp32 scratch (E | w k | lr Y | dY, BD = D padded to a power of 2): 64 KB at D = 128 and
+BL = 16, 256 KB at BL = 64.
 Momentum is not in these kernels (selfmod.py runs it on the torch path).
 """
 from __future__ import annotations
@@ -417,8 +427,8 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
 # ----------------------------------------------------------------------------- launchers
 def column_tile(BD: int, backward: bool = False) -> int:
     """Columns (and rows) per tile of the [D, W] memory: [D, 16] up to D = 64, [D, 32] above in the forward;
-    [D, 32] in the backward, whose [BL, BV] products then spread their columns over the warps (a [16, 16] product
-    would make the compiler lay its loop's warps along the 16 rows, each warp holding whole [D, BV] operands)."""
+    [D, 32] in the backward, whose [BL, BV] products then spread their columns over the warps (with a [16, 16]
+    product the compiler lays a loop's warps along the 16 rows, every warp holding whole [D, BV] operands)."""
     return min(BD, 32 if backward or BD > 64 else 16)
 
 
@@ -486,14 +496,15 @@ def _bwd_spec(D: int, dt: str):
 
 
 def compile_specs():
-    """The forward kernel at D = 64 (bf16, fp32) and D = 128 (bf16), blocks of 16 tokens: no spills on sm_80 /
-    sm_90 in the default config (8 warps)."""
-    return [_fwd_spec(64, "bf16"), _fwd_spec(64, "fp32"), _fwd_spec(128, "bf16")]
+    """Blocks of 16 tokens: the forward kernel at D = 64 and 128 (bf16, fp32) and the backward at D = 64 in
+    fp32, no spills on sm_80 / sm_90 in the default config (8 warps)."""
+    return [_fwd_spec(D, dt) for D, dt in SPEC_SHAPES] + [_bwd_spec(64, "fp32")]
 
 
 def spilling_compile_specs():
-    """The specs that compile for sm_80 / sm_90 but spill in their default config (8 warps), listed apart from
-    the no-spill check: the forward at D = 128 in fp32 (224 B of spill stores per thread on sm_80, none on
-    sm_90) and the backward: D = 64, sm_90, 0.3-0.4 KB of spill stores (bf16, fp32); D = 128, sm_90, 5.5-9 KB,
-    with 140 KB (bf16) / 206 KB (fp32) of shared memory, the fp32 one over sm_80's limit."""
-    return [_fwd_spec(128, "fp32")] + [_bwd_spec(D, dt) for D, dt in SPEC_SHAPES]
+    """The backward specs that compile for sm_80 / sm_90 but still spill a little in their default config
+    (8 warps; bytes of spill stores per thread): D = 64 bf16, 4 on sm_90 (none on sm_80); D = 128 bf16, 48 on
+    sm_80 and 112 on sm_90; D = 128 fp32, 40 on sm_90 (none on sm_80). All fit shared memory (at most 48 KB).
+    What is left is the kernel's own state (pointers, loop counters, the dlr_bias / d decay_bias sums: about
+    30 registers) saved around the calls of the per-block functions, which use all 255 registers."""
+    return [_bwd_spec(64, "bf16"), _bwd_spec(128, "bf16"), _bwd_spec(128, "fp32")]
