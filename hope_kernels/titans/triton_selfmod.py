@@ -28,13 +28,13 @@ output) updated in place, in [D, BV] column tiles (BV = 32; D = 16: 16):
     du    = dr Mbar[:, :2D+2]^T
     dMbar = gamma_L dM_end + E^T dY (+ q^T (gamma do') on mem) (+ u^T dr on the first 2D + 2 columns)
 
-A loop over the tiles runs products of one orientation only, so that the compiler spreads every product's
-large side over the warps: [BL, BV] ones (Y = E Mbar, dX, du_j), which contract over the memory's D rows and
-take their [BL, D] factor (E, w k, dr) from a per-program fp32 scratch inside the loop, and [D, *] ones (G^T,
-dE^T, dMbar, u^T dr), which contract over the block's rows or a tile's columns; Y and dY go from the first
-loop to the second through the scratch. The replays stage X the same way. A block's forward, its backward and
-the backward's last step (the row tiles of dr) are non-inlined functions: inlined, their index and address
-arithmetic was hoisted out of the kernel's loops and kept live (spilled) across all of them.
+Each of the backward's loops over tiles runs products of one orientation only, so that the compiler spreads
+every product's large side over the warps: [BL, BV] ones (Y = E Mbar, dX, du_j), which contract over the
+memory's D rows and take their [BL, D] factor (E, w k, dr) from a per-program fp32 scratch inside the loop, and
+[D, *] ones (G^T, dE^T, dMbar, u^T dr), which contract over the block's rows or a tile's columns; lr Y and dY go
+from the first loop to the second through the scratch. A block's forward, its backward and the backward's last
+step (the row tiles of dr) are non-inlined functions: inlined, their index and address arithmetic was hoisted
+out of the kernel's loops and kept live (spilled) across all of them.
 
 Memory beyond inputs and outputs, per (batch x head) in the backward: (#checkpoints + S) [D, W] fp32 states
 and a [BL, 8 BD] fp32 scratch (E | w k | lr Y | dY, BD = D padded to a power of 2): 64 KB at D = 128 and
@@ -151,6 +151,26 @@ def _decays(b_ld, o_t):
     return tl.exp(LD), b_C, tl.exp(LDL - LD), tl.exp(LDL)
 
 
+@triton.jit
+def _scr(scr, c0, o_t, o_c, SW: tl.constexpr):
+    """Pointers to columns c0 + o_c of the block's rows in the program's scratch (rows of SW floats)."""
+    return scr + o_t[:, None] * SW + c0 + o_c[None, :]
+
+
+@triton.jit
+def _dos(do, rows, m_t, c0, o_v, scale, dt, D: tl.constexpr, UPCAST: tl.constexpr):
+    """do' = scale do on columns c0 + o_v of the block's tokens (rows where m_t), in the dots' dtype."""
+    return (scale * _cols(do, rows, m_t, c0, o_v, D, UPCAST)[2].to(tl.float32)).to(dt)
+
+
+@triton.jit
+def _tile(t, o_d, m_d, o_v, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    """(offsets, mask, is mem) of column tile t of a [D, W] memory: BD // BV tiles each of M_k, M_v, M_mem."""
+    c, s = t // (BD // BV), t % (BD // BV)
+    p, m = _sub(0, c * D + 2 * (c // 2) + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
+    return p, m, c == 2
+
+
 @triton.jit(noinline=True)
 def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
@@ -174,15 +194,14 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, perio
         b_A = (tl.dot(b_q, tl.trans(b_k.to(dt))) * b_C).to(dt)
     tl.debug_barrier()
     for t in range(0, 3 * (BD // BV)):
-        c, s = t // (BD // BV), t % (BD // BV)
-        p, m = _sub(0, c * D + 2 * (c // 2) + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
+        p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
         b_M = tl.load(src + p, mask=m, other=0.)
         b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
         b_end = gL * b_M + tl.dot(tl.trans(b_wk), b_X.to(dt))
         if WRITE_O:
-            if c == 2:
+            if is_mem:
                 b_o = b_g[:, None] * tl.dot(b_q, b_M.to(dt)) + tl.dot(b_A, b_X.to(dt))
-                po, mo = _cols(o, rows, m_t, s * BV, o_v, D, False)[:2]
+                po, mo = _cols(o, rows, m_t, (t % (BD // BV)) * BV, o_v, D, False)[:2]
                 tl.store(o + po, (scale * b_o).to(o.dtype.element_ty), mask=mo)
         tl.debug_barrier()
         tl.store(dst + p, b_end, mask=m)
@@ -194,26 +213,6 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, perio
         tl.debug_barrier()
         tl.store(dst + p, b_end, mask=m_d)
     tl.debug_barrier()
-
-
-@triton.jit
-def _scr(scr, c0, o_t, o_c, SW: tl.constexpr):
-    """Pointers to columns c0 + o_c of the block's rows in the program's scratch (rows of SW floats)."""
-    return scr + o_t[:, None] * SW + c0 + o_c[None, :]
-
-
-@triton.jit
-def _dos(do, rows, m_t, c0, o_v, scale, dt, D: tl.constexpr, UPCAST: tl.constexpr):
-    """do' = scale do on columns c0 + o_v of the block's tokens (rows where m_t), in the dots' dtype."""
-    return (scale * _cols(do, rows, m_t, c0, o_v, D, UPCAST)[2].to(tl.float32)).to(dt)
-
-
-@triton.jit
-def _tile(t, o_d, m_d, o_v, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
-    """(offsets, mask, is mem) of column tile t of a [D, W] memory: BD // BV tiles each of M_k, M_v, M_mem."""
-    c, s = t // (BD // BV), t % (BD // BV)
-    p, m = _sub(0, c * D + 2 * (c // 2) + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
-    return p, m, c == 2
 
 
 @triton.jit(noinline=True)
@@ -258,7 +257,8 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
 
     Every loop keeps one orientation of products: [BL, *] ones contract over the memory's rows and take their
     [BL, D] factor (E, w k, dr) from the scratch `scr` inside the loop (BL x 8 BD floats: E | w k | lr Y | dY;
-    dr_k | dr_v over lr Y once it is spent), [D, *] ones contract over the block's rows or a tile's columns."""
+    dr_k | dr_v | d r_eta, d r_a over lr Y once it is spent), [D, *] ones contract over the block's rows or a
+    tile's columns."""
     NS: tl.constexpr = BD // BV
     SW: tl.constexpr = 8 * BD
     o_t = tl.arange(0, BL)
