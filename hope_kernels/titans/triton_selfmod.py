@@ -19,16 +19,26 @@ selfmod_bwd_kernel: one program per (batch x head). It replays the forward (no o
 memories of blocks 0, S, 2S, ... (S = ceil(sqrt(#blocks))) kept in a workspace, then walks the segments in
 reverse: a segment's block-start memories are recomputed from its checkpoint into S more slots, and its
 blocks are differentiated last to first with the adjoint dM of the memory (fp32 workspace, the dM_0
-output) updated in place, in whole [D, D] column tiles (BV = D):
+output) updated in place, in [D, BV] column tiles (BV = 32; D = 16: 16):
 
     dX    = (w k) dM_end (+ (A^T do') on mem, A = (q k^T) * C, do' = scale do),   dY = lr dX,   dE = dY Mbar^T
-    dlr   = rowsum(dX * Y),   G = X dM_end^T,  dk = w G + (P * C)^T q - dE  (P = do' X[mem]^T),   dv = dE
-    dq    = gamma (do' Mbar[mem]^T) + (P * C) k
+    dlr   = rowsum(dX * Y),   G = X dM_end^T,  dk = w G + (P * C)^T q - dE,   dv = dE
+    P     = do' X[mem]^T = ((do' Mbar[mem]^T) E^T) * lr^T,   dq = gamma (do' Mbar[mem]^T) + (P * C) k
     dLD   from gamma (o, gamma_L), C and w; d ld = reverse cumsum of dLD; dr through norm and the sigmoids
     du    = dr Mbar[:, :2D+2]^T
     dMbar = gamma_L dM_end + E^T dY (+ q^T (gamma do') on mem) (+ u^T dr on the first 2D + 2 columns)
 
-Memory beyond inputs and outputs: (#checkpoints + S) [D, W] fp32 states per (batch x head) in the backward.
+Each of the backward's loops over tiles runs products of one orientation only, so that the compiler spreads
+every product's large side over the warps: [BL, BV] ones (Y = E Mbar, dX, du_j), which contract over the
+memory's D rows and take their [BL, D] factor (E, w k, dr) from a per-program fp32 scratch inside the loop, and
+[D, *] ones (G^T, dE^T, dMbar, u^T dr), which contract over the block's rows or a tile's columns; lr Y and dY go
+from the first loop to the second through the scratch. A block's forward, its backward and the backward's last
+step (the row tiles of dr) are non-inlined functions: inlined, their index and address arithmetic was hoisted
+out of the kernel's loops and kept live (spilled) across all of them.
+
+Memory beyond inputs and outputs, per (batch x head) in the backward: (#checkpoints + S) [D, W] fp32 states
+and a [BL, 8 BD] fp32 scratch (E | w k | lr Y | dY, BD = D padded to a power of 2): 64 KB at D = 128 and
+BL = 16, 256 KB at BL = 64.
 Momentum is not in these kernels (selfmod.py runs it on the torch path).
 """
 from __future__ import annotations
@@ -110,8 +120,8 @@ def _project(src, u, rows, b_u, b_lrb, b_db, lr_c, eps, m_t, o_d, m_d, D: tl.con
     o_v = tl.arange(0, BV)
     r_k = tl.zeros([b_u.shape[0], BD], dtype=tl.float32)
     r_v = tl.zeros([b_u.shape[0], BD], dtype=tl.float32)
-    for j in tl.static_range(BD // BV):
-        _, _, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
+    for j in range(0, BD // BV):
+        b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)[2]
         m_r = j * BV + o_v < D
         p, m = _sub(j * BV, 0, o_v, m_r, o_d, m_d, W)
         r_k += tl.dot(b_uj, tl.load(src + p, mask=m, other=0.).to(dt))
@@ -142,6 +152,26 @@ def _decays(b_ld, o_t):
 
 
 @triton.jit
+def _scr(scr, c0, o_t, o_c, SW: tl.constexpr):
+    """Pointers to columns c0 + o_c of the block's rows in the program's scratch (rows of SW floats)."""
+    return scr + o_t[:, None] * SW + c0 + o_c[None, :]
+
+
+@triton.jit
+def _dos(do, rows, m_t, c0, o_v, scale, dt, D: tl.constexpr, UPCAST: tl.constexpr):
+    """do' = scale do on columns c0 + o_v of the block's tokens (rows where m_t), in the dots' dtype."""
+    return (scale * _cols(do, rows, m_t, c0, o_v, D, UPCAST)[2].to(tl.float32)).to(dt)
+
+
+@triton.jit
+def _tile(t, o_d, m_d, o_v, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    """(offsets, mask, is mem) of column tile t of a [D, W] memory: BD // BV tiles each of M_k, M_v, M_mem."""
+    c, s = t // (BD // BV), t % (BD // BV)
+    p, m = _sub(0, c * D + 2 * (c // 2) + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
+    return p, m, c == 2
+
+
+@triton.jit(noinline=True)
 def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                    BL: tl.constexpr, WRITE_O: tl.constexpr, UPCAST: tl.constexpr):
@@ -160,22 +190,21 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, perio
     b_wk = (b_w[:, None] * b_k).to(dt)
     b_Ed = b_E.to(dt)
     if WRITE_O:
-        _, _, _, b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+        b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[3]
         b_A = (tl.dot(b_q, tl.trans(b_k.to(dt))) * b_C).to(dt)
     tl.debug_barrier()
-    for c in tl.static_range(3):
-        for s in tl.static_range(BD // BV):
-            col0 = c * D + (2 if c == 2 else 0) + s * BV
-            p, m = _sub(0, col0, o_d, m_d, o_v, s * BV + o_v < D, W)
-            b_M = tl.load(src + p, mask=m, other=0.)
-            b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
-            b_end = gL * b_M + tl.dot(tl.trans(b_wk), b_X.to(dt))
-            if c == 2 and WRITE_O:
+    for t in range(0, 3 * (BD // BV)):
+        p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
+        b_M = tl.load(src + p, mask=m, other=0.)
+        b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
+        b_end = gL * b_M + tl.dot(tl.trans(b_wk), b_X.to(dt))
+        if WRITE_O:
+            if is_mem:
                 b_o = b_g[:, None] * tl.dot(b_q, b_M.to(dt)) + tl.dot(b_A, b_X.to(dt))
-                po, mo, _ = _cols(o, rows, m_t, s * BV, o_v, D, False)
+                po, mo = _cols(o, rows, m_t, (t % (BD // BV)) * BV, o_v, D, False)[:2]
                 tl.store(o + po, (scale * b_o).to(o.dtype.element_ty), mask=mo)
-            tl.debug_barrier()
-            tl.store(dst + p, b_end, mask=m)
+        tl.debug_barrier()
+        tl.store(dst + p, b_end, mask=m)
     for c in tl.static_range(2):
         p = o_d * W + 2 * D + c
         b_m = tl.load(src + p, mask=m_d, other=0.)
@@ -186,37 +215,52 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, perio
     tl.debug_barrier()
 
 
-@triton.jit
-def _end_tile(src, dM, col0, m_c, b_dX, b_dMbar, b_Ed, b_wk, b_lr, gL, b_G, b_dE, b_dlr, dgL, o_d, m_d, o_v,
-              W: tl.constexpr):
-    """One [D, BV] column tile of M_end = gamma_L Mbar + (w k)^T X, X = lr Y, Y = E Mbar, differentiated: dM_end
-    (in dM) becomes gamma_L dM_end + E^T dY + b_dMbar; b_dX is the tile's dX from elsewhere (the read).
-    Returns the running (G, dE, dlr, d gamma_L)."""
-    dt = b_Ed.dtype
-    p, m = _sub(0, col0, o_d, m_d, o_v, m_c, W)
-    b_M = tl.load(src + p, mask=m, other=0.)
-    b_Md = b_M.to(dt)
-    pd = dM + p
-    b_dN = tl.load(pd, mask=m, other=0.)
-    b_Y = tl.dot(b_Ed, b_Md)
-    b_dX += tl.dot(b_wk, b_dN.to(dt))
-    b_G += tl.dot((b_lr[:, None] * b_Y).to(dt), tl.trans(b_dN.to(dt)))
-    dgL += tl.sum(tl.sum(b_dN * b_M, 1), 0)
-    b_dlr += tl.sum(b_dX * b_Y, 1)
-    b_dY = (b_lr[:, None] * b_dX).to(dt)
-    b_dE += tl.dot(b_dY, tl.trans(b_Md))
-    b_dMbar += gL * b_dN + tl.dot(tl.trans(b_Ed), b_dY)
+@triton.jit(noinline=True)
+def _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                   BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr):
+    """The last step of _block_backward: r = u Mbar[:, :2D + 2] differentiated by row tiles j of BV, from
+    dr_k | dr_v | d r_eta | d r_a in the scratch: dMbar[j, :2D + 2] += u_j^T dr, du_j = dr Mbar[j, :2D + 2]^T."""
+    SW: tl.constexpr = 8 * BD
+    o_t = tl.arange(0, BL)
+    o_d = tl.arange(0, BD)
+    o_v = tl.arange(0, BV)
+    m_d = o_d < D
+    rows, m_t = _tokens(u, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[:2]
+    for j in range(0, BD // BV):
+        m_r = j * BV + o_v < D
+        pu, mu, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
+        b_duj = tl.zeros([BL, BV], dtype=tl.float32)
+        for c in tl.static_range(2):
+            b_dr = tl.load(_scr(scr, (2 + c) * BD, o_t, o_d, SW)).to(b_uj.dtype)
+            pj, mj = _sub(j * BV, c * D, o_v, m_r, o_d, m_d, W)
+            b_acc = tl.dot(tl.trans(b_uj), b_dr, acc=tl.load(dM + pj, mask=mj, other=0.))
+            b_duj += tl.dot(b_dr, tl.trans(tl.load(src + pj, mask=mj, other=0.).to(b_uj.dtype)))
+            tl.debug_barrier()
+            tl.store(dM + pj, b_acc, mask=mj)
+        for c in tl.static_range(2):
+            b_dz = tl.load(scr + o_t * SW + 4 * BD + c)
+            pgj = (j * BV + o_v) * W + 2 * D + c
+            b_duj += b_dz[:, None] * tl.load(src + pgj, mask=m_r, other=0.)[None, :]
+            b_acc = tl.load(dM + pgj, mask=m_r, other=0.) + tl.sum(b_uj.to(tl.float32) * b_dz[:, None], 0)
+            tl.debug_barrier()
+            tl.store(dM + pgj, b_acc, mask=m_r)
+        tl.store(du + pu, b_duj.to(du.dtype.element_ty), mask=mu)
     tl.debug_barrier()
-    tl.store(pd, b_dMbar, mask=m)
-    return b_G, b_dE, b_dlr, dgL
 
 
-@triton.jit
-def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
+@triton.jit(noinline=True)
+def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
                     H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                     BL: tl.constexpr, UPCAST: tl.constexpr):
     """Block n's gradients from its start memory `src`; dM holds dM_end and becomes dMbar. Returns the
-    block's contributions to (d lr_bias, d decay_bias)."""
+    block's contributions to (d lr_bias, d decay_bias).
+
+    Every loop keeps one orientation of products: [BL, *] ones contract over the memory's rows and take their
+    [BL, D] factor (E, w k, dr) from the scratch `scr` inside the loop (BL x 8 BD floats: E | w k | lr Y | dY;
+    dr_k | dr_v | d r_eta, d r_a over lr Y once it is spent), [D, *] ones contract over the block's rows or a
+    tile's columns."""
+    NS: tl.constexpr = BD // BV
+    SW: tl.constexpr = 8 * BD
     o_t = tl.arange(0, BL)
     o_d = tl.arange(0, BD)
     o_v = tl.arange(0, BV)
@@ -229,24 +273,42 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
     b_g, b_C, b_w, gL = _decays(b_ld, o_t)
     b_kd = b_k.to(dt)
     b_Ed = b_E.to(dt)
-    b_wk = (b_w[:, None] * b_k).to(dt)
-    _, _, _, b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
-    # the read o: P = do' X[mem]^T, do' Mbar[mem]^T and the rows of do' * (q Mbar[mem]), over the mem tiles
+    b_wkf = (b_w[:, None] * b_k).to(dt).to(tl.float32)
+    tl.store(_scr(scr, 0, o_t, o_d, SW), b_E)
+    tl.store(_scr(scr, BD, o_t, o_d, SW), b_wkf)
+    # the end memory M_end = gamma_L Mbar + (w k)^T X, X = lr Y, Y = E Mbar: its two gate columns first (vector
+    # products); G = X dM_end^T and dE = dY Mbar^T are summed transposed, [D, BL]
+    b_Gt = tl.zeros([BD, BL], dtype=tl.float32)
+    b_dEt = tl.zeros([BD, BL], dtype=tl.float32)
+    b_dlr = tl.zeros([BL], dtype=tl.float32)
+    dgL = 0.
+    for c in tl.static_range(2):
+        pg = o_d * W + 2 * D + c
+        b_m = tl.load(src + pg, mask=m_d, other=0.)
+        b_dn = tl.load(dM + pg, mask=m_d, other=0.)
+        b_y = tl.sum(b_E * b_m[None, :], 1)
+        b_dx = tl.sum(b_wkf * b_dn[None, :], 1)
+        b_Gt += b_dn[:, None] * (b_lr * b_y)[None, :]
+        dgL += tl.sum(b_dn * b_m, 0)
+        b_dlr += b_dx * b_y
+        b_dy = b_lr * b_dx
+        b_dEt += b_m[:, None] * b_dy[None, :]
+        tl.debug_barrier()
+        tl.store(dM + pg, gL * b_dn + tl.sum(b_E * b_dy[:, None], 0), mask=m_d)
+    tl.debug_barrier()
+    b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[3]
+    # the read o: do' Mbar[mem]^T over the mem tiles; P = do' X[mem]^T = (do' Mbar[mem]^T E^T) lr and the rows of
+    # do' * (q Mbar[mem]) = rows of q * (do' Mbar[mem]^T)
     mem = 2 * D + 2
-    b_P = tl.zeros([BL, BL], dtype=tl.float32)
-    b_dq = tl.zeros([BL, BD], dtype=tl.float32)
-    b_dg = tl.zeros([BL], dtype=tl.float32)
-    for s in tl.static_range(BD // BV):
-        m_c = s * BV + o_v < D
-        p, m = _sub(0, mem + s * BV, o_d, m_d, o_v, m_c, W)
+    b_dqr = tl.zeros([BL, BD], dtype=tl.float32)
+    for s in range(0, NS):
+        p, m = _sub(0, mem + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
         b_Md = tl.load(src + p, mask=m, other=0.).to(dt)
-        _, _, b_dos = _cols(do, rows, m_t, s * BV, o_v, D, UPCAST)
-        b_dos = (scale * b_dos.to(tl.float32)).to(dt)
-        b_P += tl.dot(b_dos, tl.trans((b_lr[:, None] * tl.dot(b_Ed, b_Md)).to(dt)))
-        b_dq += tl.dot(b_dos, tl.trans(b_Md))
-        b_dg += tl.sum(b_dos.to(tl.float32) * tl.dot(b_q, b_Md), 1)
+        b_dqr += tl.dot(_dos(do, rows, m_t, s * BV, o_v, scale, dt, D, UPCAST), tl.trans(b_Md))
+    b_P = tl.dot(b_dqr.to(dt), tl.trans(b_Ed)) * b_lr[None, :]
+    b_dg = tl.sum(b_q.to(tl.float32) * b_dqr, 1)
     b_PC = (b_P * b_C).to(dt)
-    b_dq = b_g[:, None] * b_dq + tl.dot(b_PC, b_kd)
+    b_dq = b_g[:, None] * b_dqr + tl.dot(b_PC, b_kd)
     tl.store(dq + rows[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_td)
     b_dk = tl.dot(tl.trans(b_PC), b_q)
     b_QK = tl.dot(b_q, tl.trans(b_kd))
@@ -254,38 +316,35 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
     b_dLD = b_g * b_dg + tl.sum(b_dC, 1) - tl.sum(b_dC, 0)
     b_At = tl.trans((b_QK * b_C).to(dt))
     b_qg = (b_g[:, None] * b_q.to(tl.float32)).to(dt)
-    # the end memory, column tile by column tile (mem first: its dX and dMbar get the read's parts)
-    b_G = tl.zeros([BL, BD], dtype=tl.float32)       # X dM_end^T summed over columns
-    b_dE = tl.zeros([BL, BD], dtype=tl.float32)
-    b_dlr = tl.zeros([BL], dtype=tl.float32)
-    dgL = 0.
-    for s in tl.static_range(BD // BV):
-        m_c = s * BV + o_v < D
-        _, _, b_dos = _cols(do, rows, m_t, s * BV, o_v, D, UPCAST)
-        b_dos = (scale * b_dos.to(tl.float32)).to(dt)
-        b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, mem + s * BV, m_c, tl.dot(b_At, b_dos),
-                                          tl.dot(tl.trans(b_qg), b_dos), b_Ed, b_wk, b_lr, gL, b_G, b_dE, b_dlr,
-                                          dgL, o_d, m_d, o_v, W)
-    for c in tl.static_range(2):
-        for s in tl.static_range(BD // BV):
-            b_G, b_dE, b_dlr, dgL = _end_tile(src, dM, c * D + s * BV, s * BV + o_v < D, 0., 0., b_Ed, b_wk, b_lr,
-                                              gL, b_G, b_dE, b_dlr, dgL, o_d, m_d, o_v, W)
-    b_wkf = b_wk.to(tl.float32)
-    for c in tl.static_range(2):
-        p = o_d * W + 2 * D + c
-        b_m = tl.load(src + p, mask=m_d, other=0.)
-        b_dn = tl.load(dM + p, mask=m_d, other=0.)
-        b_y = tl.sum(b_E * b_m[None, :], 1)
-        b_dx = tl.sum(b_wkf * b_dn[None, :], 1)
-        b_G += (b_lr * b_y)[:, None] * b_dn[None, :]
-        dgL += tl.sum(b_dn * b_m, 0)
-        b_dlr += b_dx * b_y
-        b_dy = b_lr * b_dx
-        b_dE += b_dy[:, None] * b_m[None, :]
+    tl.debug_barrier()
+    # then M_end's column tiles t (on mem, dX and dMbar get the read's A^T do' and q^T (gamma do')). First Y and
+    # dX = (w k) dM_end (+ A^T do'), staged as lr Y and dY = lr dX ...
+    for t in range(0, 3 * NS):
+        p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
+        b_Y = tl.dot(tl.load(_scr(scr, 0, o_t, o_d, SW)).to(dt), tl.load(src + p, mask=m, other=0.).to(dt))
+        b_dX = tl.dot(b_At, _dos(do, rows, m_t & is_mem, (t % NS) * BV, o_v, scale, dt, D, UPCAST))
+        b_dX += tl.dot(tl.load(_scr(scr, BD, o_t, o_d, SW)).to(dt), tl.load(dM + p, mask=m, other=0.).to(dt))
+        b_dlr += tl.sum(b_dX * b_Y, 1)
+        tl.store(_scr(scr, 2 * BD + t * BV, o_t, o_v, SW), (b_lr[:, None] * b_Y).to(dt).to(tl.float32))
+        tl.store(_scr(scr, 5 * BD + t * BV, o_t, o_v, SW), (b_lr[:, None] * b_dX).to(dt).to(tl.float32))
+    tl.debug_barrier()
+    # ... then G, dE and dMbar = gamma_L dM_end + E^T dY (+ q^T (gamma do'))
+    for t in range(0, 3 * NS):
+        p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
+        b_M = tl.load(src + p, mask=m, other=0.)
+        b_dN = tl.load(dM + p, mask=m, other=0.)
+        b_dY = tl.load(_scr(scr, 5 * BD + t * BV, o_t, o_v, SW)).to(dt)
+        b_Gt += tl.dot(b_dN.to(dt), tl.trans(tl.load(_scr(scr, 2 * BD + t * BV, o_t, o_v, SW)).to(dt)))
+        b_dEt += tl.dot(b_M.to(dt), tl.trans(b_dY))
+        dgL += tl.sum(tl.sum(b_dN * b_M, 1), 0)
+        b_dMbar = tl.dot(tl.trans(b_qg), _dos(do, rows, m_t & is_mem, (t % NS) * BV, o_v, scale, dt, D, UPCAST))
+        b_dMbar += gL * b_dN + tl.dot(tl.trans(b_Ed), b_dY)
         tl.debug_barrier()
-        tl.store(dM + p, gL * b_dn + tl.sum(b_E * b_dy[:, None], 0), mask=m_d)
+        tl.store(dM + p, b_dMbar, mask=m)
     tl.debug_barrier()
     # keys, values and log decays
+    b_G = tl.trans(b_Gt)
+    b_dE = tl.trans(b_dEt)
     b_dk += b_w[:, None] * b_G - b_dE
     b_dw = tl.sum(b_k * b_G, 1)
     b_dLD -= b_dw * b_w
@@ -294,30 +353,14 @@ def _block_backward(src, dM, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h,
     b_dld = tl.sum(b_dLD, 0) - tl.cumsum(b_dLD, 0) + b_dLD
     d_a = tl.where(m_t, b_dld * (1. - s_a), 0.)
     d_e = tl.where(m_t, b_dlr * b_lr * (1. - s_e), 0.)
-    d_rk = (nk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])).to(dt)
-    d_rv = (nv[:, None] * (b_dE - b_v * tl.sum(b_v * b_dE, 1)[:, None])).to(dt)
-    # r = u Mbar[:, :2D + 2], by row tiles j of BV: dMbar[j, k | v] += u_j^T dr, du_j = dr Mbar[j, k | v]^T + ...
-    for j in tl.static_range(BD // BV):
-        m_r = j * BV + o_v < D
-        pu, mu, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
-        b_duj = tl.zeros([BL, BV], dtype=tl.float32)
-        for c in tl.static_range(2):
-            b_dr = d_rk if c == 0 else d_rv
-            p, m = _sub(j * BV, c * D, o_v, m_r, o_d, m_d, W)
-            pd = dM + p
-            b_acc = tl.dot(tl.trans(b_uj), b_dr, acc=tl.load(pd, mask=m, other=0.))
-            b_duj += tl.dot(b_dr, tl.trans(tl.load(src + p, mask=m, other=0.).to(dt)))
-            tl.debug_barrier()
-            tl.store(pd, b_acc, mask=m)
-        for c in tl.static_range(2):
-            b_dz = d_e if c == 0 else d_a
-            pg = (j * BV + o_v) * W + 2 * D + c
-            b_duj += b_dz[:, None] * tl.load(src + pg, mask=m_r, other=0.)[None, :]
-            b_acc = tl.load(dM + pg, mask=m_r, other=0.) + tl.sum(b_uj.to(tl.float32) * b_dz[:, None], 0)
-            tl.debug_barrier()
-            tl.store(dM + pg, b_acc, mask=m_r)
-        tl.store(du + pu, b_duj.to(du.dtype.element_ty), mask=mu)
+    tl.store(_scr(scr, 2 * BD, o_t, o_d, SW), (nk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])).to(dt)
+             .to(tl.float32))
+    tl.store(_scr(scr, 3 * BD, o_t, o_d, SW), (nv[:, None] * (b_dE - b_v * tl.sum(b_v * b_dE, 1)[:, None])).to(dt)
+             .to(tl.float32))
+    tl.store(scr + o_t * SW + 4 * BD, d_e)
+    tl.store(scr + o_t * SW + 4 * BD + 1, d_a)
     tl.debug_barrier()
+    _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H, D, W, BD, BV, BL, UPCAST)
     return tl.sum(d_e, 0), tl.sum(d_a, 0)
 
 
@@ -340,7 +383,7 @@ def selfmod_fwd_kernel(q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scal
 
 @autotune(BWD_CONFIGS, key=["H", "D", "BL", "USE_FINAL_GRAD"])
 @triton.jit
-def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb, dM0, st, T, NB, S, NCK, period,
+def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb, dM0, st, scr, T, NB, S, NCK, period,
                        scale, lr_c, eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr,
                        BV: tl.constexpr, BL: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (batch x head): checkpoints every S blocks, then segments in reverse (module docstring).
@@ -351,6 +394,7 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
     DW = D * W
     base = st + i_bh.to(tl.int64) * (NCK + S) * DW
     dM = dM0 + i_bh.to(tl.int64) * DW
+    scr += i_bh.to(tl.int64) * BL * 8 * BD
     _copy(M0 + i_bh.to(tl.int64) * DW, base, DW, True, 1024)
     _copy(dMT + i_bh.to(tl.int64) * DW, dM, DW, USE_FINAL_GRAD, 1024)
     tl.debug_barrier()
@@ -372,8 +416,8 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
         for i_rev in range(0, nb):
             i = nb - 1 - i_rev
             i_src = tl.where(i == 0, g, NCK + i)
-            a, b = _block_backward(base + i_src * DW, dM, q, u, do, dq, du, lr_bias, decay_bias, n0 + i, i_b, i_h,
-                                   T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
+            a, b = _block_backward(base + i_src * DW, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n0 + i, i_b,
+                                   i_h, T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
             d_lrb += a
             d_db += b
     tl.store(dlrb + i_bh, d_lrb)
@@ -381,10 +425,11 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
 
 
 # ----------------------------------------------------------------------------- launchers
-def column_tile(BD: int) -> int:
-    """Columns (and rows) per tile of the forward's [D, W] memory: [D, 16] up to D = 64, [D, 32] above. The
-    backward takes whole [D, D] tiles (BV = BD): with narrower ones its unrolled tiles spill more."""
-    return min(BD, 16 if BD <= 64 else 32)
+def column_tile(BD: int, backward: bool = False) -> int:
+    """Columns (and rows) per tile of the [D, W] memory: [D, 16] up to D = 64, [D, 32] above in the forward;
+    [D, 32] in the backward, whose [BL, BV] products then spread their columns over the warps (with a [16, 16]
+    product the compiler lays a loop's warps along the 16 rows, every warp holding whole [D, BV] operands)."""
+    return min(BD, 32 if backward or BD > 64 else 16)
 
 
 def _flags(q, T: int, period: int):
@@ -416,12 +461,14 @@ def selfmod_backward(q, u, lr_bias, decay_bias, M0, do, dMT, scale, lr_max, peri
     du = empty(B, T, H, D, dtype=u.dtype, device=u.device)
     f32 = dict(dtype=torch.float32, device=q.device)
     dlrb, ddb, dM0 = empty(B, H, **f32), empty(B, H, **f32), empty(B, H, D, W, **f32)
+    flags = _flags(q, T, period)
     st = empty(B * H, NCK + S, D, W, **f32)
+    scr = empty(B * H, flags["BL"], 8 * flags["BD"], **f32)
     if B * H:
         selfmod_bwd_kernel[check_grid((B * H,))](q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb, dM0, st,
-                                                 T, NB, S, NCK, period, scale, lr_max / period, eps,
+                                                 scr, T, NB, S, NCK, period, scale, lr_max / period, eps,
                                                  USE_FINAL_GRAD=dMT is not None,
-                                                 **dict(_flags(q, T, period), BV=_pad(D)))
+                                                 **dict(flags, BV=column_tile(flags["BD"], backward=True)))
     return dq, du, dlrb.sum(0), ddb.sum(0), dM0
 
 
@@ -442,20 +489,24 @@ def _fwd_spec(D: int, dt: str):
 
 def _bwd_spec(D: int, dt: str):
     ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", do=dt, dMT="fp32", dq=dt, du=dt,
-                dlrb="fp32", ddb="fp32", dM0="fp32", st="fp32")
+                dlrb="fp32", ddb="fp32", dM0="fp32", st="fp32", scr="fp32")
     return kernel_spec(f"titans.selfmod_bwd[D={D},{dt}]", selfmod_bwd_kernel, BWD_CONFIGS, ptrs, set(ptrs),
-                       dict(SCALARS, S="i32", NCK="i32"), dict(_flags_spec(D), BV=D, USE_FINAL_GRAD=True))
+                       dict(SCALARS, S="i32", NCK="i32"),
+                       dict(_flags_spec(D), BV=column_tile(D, backward=True), USE_FINAL_GRAD=True))
 
 
 def compile_specs():
-    """The forward kernel at D = 64 (bf16, fp32) and D = 128 (bf16), blocks of 16 tokens: no spills on sm_80 /
-    sm_90 in the default config (8 warps)."""
-    return [_fwd_spec(64, "bf16"), _fwd_spec(64, "fp32"), _fwd_spec(128, "bf16")]
+    """Blocks of 16 tokens: the forward kernel at D = 64 and 128 (bf16, fp32) and the backward at D = 64 in
+    fp32, no spills on sm_80 / sm_90 in the default config (8 warps)."""
+    return [_fwd_spec(D, dt) for D, dt in SPEC_SHAPES] + [_bwd_spec(64, "fp32")]
 
 
 def spilling_compile_specs():
-    """The specs that compile for sm_80 / sm_90 but spill in their default config (8 warps), listed apart from
-    the no-spill check: the forward at D = 128 in fp32 (224 B of spill stores per thread on sm_80, none on
-    sm_90) and the backward: D = 64, sm_90, 0.3-0.4 KB of spill stores (bf16, fp32); D = 128, sm_90, 5.5-9 KB,
-    with 140 KB (bf16) / 206 KB (fp32) of shared memory, the fp32 one over sm_80's limit."""
-    return [_fwd_spec(128, "fp32")] + [_bwd_spec(D, dt) for D, dt in SPEC_SHAPES]
+    """The backward specs that compile for sm_80 / sm_90 but still spill a little in their default config
+    (8 warps; bytes of spill stores per thread, all functions): D = 64 bf16, 4 on sm_90 (none on sm_80);
+    D = 128 bf16, 64 on sm_80 (48 in the kernel, 16 in the block's backward) and 112 on sm_90; D = 128 fp32,
+    40 on sm_90 (none on sm_80). All fit shared memory (at most 48 KB) and keep bf16 MMA. Most of what is left
+    is in the kernel itself around the calls of the per-block functions, which take all 255 registers: ptxas
+    saves the kernel's loop state (pointers, counters) there. Not shown impossible: the block's backward would
+    have to give up registers (fewer [BL, D] tiles live, e.g. more of them through the scratch)."""
+    return [_bwd_spec(64, "bf16"), _bwd_spec(128, "bf16"), _bwd_spec(128, "fp32")]
