@@ -78,3 +78,10 @@ def test_resource_usage_parsing():
              " Function helper:\n  REG:200 STACK:64 SHARED:0 LOCAL:0 CONSTANT[0]:8\n"
              " Function my_kernel:\n  REG:40 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:400\n")
     assert cc._kernel_usage(usage, "my_kernel") == {"REG": "40", "STACK": "0", "SHARED": "1024", "LOCAL": "0"}
+    # local memory counts every function: a spill in a non-inlined helper is the kernel's spill
+    assert cc._local_bytes(usage) == 64
+    ptxas = ("ptxas info    : Function properties for helper\n    8 bytes stack frame, 24 bytes spill stores, "
+             "16 bytes spill loads\nptxas info    : Function properties for my_kernel\n    0 bytes stack frame, "
+             "4 bytes spill stores, 4 bytes spill loads\n")
+    assert cc._sum_spills(ptxas) == (28, 20)
+    assert cc._sum_spills("no spill lines") == (None, None)

@@ -5,8 +5,9 @@ Every op folder's `triton_kernels.py` (`hope_kernels.registry.kernel_modules()`)
 (spec, config, arch) this module runs `triton.compile` for that GPU target and reads off the
 cubin, with the `cuobjdump` shipped in the Triton wheel:
 
-- registers per thread and local memory per thread (stack frame + LOCAL: register spills in a
-  Triton kernel; when nonzero, `ptxas -v` is rerun on the PTX for the exact spill stores/loads),
+- registers per thread and local memory per thread (stack frame + LOCAL, summed over the kernel and
+  its non-inlined device functions: register spills in a Triton kernel; when nonzero, `ptxas -v` is
+  rerun on the PTX for the exact spill stores/loads of every function),
 - shared memory per block (Triton's dynamic shared memory + any static shared memory),
 - which tensor-core instructions appear, with their operand type (`HGMMA.BF16`, `HMMA.F16`,
   `HMMA.TF32`, ...): read from the SASS (`cuobjdump -sass`) when `sass=True`, else from the PTX
@@ -247,7 +248,7 @@ def _measure(res: CompileResult, kernel, arch: int, sass: bool) -> None:
                                capture_output=True, text=True, check=True).stdout
         fields = _kernel_usage(usage, kernel.metadata.name)
         res.registers = int(fields.get("REG", 0))
-        res.spill_bytes = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
+        res.spill_bytes = _local_bytes(usage)
         res.shared_bytes = int(kernel.metadata.shared) + int(fields.get("SHARED", 0))
         mma = mma_types(kernel.asm["ptx"], "ptx")
         res.tc_source = "ptx"
@@ -300,16 +301,30 @@ def _kernel_usage(usage: str, name: str) -> Dict[str, str]:
     return max(fields.values(), key=lambda d: int(d.get("REG", 0)), default={})
 
 
+def _local_bytes(usage: str) -> int:
+    """Local memory per thread (STACK + LOCAL) summed over every function of the cubin: the kernel entry and
+    the non-inlined device functions it calls, whose frames and spills are their own."""
+    return sum(int(n) for n in re.findall(r"\b(?:STACK|LOCAL):(\d+)", usage))
+
+
 def _ptxas_spills(ptx: str, arch: int, tmp: str) -> Tuple[Optional[int], Optional[int]]:
-    """Exact spill stores / loads in bytes from `ptxas -v` (None where ptxas cannot say)."""
+    """Exact spill stores / loads in bytes from `ptxas -v`, summed over every function it reports (the
+    kernel and its non-inlined device functions; None where ptxas cannot say)."""
     path = os.path.join(tmp, "k.ptx")
     with open(path, "w") as f:
         f.write(ptx)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     out = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "v.cubin")],
                          capture_output=True, text=True)
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr + out.stdout)
-    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+    return _sum_spills(out.stderr + out.stdout)
+
+
+def _sum_spills(report: str) -> Tuple[Optional[int], Optional[int]]:
+    """(spill stores, spill loads) in bytes summed over the functions of a `ptxas -v` report."""
+    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    if not found:
+        return None, None
+    return sum(int(a) for a, _ in found), sum(int(b) for _, b in found)
 
 
 def occupancy(registers: int, shared: int, num_warps: int, arch: int) -> Tuple[int, str]:
