@@ -10,7 +10,8 @@ benchmarks/results/quality_cpu-2core_2026-12-02_paper-hope-recall/). MQAR with 4
 CMS ablation's model size and recipe; each cell
 changes one thing of the paper HOPE (RECALL_CELLS): the Titans period, momentum, the self-modifying
 parts one at a time (benchmarks/quality/designs.py, apply_selfmod: M_k / M_v initialisation, static
-k / v projections, M_mem written toward v instead of vhat, M_mem at its own period 1), the levels, lr_max, the learning rate and
+k / v projections, M_mem written toward v instead of vhat), M_mem at its own period 1
+(`titans_mem_period=1`), the levels, lr_max, the learning rate and
 the training length; then the combinations that recall.
 
 --design cms (the default): why the seed's decaying CMS kept a softmax-attention HOPE block from
@@ -147,6 +148,7 @@ PAPER = {**BASE, **variant("paper HOPE").overrides}
 T64, T16 = {"num_pairs": 4, "seq_len": 64}, {"num_pairs": 4, "seq_len": 16}
 RECALL_STEPS = {64: 1000, 16: 3000}
 ORTHO = {"init": "orthogonal"}
+ONLINE = {"titans_mem_period": 1}     # M_mem at its own period 1 (hope/selfmod.py)
 # (name, task, model overrides, apply_selfmod design, budget overrides); steps default RECALL_STEPS
 RECALL_CELLS = [
     ("paper HOPE (period 16)", T64, {}, None, {}),
@@ -163,19 +165,15 @@ RECALL_CELLS = [
     ("3,000 steps", T64, {}, None, {"steps": 3000}),
     ("orthogonal + period 4", T64, {"titans_period": 4}, ORTHO, {}),
     ("orthogonal + period 1", T64, {"titans_period": 1}, ORTHO, {}),
-    ("orthogonal + period 1 + static learned k, v", T64, {"titans_period": 1}, {**ORTHO, "kv": "static"}, {}),
-    ("orthogonal + period 1 + M_mem written toward v", T64, {"titans_period": 1}, {**ORTHO, "values": "v"}, {}),
     ("orthogonal + period 1 + static k, v + M_mem toward v", T64, {"titans_period": 1},
      {**ORTHO, "kv": "static", "values": "v"}, {}),
-    ("orthogonal + period 1, AdamW lr 3e-3", T64, {"titans_period": 1}, ORTHO, {"lr": 3e-3}),
-    ("orthogonal + M_mem at period 1, projections at 16", T64, {}, {**ORTHO, "mem": "online"}, {}),
-    ("orthogonal + M_mem at period 1, one head (D = 64)", T64, {"num_heads": 1}, {**ORTHO, "mem": "online"}, {}),
-    ("orthogonal + period 1, one head (D = 64)", T64, {"num_heads": 1, "titans_period": 1}, ORTHO, {}),
-    ("orthogonal + M_mem at period 1, one head, AdamW lr 3e-3", T64, {"num_heads": 1}, {**ORTHO, "mem": "online"},
+    ("orthogonal + M_mem at period 1, projections at 16", T64, ONLINE, ORTHO, {}),
+    ("orthogonal + M_mem at period 1, one head (D = 64)", T64, {**ONLINE, "num_heads": 1}, ORTHO, {}),
+    ("orthogonal + M_mem at period 1, one head, AdamW lr 3e-3", T64, {**ONLINE, "num_heads": 1}, ORTHO,
      {"lr": 3e-3}),
-    ("orthogonal + M_mem at period 1, AdamW lr 3e-3", T64, {}, {**ORTHO, "mem": "online"}, {"lr": 3e-3}),
+    ("orthogonal + M_mem at period 1, AdamW lr 3e-3", T64, ONLINE, ORTHO, {"lr": 3e-3}),
     ("orthogonal, AdamW lr 3e-3", T64, {}, ORTHO, {"lr": 3e-3}),
-    ("orthogonal + M_mem at period 1, AdamW lr 3e-3, 2,000 steps", T64, {}, {**ORTHO, "mem": "online"},
+    ("orthogonal + M_mem at period 1, AdamW lr 3e-3, 2,000 steps", T64, ONLINE, ORTHO,
      {"lr": 3e-3, "steps": 2000}),
     ("control: Titans period 1 (not self-modifying, no levels)", T64,
      {**variant("Titans period 1 (DGD)").overrides, "self_modifying": False}, None, {}),

@@ -21,14 +21,8 @@
                         from M_k, M_v's initial state) instead of the reads of the block-start memory
     values="v"          the output memory M_mem is written toward v_t (Titans' own target) instead of
                         its self-generated value vhat_t = v_t Mbar_mem; the other memories keep vhat
-    mem="online"        M_mem has its own period, 1 (the paper allows one period for M_mem and one for
-                        the rest): inside a block it is written by the exact online rule,
-                        M_mem,t = decay_t M_mem,t-1 - lr'_t k_t^T (k_t M_mem,t-1 - target_t) with
-                        lr'_t = period * lr_t (the period-1 step bound lr_max), while the keys, values
-                        and gates still come from the block-start projection memories; a block stays
-                        parallel (a delta rule with given keys), only M_mem's recall inside it changes
 
-  kv, values and mem need their own scan (`selfmod_scan`, the op's chunk form in torch, no momentum and no
+  kv and values need their own scan (`selfmod_scan`, the op's chunk form in torch, no momentum and no
   cache: training only); init alone keeps the op.
 """
 from __future__ import annotations
@@ -159,29 +153,16 @@ def apply_design(model: nn.Module, placement: str = "serial", gate: Optional[str
     return model
 
 
-INITS, KVS, VALUES, MEMS = ("identity", "orthogonal"), ("memory", "static"), ("vhat", "v"), ("block", "online")
-
-
-def _online(q, k, target, lr, log_decay, S):
-    """The delta rule token by token from S [B, H, D, V]: S_t = decay_t S_{t-1} - lr_t k_t^T (k_t S_{t-1} -
-    target_t), o_t = q_t S_t. q, k [B, H, L, D], target [B, H, L, V], lr, log_decay [B, H, L]."""
-    outs = []
-    for t in range(q.shape[2]):
-        kt = k[:, :, t, None]                                                  # [B, H, 1, D]
-        err = target[:, :, t, None] - kt @ S
-        S = log_decay[:, :, t, None, None].exp() * S + lr[:, :, t, None, None] * kt.transpose(-1, -2) @ err
-        outs.append(q[:, :, t, None] @ S)
-    return torch.cat(outs, 2), S
+INITS, KVS, VALUES = ("identity", "orthogonal"), ("memory", "static"), ("vhat", "v")
 
 
 def selfmod_scan(q, u, lr_bias, decay_bias, lr_max: float, period: int, M, W_kv=None, values: str = "vhat",
-                 mem: str = "block", eps: float = 1e-6):
+                 eps: float = 1e-6):
     """The self-modifying Titans memory (hope_kernels/titans/selfmod.py's math) block by block, with
-    k, v read from the static W_kv = (W_k, W_v) [H, D, D] when given, M_mem written toward v
-    when values == "v", and M_mem written by the online rule inside a block when mem == "online"
-    (module docstring). q, u [B, T, H, D], M [B, H, D, 3D + 2]; returns (o [B, T, H, D], M_end)."""
+    k, v read from the static W_kv = (W_k, W_v) [H, D, D] when given, and M_mem written toward v
+    when values == "v". q, u [B, T, H, D], M [B, H, D, 3D + 2]; returns (o [B, T, H, D], M_end)."""
     B, T, H, D = q.shape
-    out = slice(2 * D + 2, None)
+    mem = slice(2 * D + 2, None)
     unit = lambda x: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)   # noqa: E731
     outs = []
     for qb, ub in zip(q.transpose(1, 2).split(period, 2), u.transpose(1, 2).split(period, 2)):
@@ -196,40 +177,31 @@ def selfmod_scan(q, u, lr_bias, decay_bias, lr_max: float, period: int, M, W_kv=
         X = lr[..., None] * (target - k @ M)                                   # -lr times the gradient rows
         C = (LD[..., :, None] - LD[..., None, :]).masked_fill(
             ~torch.ones(LD.shape[-1], LD.shape[-1], dtype=torch.bool, device=q.device).tril(), float("-inf")).exp()
-        M_end = LD[..., -1, None, None].exp() * M + (C[..., -1, :, None] * k).transpose(-1, -2) @ X
-        if mem == "online":
-            ld = torch.diff(LD, dim=-1, prepend=torch.zeros_like(LD[..., :1]))
-            o, S = _online(qb, k, target[..., out], period * lr, ld, M[..., out])
-            M_end = torch.cat([M_end[..., :2 * D + 2], S], -1)
-        else:
-            o = LD.exp()[..., None] * (qb @ M[..., out]) + ((qb @ k.transpose(-1, -2)) * C) @ X[..., out]
-        outs.append(o)
-        M = M_end
+        outs.append(LD.exp()[..., None] * (qb @ M[..., mem]) + ((qb @ k.transpose(-1, -2)) * C) @ X[..., mem])
+        M = LD[..., -1, None, None].exp() * M + (C[..., -1, :, None] * k).transpose(-1, -2) @ X
     return torch.cat(outs, 2).transpose(1, 2), M
 
 
 def _selfmod_scan_method(self, inputs, state):
     q, u, mom = inputs
     if mom is not None or isinstance(state, tuple):
-        raise ValueError("the self-modifying Titans designs kv='static' / values='v' / mem='online' have no momentum")
+        raise ValueError("the self-modifying Titans designs kv='static' / values='v' have no momentum")
     W_kv = None if self.design_kv is None else (self.design_kv[0], self.design_kv[1])
     o, M = selfmod_scan(q, u, self.lr_bias, self.decay_bias, self.lr_max, self.period, state, W_kv,
-                        self.design_values, self.design_mem)
+                        self.design_values)
     return o, M
 
 
 def _no_continue(self, *args, **kwargs):
-    raise NotImplementedError("the self-modifying Titans designs kv='static' / values='v' / mem='online' train only "
+    raise NotImplementedError("the self-modifying Titans designs kv='static' / values='v' train only "
                               "(no cached generation)")
 
 
 def apply_selfmod(model: nn.Module, init: str = "identity", init_mem: float = 1.0, kv: str = "memory",
-                  values: str = "vhat", mem: str = "block") -> nn.Module:
+                  values: str = "vhat") -> nn.Module:
     """Change every self-modifying Titans layer of a built HOPE in place (module docstring): init of
-    M_k / M_v (INITS), init_mem (M_mem's initial multiple of the identity), kv (KVS), values (VALUES),
-    mem (MEMS)."""
-    for name, choice, allowed in (("init", init, INITS), ("kv", kv, KVS), ("values", values, VALUES),
-                                  ("mem", mem, MEMS)):
+    M_k / M_v (INITS), init_mem (M_mem's initial multiple of the identity), kv (KVS), values (VALUES)."""
+    for name, choice, allowed in (("init", init, INITS), ("kv", kv, KVS), ("values", values, VALUES)):
         if choice not in allowed:
             raise ValueError(f"{name}={choice!r}: expected one of {allowed}")
     layers = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]
@@ -243,8 +215,8 @@ def apply_selfmod(model: nn.Module, init: str = "identity", init_mem: float = 1.
                 M0[..., :D], M0[..., D:2 * D] = random_orthogonal(H, D), random_orthogonal(H, D)
             M0[..., 2 * D + 2:] = init_mem * torch.eye(D)
         layer.design_kv = nn.Parameter(torch.stack([M0[..., :D], M0[..., D:2 * D]]).clone()) if kv == "static" else None
-        layer.design_values, layer.design_mem = values, mem
-        if kv == "static" or values == "v" or mem == "online":
+        layer.design_values = values
+        if kv == "static" or values == "v":
             layer._scan = types.MethodType(_selfmod_scan_method, layer)
             layer._continue = types.MethodType(_no_continue, layer)
     return model
