@@ -183,11 +183,26 @@ def plots(plan: Plan, records: List[dict], variants: Sequence[tuple], out: Path)
          lambda x: dict(num_pairs=plan.widths[0][0], seq_len=plan.widths[0][1], dim=x)),
     ]
     panels = [pn for pn in panels if pn[2]]
+    pngs = ["mqar_curves.png", "lm_curves.png"]
+    if panels:      # no sweep asked for (--pairs "" and no other sweep): no sweep figure
+        _plot_sweeps(panels, mq, names, plan.sweep_steps, out / "mqar_accuracy.png")
+        pngs.insert(0, "mqar_accuracy.png")
+    n, t = plan.main_task
+    main = {name: _select(mq, plan.main_steps, variant=name, num_pairs=n, seq_len=t, dim=dim) for name in names}
+    plot_curves({k: v for k, v in main.items() if v}, "accuracy", "MQAR accuracy",
+                f"MQAR N={n}, T={t}, d={dim}: mean and min-max over seeds", out / "mqar_curves.png")
+    lm = {name: [r for r in records if r["task"] == "lm" and r["variant"] == name] for name in names}
+    plot_curves({k: v for k, v in lm.items() if v}, "bpb", "validation bits/byte",
+                f"byte-level LM (stdlib corpus), d={dim}: mean and min-max over seeds", out / "lm_curves.png")
+    return pngs
+
+
+def _plot_sweeps(panels, mq: List[dict], names: Sequence[str], sweep_steps: int, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4.2), squeeze=False)
     axes = axes[0]
     for ax, (xlabel, title, xs, where) in zip(axes, panels):
         for name in names:
-            pts = [(x, r["accuracy"]) for x in xs for r in _select(mq, plan.sweep_steps, variant=name, **where(x))]
+            pts = [(x, r["accuracy"]) for x in xs for r in _select(mq, sweep_steps, variant=name, **where(x))]
             if not pts:
                 continue
             means = [(x, sum(a for xx, a in pts if xx == x) / sum(1 for xx, _ in pts if xx == x))
@@ -200,20 +215,12 @@ def plots(plan: Plan, records: List[dict], variants: Sequence[tuple], out: Path)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("MQAR accuracy")
-        ax.set_title(f"{title}, {plan.sweep_steps} steps", fontsize=10)
+        ax.set_title(f"{title}, {sweep_steps} steps", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "mqar_accuracy.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    n, t = plan.main_task
-    main = {name: _select(mq, plan.main_steps, variant=name, num_pairs=n, seq_len=t, dim=dim) for name in names}
-    plot_curves({k: v for k, v in main.items() if v}, "accuracy", "MQAR accuracy",
-                f"MQAR N={n}, T={t}, d={dim}: mean and min-max over seeds", out / "mqar_curves.png")
-    lm = {name: [r for r in records if r["task"] == "lm" and r["variant"] == name] for name in names}
-    plot_curves({k: v for k, v in lm.items() if v}, "bpb", "validation bits/byte",
-                f"byte-level LM (stdlib corpus), d={dim}: mean and min-max over seeds", out / "lm_curves.png")
-    return ["mqar_accuracy.png", "mqar_curves.png", "lm_curves.png"]
 
 
 FIELDS = ["task", "variant", "num_pairs", "seq_len", "dim", "steps", "seed", "accuracy", "bpb", "params",
