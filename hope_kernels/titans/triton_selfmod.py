@@ -172,11 +172,13 @@ def _tile(t, o_d, m_d, o_v, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, 
 
 
 @triton.jit(noinline=True)
-def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
+def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, T, period, scale, lr_c, eps,
                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                    BL: tl.constexpr, WRITE_O: tl.constexpr, UPCAST: tl.constexpr):
     """Block n from its start memory `src` [D, W] to its end memory `dst` (may be `src`), in [D, BV] column
     tiles; o when WRITE_O."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BL)
     o_d = tl.arange(0, BD)
     o_v = tl.arange(0, BV)
@@ -249,11 +251,12 @@ def _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H: tl.constexpr,
 
 
 @triton.jit(noinline=True)
-def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
-                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, n, T, period, scale, lr_c,
+                    eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                     BL: tl.constexpr, UPCAST: tl.constexpr):
-    """Block n's gradients from its start memory `src`; dM holds dM_end and becomes dMbar. Returns the
-    block's contributions to (d lr_bias, d decay_bias).
+    """Block n's gradients from its start memory `src`; the program's dM (in dM0) holds dM_end and becomes dMbar;
+    the block's contributions to d lr_bias and d decay_bias are added to the program's dlrb and ddb. The program's
+    slices of dM0, scr0, dlrb and ddb are found from the program id here, not held by the kernel across calls.
 
     Every loop keeps one orientation of products: [BL, *] ones contract over the memory's rows and take their
     [BL, D] factor (E, w k, dr) from the scratch `scr` inside the loop (BL x 8 BD floats: E | w k | lr Y | dY;
@@ -261,6 +264,10 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
     tile's columns."""
     NS: tl.constexpr = BD // BV
     SW: tl.constexpr = 8 * BD
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    dM = dM0 + i_bh.to(tl.int64) * D * W
+    scr = scr0 + i_bh.to(tl.int64) * BL * SW
     o_t = tl.arange(0, BL)
     o_d = tl.arange(0, BD)
     o_v = tl.arange(0, BV)
@@ -359,9 +366,10 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
              .to(tl.float32))
     tl.store(scr + o_t * SW + 4 * BD, d_e)
     tl.store(scr + o_t * SW + 4 * BD + 1, d_a)
+    tl.store(dlrb + i_bh, tl.load(dlrb + i_bh) + tl.sum(d_e, 0))
+    tl.store(ddb + i_bh, tl.load(ddb + i_bh) + tl.sum(d_a, 0))
     tl.debug_barrier()
     _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H, D, W, BD, BV, BL, UPCAST)
-    return tl.sum(d_e, 0), tl.sum(d_a, 0)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -372,12 +380,11 @@ def selfmod_fwd_kernel(q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scal
                        BL: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (batch x head): every block in order, the memory in MT (the final-state output)."""
     i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
     state = MT + i_bh.to(tl.int64) * D * W
     _copy(M0 + i_bh.to(tl.int64) * D * W, state, D * W, True, 1024)
     tl.debug_barrier()
     for n in range(0, NB):
-        _block_forward(state, state, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
+        _block_forward(state, state, q, u, o, lr_bias, decay_bias, n, T, period, scale, lr_c, eps,
                        H, D, W, BD, BV, BL, True, UPCAST)
 
 
@@ -390,38 +397,37 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
     `st` holds NCK + S memories per program: checkpoint g in slot g, a segment's block i > 0 in slot NCK + i
     (slot NCK is also the running memory of the first replay)."""
     i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
     DW = D * W
     base = st + i_bh.to(tl.int64) * (NCK + S) * DW
-    dM = dM0 + i_bh.to(tl.int64) * DW
-    scr += i_bh.to(tl.int64) * BL * 8 * BD
     _copy(M0 + i_bh.to(tl.int64) * DW, base, DW, True, 1024)
-    _copy(dMT + i_bh.to(tl.int64) * DW, dM, DW, USE_FINAL_GRAD, 1024)
+    _copy(dMT + i_bh.to(tl.int64) * DW, dM0 + i_bh.to(tl.int64) * DW, DW, USE_FINAL_GRAD, 1024)
+    tl.store(dlrb + i_bh, 0.)
+    tl.store(ddb + i_bh, 0.)
     tl.debug_barrier()
     for n in range(0, (NCK - 1) * S):
         i_src = tl.where(n % S == 0, n // S, NCK)
         i_dst = tl.where((n + 1) % S == 0, (n + 1) // S, NCK)
-        _block_forward(base + i_src * DW, base + i_dst * DW, q, u, q, lr_bias, decay_bias, n, i_b, i_h, T, period,
+        _block_forward(base + i_src * DW, base + i_dst * DW, q, u, q, lr_bias, decay_bias, n, T, period,
                        scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
-    d_lrb = 0.
-    d_db = 0.
-    for g_rev in range(0, NCK):
-        g = NCK - 1 - g_rev
-        n0 = g * S
-        nb = tl.minimum(S, NB - n0)
-        for i in range(0, nb - 1):
+    # the segments in reverse as one flat loop of steps (one counter the only state held across the calls): a
+    # segment g of nb blocks takes 2 nb - 1 steps j, the replay of its blocks i = j < nb - 1 to slot NCK + j + 1,
+    # then the backward of its blocks i = 2 nb - 2 - j, last to first; the last segment (nb = NL) comes first
+    NL = NB - (NCK - 1) * S
+    F = 2 * NL - 1
+    for k in range(0, F + (NCK - 1) * (2 * S - 1)):
+        last = k < F
+        g = tl.where(last, NCK - 1, NCK - 2 - (k - F) // (2 * S - 1))
+        j = tl.where(last, k, (k - F) % (2 * S - 1))
+        nb = tl.where(last, NL, S)
+        if j < nb - 1:
+            i_src = tl.where(j == 0, g, NCK + j)
+            _block_forward(base + i_src * DW, base + (NCK + j + 1) * DW, q, u, q, lr_bias, decay_bias, g * S + j,
+                           T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
+        else:
+            i = 2 * nb - 2 - j
             i_src = tl.where(i == 0, g, NCK + i)
-            _block_forward(base + i_src * DW, base + (NCK + i + 1) * DW, q, u, q, lr_bias, decay_bias, n0 + i, i_b,
-                           i_h, T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
-        for i_rev in range(0, nb):
-            i = nb - 1 - i_rev
-            i_src = tl.where(i == 0, g, NCK + i)
-            a, b = _block_backward(base + i_src * DW, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n0 + i, i_b,
-                                   i_h, T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
-            d_lrb += a
-            d_db += b
-    tl.store(dlrb + i_bh, d_lrb)
-    tl.store(ddb + i_bh, d_db)
+            _block_backward(base + i_src * DW, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, g * S + i,
+                            T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -496,17 +502,17 @@ def _bwd_spec(D: int, dt: str):
 
 
 def compile_specs():
-    """Blocks of 16 tokens: the forward kernel at D = 64 and 128 (bf16, fp32) and the backward at D = 64 in
-    fp32, no spills on sm_80 / sm_90 in the default config (8 warps)."""
-    return [_fwd_spec(D, dt) for D, dt in SPEC_SHAPES] + [_bwd_spec(64, "fp32")]
+    """Blocks of 16 tokens: the forward kernel at D = 64 and 128 (bf16, fp32) and the backward at D = 64 (bf16,
+    fp32), no spills on sm_80 / sm_90 in the default config (8 warps)."""
+    return [_fwd_spec(D, dt) for D, dt in SPEC_SHAPES] + [_bwd_spec(64, "bf16"), _bwd_spec(64, "fp32")]
 
 
 def spilling_compile_specs():
     """The backward specs that compile for sm_80 / sm_90 but still spill a little in their default config
-    (8 warps; bytes of spill stores per thread, all functions): D = 64 bf16, 4 on sm_90 (none on sm_80);
-    D = 128 bf16, 64 on sm_80 (48 in the kernel, 16 in the block's backward) and 112 on sm_90; D = 128 fp32,
-    40 on sm_90 (none on sm_80). All fit shared memory (at most 48 KB) and keep bf16 MMA. Most of what is left
-    is in the kernel itself around the calls of the per-block functions, which take all 255 registers: ptxas
-    saves the kernel's loop state (pointers, counters) there. Not shown impossible: the block's backward would
-    have to give up registers (fewer [BL, D] tiles live, e.g. more of them through the scratch)."""
-    return [_bwd_spec(64, "bf16"), _bwd_spec(128, "bf16"), _bwd_spec(128, "fp32")]
+    (8 warps; bytes of spill stores per thread, all functions): D = 128 bf16, 20 on sm_80 (in the rows' backward)
+    and 48 on sm_90 (in the kernel); D = 128 fp32, 28 on sm_90 (20 in the kernel, 8 in the block's backward; none
+    on sm_80). All fit shared memory (at most 48 KB) and keep bf16 MMA. What the kernel spills is saved around the
+    calls of the per-block functions, which take all 255 registers; its own state across them is one loop counter
+    and the memories' base pointer (the program's slices of dM0, the scratch and d lr_bias / d decay_bias are found
+    from the program id inside the functions)."""
+    return [_bwd_spec(128, "bf16"), _bwd_spec(128, "fp32")]
