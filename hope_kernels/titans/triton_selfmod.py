@@ -372,6 +372,42 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H, D, W, BD, BV, BL, UPCAST)
 
 
+@triton.jit(noinline=True)
+def _backward_step(k, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
+                   lr_c, eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                   BL: tl.constexpr, UPCAST: tl.constexpr):
+    """Step k of the backward kernel, one block's replay or backward; the kernel holds nothing but k across the
+    steps (the memories' slots are found here from the program id). The first (NCK - 1) S steps replay blocks
+    n = k to the checkpoints (slot NCK the running memory); then the segments in reverse, a segment g of nb blocks
+    in 2 nb - 1 steps j: the replay of its blocks i = j < nb - 1 to slot NCK + j + 1, then the backward of its
+    blocks i = 2 nb - 2 - j, last to first (the last segment, nb = NL, first)."""
+    DW: tl.constexpr = D * W
+    base = st + tl.program_id(0).to(tl.int64) * (NCK + S) * DW
+    R = (NCK - 1) * S
+    if k < R:
+        i_src = tl.where(k % S == 0, k // S, NCK)
+        i_dst = tl.where((k + 1) % S == 0, (k + 1) // S, NCK)
+        _block_forward(base + i_src * DW, base + i_dst * DW, q, u, q, lr_bias, decay_bias, k, T, period,
+                       scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
+    else:
+        r = k - R
+        NL = NB - (NCK - 1) * S
+        F = 2 * NL - 1
+        last = r < F
+        g = tl.where(last, NCK - 1, NCK - 2 - (r - F) // (2 * S - 1))
+        j = tl.where(last, r, (r - F) % (2 * S - 1))
+        nb = tl.where(last, NL, S)
+        if j < nb - 1:
+            i_src = tl.where(j == 0, g, NCK + j)
+            _block_forward(base + i_src * DW, base + (NCK + j + 1) * DW, q, u, q, lr_bias, decay_bias, g * S + j,
+                           T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
+        else:
+            i = 2 * nb - 2 - j
+            i_src = tl.where(i == 0, g, NCK + i)
+            _block_backward(base + i_src * DW, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, g * S + i,
+                            T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
+
+
 # ----------------------------------------------------------------------------- kernels
 @autotune(FWD_CONFIGS, key=["H", "D", "BL"])
 @triton.jit
@@ -404,30 +440,9 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
     tl.store(dlrb + i_bh, 0.)
     tl.store(ddb + i_bh, 0.)
     tl.debug_barrier()
-    for n in range(0, (NCK - 1) * S):
-        i_src = tl.where(n % S == 0, n // S, NCK)
-        i_dst = tl.where((n + 1) % S == 0, (n + 1) // S, NCK)
-        _block_forward(base + i_src * DW, base + i_dst * DW, q, u, q, lr_bias, decay_bias, n, T, period,
-                       scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
-    # the segments in reverse as one flat loop of steps (one counter the only state held across the calls): a
-    # segment g of nb blocks takes 2 nb - 1 steps j, the replay of its blocks i = j < nb - 1 to slot NCK + j + 1,
-    # then the backward of its blocks i = 2 nb - 2 - j, last to first; the last segment (nb = NL) comes first
-    NL = NB - (NCK - 1) * S
-    F = 2 * NL - 1
-    for k in range(0, F + (NCK - 1) * (2 * S - 1)):
-        last = k < F
-        g = tl.where(last, NCK - 1, NCK - 2 - (k - F) // (2 * S - 1))
-        j = tl.where(last, k, (k - F) % (2 * S - 1))
-        nb = tl.where(last, NL, S)
-        if j < nb - 1:
-            i_src = tl.where(j == 0, g, NCK + j)
-            _block_forward(base + i_src * DW, base + (NCK + j + 1) * DW, q, u, q, lr_bias, decay_bias, g * S + j,
-                           T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
-        else:
-            i = 2 * nb - 2 - j
-            i_src = tl.where(i == 0, g, NCK + i)
-            _block_backward(base + i_src * DW, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, g * S + i,
-                            T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
+    for k in range(0, (NCK - 1) * S + 2 * NB - NCK):
+        _backward_step(k, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
+                       lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -509,10 +524,8 @@ def compile_specs():
 
 def spilling_compile_specs():
     """The backward specs that compile for sm_80 / sm_90 but still spill a little in their default config
-    (8 warps; bytes of spill stores per thread, all functions): D = 128 bf16, 20 on sm_80 (in the rows' backward)
-    and 48 on sm_90 (in the kernel); D = 128 fp32, 28 on sm_90 (20 in the kernel, 8 in the block's backward; none
-    on sm_80). All fit shared memory (at most 48 KB) and keep bf16 MMA. What the kernel spills is saved around the
-    calls of the per-block functions, which take all 255 registers; its own state across them is one loop counter
-    and the memories' base pointer (the program's slices of dM0, the scratch and d lr_bias / d decay_bias are found
-    from the program id inside the functions)."""
+    (8 warps; bytes of spill stores per thread, all functions): D = 128 bf16, 20 on sm_80 (in the rows' backward;
+    none on sm_90); D = 128 fp32, 8 on sm_90 (4 in the backward step, 4 in the block's backward; none on sm_80).
+    All fit shared memory (at most 48 KB) and keep bf16 MMA. The kernel itself holds only its step counter across
+    the calls of the per-block functions (which take all 255 registers) and spills nothing."""
     return [_bwd_spec(128, "bf16"), _bwd_spec(128, "fp32")]
