@@ -19,7 +19,11 @@ selfmod_bwd_kernel: one program per (batch x head). It replays the forward (no o
 memories of blocks 0, S, 2S, ... (S = ceil(sqrt(#blocks))) kept in a workspace, then walks the segments in
 reverse: a segment's block-start memories are recomputed from its checkpoint into S more slots, and its
 blocks are differentiated last to first with the adjoint dM of the memory (fp32 workspace, the dM_0
-output) updated in place, in [D, BV] column tiles (BV = 32; D = 16: 16):
+output) updated in place, in [D, BV] column tiles (BV = 32; D = 16: 16). All of it is one flat sequence of
+(NCK - 1) S + 2 #blocks - NCK steps, each one block's replay or backward through the non-inlined _backward_step,
+which finds the step's blocks and slots from the step number and the program's slices of the workspaces from
+the program id; the kernel's loop holds nothing else across the calls, and d lr_bias / d decay_bias are summed
+in their outputs:
 
     dX    = (w k) dM_end (+ (A^T do') on mem, A = (q k^T) * C, do' = scale do),   dY = lr dX,   dE = dY Mbar^T
     dlr   = rowsum(dX * Y),   G = X dM_end^T,  dk = w G + (P * C)^T q - dE,   dv = dE
@@ -34,7 +38,10 @@ memory's D rows and take their [BL, D] factor (E, w k, dr) from a per-program fp
 [D, *] ones (G^T, dE^T, dMbar, u^T dr), which contract over the block's rows or a tile's columns; lr Y and dY go
 from the first loop to the second through the scratch. A block's forward, its backward and the backward's last
 step (the row tiles of dr) are non-inlined functions: inlined, their index and address arithmetic was hoisted
-out of the kernel's loops and kept live (spilled) across all of them.
+out of the kernel's loops and kept live (spilled) across all of them. They take all 255 registers, so whatever
+a caller holds across a call is saved to local memory: hence the step function and the kernel's single
+counter (nested segment loops had the compiler keep a dozen induction variables and pointers live across the
+calls), and the rows' backward runs its two column blocks (dr_k, dr_v) as a loop, not unrolled.
 
 Memory beyond inputs and outputs, per (batch x head) in the backward: (#checkpoints + S) [D, W] fp32 states
 and a [BL, 8 BD] fp32 scratch (E | w k | lr Y | dY, BD = D padded to a power of 2): 64 KB at D = 128 and
@@ -232,7 +239,7 @@ def _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H: tl.constexpr,
         m_r = j * BV + o_v < D
         pu, mu, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
         b_duj = tl.zeros([BL, BV], dtype=tl.float32)
-        for c in tl.static_range(2):
+        for c in range(0, 2):
             b_dr = tl.load(_scr(scr, (2 + c) * BD, o_t, o_d, SW)).to(b_uj.dtype)
             pj, mj = _sub(j * BV, c * D, o_v, m_r, o_d, m_d, W)
             b_acc = tl.dot(tl.trans(b_uj), b_dr, acc=tl.load(dM + pj, mask=mj, other=0.))
@@ -373,17 +380,18 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
 
 
 @triton.jit(noinline=True)
-def _backward_step(k, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
+def _backward_step(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
                    lr_c, eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                    BL: tl.constexpr, UPCAST: tl.constexpr):
-    """Step k of the backward kernel, one block's replay or backward; the kernel holds nothing but k across the
-    steps (the memories' slots are found here from the program id). The first (NCK - 1) S steps replay blocks
+    """Step k of the backward kernel (`left` steps after it), one block's replay or backward; the kernel holds
+    nothing but `left` across the steps (the memories' slots are found here from the program id). The first (NCK - 1) S steps replay blocks
     n = k to the checkpoints (slot NCK the running memory); then the segments in reverse, a segment g of nb blocks
     in 2 nb - 1 steps j: the replay of its blocks i = j < nb - 1 to slot NCK + j + 1, then the backward of its
     blocks i = 2 nb - 2 - j, last to first (the last segment, nb = NL, first)."""
     DW: tl.constexpr = D * W
     base = st + tl.program_id(0).to(tl.int64) * (NCK + S) * DW
     R = (NCK - 1) * S
+    k = R + 2 * NB - NCK - 1 - left
     if k < R:
         i_src = tl.where(k % S == 0, k // S, NCK)
         i_dst = tl.where((k + 1) % S == 0, (k + 1) // S, NCK)
@@ -440,8 +448,10 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
     tl.store(dlrb + i_bh, 0.)
     tl.store(ddb + i_bh, 0.)
     tl.debug_barrier()
-    for k in range(0, (NCK - 1) * S + 2 * NB - NCK):
-        _backward_step(k, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
+    left = (NCK - 1) * S + 2 * NB - NCK
+    while left > 0:  # the steps still to run, counted down: the kernel's only value live across the calls
+        left -= 1
+        _backward_step(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
                        lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
 
 
@@ -517,15 +527,13 @@ def _bwd_spec(D: int, dt: str):
 
 
 def compile_specs():
-    """Blocks of 16 tokens: the forward kernel at D = 64 and 128 (bf16, fp32) and the backward at D = 64 (bf16,
-    fp32), no spills on sm_80 / sm_90 in the default config (8 warps)."""
-    return [_fwd_spec(D, dt) for D, dt in SPEC_SHAPES] + [_bwd_spec(64, "bf16"), _bwd_spec(64, "fp32")]
+    """Blocks of 16 tokens: the forward and the backward kernel at D = 64 and 128 (bf16, fp32), no spills on
+    sm_80 / sm_90 in the default config (8 warps)."""
+    return [_fwd_spec(D, dt) for D, dt in SPEC_SHAPES] + [_bwd_spec(D, dt) for D, dt in SPEC_SHAPES]
 
 
 def spilling_compile_specs():
-    """The backward specs that compile for sm_80 / sm_90 but still spill a little in their default config
-    (8 warps; bytes of spill stores per thread, all functions): D = 128 bf16, 20 on sm_80 (in the rows' backward;
-    none on sm_90); D = 128 fp32, 8 on sm_90 (4 in the backward step, 4 in the block's backward; none on sm_80).
-    All fit shared memory (at most 48 KB) and keep bf16 MMA. The kernel itself holds only its step counter across
-    the calls of the per-block functions (which take all 255 registers) and spills nothing."""
-    return [_bwd_spec(128, "bf16"), _bwd_spec(128, "fp32")]
+    """Specs that compile but still spill in their default config, outside compile_specs' no-spill check: none
+    (the backward's last ones went when its kernel came to hold only its step counter across the calls of the
+    per-block functions, which take all 255 registers)."""
+    return []
