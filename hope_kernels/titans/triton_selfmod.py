@@ -19,7 +19,11 @@ selfmod_bwd_kernel: one program per (batch x head). It replays the forward (no o
 memories of blocks 0, S, 2S, ... (S = ceil(sqrt(#blocks))) kept in a workspace, then walks the segments in
 reverse: a segment's block-start memories are recomputed from its checkpoint into S more slots, and its
 blocks are differentiated last to first with the adjoint dM of the memory (fp32 workspace, the dM_0
-output) updated in place, in [D, BV] column tiles (BV = 32; D = 16: 16):
+output) updated in place, in [D, BV] column tiles (BV = 32; D = 16: 16). All of it is one flat sequence of
+(NCK - 1) S + 2 #blocks - NCK steps, each one block's replay or backward through the non-inlined _backward_step,
+which finds the step's blocks and slots from the step number and the program's slices of the workspaces from
+the program id; the kernel's loop holds nothing else across the calls, and d lr_bias / d decay_bias are summed
+in their outputs:
 
     dX    = (w k) dM_end (+ (A^T do') on mem, A = (q k^T) * C, do' = scale do),   dY = lr dX,   dE = dY Mbar^T
     dlr   = rowsum(dX * Y),   G = X dM_end^T,  dk = w G + (P * C)^T q - dE,   dv = dE
@@ -34,7 +38,10 @@ memory's D rows and take their [BL, D] factor (E, w k, dr) from a per-program fp
 [D, *] ones (G^T, dE^T, dMbar, u^T dr), which contract over the block's rows or a tile's columns; lr Y and dY go
 from the first loop to the second through the scratch. A block's forward, its backward and the backward's last
 step (the row tiles of dr) are non-inlined functions: inlined, their index and address arithmetic was hoisted
-out of the kernel's loops and kept live (spilled) across all of them.
+out of the kernel's loops and kept live (spilled) across all of them. They take all 255 registers, so whatever
+a caller holds across a call is saved to local memory: hence the step function and the kernel's single
+counter (nested segment loops had the compiler keep a dozen induction variables and pointers live across the
+calls), and the rows' backward runs its two column blocks (dr_k, dr_v) as a loop, not unrolled.
 
 Memory beyond inputs and outputs, per (batch x head) in the backward: (#checkpoints + S) [D, W] fp32 states
 and a [BL, 8 BD] fp32 scratch (E | w k | lr Y | dY, BD = D padded to a power of 2): 64 KB at D = 128 and
@@ -172,11 +179,13 @@ def _tile(t, o_d, m_d, o_v, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, 
 
 
 @triton.jit(noinline=True)
-def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
+def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, T, period, scale, lr_c, eps,
                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                    BL: tl.constexpr, WRITE_O: tl.constexpr, UPCAST: tl.constexpr):
     """Block n from its start memory `src` [D, W] to its end memory `dst` (may be `src`), in [D, BV] column
     tiles; o when WRITE_O."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BL)
     o_d = tl.arange(0, BD)
     o_v = tl.arange(0, BV)
@@ -230,7 +239,7 @@ def _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H: tl.constexpr,
         m_r = j * BV + o_v < D
         pu, mu, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
         b_duj = tl.zeros([BL, BV], dtype=tl.float32)
-        for c in tl.static_range(2):
+        for c in range(0, 2):
             b_dr = tl.load(_scr(scr, (2 + c) * BD, o_t, o_d, SW)).to(b_uj.dtype)
             pj, mj = _sub(j * BV, c * D, o_v, m_r, o_d, m_d, W)
             b_acc = tl.dot(tl.trans(b_uj), b_dr, acc=tl.load(dM + pj, mask=mj, other=0.))
@@ -249,11 +258,12 @@ def _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H: tl.constexpr,
 
 
 @triton.jit(noinline=True)
-def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
-                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, n, T, period, scale, lr_c,
+                    eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                     BL: tl.constexpr, UPCAST: tl.constexpr):
-    """Block n's gradients from its start memory `src`; dM holds dM_end and becomes dMbar. Returns the
-    block's contributions to (d lr_bias, d decay_bias).
+    """Block n's gradients from its start memory `src`; the program's dM (in dM0) holds dM_end and becomes dMbar;
+    the block's contributions to d lr_bias and d decay_bias are added to the program's dlrb and ddb. The program's
+    slices of dM0, scr0, dlrb and ddb are found from the program id here, not held by the kernel across calls.
 
     Every loop keeps one orientation of products: [BL, *] ones contract over the memory's rows and take their
     [BL, D] factor (E, w k, dr) from the scratch `scr` inside the loop (BL x 8 BD floats: E | w k | lr Y | dY;
@@ -261,6 +271,10 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
     tile's columns."""
     NS: tl.constexpr = BD // BV
     SW: tl.constexpr = 8 * BD
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    dM = dM0 + i_bh.to(tl.int64) * D * W
+    scr = scr0 + i_bh.to(tl.int64) * BL * SW
     o_t = tl.arange(0, BL)
     o_d = tl.arange(0, BD)
     o_v = tl.arange(0, BV)
@@ -359,9 +373,47 @@ def _block_backward(src, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n, i_b,
              .to(tl.float32))
     tl.store(scr + o_t * SW + 4 * BD, d_e)
     tl.store(scr + o_t * SW + 4 * BD + 1, d_a)
+    tl.store(dlrb + i_bh, tl.load(dlrb + i_bh) + tl.sum(d_e, 0))
+    tl.store(ddb + i_bh, tl.load(ddb + i_bh) + tl.sum(d_a, 0))
     tl.debug_barrier()
     _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H, D, W, BD, BV, BL, UPCAST)
-    return tl.sum(d_e, 0), tl.sum(d_a, 0)
+
+
+@triton.jit(noinline=True)
+def _backward_step(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
+                   lr_c, eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                   BL: tl.constexpr, UPCAST: tl.constexpr):
+    """Step k of the backward kernel (`left` steps after it), one block's replay or backward; the kernel holds
+    nothing but `left` across the steps (the memories' slots are found here from the program id). The first (NCK - 1) S steps replay blocks
+    n = k to the checkpoints (slot NCK the running memory); then the segments in reverse, a segment g of nb blocks
+    in 2 nb - 1 steps j: the replay of its blocks i = j < nb - 1 to slot NCK + j + 1, then the backward of its
+    blocks i = 2 nb - 2 - j, last to first (the last segment, nb = NL, first)."""
+    DW: tl.constexpr = D * W
+    base = st + tl.program_id(0).to(tl.int64) * (NCK + S) * DW
+    R = (NCK - 1) * S
+    k = R + 2 * NB - NCK - 1 - left
+    if k < R:
+        i_src = tl.where(k % S == 0, k // S, NCK)
+        i_dst = tl.where((k + 1) % S == 0, (k + 1) // S, NCK)
+        _block_forward(base + i_src * DW, base + i_dst * DW, q, u, q, lr_bias, decay_bias, k, T, period,
+                       scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
+    else:
+        r = k - R
+        NL = NB - (NCK - 1) * S
+        F = 2 * NL - 1
+        last = r < F
+        g = tl.where(last, NCK - 1, NCK - 2 - (r - F) // (2 * S - 1))
+        j = tl.where(last, r, (r - F) % (2 * S - 1))
+        nb = tl.where(last, NL, S)
+        if j < nb - 1:
+            i_src = tl.where(j == 0, g, NCK + j)
+            _block_forward(base + i_src * DW, base + (NCK + j + 1) * DW, q, u, q, lr_bias, decay_bias, g * S + j,
+                           T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
+        else:
+            i = 2 * nb - 2 - j
+            i_src = tl.where(i == 0, g, NCK + i)
+            _block_backward(base + i_src * DW, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, g * S + i,
+                            T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -372,12 +424,11 @@ def selfmod_fwd_kernel(q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scal
                        BL: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (batch x head): every block in order, the memory in MT (the final-state output)."""
     i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
     state = MT + i_bh.to(tl.int64) * D * W
     _copy(M0 + i_bh.to(tl.int64) * D * W, state, D * W, True, 1024)
     tl.debug_barrier()
     for n in range(0, NB):
-        _block_forward(state, state, q, u, o, lr_bias, decay_bias, n, i_b, i_h, T, period, scale, lr_c, eps,
+        _block_forward(state, state, q, u, o, lr_bias, decay_bias, n, T, period, scale, lr_c, eps,
                        H, D, W, BD, BV, BL, True, UPCAST)
 
 
@@ -390,38 +441,18 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
     `st` holds NCK + S memories per program: checkpoint g in slot g, a segment's block i > 0 in slot NCK + i
     (slot NCK is also the running memory of the first replay)."""
     i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
     DW = D * W
     base = st + i_bh.to(tl.int64) * (NCK + S) * DW
-    dM = dM0 + i_bh.to(tl.int64) * DW
-    scr += i_bh.to(tl.int64) * BL * 8 * BD
     _copy(M0 + i_bh.to(tl.int64) * DW, base, DW, True, 1024)
-    _copy(dMT + i_bh.to(tl.int64) * DW, dM, DW, USE_FINAL_GRAD, 1024)
+    _copy(dMT + i_bh.to(tl.int64) * DW, dM0 + i_bh.to(tl.int64) * DW, DW, USE_FINAL_GRAD, 1024)
+    tl.store(dlrb + i_bh, 0.)
+    tl.store(ddb + i_bh, 0.)
     tl.debug_barrier()
-    for n in range(0, (NCK - 1) * S):
-        i_src = tl.where(n % S == 0, n // S, NCK)
-        i_dst = tl.where((n + 1) % S == 0, (n + 1) // S, NCK)
-        _block_forward(base + i_src * DW, base + i_dst * DW, q, u, q, lr_bias, decay_bias, n, i_b, i_h, T, period,
-                       scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
-    d_lrb = 0.
-    d_db = 0.
-    for g_rev in range(0, NCK):
-        g = NCK - 1 - g_rev
-        n0 = g * S
-        nb = tl.minimum(S, NB - n0)
-        for i in range(0, nb - 1):
-            i_src = tl.where(i == 0, g, NCK + i)
-            _block_forward(base + i_src * DW, base + (NCK + i + 1) * DW, q, u, q, lr_bias, decay_bias, n0 + i, i_b,
-                           i_h, T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
-        for i_rev in range(0, nb):
-            i = nb - 1 - i_rev
-            i_src = tl.where(i == 0, g, NCK + i)
-            a, b = _block_backward(base + i_src * DW, dM, scr, q, u, do, dq, du, lr_bias, decay_bias, n0 + i, i_b,
-                                   i_h, T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
-            d_lrb += a
-            d_db += b
-    tl.store(dlrb + i_bh, d_lrb)
-    tl.store(ddb + i_bh, d_db)
+    left = (NCK - 1) * S + 2 * NB - NCK
+    while left > 0:  # the steps still to run, counted down: the kernel's only value live across the calls
+        left -= 1
+        _backward_step(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
+                       lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -496,17 +527,17 @@ def _bwd_spec(D: int, dt: str):
 
 
 def compile_specs():
-    """Blocks of 16 tokens: the forward kernel at D = 64 and 128 (bf16, fp32) and the backward at D = 64 in
-    fp32, no spills on sm_80 / sm_90 in the default config (8 warps)."""
-    return [_fwd_spec(D, dt) for D, dt in SPEC_SHAPES] + [_bwd_spec(64, "fp32")]
+    """Blocks of 16 tokens: the forward and the backward kernel at D = 64 and 128 (bf16, fp32), no spills on
+    sm_80 / sm_90 in the default config (8 warps) as tools/compile_check.py measures them (`ptxas -v` rerun on the
+    PTX). Its rerun lacks Triton's own ptxas flags (-lineinfo --regAllocOptLevel=2); with them the backward's
+    cubins still save a few registers to local memory on sm_90 (bytes of spill stores per thread, all functions):
+    D = 64 fp32 8, D = 128 bf16 96 (76 in the block's backward), D = 128 fp32 24; none on sm_80, none at D = 64
+    bf16."""
+    return [_fwd_spec(D, dt) for D, dt in SPEC_SHAPES] + [_bwd_spec(D, dt) for D, dt in SPEC_SHAPES]
 
 
 def spilling_compile_specs():
-    """The backward specs that compile for sm_80 / sm_90 but still spill a little in their default config
-    (8 warps; bytes of spill stores per thread, all functions): D = 64 bf16, 4 on sm_90 (none on sm_80);
-    D = 128 bf16, 64 on sm_80 (48 in the kernel, 16 in the block's backward) and 112 on sm_90; D = 128 fp32,
-    40 on sm_90 (none on sm_80). All fit shared memory (at most 48 KB) and keep bf16 MMA. Most of what is left
-    is in the kernel itself around the calls of the per-block functions, which take all 255 registers: ptxas
-    saves the kernel's loop state (pointers, counters) there. Not shown impossible: the block's backward would
-    have to give up registers (fewer [BL, D] tiles live, e.g. more of them through the scratch)."""
-    return [_bwd_spec(64, "bf16"), _bwd_spec(128, "bf16"), _bwd_spec(128, "fp32")]
+    """Specs that compile but still spill in their default config, outside compile_specs' no-spill check: none
+    (the backward's last ones went when its kernel came to hold only its step counter across the calls of the
+    per-block functions, which take all 255 registers)."""
+    return []
