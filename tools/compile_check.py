@@ -314,7 +314,11 @@ def _ptxas_spills(ptx: str, arch: int, tmp: str) -> Tuple[Optional[int], Optiona
     with open(path, "w") as f:
         f.write(ptx)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    out = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "v.cubin")],
+    # the flags Triton's own ptxas call uses (triton/backends/nvidia/compiler.py, make_cubin): without them
+    # ptxas allocates registers differently and reports spills the kernel Triton builds does not have, or misses
+    # some it has
+    flags = ["-lineinfo", "--regAllocOptLevel=2"]
+    out = subprocess.run([_ptxas(arch), *flags, "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "v.cubin")],
                          capture_output=True, text=True)
     return _sum_spills(out.stderr + out.stdout)
 
