@@ -34,8 +34,8 @@ after the token's own update, the op's convention; (6) one period for all memori
 rest): M_mem then takes the exact online step inside each block, with keys, values and gates still read
 at the block start (hope_kernels/titans/selfmod.py). Within a block the chunk-wise rule scales every
 write by lr_max / period, so M_mem recalls a pair stored in the same block at most that strongly; the
-online M_mem writes a unit step (docs/findings.md: it is what lets the paper's HOPE recall on MQAR). The output norm and gate are the usual
-gated-delta-net read-out. With momentum, the one momentum gate m_t = sigmoid(x_t w_m + b_m) is a
+online M_mem writes a unit step (docs/findings.md: it is what lets the paper's HOPE recall on MQAR).
+The output norm and gate are the usual gated-delta-net read-out. With momentum, the one momentum gate m_t = sigmoid(x_t w_m + b_m) is a
 static projection (the paper's set of memories has no momentum).
 
 A forward is one `titans_selfmod_scan` call over the sequence; the cache continues a block token by

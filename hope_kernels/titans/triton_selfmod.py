@@ -100,11 +100,16 @@ def _sub(row0, col0, o_r, m_r, o_c, m_c, W: tl.constexpr):
 
 
 @triton.jit
+def _col_offsets(rows, m_t, c0, o_v, D: tl.constexpr):
+    """(offsets, mask) of columns c0 + o_v of the block's tokens of a [B, T, H, D] tensor."""
+    m_v = c0 + o_v < D
+    return rows[:, None] * D + c0 + o_v[None, :], m_t[:, None] & m_v[None, :]
+
+
+@triton.jit
 def _cols(x, rows, m_t, c0, o_v, D: tl.constexpr, UPCAST: tl.constexpr):
     """(offsets, mask, tile) of columns c0 + o_v of the block's tokens of x [B, T, H, D]."""
-    m_v = c0 + o_v < D
-    off = rows[:, None] * D + c0 + o_v[None, :]
-    m = m_t[:, None] & m_v[None, :]
+    off, m = _col_offsets(rows, m_t, c0, o_v, D)
     return off, m, load_tile(x + off, m, UPCAST)
 
 
@@ -210,7 +215,7 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, T, period, scale, 
         if WRITE_O:
             if is_mem:
                 b_o = b_g[:, None] * tl.dot(b_q, b_M.to(dt)) + tl.dot(b_A, b_X.to(dt))
-                po, mo = _cols(o, rows, m_t, (t % (BD // BV)) * BV, o_v, D, False)[:2]
+                po, mo = _col_offsets(rows, m_t, (t % (BD // BV)) * BV, o_v, D)
                 tl.store(o + po, (scale * b_o).to(o.dtype.element_ty), mask=mo)
         tl.debug_barrier()
         tl.store(dst + p, b_end, mask=m)
