@@ -23,6 +23,11 @@ KNOWN_SPILLS = {
     ("titans.selfmod_bwd[D=64,fp32]", 90): 16,
     ("titans.selfmod_bwd[D=128,bf16]", 90): 200,
     ("titans.selfmod_bwd[D=128,fp32]", 90): 56,
+    ("titans.selfmod_bwd[D=128,bf16,online]", 80): 24,
+    ("titans.selfmod_bwd[D=128,fp32,online]", 80): 184,
+    ("titans.selfmod_bwd[D=64,bf16,online]", 90): 36,
+    ("titans.selfmod_bwd[D=128,bf16,online]", 90): 224,
+    ("titans.selfmod_bwd[D=128,fp32,online]", 90): 96,
 }
 
 

@@ -41,21 +41,25 @@ def _grads(outs, leaves):
     return torch.autograd.grad(_loss(outs), leaves)
 
 
-CASES = [  # (dtype, D, T, period): T not a multiple of the period, period >= T, many blocks (segments)
-    (torch.float32, 16, 21, 4), (torch.float32, 16, 37, 8), (torch.float32, 32, 11, 16),
-    (torch.float32, 16, 50, 3), (torch.float32, 32, 19, 1), (torch.float16, 16, 21, 8),
-    (torch.bfloat16, 16, 13, 4)]
+CASES = [  # (dtype, D, T, period, mem_period): T not a multiple of the period, period >= T, many blocks (segments)
+    (torch.float32, 16, 21, 4, None), (torch.float32, 16, 37, 8, None), (torch.float32, 32, 11, 16, None),
+    (torch.float32, 16, 50, 3, None), (torch.float32, 32, 19, 1, None), (torch.float16, 16, 21, 8, None),
+    (torch.bfloat16, 16, 13, 4, None),
+    # M_mem online inside each block
+    (torch.float32, 16, 37, 8, 1), (torch.float32, 32, 11, 16, 1), (torch.float32, 16, 50, 3, 1),
+    (torch.float16, 16, 21, 8, 1), (torch.bfloat16, 16, 13, 4, 1)]
 
 
-@pytest.mark.parametrize("dtype,D,T,period", CASES, ids=[f"{str(c[0])[6:]}-D{c[1]}-T{c[2]}-p{c[3]}" for c in CASES])
-def test_triton_matches_float64_reference(device, dtype, D, T, period):
+@pytest.mark.parametrize("dtype,D,T,period,mem_period", CASES,
+                         ids=[f"{str(c[0])[6:]}-D{c[1]}-T{c[2]}-p{c[3]}" + ("-online" if c[4] else "") for c in CASES])
+def test_triton_matches_float64_reference(device, dtype, D, T, period, mem_period):
     """Output, final memory and the gradients of q, u, lr_bias, decay_bias and M0 (the kernels' outputs are
     NaN-poisoned before launch under the interpreter, so an unwritten element fails)."""
     assert triton_selfmod.supported(D, T, period)
     xs = _inputs(2, T, 2, D, dtype, device)
-    o, M = _run(titans_selfmod_scan, xs, period, backend="triton")
+    o, M = _run(titans_selfmod_scan, xs, period, backend="triton", mem_period=mem_period)
     refs_in = [as_ref(x).cpu() for x in xs]
-    ro, rM = _run(reference.titans_selfmod_scan, refs_in, period)
+    ro, rM = _run(reference.titans_selfmod_scan, refs_in, period, mem_period=mem_period)
     assert o.dtype == dtype and M.dtype == torch.float32
     assert_close("o", o, ro, dtype, device)
     assert_close("M", M, rM, dtype, device)
@@ -72,7 +76,8 @@ def test_triton_matches_torch_path_with_output_gradient_only(device):
         assert_close("d" + name, g, w.double(), torch.float32, device, grad=True)
 
 
-def test_chained_calls_from_a_state_left_mid_block(device):
+@pytest.mark.parametrize("mem_period", [None, 1], ids=["block", "online"])
+def test_chained_calls_from_a_state_left_mid_block(device, mem_period):
     """A second call starts from the final memory of a first call that ended inside a block; outputs and
     gradients of both calls' leaves (the first call's backward takes the second's gradient of its state)."""
     period, T1, T2 = 4, 10, 13
@@ -84,21 +89,23 @@ def test_chained_calls_from_a_state_left_mid_block(device):
         return [o1, o2, M2]
 
     xs = _inputs(2, T1 + T2, 2, 16, torch.float32, device, seed=1)
-    outs = chain(titans_selfmod_scan, xs, backend="triton")
+    outs = chain(titans_selfmod_scan, xs, backend="triton", mem_period=mem_period)
     refs_in = [as_ref(x).cpu() for x in xs]
-    refs = chain(reference.titans_selfmod_scan, refs_in)
+    refs = chain(reference.titans_selfmod_scan, refs_in, mem_period=mem_period)
     for name, a, b in zip(["o1", "o2", "M"], outs, refs):
         assert_close(name, a, b, torch.float32, device)
     for name, g, r in zip(LEAVES, _grads(outs, xs), _grads(refs, refs_in)):
         assert_close("d" + name, g, r, torch.float32, device, grad=True)
 
 
-def test_layer_cache_continues_mid_block_on_triton(device):
+@pytest.mark.parametrize("mem_period", [None, 1], ids=["block", "online"])
+def test_layer_cache_continues_mid_block_on_triton(device, mem_period):
     """The self-modifying layer on the Triton kernels: a prefill ending mid-block, a step, then a chunk equal
     the uncached forward."""
     from hope.selfmod import SelfModifyingTitans
     torch.manual_seed(4)
-    layer = SelfModifyingTitans(32, 2, period=4, backend="triton").to(device)
+    layer = SelfModifyingTitans(32, 2, period=4, mem_period=mem_period, selfmod_init="orthogonal",
+                                backend="triton").to(device)
     x = torch.randn(1, 15, 32, device=device)
     with torch.no_grad():
         want = layer(x)
@@ -146,11 +153,12 @@ def counted_launches():
 
 
 PAPER = dict(attention="titans", self_modifying=True, titans_period=8, cms="levels", cms_periods=[8, 16])
+PAPER_ONLINE = dict(PAPER, titans_selfmod_init="orthogonal", titans_mem_period=1)
 HOPE_ATTENTION = dict(attention="softmax", cms="levels", cms_periods=[8, 16])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [PAPER, HOPE_ATTENTION], ids=["paper", "hope-attention"])
+@pytest.mark.parametrize("variant", [PAPER, PAPER_ONLINE, HOPE_ATTENTION], ids=["paper", "paper-online-mem", "hope-attention"])
 def test_launches_per_training_step_do_not_grow_with_t(device, variant):
     """One forward + backward of a block of the paper's HOPE (self-modifying Titans -> levels) and of
     Hope-attention on backend="triton": the same Triton launches at T = 64 and T = 256."""
@@ -165,5 +173,5 @@ def test_launches_per_training_step_do_not_grow_with_t(device, variant):
         counts.append(dict(c))
     print(counts)
     assert counts[0] == counts[1] and counts[0]
-    if variant is PAPER:
+    if variant is not HOPE_ATTENTION:
         assert counts[0]["selfmod_fwd_kernel"] == counts[0]["selfmod_bwd_kernel"] == 1

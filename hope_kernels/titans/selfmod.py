@@ -27,10 +27,18 @@ step bound of period 1, while keys, values, gates and vhat stay read at the bloc
 and values). With the step scaled by 1 / period a pair written inside a block comes back at most
 lr_max / period strong; online, a step of 1 replaces the key's value (docs/findings.md).
 
-backend="triton" without momentum (head size D <= 128, blocks of min(period, T) <= 64 tokens) runs
-triton_selfmod.py: one forward and one backward kernel launch, a program per (batch x head) looping over
-the blocks with the memory in an fp32 workspace (its module docstring). Momentum, and longer blocks, run
-the torch path on any backend, and so does mem_period=1: a Python loop over blocks, each block one
+Inside a block the online rule is the block rule with another left factor: with E' = v - gp k (gp_t the
+decay before token t), A'_tj = (k_t . k_j) exp(LD_t - ld_t - LD_j) on j < t and lr' = period lr,
+
+    X[mem] = R Mbar[mem],   R = (I + lr' A')^-1 (lr' E')          (the block rule: X[mem] = lr E Mbar[mem])
+
+(vhat[mem] = v Mbar[mem] makes the delta rule's right-hand side E' Mbar[mem]), and o, M_end follow from X as
+below; the torch path runs it as titans_scan's period-1 chunk form (_online_mem), the kernels by R.
+
+backend="triton" without momentum (head size D <= 128, blocks of min(period, T) <= 64 tokens, either
+mem_period) runs triton_selfmod.py: one forward and one backward kernel launch, a program per (batch x head)
+looping over the blocks with the memory in an fp32 workspace (its module docstring). Momentum, and longer
+blocks, run the torch path on any backend: a Python loop over blocks, each block one
 chunk-parallel step of ~25 tensor ops vectorised over batch, heads and the block's tokens:
 with X = lr (v - k) Mbar (= lr (vhat - k Mbar)) and the decay / momentum products D, M of
 torch_chunked (C = D M, a = D mu, gamma_i = d_1 ... d_i),
@@ -205,10 +213,9 @@ def titans_selfmod_scan(q, u, lr_bias, decay_bias, momentum=None, scale=None, *,
     return o, (M if momentum is None else (M, Z))
 
 
-def _triton_case(q, momentum, period: int, mem_period: int, backend: str) -> bool:
-    """Whether the Triton kernels run this call (no momentum, M_mem at the period, a head size and block they
-    take)."""
-    if backend != "triton" or momentum is not None or mem_period != period:
+def _triton_case(q, momentum, period: int, backend: str) -> bool:
+    """Whether the Triton kernels run this call (no momentum, a head size and block they take)."""
+    if backend != "triton" or momentum is not None:
         return False
     from .triton_selfmod import supported
     return supported(q.shape[-1], q.shape[1], period)
@@ -217,7 +224,7 @@ def _triton_case(q, momentum, period: int, mem_period: int, backend: str) -> boo
 def _scan_backward(grads, needs, q, u, lr_bias, decay_bias, momentum, M0, Z0, scale, lr_max, period, eps, mem_period,
                    backend):
     """The Triton backward kernel (no forward graph rebuilt); None (the vjp of the torch path) elsewhere."""
-    if not _triton_case(q, momentum, period, mem_period, backend) or q.shape[1] == 0:
+    if not _triton_case(q, momentum, period, backend) or q.shape[1] == 0:
         return None
     from .triton_selfmod import selfmod_backward
     do, dMT = library.present(grads[0]), library.present(grads[1])
@@ -225,7 +232,7 @@ def _scan_backward(grads, needs, q, u, lr_bias, decay_bias, momentum, M0, Z0, sc
     dMT = None if dMT is None else dMT.to(torch.float32).contiguous()
     dq, du, dlrb, ddb, dM0 = selfmod_backward(q.contiguous(), u.contiguous(), lr_bias.float().contiguous(),
                                               decay_bias.float().contiguous(), M0.float().contiguous(), do, dMT,
-                                              scale, lr_max, period, eps)
+                                              scale, lr_max, period, eps, mem_period != period)
     return dq, du, dlrb, ddb, None, dM0, None
 
 
@@ -236,10 +243,11 @@ def _scan(q: Tensor, u: Tensor, lr_bias: Tensor, decay_bias: Tensor, momentum: O
           ) -> Tuple[Tensor, Tensor, Tensor]:
     """(o in q's dtype, M_T, Z_T or None) of the checked inputs: the Triton kernels where `_triton_case`,
     else the torch loop over blocks."""
-    if _triton_case(q, momentum, period, mem_period, backend) and q.shape[1] > 0:
+    if _triton_case(q, momentum, period, backend) and q.shape[1] > 0:
         from .triton_selfmod import selfmod_forward
         o, M = selfmod_forward(q.contiguous(), u.contiguous(), lr_bias.float().contiguous(),
-                               decay_bias.float().contiguous(), M0.float().contiguous(), scale, lr_max, period, eps)
+                               decay_bias.float().contiguous(), M0.float().contiguous(), scale, lr_max, period, eps,
+                               mem_period != period)
         return o, M, None
     o, M, Z = selfmod_scan_torch(q, u, lr_bias, decay_bias, momentum, scale, lr_max, period, M0, Z0, eps,
                                  utils.state_dtype(q.dtype), mem_period)

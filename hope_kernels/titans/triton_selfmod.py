@@ -9,6 +9,11 @@ L <= period tokens (rows of a [BL, D] tile, BL = the padded block) with start me
     o = scale (gamma q Mbar[mem] + ((q k^T) * C) X[mem])
     M_end = gamma_L Mbar + (w k)^T X
 
+ONLINE (mem_period=1, M_mem by the online rule inside each block; selfmod.py's module docstring): the M_mem
+tiles take X[mem] = R Mbar[mem] with R = (I + lr' A')^-1 (lr' E') [BL, D], found by forward substitution over
+the block's rows (_online_values); the backward takes dR = dX[mem] Mbar[mem]^T back through the same
+triangular system (back substitution) to the keys, values, steps and log decays (_online_backward).
+
 selfmod_fwd_kernel: one program per (batch x head) walks the blocks; the memory lives in an fp32 global
 workspace (the final-state output) of [D, W] per program, read and written once per block in [D, BV]
 column tiles of the [M_k], [M_v], [M_mem] blocks (BV = 16 up to D = 64, 32 above; the projections r by
@@ -46,7 +51,8 @@ calls), and the rows' backward runs its two column blocks (dr_k, dr_v) as a loop
 Memory beyond inputs and outputs, per (batch x head) in the backward: (#checkpoints + S) [D, W] fp32 states
 and a [BL, 8 BD] fp32 scratch (E | w k | lr Y | dY, BD = D padded to a power of 2): 64 KB at D = 128 and
 BL = 16, 256 KB at BL = 64.
-Momentum is not in these kernels (selfmod.py runs it on the torch path).
+With ONLINE the scratch has a ninth BD (R). Momentum is not in these kernels (selfmod.py runs it on the torch
+path).
 """
 from __future__ import annotations
 
@@ -164,6 +170,55 @@ def _decays(b_ld, o_t):
 
 
 @triton.jit
+def _online_factors(b_k, b_v, b_lr, b_ld, o_t, period, dt):
+    """M_mem's online rule in a block (mem_period=1): (lr' = period lr, gp_t = exp(LD_t - ld_t) the decay before
+    token t, E' = v - gp k, e_tj = exp(LD_t - ld_t - LD_j) on j < t, A' = (k k^T) * e)."""
+    LD = tl.cumsum(b_ld, 0)
+    b_gp = tl.exp(LD - b_ld)
+    b_e = tl.exp(tl.where(o_t[None, :] < o_t[:, None], (LD - b_ld)[:, None] - LD[None, :], float("-inf")))
+    b_kd = b_k.to(dt)
+    return period * b_lr, b_gp, b_v - b_gp[:, None] * b_k, b_e, tl.dot(b_kd, tl.trans(b_kd)) * b_e
+
+
+@triton.jit
+def _online_values(b_k, b_v, b_lr, b_ld, o_t, L, period, dt):
+    """R = (I + lr' A')^-1 (lr' E') [BL, BD] fp32 by forward substitution over the block's L rows: M_mem's
+    online rule makes X[mem] = R Mbar[mem] (where the block rule has lr E Mbar[mem])."""
+    lrp, b_gp, b_Ep, b_e, b_Ap = _online_factors(b_k, b_v, b_lr, b_ld, o_t, period, dt)
+    b_Lm = lrp[:, None] * b_Ap
+    b_R = lrp[:, None] * b_Ep
+    for i in range(1, L):
+        l_i = tl.sum(tl.where(o_t[:, None] == i, b_Lm, 0.), 0)
+        b_R = tl.where(o_t[:, None] == i, b_R - tl.sum(l_i[:, None] * b_R, 0)[None, :], b_R)
+    return b_R
+
+
+@triton.jit
+def _online_backward(b_dR, b_R, b_k, b_v, b_lr, b_ld, o_t, L, period, dt):
+    """R's gradient to the block's keys, values, step and log decays: (dk, dv, d lr, d LD, d ld), the last
+    the direct part (added after d LD's reverse cumsum). dF = (I + Lm)^-T dR by back substitution; then
+    dLm = -dF R^T on j < t, Lm = lr' A', lr' E' = F and A' = (k k^T) * e, E' = v - gp k."""
+    lrp, b_gp, b_Ep, b_e, b_Ap = _online_factors(b_k, b_v, b_lr, b_ld, o_t, period, dt)
+    b_Lm = lrp[:, None] * b_Ap
+    b_dF = b_dR
+    for j in range(0, L - 1):
+        i = L - 2 - j
+        c_i = tl.sum(tl.where(o_t[None, :] == i, b_Lm, 0.), 1)
+        b_dF = tl.where(o_t[:, None] == i, b_dF - tl.sum(c_i[:, None] * b_dF, 0)[None, :], b_dF)
+    b_dLm = tl.where(o_t[None, :] < o_t[:, None], -tl.dot(b_dF.to(dt), tl.trans(b_R.to(dt))), 0.)
+    b_dlrp = tl.sum(b_dF * b_Ep, 1) + tl.sum(b_dLm * b_Ap, 1)
+    b_dEp = lrp[:, None] * b_dF
+    b_Q = lrp[:, None] * b_dLm
+    b_Z = b_Q * b_Ap
+    b_Q = b_Q * b_e
+    b_kd = b_k.to(dt)
+    b_dk = tl.dot(b_Q.to(dt), b_kd) + tl.dot(tl.trans(b_Q).to(dt), b_kd) - b_gp[:, None] * b_dEp
+    b_dgp = -tl.sum(b_dEp * b_k, 1) * b_gp
+    b_zr = tl.sum(b_Z, 1)
+    return b_dk, b_dEp, period * b_dlrp, b_zr - tl.sum(b_Z, 0) + b_dgp, -b_zr - b_dgp
+
+
+@triton.jit
 def _scr(scr, c0, o_t, o_c, SW: tl.constexpr):
     """Pointers to columns c0 + o_c of the block's rows in the program's scratch (rows of SW floats)."""
     return scr + o_t[:, None] * SW + c0 + o_c[None, :]
@@ -186,9 +241,9 @@ def _tile(t, o_d, m_d, o_v, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, 
 @triton.jit(noinline=True)
 def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, T, period, scale, lr_c, eps,
                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                   BL: tl.constexpr, WRITE_O: tl.constexpr, UPCAST: tl.constexpr):
+                   BL: tl.constexpr, WRITE_O: tl.constexpr, ONLINE: tl.constexpr, UPCAST: tl.constexpr):
     """Block n from its start memory `src` [D, W] to its end memory `dst` (may be `src`), in [D, BV] column
-    tiles; o when WRITE_O."""
+    tiles; o when WRITE_O; M_mem by the online rule (X[mem] = R Mbar[mem]) when ONLINE."""
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = tl.arange(0, BL)
@@ -203,6 +258,8 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, T, period, scale, 
     b_g, b_C, b_w, gL = _decays(b_ld, o_t)
     b_wk = (b_w[:, None] * b_k).to(dt)
     b_Ed = b_E.to(dt)
+    if ONLINE:
+        b_Rd = _online_values(b_k, b_v, b_lr, b_ld, o_t, tl.sum(m_t.to(tl.int32), 0), period, dt).to(dt)
     if WRITE_O:
         b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[3]
         b_A = (tl.dot(b_q, tl.trans(b_k.to(dt))) * b_C).to(dt)
@@ -210,7 +267,10 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, T, period, scale, 
     for t in range(0, 3 * (BD // BV)):
         p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
         b_M = tl.load(src + p, mask=m, other=0.)
-        b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
+        if ONLINE:
+            b_X = tl.where(is_mem, 1., b_lr)[:, None] * tl.dot(tl.where(is_mem, b_Rd, b_Ed), b_M.to(dt))
+        else:
+            b_X = b_lr[:, None] * tl.dot(b_Ed, b_M.to(dt))
         b_end = gL * b_M + tl.dot(tl.trans(b_wk), b_X.to(dt))
         if WRITE_O:
             if is_mem:
@@ -231,10 +291,10 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, T, period, scale, 
 
 @triton.jit(noinline=True)
 def _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
-                   BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr):
+                   BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, SW: tl.constexpr, UPCAST: tl.constexpr):
     """The last step of _block_backward: r = u Mbar[:, :2D + 2] differentiated by row tiles j of BV, from
-    dr_k | dr_v | d r_eta | d r_a in the scratch: dMbar[j, :2D + 2] += u_j^T dr, du_j = dr Mbar[j, :2D + 2]^T."""
-    SW: tl.constexpr = 8 * BD
+    dr_k | dr_v | d r_eta | d r_a in the scratch (rows of SW floats): dMbar[j, :2D + 2] += u_j^T dr,
+    du_j = dr Mbar[j, :2D + 2]^T."""
     o_t = tl.arange(0, BL)
     o_d = tl.arange(0, BD)
     o_v = tl.arange(0, BV)
@@ -265,17 +325,18 @@ def _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H: tl.constexpr,
 @triton.jit(noinline=True)
 def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, n, T, period, scale, lr_c,
                     eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                    BL: tl.constexpr, UPCAST: tl.constexpr):
+                    BL: tl.constexpr, ONLINE: tl.constexpr, UPCAST: tl.constexpr):
     """Block n's gradients from its start memory `src`; the program's dM (in dM0) holds dM_end and becomes dMbar;
     the block's contributions to d lr_bias and d decay_bias are added to the program's dlrb and ddb. The program's
     slices of dM0, scr0, dlrb and ddb are found from the program id here, not held by the kernel across calls.
 
     Every loop keeps one orientation of products: [BL, *] ones contract over the memory's rows and take their
     [BL, D] factor (E, w k, dr) from the scratch `scr` inside the loop (BL x 8 BD floats: E | w k | lr Y | dY;
-    dr_k | dr_v | d r_eta, d r_a over lr Y once it is spent), [D, *] ones contract over the block's rows or a
+    dr_k | dr_v | d r_eta, d r_a over lr Y once it is spent; with ONLINE a ninth BD for R, whose tiles X[mem] =
+    R Mbar[mem] stage X and dX in place of lr Y and dY), [D, *] ones contract over the block's rows or a
     tile's columns."""
     NS: tl.constexpr = BD // BV
-    SW: tl.constexpr = 8 * BD
+    SW: tl.constexpr = (8 + ONLINE) * BD
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     dM = dM0 + i_bh.to(tl.int64) * D * W
@@ -295,6 +356,10 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     b_wkf = (b_w[:, None] * b_k).to(dt).to(tl.float32)
     tl.store(_scr(scr, 0, o_t, o_d, SW), b_E)
     tl.store(_scr(scr, BD, o_t, o_d, SW), b_wkf)
+    if ONLINE:
+        tl.store(_scr(scr, 8 * BD, o_t, o_d, SW),
+                 _online_values(b_k, b_v, b_lr, b_ld, o_t, tl.sum(m_t.to(tl.int32), 0), period, dt).to(dt)
+                 .to(tl.float32))
     # the end memory M_end = gamma_L Mbar + (w k)^T X, X = lr Y, Y = E Mbar: its two gate columns first (vector
     # products); G = X dM_end^T and dE = dY Mbar^T are summed transposed, [D, BL]
     b_Gt = tl.zeros([BD, BL], dtype=tl.float32)
@@ -324,7 +389,11 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
         p, m = _sub(0, mem + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
         b_Md = tl.load(src + p, mask=m, other=0.).to(dt)
         b_dqr += tl.dot(_dos(do, rows, m_t, s * BV, o_v, scale, dt, D, UPCAST), tl.trans(b_Md))
-    b_P = tl.dot(b_dqr.to(dt), tl.trans(b_Ed)) * b_lr[None, :]
+    if ONLINE:
+        tl.debug_barrier()
+        b_P = tl.dot(b_dqr.to(dt), tl.trans(tl.load(_scr(scr, 8 * BD, o_t, o_d, SW)).to(dt)))
+    else:
+        b_P = tl.dot(b_dqr.to(dt), tl.trans(b_Ed)) * b_lr[None, :]
     b_dg = tl.sum(b_q.to(tl.float32) * b_dqr, 1)
     b_PC = (b_P * b_C).to(dt)
     b_dq = b_g[:, None] * b_dqr + tl.dot(b_PC, b_kd)
@@ -340,24 +409,45 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     # dX = (w k) dM_end (+ A^T do'), staged as lr Y and dY = lr dX ...
     for t in range(0, 3 * NS):
         p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
-        b_Y = tl.dot(tl.load(_scr(scr, 0, o_t, o_d, SW)).to(dt), tl.load(src + p, mask=m, other=0.).to(dt))
+        if ONLINE:  # the mem tiles' left factor is R and their X = Y
+            b_Y = tl.dot(tl.load(_scr(scr, tl.where(is_mem, 8 * BD, 0), o_t, o_d, SW)).to(dt),
+                         tl.load(src + p, mask=m, other=0.).to(dt))
+        else:
+            b_Y = tl.dot(tl.load(_scr(scr, 0, o_t, o_d, SW)).to(dt), tl.load(src + p, mask=m, other=0.).to(dt))
         b_dX = tl.dot(b_At, _dos(do, rows, m_t & is_mem, (t % NS) * BV, o_v, scale, dt, D, UPCAST))
         b_dX += tl.dot(tl.load(_scr(scr, BD, o_t, o_d, SW)).to(dt), tl.load(dM + p, mask=m, other=0.).to(dt))
-        b_dlr += tl.sum(b_dX * b_Y, 1)
-        tl.store(_scr(scr, 2 * BD + t * BV, o_t, o_v, SW), (b_lr[:, None] * b_Y).to(dt).to(tl.float32))
-        tl.store(_scr(scr, 5 * BD + t * BV, o_t, o_v, SW), (b_lr[:, None] * b_dX).to(dt).to(tl.float32))
+        if ONLINE:
+            b_dlr += tl.where(is_mem, 0., tl.sum(b_dX * b_Y, 1))
+            b_f = tl.where(is_mem, 1., b_lr)
+            tl.store(_scr(scr, 2 * BD + t * BV, o_t, o_v, SW), (b_f[:, None] * b_Y).to(dt).to(tl.float32))
+            tl.store(_scr(scr, 5 * BD + t * BV, o_t, o_v, SW), (b_f[:, None] * b_dX).to(dt).to(tl.float32))
+        else:
+            b_dlr += tl.sum(b_dX * b_Y, 1)
+            tl.store(_scr(scr, 2 * BD + t * BV, o_t, o_v, SW), (b_lr[:, None] * b_Y).to(dt).to(tl.float32))
+            tl.store(_scr(scr, 5 * BD + t * BV, o_t, o_v, SW), (b_lr[:, None] * b_dX).to(dt).to(tl.float32))
     tl.debug_barrier()
-    # ... then G, dE and dMbar = gamma_L dM_end + E^T dY (+ q^T (gamma do'))
+    # ... then G, dE and dMbar = gamma_L dM_end + E^T dY (+ q^T (gamma do')) (ONLINE: dR and R^T dX on mem)
+    if ONLINE:
+        b_dRt = tl.zeros([BD, BL], dtype=tl.float32)
     for t in range(0, 3 * NS):
         p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
         b_M = tl.load(src + p, mask=m, other=0.)
         b_dN = tl.load(dM + p, mask=m, other=0.)
         b_dY = tl.load(_scr(scr, 5 * BD + t * BV, o_t, o_v, SW)).to(dt)
         b_Gt += tl.dot(b_dN.to(dt), tl.trans(tl.load(_scr(scr, 2 * BD + t * BV, o_t, o_v, SW)).to(dt)))
-        b_dEt += tl.dot(b_M.to(dt), tl.trans(b_dY))
+        if ONLINE:
+            b_MdY = tl.dot(b_M.to(dt), tl.trans(b_dY))
+            b_dEt += tl.where(is_mem, 0., b_MdY)
+            b_dRt += tl.where(is_mem, b_MdY, 0.)
+        else:
+            b_dEt += tl.dot(b_M.to(dt), tl.trans(b_dY))
         dgL += tl.sum(tl.sum(b_dN * b_M, 1), 0)
         b_dMbar = tl.dot(tl.trans(b_qg), _dos(do, rows, m_t & is_mem, (t % NS) * BV, o_v, scale, dt, D, UPCAST))
-        b_dMbar += gL * b_dN + tl.dot(tl.trans(b_Ed), b_dY)
+        if ONLINE:
+            b_Lf = tl.load(_scr(scr, tl.where(is_mem, 8 * BD, 0), o_t, o_d, SW)).to(dt)
+            b_dMbar += gL * b_dN + tl.dot(tl.trans(b_Lf), b_dY)
+        else:
+            b_dMbar += gL * b_dN + tl.dot(tl.trans(b_Ed), b_dY)
         tl.debug_barrier()
         tl.store(dM + p, b_dMbar, mask=m)
     tl.debug_barrier()
@@ -369,7 +459,16 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     b_dLD -= b_dw * b_w
     L = tl.sum(m_t.to(tl.int32), 0)
     b_dLD += tl.where(o_t == L - 1, tl.sum(b_dw * b_w, 0) + dgL * gL, 0.)
+    if ONLINE:
+        b_dko, b_dvo, b_dlro, b_dLDo, b_dldo = _online_backward(
+            tl.trans(b_dRt), tl.load(_scr(scr, 8 * BD, o_t, o_d, SW)), b_k, b_v, b_lr, b_ld, o_t, L, period, dt)
+        b_dk += b_dko
+        b_dE += b_dvo
+        b_dlr += b_dlro
+        b_dLD += b_dLDo
     b_dld = tl.sum(b_dLD, 0) - tl.cumsum(b_dLD, 0) + b_dLD
+    if ONLINE:
+        b_dld += b_dldo
     d_a = tl.where(m_t, b_dld * (1. - s_a), 0.)
     d_e = tl.where(m_t, b_dlr * b_lr * (1. - s_e), 0.)
     tl.store(_scr(scr, 2 * BD, o_t, o_d, SW), (nk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])).to(dt)
@@ -381,13 +480,13 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     tl.store(dlrb + i_bh, tl.load(dlrb + i_bh) + tl.sum(d_e, 0))
     tl.store(ddb + i_bh, tl.load(ddb + i_bh) + tl.sum(d_a, 0))
     tl.debug_barrier()
-    _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H, D, W, BD, BV, BL, UPCAST)
+    _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H, D, W, BD, BV, BL, SW, UPCAST)
 
 
 @triton.jit(noinline=True)
 def _backward_step(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
                    lr_c, eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                   BL: tl.constexpr, UPCAST: tl.constexpr):
+                   BL: tl.constexpr, ONLINE: tl.constexpr, UPCAST: tl.constexpr):
     """Step k of the backward kernel (`left` steps after it), one block's replay or backward; the kernel holds
     nothing but `left` across the steps (the memories' slots are found here from the program id). The first (NCK - 1) S steps replay blocks
     n = k to the checkpoints (slot NCK the running memory); then the segments in reverse, a segment g of nb blocks
@@ -401,7 +500,7 @@ def _backward_step(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dl
         i_src = tl.where(k % S == 0, k // S, NCK)
         i_dst = tl.where((k + 1) % S == 0, (k + 1) // S, NCK)
         _block_forward(base + i_src * DW, base + i_dst * DW, q, u, q, lr_bias, decay_bias, k, T, period,
-                       scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
+                       scale, lr_c, eps, H, D, W, BD, BV, BL, False, ONLINE, UPCAST)
     else:
         r = k - R
         NL = NB - (NCK - 1) * S
@@ -413,20 +512,20 @@ def _backward_step(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dl
         if j < nb - 1:
             i_src = tl.where(j == 0, g, NCK + j)
             _block_forward(base + i_src * DW, base + (NCK + j + 1) * DW, q, u, q, lr_bias, decay_bias, g * S + j,
-                           T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, False, UPCAST)
+                           T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, False, ONLINE, UPCAST)
         else:
             i = 2 * nb - 2 - j
             i_src = tl.where(i == 0, g, NCK + i)
             _block_backward(base + i_src * DW, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, g * S + i,
-                            T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
+                            T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, ONLINE, UPCAST)
 
 
 # ----------------------------------------------------------------------------- kernels
-@autotune(FWD_CONFIGS, key=["H", "D", "BL"])
+@autotune(FWD_CONFIGS, key=["H", "D", "BL", "ONLINE"])
 @triton.jit
 def selfmod_fwd_kernel(q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scale, lr_c, eps,
                        H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                       BL: tl.constexpr, UPCAST: tl.constexpr):
+                       BL: tl.constexpr, ONLINE: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (batch x head): every block in order, the memory in MT (the final-state output)."""
     i_bh = tl.program_id(0)
     state = MT + i_bh.to(tl.int64) * D * W
@@ -434,14 +533,15 @@ def selfmod_fwd_kernel(q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scal
     tl.debug_barrier()
     for n in range(0, NB):
         _block_forward(state, state, q, u, o, lr_bias, decay_bias, n, T, period, scale, lr_c, eps,
-                       H, D, W, BD, BV, BL, True, UPCAST)
+                       H, D, W, BD, BV, BL, True, ONLINE, UPCAST)
 
 
-@autotune(BWD_CONFIGS, key=["H", "D", "BL", "USE_FINAL_GRAD"])
+@autotune(BWD_CONFIGS, key=["H", "D", "BL", "USE_FINAL_GRAD", "ONLINE"])
 @triton.jit
 def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb, dM0, st, scr, T, NB, S, NCK, period,
                        scale, lr_c, eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr,
-                       BV: tl.constexpr, BL: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, UPCAST: tl.constexpr):
+                       BV: tl.constexpr, BL: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, ONLINE: tl.constexpr,
+                       UPCAST: tl.constexpr):
     """One program per (batch x head): checkpoints every S blocks, then segments in reverse (module docstring).
     `st` holds NCK + S memories per program: checkpoint g in slot g, a segment's block i > 0 in slot NCK + i
     (slot NCK is also the running memory of the first replay)."""
@@ -457,7 +557,7 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
     while left > 0:  # the steps still to run, counted down: the kernel's only value live across the calls
         left -= 1
         _backward_step(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
-                       lr_c, eps, H, D, W, BD, BV, BL, UPCAST)
+                       lr_c, eps, H, D, W, BD, BV, BL, ONLINE, UPCAST)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -468,26 +568,27 @@ def column_tile(BD: int, backward: bool = False) -> int:
     return min(BD, 32 if backward or BD > 64 else 16)
 
 
-def _flags(q, T: int, period: int):
+def _flags(q, T: int, period: int, online: bool):
     D = q.shape[-1]
     BD = _pad(D)
     return dict(H=q.shape[2], D=D, W=3 * D + 2, BD=BD, BV=column_tile(BD), BL=_pad(min(period, T)),
-                UPCAST=upcast_dots(q.dtype))
+                ONLINE=int(online), UPCAST=upcast_dots(q.dtype))
 
 
-def selfmod_forward(q, u, lr_bias, decay_bias, M0, scale, lr_max, period, eps):
-    """(o [B, T, H, D] in q's dtype, M_T float32) of contiguous q, u and float32 M0 [B, H, D, W]."""
+def selfmod_forward(q, u, lr_bias, decay_bias, M0, scale, lr_max, period, eps, online=False):
+    """(o [B, T, H, D] in q's dtype, M_T float32) of contiguous q, u and float32 M0 [B, H, D, W]; `online`:
+    M_mem by the online rule (mem_period=1)."""
     B, T, H, D = q.shape
     o = empty(B, T, H, D, dtype=q.dtype, device=q.device)
     MT = empty(B, H, D, 3 * D + 2, dtype=torch.float32, device=q.device)
     NB = triton.cdiv(T, period)
     if B * H:
         selfmod_fwd_kernel[check_grid((B * H,))](q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scale,
-                                                 lr_max / period, eps, **_flags(q, T, period))
+                                                 lr_max / period, eps, **_flags(q, T, period, online))
     return o, MT
 
 
-def selfmod_backward(q, u, lr_bias, decay_bias, M0, do, dMT, scale, lr_max, period, eps):
+def selfmod_backward(q, u, lr_bias, decay_bias, M0, do, dMT, scale, lr_max, period, eps, online=False):
     """(dq, du, d lr_bias [H], d decay_bias [H], dM0 float32) with dMT None for no final-state gradient."""
     B, T, H, D = q.shape
     W = 3 * D + 2
@@ -497,9 +598,9 @@ def selfmod_backward(q, u, lr_bias, decay_bias, M0, do, dMT, scale, lr_max, peri
     du = empty(B, T, H, D, dtype=u.dtype, device=u.device)
     f32 = dict(dtype=torch.float32, device=q.device)
     dlrb, ddb, dM0 = empty(B, H, **f32), empty(B, H, **f32), empty(B, H, D, W, **f32)
-    flags = _flags(q, T, period)
+    flags = _flags(q, T, period, online)
     st = empty(B * H, NCK + S, D, W, **f32)
-    scr = empty(B * H, flags["BL"], 8 * flags["BD"], **f32)
+    scr = empty(B * H, flags["BL"], (8 + online) * flags["BD"], **f32)
     if B * H:
         selfmod_bwd_kernel[check_grid((B * H,))](q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb, dM0, st,
                                                  scr, T, NB, S, NCK, period, scale, lr_max / period, eps,
@@ -513,30 +614,33 @@ SCALARS = {"T": "i32", "NB": "i32", "period": "i32", "scale": "fp32", "lr_c": "f
 SPEC_SHAPES = [(D, dt) for D in (64, 128) for dt in ("bf16", "fp32")]
 
 
-def _flags_spec(D: int) -> dict:
-    return dict(H=4, D=D, W=3 * D + 2, BD=D, BV=column_tile(D), BL=16, UPCAST=False)
+def _flags_spec(D: int, online: bool = False) -> dict:
+    return dict(H=4, D=D, W=3 * D + 2, BD=D, BV=column_tile(D), BL=16, ONLINE=int(online), UPCAST=False)
 
 
-def _fwd_spec(D: int, dt: str):
+def _fwd_spec(D: int, dt: str, online: bool = False):
     ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", o=dt, MT="fp32")
-    return kernel_spec(f"titans.selfmod_fwd[D={D},{dt}]", selfmod_fwd_kernel, FWD_CONFIGS, ptrs, set(ptrs), SCALARS,
-                       _flags_spec(D))
+    return kernel_spec(f"titans.selfmod_fwd[D={D},{dt}{',online' if online else ''}]", selfmod_fwd_kernel,
+                       FWD_CONFIGS, ptrs, set(ptrs), SCALARS, _flags_spec(D, online))
 
 
-def _bwd_spec(D: int, dt: str):
+def _bwd_spec(D: int, dt: str, online: bool = False):
     ptrs = dict(q=dt, u=dt, lr_bias="fp32", decay_bias="fp32", M0="fp32", do=dt, dMT="fp32", dq=dt, du=dt,
                 dlrb="fp32", ddb="fp32", dM0="fp32", st="fp32", scr="fp32")
-    return kernel_spec(f"titans.selfmod_bwd[D={D},{dt}]", selfmod_bwd_kernel, BWD_CONFIGS, ptrs, set(ptrs),
-                       dict(SCALARS, S="i32", NCK="i32"),
-                       dict(_flags_spec(D), BV=column_tile(D, backward=True), USE_FINAL_GRAD=True))
+    return kernel_spec(f"titans.selfmod_bwd[D={D},{dt}{',online' if online else ''}]", selfmod_bwd_kernel,
+                       BWD_CONFIGS, ptrs, set(ptrs), dict(SCALARS, S="i32", NCK="i32"),
+                       dict(_flags_spec(D, online), BV=column_tile(D, backward=True), USE_FINAL_GRAD=True))
 
 
 def compile_specs():
-    """Blocks of 16 tokens: the forward and the backward kernel at D = 64 and 128 (bf16, fp32), default config
-    (8 warps). With Triton's own ptxas flags no spill on sm_80; on sm_90 the forward and the D = 64 bf16 backward
-    have none, and the other backward specs still spill a few bytes per thread (spill stores over all functions:
-    D = 64 fp32 8, D = 128 bf16 96, 76 of them inside the block's backward, D = 128 fp32 24), recorded in
-    tests/test_compile.py's KNOWN_SPILLS so that they can only go down. The per-block functions take all 255
+    """Blocks of 16 tokens: the forward and the backward kernel at D = 64 and 128 (bf16, fp32), M_mem at the block
+    period and online (ONLINE), default config (8 warps). With Triton's own ptxas flags the forward never spills;
+    the backward at the block period has no spill on sm_80, and on sm_90 none at D = 64 bf16 and a few bytes
+    per thread at the others (spill stores over all functions: D = 64 fp32 8, D = 128 bf16 96, 76 of them inside
+    the block's backward, D = 128 fp32 24); the ONLINE backward spills at D = 128 on both archs and at D = 64
+    bf16 on sm_90 (12-100 bytes of stores). All are recorded in tests/test_compile.py's KNOWN_SPILLS so that
+    they can only go down. The per-block functions take all 255
     registers, so even the kernel's step counter is saved around their calls; the rest needs fewer [BL, D] tiles
     live in the block's backward."""
-    return [_fwd_spec(D, dt) for D, dt in SPEC_SHAPES] + [_bwd_spec(D, dt) for D, dt in SPEC_SHAPES]
+    return [spec(D, dt, online) for spec in (_fwd_spec, _bwd_spec) for online in (False, True)
+            for D, dt in SPEC_SHAPES]
