@@ -175,6 +175,8 @@ RECALL_CELLS = [
     ("orthogonal, AdamW lr 3e-3", T64, {}, ORTHO, {"lr": 3e-3}),
     ("orthogonal + M_mem at period 1, AdamW lr 3e-3, 2,000 steps", T64, ONLINE, ORTHO,
      {"lr": 3e-3, "steps": 2000}),
+    ("orthogonal + M_mem at period 1, AdamW lr 3e-3, 4 heads (hope_paper_recall_tiny's)", T64,
+     {**ONLINE, "num_heads": 4}, ORTHO, {"lr": 3e-3}),
     ("control: Titans period 1 (not self-modifying, no levels)", T64,
      {**variant("Titans period 1 (DGD)").overrides, "self_modifying": False}, None, {}),
     ("paper HOPE (period 16), 16 tokens", T16, {}, None, {}),
