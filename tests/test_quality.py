@@ -377,3 +377,40 @@ def test_toy_plans_end_to_end(tmp_path, plan, files):
     assert again.returncode == 0 and "already in" in again.stdout
     report = subprocess.run(cmd + ["--report-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0 and f"report of the {len(records)} of {len(records)} runs" in report.stdout
+
+
+def test_fit_ends_a_run_whose_weights_stop_being_finite():
+    """A diverged run (non-finite weights, which the memory ops reject as gates) ends with its final entry
+    marked "diverged" and accuracy 0 instead of failing the plan; a healthy run carries no such mark; a
+    ValueError with finite weights is not taken for divergence."""
+    from benchmarks.quality.train import Budget, fit, mqar_accuracy
+    task = ZoologyMQAR(num_pairs=2, seq_len=16, vocab=64)
+    x, y = task.batch(4, torch.Generator().manual_seed(0))
+    budget = Budget(steps=4, batch_size=4, eval_every=2)
+
+    def model_and_eval():
+        torch.manual_seed(0)
+        m = HOPE(vocab_size=64, dim=16, num_layers=1, num_heads=2, max_seq_len=16, backend="torch",
+                 **variant("paper HOPE").overrides)
+        return m, (lambda: mqar_accuracy(m, x, y, sparse=True))
+
+    model, evaluate = model_and_eval()
+    healthy = fit(model, lambda step: (x, y), budget, evaluate, sparse=True)
+    assert healthy["final"]["step"] == 4 and "diverged" not in healthy["final"]
+    model, evaluate = model_and_eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    out = fit(model, lambda step: (x, y), budget, evaluate, sparse=True)
+    assert out["final"]["diverged"] is True and out["final"]["accuracy"] == 0.0 and out["final"]["step"] == 1
+
+    class Rejects(torch.nn.Module):      # finite weights, a forward that raises: not divergence
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, tokens, targets):
+            raise ValueError("a user error, not divergence")
+
+    with pytest.raises(ValueError, match="not divergence"):
+        fit(Rejects(), lambda step: (x, y), budget, lambda: {})

@@ -69,16 +69,24 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Tuple[torch.Tensor, tor
         evaluate: Callable[[], dict], lr_scale: Optional[Dict[str, float]] = None, sparse: bool = False) -> dict:
     """Train for budget.steps on batches(step); evaluate() every eval_every steps and at the end.
     sparse: the loss from answer_forward (the same value; for targets that are mostly -100).
-    Returns {"curve": [{"step", "train_loss", **evaluate()}], "final": evaluate() at the end, "wall_s"}."""
+    Returns {"curve": [{"step", "train_loss", **evaluate()}], "final": evaluate() at the end, "wall_s"}.
+    A run whose loss or weights stop being finite ends there, its final entry marked "diverged" (accuracy 0
+    where evaluate() cannot run on its weights: an op rejects the non-finite gates they produce)."""
     opt = make_optimizer(model, budget, lr_scale)
-    curve, t0, running, count = [], time.perf_counter(), 0.0, 0
+    curve, t0, running, count, diverged = [], time.perf_counter(), 0.0, 0, False
     model.train()
     for step in range(budget.steps):
         f = lr_factor(step, budget.warmup, budget.steps, budget.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * f
         x, y = batches(step)
-        _, loss = answer_forward(model, x, y) if sparse else model(x, y)
+        try:
+            _, loss = answer_forward(model, x, y) if sparse else model(x, y)
+        except ValueError:
+            if all(bool(p.isfinite().all()) for p in model.parameters()):
+                raise
+            diverged = True
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if budget.grad_clip > 0:
@@ -88,11 +96,18 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Tuple[torch.Tensor, tor
         if (step + 1) % budget.eval_every == 0 or step + 1 == budget.steps:
             train_loss = float(running) / count
             if not math.isfinite(train_loss):
+                diverged = True
                 break
             curve.append({"step": step + 1, "train_loss": train_loss, **evaluate()})
             running, count = 0.0, 0
     wall = time.perf_counter() - t0
-    final = curve[-1] if curve and curve[-1]["step"] == budget.steps else {"step": step + 1, **evaluate()}
+    if not diverged:
+        final = curve[-1] if curve and curve[-1]["step"] == budget.steps else {"step": step + 1, **evaluate()}
+        return {"curve": curve, "final": final, "wall_s": wall}
+    try:
+        final = {"step": step + 1, **evaluate(), "diverged": True}
+    except ValueError:
+        final = {"step": step + 1, "accuracy": 0.0, "eval_loss": float("nan"), "diverged": True}
     return {"curve": curve, "final": final, "wall_s": wall}
 
 
