@@ -380,9 +380,9 @@ def test_toy_plans_end_to_end(tmp_path, plan, files):
 
 
 def test_fit_ends_a_run_whose_weights_stop_being_finite():
-    """A diverged run (non-finite weights, which the memory ops reject as gates) ends with its final entry
-    marked "diverged" and accuracy 0 instead of failing the plan; a healthy run carries no such mark; a
-    ValueError with finite weights is not taken for divergence."""
+    """A diverged run (non-finite weights; or, after the first step, non-finite gates, which the memory ops
+    reject) ends with its final entry marked "diverged" and accuracy 0 instead of failing the plan; a healthy
+    run carries no such mark; any other ValueError is not taken for divergence."""
     from benchmarks.quality.train import Budget, fit, mqar_accuracy
     task = ZoologyMQAR(num_pairs=2, seq_len=16, vocab=64)
     x, y = task.batch(4, torch.Generator().manual_seed(0))
@@ -404,13 +404,19 @@ def test_fit_ends_a_run_whose_weights_stop_being_finite():
     out = fit(model, lambda step: (x, y), budget, evaluate, sparse=True)
     assert out["final"]["diverged"] is True and out["final"]["accuracy"] == 0.0 and out["final"]["step"] == 1
 
-    class Rejects(torch.nn.Module):      # finite weights, a forward that raises: not divergence
-        def __init__(self):
+    class Rejects(torch.nn.Module):      # finite weights, a forward that raises from its second step on
+        def __init__(self, message):
             super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
+            self.w, self.message, self.calls = torch.nn.Parameter(torch.ones(1)), message, 0
 
         def forward(self, tokens, targets):
-            raise ValueError("a user error, not divergence")
+            self.calls += 1
+            if self.calls > 1:
+                raise ValueError(self.message)
+            return None, self.w.sum()
 
-    with pytest.raises(ValueError, match="not divergence"):
-        fit(Rejects(), lambda step: (x, y), budget, lambda: {})
+    out = fit(Rejects("lr must lie in [0, inf); got values in [nan, nan]"), lambda step: (x, y), budget,
+              lambda: {"accuracy": 0.5})
+    assert out["final"] == {"step": 2, "accuracy": 0.5, "diverged": True}
+    with pytest.raises(ValueError, match="a user error"):
+        fit(Rejects("a user error"), lambda step: (x, y), budget, lambda: {})

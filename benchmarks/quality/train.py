@@ -70,8 +70,9 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Tuple[torch.Tensor, tor
     """Train for budget.steps on batches(step); evaluate() every eval_every steps and at the end.
     sparse: the loss from answer_forward (the same value; for targets that are mostly -100).
     Returns {"curve": [{"step", "train_loss", **evaluate()}], "final": evaluate() at the end, "wall_s"}.
-    A run whose loss or weights stop being finite ends there, its final entry marked "diverged" (accuracy 0
-    where evaluate() cannot run on its weights: an op rejects the non-finite gates they produce)."""
+    A run that stops being finite (its loss, its weights, or, after the first step, the gates its memories
+    produce, which the ops reject) ends there, its final entry marked "diverged" (accuracy 0 where evaluate()
+    cannot run on it)."""
     opt = make_optimizer(model, budget, lr_scale)
     curve, t0, running, count, diverged = [], time.perf_counter(), 0.0, 0, False
     model.train()
@@ -82,8 +83,8 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Tuple[torch.Tensor, tor
         x, y = batches(step)
         try:
             _, loss = answer_forward(model, x, y) if sparse else model(x, y)
-        except ValueError:
-            if all(bool(p.isfinite().all()) for p in model.parameters()):
+        except ValueError as e:   # an op rejecting non-finite gates: weights or the in-context memory blew up
+            if all(bool(p.isfinite().all()) for p in model.parameters()) and (step == 0 or "nan" not in str(e)):
                 raise
             diverged = True
             break
