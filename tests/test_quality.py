@@ -420,3 +420,25 @@ def test_fit_ends_a_run_whose_weights_stop_being_finite():
     assert out["final"] == {"step": 2, "accuracy": 0.5, "diverged": True}
     with pytest.raises(ValueError, match="a user error"):
         fit(Rejects("a user error"), lambda step: (x, y), budget, lambda: {})
+
+
+def test_diverged_runs_are_scored_not_raised(monkeypatch):
+    """train_mqar and train_niah score a diverged run 0 (every pair, length and depth) without evaluating it."""
+    from benchmarks.quality import niah, train
+    from benchmarks.quality.niah import NeedleTask
+    def diverged_fit(*args, **kwargs):
+        return {"curve": [], "final": {"step": 1, "accuracy": 0.0, "diverged": True}, "wall_s": 0.0}
+
+    monkeypatch.setattr(train, "fit", diverged_fit)
+    monkeypatch.setattr(niah, "fit", diverged_fit)
+    budget = train.Budget(steps=1, batch_size=2, eval_every=1, eval_size=4)
+    torch.manual_seed(0)
+    model = HOPE(vocab_size=64, dim=16, num_layers=1, num_heads=2, max_seq_len=64, backend="torch")
+    monkeypatch.setattr(train, "mqar_accuracy", lambda *a, **k: pytest.fail("a diverged run was evaluated"))
+    out = train.train_mqar(model, ZoologyMQAR(num_pairs=2, seq_len=16, vocab=64), budget, 0, sparse=True)
+    assert out["diverged"] and out["accuracy"] == 0.0 and out["accuracy_by_pair"] == [0.0, 0.0]
+    task = NeedleTask(seq_len=16)
+    monkeypatch.setattr(niah, "needle_accuracy", lambda *a, **k: pytest.fail("a diverged run was evaluated"))
+    out = niah.train_niah(model, task, budget, 0, eval_lengths=[16, 32])
+    assert out["diverged"] and out["accuracy_by_length"] == {"16": 0.0, "32": 0.0}
+    assert out["accuracy_by_depth"]["32"] == [0.0] * niah.DEPTH_BINS

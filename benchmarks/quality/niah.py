@@ -107,6 +107,9 @@ def train_niah(model: torch.nn.Module, task: NeedleTask, budget: Budget, seed: i
     by_length: Dict[str, float] = {}
     by_depth: Dict[str, List[Optional[float]]] = {}
     for length in eval_lengths:
+        if out["final"].get("diverged"):          # scored 0 where it cannot run (train.fit)
+            by_length[str(length)], by_depth[str(length)], out["diverged"] = 0.0, [0.0] * DEPTH_BINS, True
+            continue
         r = needle_accuracy(model, task.at_length(length), budget.eval_size)
         by_length[str(length)], by_depth[str(length)] = r["accuracy"], r["accuracy_by_depth"]
     out.update(accuracy=by_length[str(task.seq_len)] if str(task.seq_len) in by_length else out["final"]["accuracy"],

@@ -157,7 +157,10 @@ def train_mqar(model: torch.nn.Module, task, budget: Budget, seed: int,
     out = fit(model, lambda step: tuple(t.to(dev) for t in task.batch(budget.batch_size, g)), budget,
               lambda: mqar_accuracy(model, eval_x, eval_y, sparse=sparse), lr_scale, sparse)
     out["accuracy"] = out["final"]["accuracy"]
-    out["accuracy_by_pair"] = mqar_accuracy(model, eval_x, eval_y, task.num_pairs, sparse=sparse)["accuracy_by_pair"]
+    if out["final"].get("diverged"):
+        out.update(diverged=True, accuracy_by_pair=[0.0] * task.num_pairs)
+    else:
+        out["accuracy_by_pair"] = mqar_accuracy(model, eval_x, eval_y, task.num_pairs, sparse=sparse)["accuracy_by_pair"]
     return out
 
 
