@@ -33,7 +33,7 @@ decay before token t), A'_tj = (k_t . k_j) exp(LD_t - ld_t - LD_j) on j < t and 
     X[mem] = R Mbar[mem],   R = (I + lr' A')^-1 (lr' E')          (the block rule: X[mem] = lr E Mbar[mem])
 
 (vhat[mem] = v Mbar[mem] makes the delta rule's right-hand side E' Mbar[mem]), and o, M_end follow from X as
-below; the torch path runs it as titans_scan's period-1 chunk form (_online_mem), the kernels by R.
+below; both paths compute R (the torch path by a triangular solve, the kernels by substitution).
 
 backend="triton" without momentum (head size D <= 128, blocks of min(period, T) <= 64 tokens, either
 mem_period) runs triton_selfmod.py: one forward and one backward kernel launch, a program per (batch x head)
@@ -57,7 +57,7 @@ from torch import Tensor
 
 from .. import library, utils
 from .ops import _check_gate, _check_period, _check_state, titans_step
-from .torch_chunked import _decay_products, _dense, _momentum_products
+from .torch_chunked import _decay_products, _momentum_products
 
 
 def width(D: int) -> int:
@@ -78,28 +78,32 @@ def _projections(u, Mbar, lr_bias, decay_bias, lr_max: float, period: int, eps: 
     return k, v, lr, F.logsigmoid(alpha + decay_bias[:, None])
 
 
-def _online_mem(q, k, v, lr, log_decay, Mbar, period, scale):
-    """M_mem over one block by the online rule (module docstring, mem_period=1): titans_scan's torch path at
-    period 1 on the M_mem columns. q, k, v [B, H, L, D], lr, log_decay [B, H, L]; returns (o, M_mem end)."""
-    D = q.shape[-1]
-    mem = Mbar[..., 2 * D + 2:]
-    heads = lambda x: x.transpose(1, 2)                                    # noqa: E731  [B, L, H, *]
-    o, S, _ = _dense(heads(q), heads(k), heads(v @ mem), heads(period * lr), heads(log_decay.exp()), None, scale,
-                     1, "current", mem, None, 64)
-    return heads(o), S
+def _online_factor(k, v, lr, LD, log_decay, period):
+    """R = (I + lr' A')^-1 (lr' E') [B, H, L, D] of the online M_mem (module docstring, mem_period=1): a unit
+    lower-triangular solve. k, v [B, H, L, D]; lr, log_decay [B, H, L]; LD = cumsum(log_decay) (float64)."""
+    L = k.shape[-2]
+    before = LD - log_decay.double()                                       # log of the decay before each token
+    low = torch.ones(L, L, dtype=torch.bool, device=k.device).tril(-1)
+    e = torch.where(low, (before[..., :, None] - LD[..., None, :]).clamp(max=0).exp(), 0.).to(k.dtype)
+    lrp = (period * lr)[..., None]
+    eye = torch.eye(L, dtype=k.dtype, device=k.device)
+    rhs = lrp * (v - before.exp().to(k.dtype)[..., None] * k)
+    return torch.linalg.solve_triangular(eye + lrp * ((k @ k.transpose(-1, -2)) * e), rhs, upper=False,
+                                         unitriangular=True)
 
 
 def _block(q, u, m, M, Z, lr_bias, decay_bias, scale, lr_max, period, eps, online_mem=False):
     """One block of L tokens from its start memory M (and Z): (o [B, H, L, D], M_end, Z_end); with online_mem
-    the M_mem columns run the online rule (mem_period=1) and the rest the block rule."""
+    the M_mem columns run the online rule (mem_period=1: X[mem] = R Mbar[mem]) and the rest the block rule."""
     D = q.shape[-1]
     dt = M.dtype
     k, v, lr, log_decay = _projections(u, M, lr_bias, decay_bias, lr_max, period, eps)
-    if online_mem:
-        o, S = _online_mem(q, k, v, lr, log_decay, M, period, scale)
-        M = M[..., :2 * D + 2]
-    X = lr[..., None] * ((v - k) @ M)                                      # [B, H, L, W]
     LD = log_decay.double().cumsum(-1)
+    if online_mem:
+        rest = lr[..., None] * ((v - k) @ M[..., :2 * D + 2])
+        X = torch.cat([rest, _online_factor(k, v, lr, LD, log_decay, period) @ M[..., 2 * D + 2:]], -1)
+    else:
+        X = lr[..., None] * ((v - k) @ M)                                  # [B, H, L, W]
     Dp = _decay_products(LD)
     gamma = LD.exp()
     mem = slice(2 * D + 2, None)
@@ -111,8 +115,6 @@ def _block(q, u, m, M, Z, lr_bias, decay_bias, scale, lr_max, period, eps, onlin
         C = Dp
     C = C.to(dt)
     M_end = gamma[..., -1, None, None].to(dt) * M + (C[..., -1, :, None] * k).transpose(-1, -2) @ X
-    if online_mem:
-        return o, torch.cat([M_end, S], -1), Z
     o = (gamma.to(dt)[..., None] * (q @ M[..., mem]) + ((q @ k.transpose(-1, -2)) * C) @ X[..., mem])
     if m is not None:
         o = o + a.to(dt)[..., None] * (q @ Z[..., mem])
