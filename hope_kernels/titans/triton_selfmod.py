@@ -48,11 +48,15 @@ a caller holds across a call is saved to local memory: hence the step function a
 counter (nested segment loops had the compiler keep a dozen induction variables and pointers live across the
 calls), and the rows' backward runs its two column blocks (dr_k, dr_v) as a loop, not unrolled.
 
+The block's backward runs as three non-inlined functions chained at their ends (_block_backward: the keys and
+gates, the gate columns, the read o; _block_backward_rest: Y and dX, then G and dE over the tiles;
+_block_backward_tail: dMbar over the tiles, then the keys', values' and log decays' gradients, then
+_rows_backward), each with the registers to itself; what one leaves for the next waits in the scratch.
+
 Memory beyond inputs and outputs, per (batch x head) in the backward: (#checkpoints + S) [D, W] fp32 states
-and a [BL, 11 BD] fp32 scratch (E | w k | lr Y | dY | k | v | dk, BD = D padded to a power of 2; k, v and
-the first part of dk wait there while the tile loops run, which keeps them out of the registers): 88 KB at
-D = 128 and BL = 16, 352 KB at BL = 64.
-With ONLINE the scratch has a twelfth BD (R). Momentum is not in these kernels (selfmod.py runs it on the torch
+and a [BL, 15 BD + BL] fp32 scratch (E | w k | lr Y | dY | k | v | dk | G^T | dE^T | gamma q | the per-token
+vectors | A^T, BD = D padded to a power of 2): 121 KB at D = 128 and BL = 16, 496 KB at BL = 64.
+With ONLINE the scratch has one BD more (R). Momentum is not in these kernels (selfmod.py runs it on the torch
 path).
 """
 from __future__ import annotations
@@ -226,6 +230,12 @@ def _scr(scr, c0, o_t, o_c, SW: tl.constexpr):
 
 
 @triton.jit
+def _scr_t(scr, c0, o_t, o_c, SW: tl.constexpr):
+    """Pointers [len(o_c), BL] to the same scratch columns as _scr, transposed."""
+    return scr + o_t[None, :] * SW + c0 + o_c[:, None]
+
+
+@triton.jit
 def _dos(do, rows, m_t, c0, o_v, scale, dt, D: tl.constexpr, UPCAST: tl.constexpr):
     """do' = scale do on columns c0 + o_v of the block's tokens (rows where m_t), in the dots' dtype."""
     return (scale * _cols(do, rows, m_t, c0, o_v, D, UPCAST)[2].to(tl.float32)).to(dt)
@@ -332,12 +342,12 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     slices of dM0, scr0, dlrb and ddb are found from the program id here, not held by the kernel across calls.
 
     Every loop keeps one orientation of products: [BL, *] ones contract over the memory's rows and take their
-    [BL, D] factor (E, w k, dr) from the scratch `scr` inside the loop (BL x 11 BD floats: E | w k | lr Y | dY
-    | k | v | dk; dr_k | dr_v | d r_eta, d r_a over lr Y once it is spent; with ONLINE a twelfth BD for R, whose
-    tiles X[mem] = R Mbar[mem] stage X and dX in place of lr Y and dY), [D, *] ones contract over the block's
-    rows or a tile's columns."""
+    [BL, D] factor (E, w k, dr) from the scratch `scr` inside the loop (module docstring; dr_k | dr_v | d r_eta,
+    d r_a go over lr Y once it is spent; with ONLINE a last BD holds R, whose tiles X[mem] = R Mbar[mem] stage X
+    and dX in place of lr Y and dY), [D, *] ones contract over the block's rows or a tile's columns. This first
+    of the three functions ends by handing over to _block_backward_rest."""
     NS: tl.constexpr = BD // BV
-    SW: tl.constexpr = (11 + ONLINE) * BD
+    SW: tl.constexpr = (15 + ONLINE) * BD + BL
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     dM = dM0 + i_bh.to(tl.int64) * D * W
@@ -360,7 +370,7 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     tl.store(_scr(scr, 8 * BD, o_t, o_d, SW), b_k)   # k, v (and dk below) wait in the scratch while the loops run
     tl.store(_scr(scr, 9 * BD, o_t, o_d, SW), b_v)
     if ONLINE:
-        tl.store(_scr(scr, 11 * BD, o_t, o_d, SW),
+        tl.store(_scr(scr, 15 * BD + BL, o_t, o_d, SW),
                  _online_values(b_k, b_v, b_lr, b_ld, o_t, tl.sum(m_t.to(tl.int32), 0), period, dt).to(dt)
                  .to(tl.float32))
     # the end memory M_end = gamma_L Mbar + (w k)^T X, X = lr Y, Y = E Mbar: its two gate columns first (vector
@@ -369,12 +379,14 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     b_dEt = tl.zeros([BD, BL], dtype=tl.float32)
     b_dlr = tl.zeros([BL], dtype=tl.float32)
     dgL = 0.
+    tl.debug_barrier()
     for c in tl.static_range(2):
         pg = o_d * W + 2 * D + c
         b_m = tl.load(src + pg, mask=m_d, other=0.)
         b_dn = tl.load(dM + pg, mask=m_d, other=0.)
+        b_E = tl.load(_scr(scr, 0, o_t, o_d, SW))
         b_y = tl.sum(b_E * b_m[None, :], 1)
-        b_dx = tl.sum(b_wkf * b_dn[None, :], 1)
+        b_dx = tl.sum(tl.load(_scr(scr, BD, o_t, o_d, SW)) * b_dn[None, :], 1)
         b_Gt += b_dn[:, None] * (b_lr * b_y)[None, :]
         dgL += tl.sum(b_dn * b_m, 0)
         b_dlr += b_dx * b_y
@@ -394,9 +406,9 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
         b_dqr += tl.dot(_dos(do, rows, m_t, s * BV, o_v, scale, dt, D, UPCAST), tl.trans(b_Md))
     if ONLINE:
         tl.debug_barrier()
-        b_P = tl.dot(b_dqr.to(dt), tl.trans(tl.load(_scr(scr, 11 * BD, o_t, o_d, SW)).to(dt)))
+        b_P = tl.dot(b_dqr.to(dt), tl.trans(tl.load(_scr(scr, 15 * BD + BL, o_t, o_d, SW)).to(dt)))
     else:
-        b_P = tl.dot(b_dqr.to(dt), tl.trans(b_Ed)) * b_lr[None, :]
+        b_P = tl.dot(b_dqr.to(dt), tl.trans(tl.load(_scr(scr, 0, o_t, o_d, SW)).to(dt))) * b_lr[None, :]
     b_dg = tl.sum(b_q.to(tl.float32) * b_dqr, 1)
     b_PC = (b_P * b_C).to(dt)
     b_dq = b_g[:, None] * b_dqr + tl.dot(b_PC, b_kd)
@@ -408,12 +420,71 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     b_At = tl.trans((b_QK * b_C).to(dt))
     b_qg = (b_g[:, None] * b_q.to(tl.float32)).to(dt)
     tl.debug_barrier()
+    # what the second half needs waits in the scratch: G^T and dE^T so far, gamma q, the per-token vectors
+    tl.store(_scr_t(scr, 11 * BD, o_t, o_d, SW), b_Gt)
+    tl.store(_scr_t(scr, 12 * BD, o_t, o_d, SW), b_dEt)
+    tl.store(_scr(scr, 13 * BD, o_t, o_d, SW), b_qg.to(tl.float32))
+    tl.store(_scr(scr, 15 * BD, o_t, o_t, SW), b_At.to(tl.float32))
+    vec = scr + o_t * SW + 14 * BD
+    tl.store(vec, b_lr)
+    tl.store(vec + 1, b_ld)
+    tl.store(vec + 2, nk)
+    tl.store(vec + 3, nv)
+    tl.store(vec + 4, s_e)
+    tl.store(vec + 5, s_a)
+    tl.store(vec + 6, b_w)
+    tl.store(vec + 7, b_dlr)
+    tl.store(vec + 8, b_dLD)
+    tl.store(vec + 9, tl.zeros([BL], dtype=tl.float32) + dgL)
+    tl.debug_barrier()
+    _block_backward_rest(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, scale, H, D, W, BD, BV, BL, ONLINE,
+                         UPCAST)
+
+
+@triton.jit(noinline=True)
+def _block_backward_rest(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, scale, H: tl.constexpr,
+                         D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
+                         ONLINE: tl.constexpr, UPCAST: tl.constexpr):
+    """The second half of _block_backward (a function of its own, so that each half has the registers to
+    itself), from what the first half left in the scratch: Y and dX, G, dE (dR) and dMbar over the tiles, then
+    the keys, values and log decays."""
+    NS: tl.constexpr = BD // BV
+    SW: tl.constexpr = (15 + ONLINE) * BD + BL
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    dM = dM0 + i_bh.to(tl.int64) * D * W
+    scr = scr0 + i_bh.to(tl.int64) * BL * SW
+    o_t = tl.arange(0, BL)
+    o_d = tl.arange(0, BD)
+    o_v = tl.arange(0, BV)
+    m_d = o_d < D
+    t0 = n * period
+    m_t = (o_t < period) & (t0 + o_t < T)
+    rows = (i_b.to(tl.int64) * T + t0 + o_t) * H + i_h
+    dt = q.dtype.element_ty
+    if UPCAST:
+        dt = tl.float32
+    vec = scr + o_t * SW + 14 * BD
+    b_lr = tl.load(vec)
+    b_ld = tl.load(vec + 1)
+    nk = tl.load(vec + 2)
+    nv = tl.load(vec + 3)
+    s_e = tl.load(vec + 4)
+    s_a = tl.load(vec + 5)
+    b_w = tl.load(vec + 6)
+    b_dlr = tl.load(vec + 7)
+    b_dLD = tl.load(vec + 8)
+    dgL = tl.sum(tl.where(o_t == 0, tl.load(vec + 9), 0.), 0)
+    gL = tl.exp(tl.sum(b_ld, 0))
+    b_Gt = tl.load(_scr_t(scr, 11 * BD, o_t, o_d, SW))
+    b_dEt = tl.load(_scr_t(scr, 12 * BD, o_t, o_d, SW))
+    b_At = tl.load(_scr(scr, 15 * BD, o_t, o_t, SW)).to(dt)
     # then M_end's column tiles t (on mem, dX and dMbar get the read's A^T do' and q^T (gamma do')). First Y and
     # dX = (w k) dM_end (+ A^T do'), staged as lr Y and dY = lr dX ...
     for t in range(0, 3 * NS):
         p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
         if ONLINE:  # the mem tiles' left factor is R and their X = Y
-            b_Y = tl.dot(tl.load(_scr(scr, tl.where(is_mem, 11 * BD, 0), o_t, o_d, SW)).to(dt),
+            b_Y = tl.dot(tl.load(_scr(scr, tl.where(is_mem, 15 * BD + BL, 0), o_t, o_d, SW)).to(dt),
                          tl.load(src + p, mask=m, other=0.).to(dt))
         else:
             b_Y = tl.dot(tl.load(_scr(scr, 0, o_t, o_d, SW)).to(dt), tl.load(src + p, mask=m, other=0.).to(dt))
@@ -446,14 +517,60 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
             b_dEt += tl.dot(b_M.to(dt), tl.trans(b_dY))
         dgL += tl.sum(tl.sum(b_dN * b_M, 1), 0)
     tl.debug_barrier()
+    tl.store(_scr_t(scr, 11 * BD, o_t, o_d, SW), b_Gt)
+    tl.store(_scr_t(scr, 12 * BD, o_t, o_d, SW), b_dEt)
+    if ONLINE:
+        tl.store(_scr_t(scr, 2 * BD, o_t, o_d, SW), b_dRt)      # over lr Y, spent
+    tl.store(vec + 7, b_dlr)
+    tl.store(vec + 9, tl.zeros([BL], dtype=tl.float32) + dgL)
+    tl.debug_barrier()
+    _block_backward_tail(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, scale, H, D, W, BD, BV, BL, ONLINE,
+                         UPCAST)
+
+
+@triton.jit(noinline=True)
+def _block_backward_tail(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, scale, H: tl.constexpr,
+                         D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
+                         ONLINE: tl.constexpr, UPCAST: tl.constexpr):
+    """The last part of _block_backward, from the scratch: dMbar over the tiles, then the keys, values and log
+    decays, then the rows (_rows_backward)."""
+    NS: tl.constexpr = BD // BV
+    SW: tl.constexpr = (15 + ONLINE) * BD + BL
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    dM = dM0 + i_bh.to(tl.int64) * D * W
+    scr = scr0 + i_bh.to(tl.int64) * BL * SW
+    o_t = tl.arange(0, BL)
+    o_d = tl.arange(0, BD)
+    o_v = tl.arange(0, BV)
+    m_d = o_d < D
+    t0 = n * period
+    m_t = (o_t < period) & (t0 + o_t < T)
+    rows = (i_b.to(tl.int64) * T + t0 + o_t) * H + i_h
+    dt = q.dtype.element_ty
+    if UPCAST:
+        dt = tl.float32
+    vec = scr + o_t * SW + 14 * BD
+    b_lr = tl.load(vec)
+    b_ld = tl.load(vec + 1)
+    nk = tl.load(vec + 2)
+    nv = tl.load(vec + 3)
+    s_e = tl.load(vec + 4)
+    s_a = tl.load(vec + 5)
+    b_w = tl.load(vec + 6)
+    b_dlr = tl.load(vec + 7)
+    b_dLD = tl.load(vec + 8)
+    dgL = tl.sum(tl.where(o_t == 0, tl.load(vec + 9), 0.), 0)
+    gL = tl.exp(tl.sum(b_ld, 0))
     # ... and dMbar, in a loop of its own (fewer values live in each)
     for t in range(0, 3 * NS):
         p, m, is_mem = _tile(t, o_d, m_d, o_v, D, W, BD, BV)
         b_dN = tl.load(dM + p, mask=m, other=0.)
         b_dY = tl.load(_scr(scr, 5 * BD + t * BV, o_t, o_v, SW)).to(dt)
+        b_qg = tl.load(_scr(scr, 13 * BD, o_t, o_d, SW)).to(dt)
         b_dMbar = tl.dot(tl.trans(b_qg), _dos(do, rows, m_t & is_mem, (t % NS) * BV, o_v, scale, dt, D, UPCAST))
         if ONLINE:
-            b_Lf = tl.load(_scr(scr, tl.where(is_mem, 11 * BD, 0), o_t, o_d, SW)).to(dt)
+            b_Lf = tl.load(_scr(scr, tl.where(is_mem, 15 * BD + BL, 0), o_t, o_d, SW)).to(dt)
             b_dMbar += gL * b_dN + tl.dot(tl.trans(b_Lf), b_dY)
         else:
             b_dMbar += gL * b_dN + tl.dot(tl.trans(tl.load(_scr(scr, 0, o_t, o_d, SW)).to(dt)), b_dY)
@@ -461,8 +578,8 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
         tl.store(dM + p, b_dMbar, mask=m)
     tl.debug_barrier()
     # keys, values and log decays
-    b_G = tl.trans(b_Gt)
-    b_dE = tl.trans(b_dEt)
+    b_G = tl.load(_scr(scr, 11 * BD, o_t, o_d, SW))
+    b_dE = tl.load(_scr(scr, 12 * BD, o_t, o_d, SW))
     b_k = tl.load(_scr(scr, 8 * BD, o_t, o_d, SW))
     b_v = tl.load(_scr(scr, 9 * BD, o_t, o_d, SW))
     b_dk = tl.load(_scr(scr, 10 * BD, o_t, o_d, SW)) + b_w[:, None] * b_G - b_dE
@@ -472,7 +589,8 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     b_dLD += tl.where(o_t == L - 1, tl.sum(b_dw * b_w, 0) + dgL * gL, 0.)
     if ONLINE:
         b_dko, b_dvo, b_dlro, b_dLDo, b_dldo = _online_backward(
-            tl.trans(b_dRt), tl.load(_scr(scr, 11 * BD, o_t, o_d, SW)), b_k, b_v, b_lr, b_ld, o_t, L, period, dt)
+            tl.load(_scr(scr, 2 * BD, o_t, o_d, SW)), tl.load(_scr(scr, 15 * BD + BL, o_t, o_d, SW)), b_k, b_v, b_lr,
+            b_ld, o_t, L, period, dt)
         b_dk += b_dko
         b_dE += b_dvo
         b_dlr += b_dlro
@@ -611,7 +729,7 @@ def selfmod_backward(q, u, lr_bias, decay_bias, M0, do, dMT, scale, lr_max, peri
     dlrb, ddb, dM0 = empty(B, H, **f32), empty(B, H, **f32), empty(B, H, D, W, **f32)
     flags = _flags(q, T, period, online)
     st = empty(B * H, NCK + S, D, W, **f32)
-    scr = empty(B * H, flags["BL"], (11 + online) * flags["BD"], **f32)
+    scr = empty(B * H, flags["BL"], (15 + online) * flags["BD"] + flags["BL"], **f32)
     if B * H:
         selfmod_bwd_kernel[check_grid((B * H,))](q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb, dM0, st,
                                                  scr, T, NB, S, NCK, period, scale, lr_max / period, eps,
@@ -646,9 +764,9 @@ def _bwd_spec(D: int, dt: str, online: bool = False):
 def compile_specs():
     """Blocks of 16 tokens: the forward and the backward kernel at D = 64 and 128 (bf16, fp32), M_mem at the block
     period and online (ONLINE), default config (8 warps). With Triton's own ptxas flags no forward spills, and
-    no backward on sm_80 nor at D = 64 on sm_90; at D = 128 on sm_90 the backward spills a few bytes per thread
-    (spill stores over all functions: bf16 76, fp32 20; ONLINE 92, 60; 20 of each are the kernel's and the
-    step's registers saved around the calls, the rest in the block's backward). All are recorded in
+    no backward at D = 64; at D = 128 the backward stores a few bytes per thread (over all functions: sm_80 bf16
+    8, ONLINE 4; sm_90 bf16 28, fp32 16, ONLINE 32, 16), 4-12 bytes per function, registers saved around the
+    calls of the non-inlined functions (each takes all 255 registers). All are recorded in
     tests/test_compile.py's KNOWN_SPILLS so that they can only go down. The per-block functions take all 255
     registers, so even the kernel's step counter is saved around their calls; the rest needs fewer [BL, D] tiles
     live in the block's backward."""
