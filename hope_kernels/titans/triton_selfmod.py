@@ -441,6 +441,22 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
                          UPCAST)
 
 
+@triton.jit
+def _handed_over(dM0, scr0, n, T, period, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr,
+                 BV: tl.constexpr, BL: tl.constexpr, SW: tl.constexpr):
+    """What the later parts of a block's backward find again from the program id and the block number: the
+    program's dM and scratch, the index ranges and masks, the block's rows and the scratch's per-token vectors
+    (column c of them at vec + c: lr, ld, nk, nv, sigmoid of the step's logit, of the decay's, w, d lr, d LD, dgL)."""
+    i_bh = tl.program_id(0)
+    i_b, i_h = i_bh // H, i_bh % H
+    scr = scr0 + i_bh.to(tl.int64) * BL * SW
+    o_t = tl.arange(0, BL)
+    o_d = tl.arange(0, BD)
+    t0 = n * period
+    return (dM0 + i_bh.to(tl.int64) * D * W, scr, o_t, o_d, tl.arange(0, BV), o_d < D,
+            (o_t < period) & (t0 + o_t < T), (i_b.to(tl.int64) * T + t0 + o_t) * H + i_h, scr + o_t * SW + 14 * BD)
+
+
 @triton.jit(noinline=True)
 def _block_backward_rest(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, scale, H: tl.constexpr,
                          D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
@@ -450,32 +466,13 @@ def _block_backward_rest(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, 
     the keys, values and log decays."""
     NS: tl.constexpr = BD // BV
     SW: tl.constexpr = (15 + ONLINE) * BD + BL
-    i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
-    dM = dM0 + i_bh.to(tl.int64) * D * W
-    scr = scr0 + i_bh.to(tl.int64) * BL * SW
-    o_t = tl.arange(0, BL)
-    o_d = tl.arange(0, BD)
-    o_v = tl.arange(0, BV)
-    m_d = o_d < D
-    t0 = n * period
-    m_t = (o_t < period) & (t0 + o_t < T)
-    rows = (i_b.to(tl.int64) * T + t0 + o_t) * H + i_h
+    dM, scr, o_t, o_d, o_v, m_d, m_t, rows, vec = _handed_over(dM0, scr0, n, T, period, H, D, W, BD, BV, BL, SW)
     dt = q.dtype.element_ty
     if UPCAST:
         dt = tl.float32
-    vec = scr + o_t * SW + 14 * BD
     b_lr = tl.load(vec)
-    b_ld = tl.load(vec + 1)
-    nk = tl.load(vec + 2)
-    nv = tl.load(vec + 3)
-    s_e = tl.load(vec + 4)
-    s_a = tl.load(vec + 5)
-    b_w = tl.load(vec + 6)
     b_dlr = tl.load(vec + 7)
-    b_dLD = tl.load(vec + 8)
     dgL = tl.sum(tl.where(o_t == 0, tl.load(vec + 9), 0.), 0)
-    gL = tl.exp(tl.sum(b_ld, 0))
     b_Gt = tl.load(_scr_t(scr, 11 * BD, o_t, o_d, SW))
     b_dEt = tl.load(_scr_t(scr, 12 * BD, o_t, o_d, SW))
     b_At = tl.load(_scr(scr, 15 * BD, o_t, o_t, SW)).to(dt)
@@ -537,20 +534,10 @@ def _block_backward_tail(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, 
     NS: tl.constexpr = BD // BV
     SW: tl.constexpr = (15 + ONLINE) * BD + BL
     i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
-    dM = dM0 + i_bh.to(tl.int64) * D * W
-    scr = scr0 + i_bh.to(tl.int64) * BL * SW
-    o_t = tl.arange(0, BL)
-    o_d = tl.arange(0, BD)
-    o_v = tl.arange(0, BV)
-    m_d = o_d < D
-    t0 = n * period
-    m_t = (o_t < period) & (t0 + o_t < T)
-    rows = (i_b.to(tl.int64) * T + t0 + o_t) * H + i_h
+    dM, scr, o_t, o_d, o_v, m_d, m_t, rows, vec = _handed_over(dM0, scr0, n, T, period, H, D, W, BD, BV, BL, SW)
     dt = q.dtype.element_ty
     if UPCAST:
         dt = tl.float32
-    vec = scr + o_t * SW + 14 * BD
     b_lr = tl.load(vec)
     b_ld = tl.load(vec + 1)
     nk = tl.load(vec + 2)
@@ -609,7 +596,7 @@ def _block_backward_tail(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, 
     tl.store(dlrb + i_bh, tl.load(dlrb + i_bh) + tl.sum(d_e, 0))
     tl.store(ddb + i_bh, tl.load(ddb + i_bh) + tl.sum(d_a, 0))
     tl.debug_barrier()
-    _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H, D, W, BD, BV, BL, SW, UPCAST)
+    _rows_backward(src, dM, scr, u, du, n, i_bh // H, i_bh % H, T, period, H, D, W, BD, BV, BL, SW, UPCAST)
 
 
 @triton.jit(noinline=True)
