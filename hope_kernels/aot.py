@@ -10,7 +10,7 @@ tests/test_compile.py and `python -m tools.compile_report` are built on it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -19,6 +19,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     default: bool = False
+    maxnreg: Optional[int] = None   # registers per thread ptxas may use (None: its own choice)
 
 
 @dataclass

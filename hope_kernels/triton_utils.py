@@ -40,7 +40,8 @@ def default_config(configs: Sequence[KernelConfig]) -> KernelConfig:
 
 def triton_configs(configs: Sequence[KernelConfig]) -> List[triton.Config]:
     """Every config on a GPU with autotuning on; the default alone under the interpreter or AUTOTUNE=0."""
-    as_triton = lambda c: triton.Config(dict(c.meta), num_warps=c.num_warps, num_stages=c.num_stages)
+    as_triton = lambda c: triton.Config(dict(c.meta), num_warps=c.num_warps, num_stages=c.num_stages,
+                                       maxnreg=c.maxnreg)
     chosen = configs if autotune_enabled() else [default_config(configs)]
     return [as_triton(c) for c in chosen]
 

@@ -20,12 +20,6 @@ SPECS, PROBLEMS = cc.collect_specs(cc.KERNEL_MODULES, strict=False)
 KNOWN_SPILLS = {
     ("cms.bwd[K=128,V=128,M=4,fp16,mix=token]", 90): 24,
     ("titans.chunk_grad_wy,current[K=64,V=64,fp32,nodecay]", 90): 16,
-    ("titans.selfmod_bwd[D=128,bf16]", 80): 12,
-    ("titans.selfmod_bwd[D=128,bf16,online]", 80): 8,
-    ("titans.selfmod_bwd[D=128,bf16]", 90): 60,
-    ("titans.selfmod_bwd[D=128,fp32]", 90): 36,
-    ("titans.selfmod_bwd[D=128,bf16,online]", 90): 72,
-    ("titans.selfmod_bwd[D=128,fp32,online]", 90): 40,
 }
 
 

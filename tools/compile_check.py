@@ -161,7 +161,8 @@ def default_config(spec: KernelSpec) -> KernelConfig:
 
 def config_label(config: KernelConfig) -> str:
     meta = ",".join(f"{k}={v}" for k, v in config.meta.items())
-    return f"{meta + ',' if meta else ''}w{config.num_warps},s{config.num_stages}"
+    regs = f",r{config.maxnreg}" if config.maxnreg else ""
+    return f"{meta + ',' if meta else ''}w{config.num_warps},s{config.num_stages}{regs}"
 
 
 # --------------------------------------------------------------------------- compiling
@@ -229,7 +230,8 @@ def _compile(spec: KernelSpec, config: KernelConfig, arch: int, sass: bool) -> C
                                         constexprs={**spec.constexprs, **config.meta},
                                         attrs=_attrs(fn, spec))
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                                options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                         "maxnreg": config.maxnreg})
     except Exception as e:  # a compile failure is a result to report (and to fail the test on)
         res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
         res.seconds = time.perf_counter() - t0

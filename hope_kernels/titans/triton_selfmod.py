@@ -25,10 +25,8 @@ memories of blocks 0, S, 2S, ... (S = ceil(sqrt(#blocks))) kept in a workspace, 
 reverse: a segment's block-start memories are recomputed from its checkpoint into S more slots, and its
 blocks are differentiated last to first with the adjoint dM of the memory (fp32 workspace, the dM_0
 output) updated in place, in [D, BV] column tiles (BV = 32; D = 16: 16). All of it is one flat sequence of
-(NCK - 1) S + 2 #blocks - NCK steps, each one block's replay or backward through the non-inlined _backward_step,
-which finds the step's blocks and slots from the step number and the program's slices of the workspaces from
-the program id; the kernel's loop holds nothing else across the calls, and d lr_bias / d decay_bias are summed
-in their outputs:
+(NCK - 1) S + 2 #blocks - NCK steps (_step: which block, replay or backward, which slots), each one block's
+replay or backward, and d lr_bias / d decay_bias are summed in their outputs:
 
     dX    = (w k) dM_end (+ (A^T do') on mem, A = (q k^T) * C, do' = scale do),   dY = lr dX,   dE = dY Mbar^T
     dlr   = rowsum(dX * Y),   G = X dM_end^T,  dk = w G + (P * C)^T q - dE,   dv = dE
@@ -41,17 +39,21 @@ Each of the backward's loops over tiles runs products of one orientation only, s
 every product's large side over the warps: [BL, BV] ones (Y = E Mbar, dX, du_j), which contract over the
 memory's D rows and take their [BL, D] factor (E, w k, dr) from a per-program fp32 scratch inside the loop, and
 [D, *] ones (G^T, dE^T, dMbar, u^T dr), which contract over the block's rows or a tile's columns; lr Y and dY go
-from the first loop to the second through the scratch. A block's forward, its backward and the backward's last
-step (the row tiles of dr) are non-inlined functions: inlined, their index and address arithmetic was hoisted
-out of the kernel's loops and kept live (spilled) across all of them. They take all 255 registers, so whatever
-a caller holds across a call is saved to local memory: hence the step function and the kernel's single
-counter (nested segment loops had the compiler keep a dozen induction variables and pointers live across the
-calls), and the rows' backward runs its two column blocks (dr_k, dr_v) as a loop, not unrolled.
+from one part to the next through the scratch.
 
-The block's backward runs as three non-inlined functions chained at their ends (_block_backward: the keys and
-gates, the gate columns, the read o; _block_backward_rest: Y and dX, then G and dE over the tiles;
-_block_backward_tail: dMbar over the tiles, then the keys', values' and log decays' gradients, then
-_rows_backward), each with the registers to itself; what one leaves for the next waits in the scratch.
+Registers. A block's backward is seven parts, each a non-inlined call from the kernel's loop with the
+registers to itself (_backward_part: PART 0 _block_backward, the keys, values and gates read from Mbar and
+M_end's gate columns, or a replay step's _block_forward; 1 _block_backward_read, the read o to dq; 2
+_block_backward_qk, A = (q k^T) * C to d LD; 3 _block_backward_y, Y and dX; 4 _block_backward_g, G and dE;
+5 _block_backward_tail, dMbar, then the keys', values' and log decays' gradients; 6 _rows_backward, dr to du
+and dMbar's first 2D + 2 columns); what one part leaves for the next waits in the scratch. Inlined, the parts'
+index and address arithmetic was hoisted out of the kernel's loop and spilled; nested calls (a step function
+calling the parts, parts chained at their ends) had every caller save its return address and live values to
+local memory, since a callee may take all 255 registers. So the calls are flat and each part finds its step,
+block, slots and the program's workspace slices from the one value it gets, `left`, the parts still to run,
+and returns left - 1: the kernel keeps nothing across a call. With maxnreg = 255 in the configs (ptxas
+otherwise caps a kernel with calls at 128 registers) no default config spills (sm_80 and sm_90, D = 64 and
+128, bf16 and fp32, both rules).
 
 Memory beyond inputs and outputs, per (batch x head) in the backward: (#checkpoints + S) [D, W] fp32 states
 and a [BL, 15 BD + BL] fp32 scratch (E | w k | lr Y | dY | k | v | dk | G^T | dE^T | gamma q | the per-token
@@ -70,8 +72,11 @@ import triton.language as tl
 from ..aot import KernelConfig
 from ..triton_utils import autotune, check_grid, empty, kernel_spec, load_tile, upcast_dots
 
-FWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 8) for w in (4, 8)]
-BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 8) for w in (4, 8)]
+# maxnreg: without it ptxas caps a kernel that calls non-inlined functions at 128 registers where the parts fit
+# in fewer than 255 (D = 64), and spills; the grid is one program per (batch x head), so registers, not
+# occupancy, are what the kernels need
+FWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 8, maxnreg=255) for w in (4, 8)]
+BWD_CONFIGS = [KernelConfig({}, num_warps=w, num_stages=1, default=w == 8, maxnreg=255) for w in (4, 8)]
 MAX_BLOCK = 64      # tokens per block (min(period, T)) the kernels take; longer blocks run the torch path
 MAX_D = 128
 
@@ -249,7 +254,7 @@ def _tile(t, o_d, m_d, o_v, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, 
     return p, m, c == 2
 
 
-@triton.jit(noinline=True)
+@triton.jit
 def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, T, period, scale, lr_c, eps,
                    H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                    BL: tl.constexpr, WRITE_O: tl.constexpr, ONLINE: tl.constexpr, UPCAST: tl.constexpr):
@@ -300,17 +305,14 @@ def _block_forward(src, dst, q, u, o, lr_bias, decay_bias, n, T, period, scale, 
     tl.debug_barrier()
 
 
-@triton.jit(noinline=True)
-def _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
-                   BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, SW: tl.constexpr, UPCAST: tl.constexpr):
-    """The last step of _block_backward: r = u Mbar[:, :2D + 2] differentiated by row tiles j of BV, from
+@triton.jit
+def _rows_backward(src, dM0, scr0, u, du, n, T, period, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                   BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, ONLINE: tl.constexpr, UPCAST: tl.constexpr):
+    """The last part of a block's backward: r = u Mbar[:, :2D + 2] differentiated by row tiles j of BV, from
     dr_k | dr_v | d r_eta | d r_a in the scratch (rows of SW floats): dMbar[j, :2D + 2] += u_j^T dr,
     du_j = dr Mbar[j, :2D + 2]^T."""
-    o_t = tl.arange(0, BL)
-    o_d = tl.arange(0, BD)
-    o_v = tl.arange(0, BV)
-    m_d = o_d < D
-    rows, m_t = _tokens(u, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[:2]
+    SW: tl.constexpr = (15 + ONLINE) * BD + BL
+    dM, scr, o_t, o_d, o_v, m_d, m_t, rows, vec = _handed_over(dM0, scr0, n, T, period, H, D, W, BD, BV, BL, SW)
     for j in range(0, BD // BV):
         m_r = j * BV + o_v < D
         pu, mu, b_uj = _cols(u, rows, m_t, j * BV, o_v, D, UPCAST)
@@ -333,19 +335,18 @@ def _rows_backward(src, dM, scr, u, du, n, i_b, i_h, T, period, H: tl.constexpr,
     tl.debug_barrier()
 
 
-@triton.jit(noinline=True)
-def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, n, T, period, scale, lr_c,
-                    eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                    BL: tl.constexpr, ONLINE: tl.constexpr, UPCAST: tl.constexpr):
-    """Block n's gradients from its start memory `src`; the program's dM (in dM0) holds dM_end and becomes dMbar;
-    the block's contributions to d lr_bias and d decay_bias are added to the program's dlrb and ddb. The program's
-    slices of dM0, scr0, dlrb and ddb are found from the program id here, not held by the kernel across calls.
+@triton.jit
+def _block_backward(src, dM0, scr0, u, lr_bias, decay_bias, n, T, period, lr_c, eps, H: tl.constexpr,
+                    D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
+                    ONLINE: tl.constexpr, UPCAST: tl.constexpr):
+    """The first part of block n's backward, from its start memory `src`: the keys, values, steps and decays read
+    from it, and M_end's two gate columns. The program's dM (in dM0) holds dM_end and becomes dMbar over the
+    parts; the program's slices of dM0 and scr0 are found from the program id here, as in every part.
 
-    Every loop keeps one orientation of products: [BL, *] ones contract over the memory's rows and take their
-    [BL, D] factor (E, w k, dr) from the scratch `scr` inside the loop (module docstring; dr_k | dr_v | d r_eta,
-    d r_a go over lr Y once it is spent; with ONLINE a last BD holds R, whose tiles X[mem] = R Mbar[mem] stage X
-    and dX in place of lr Y and dY), [D, *] ones contract over the block's rows or a tile's columns. This first
-    of the three functions ends by handing over to _block_backward_rest."""
+    Every part's loops keep one orientation of products: [BL, *] ones contract over the memory's rows and take
+    their [BL, D] factor (E, w k, dr) from the scratch `scr` inside the loop (module docstring; dr_k | dr_v |
+    d r_eta, d r_a go over lr Y once it is spent; with ONLINE a last BD holds R, whose tiles X[mem] = R Mbar[mem]
+    stage X and dX in place of lr Y and dY), [D, *] ones contract over the block's rows or a tile's columns."""
     NS: tl.constexpr = BD // BV
     SW: tl.constexpr = (15 + ONLINE) * BD + BL
     i_bh = tl.program_id(0)
@@ -361,9 +362,7 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     b_k, b_v, nk, nv, b_E, b_lr, s_e, b_ld, s_a = _project(src, u, rows, b_u, tl.load(lr_bias + i_h),
                                                            tl.load(decay_bias + i_h), lr_c, eps, m_t, o_d, m_d, D,
                                                            W, BD, BV, UPCAST)
-    b_g, b_C, b_w, gL = _decays(b_ld, o_t)
-    b_kd = b_k.to(dt)
-    b_Ed = b_E.to(dt)
+    b_w, gL = _decays(b_ld, o_t)[2:]
     b_wkf = (b_w[:, None] * b_k).to(dt).to(tl.float32)
     tl.store(_scr(scr, 0, o_t, o_d, SW), b_E)
     tl.store(_scr(scr, BD, o_t, o_d, SW), b_wkf)
@@ -395,7 +394,34 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
         tl.debug_barrier()
         tl.store(dM + pg, gL * b_dn + tl.sum(b_E * b_dy[:, None], 0), mask=m_d)
     tl.debug_barrier()
-    b_q = _tokens(q, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[3]
+    # what the next parts need waits in the scratch: G^T and dE^T so far, the per-token vectors
+    tl.store(_scr_t(scr, 11 * BD, o_t, o_d, SW), b_Gt)
+    tl.store(_scr_t(scr, 12 * BD, o_t, o_d, SW), b_dEt)
+    vec = scr + o_t * SW + 14 * BD
+    tl.store(vec, b_lr)
+    tl.store(vec + 1, b_ld)
+    tl.store(vec + 2, nk)
+    tl.store(vec + 3, nv)
+    tl.store(vec + 4, s_e)
+    tl.store(vec + 5, s_a)
+    tl.store(vec + 6, b_w)
+    tl.store(vec + 7, b_dlr)
+    tl.store(vec + 9, tl.zeros([BL], dtype=tl.float32) + dgL)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _block_backward_read(src, dM0, scr0, q, do, dq, n, T, period, scale, H: tl.constexpr, D: tl.constexpr,
+                         W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, ONLINE: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    """The second part of a block's backward: the read o = scale (gamma q Mbar[mem] + A X[mem]) to dq, to the
+    keys' part (P * C)^T q and to d gamma; gamma q for the later parts."""
+    NS: tl.constexpr = BD // BV
+    SW: tl.constexpr = (15 + ONLINE) * BD + BL
+    dM, scr, o_t, o_d, o_v, m_d, m_t, rows, vec = _handed_over(dM0, scr0, n, T, period, H, D, W, BD, BV, BL, SW)
+    dt = q.dtype.element_ty
+    if UPCAST:
+        dt = tl.float32
     # the read o: do' Mbar[mem]^T over the mem tiles; P = do' X[mem]^T = (do' Mbar[mem]^T E^T) lr and the rows of
     # do' * (q Mbar[mem]) = rows of q * (do' Mbar[mem]^T)
     mem = 2 * D + 2
@@ -404,6 +430,13 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
         p, m = _sub(0, mem + s * BV, o_d, m_d, o_v, s * BV + o_v < D, W)
         b_Md = tl.load(src + p, mask=m, other=0.).to(dt)
         b_dqr += tl.dot(_dos(do, rows, m_t, s * BV, o_v, scale, dt, D, UPCAST), tl.trans(b_Md))
+    i_bh = tl.program_id(0)
+    b_q = _tokens(q, n, i_bh // H, i_bh % H, period, T, o_t, o_d, m_d, H, D, UPCAST)[3]
+    m_td = m_t[:, None] & m_d[None, :]
+    b_lr = tl.load(vec)
+    b_g, b_C, b_w, gL = _decays(tl.load(vec + 1), o_t)
+    b_kd = tl.load(_scr(scr, 8 * BD, o_t, o_d, SW)).to(dt)
+    tl.store(_scr(scr, 13 * BD, o_t, o_d, SW), (b_g[:, None] * b_q.to(tl.float32)).to(dt).to(tl.float32))
     if ONLINE:
         tl.debug_barrier()
         b_P = tl.dot(b_dqr.to(dt), tl.trans(tl.load(_scr(scr, 15 * BD + BL, o_t, o_d, SW)).to(dt)))
@@ -414,31 +447,33 @@ def _block_backward(src, dM0, scr0, q, u, do, dq, du, lr_bias, decay_bias, dlrb,
     b_dq = b_g[:, None] * b_dqr + tl.dot(b_PC, b_kd)
     tl.store(dq + rows[:, None] * D + o_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_td)
     tl.store(_scr(scr, 10 * BD, o_t, o_d, SW), tl.dot(tl.trans(b_PC), b_q))
-    b_QK = tl.dot(b_q, tl.trans(b_kd))
-    b_dC = b_QK * b_P * b_C
-    b_dLD = b_g * b_dg + tl.sum(b_dC, 1) - tl.sum(b_dC, 0)
-    b_At = tl.trans((b_QK * b_C).to(dt))
-    b_qg = (b_g[:, None] * b_q.to(tl.float32)).to(dt)
     tl.debug_barrier()
-    # what the second half needs waits in the scratch: G^T and dE^T so far, gamma q, the per-token vectors
-    tl.store(_scr_t(scr, 11 * BD, o_t, o_d, SW), b_Gt)
-    tl.store(_scr_t(scr, 12 * BD, o_t, o_d, SW), b_dEt)
-    tl.store(_scr(scr, 13 * BD, o_t, o_d, SW), b_qg.to(tl.float32))
-    tl.store(_scr(scr, 15 * BD, o_t, o_t, SW), b_At.to(tl.float32))
+    tl.store(_scr(scr, 15 * BD, o_t, o_t, SW), b_P)     # for _block_backward_qk, which puts A^T here
+    tl.store(vec + 8, b_g * b_dg)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _block_backward_qk(scr0, q, n, T, period, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+                       ONLINE: tl.constexpr, UPCAST: tl.constexpr):
+    """The third part of a block's backward: the read's A = (q k^T) * C to d LD (through C, with P from
+    _block_backward_read) and A^T for the later parts."""
+    SW: tl.constexpr = (15 + ONLINE) * BD + BL
+    i_bh = tl.program_id(0)
+    scr = scr0 + i_bh.to(tl.int64) * BL * SW
+    o_t = tl.arange(0, BL)
+    o_d = tl.arange(0, BD)
     vec = scr + o_t * SW + 14 * BD
-    tl.store(vec, b_lr)
-    tl.store(vec + 1, b_ld)
-    tl.store(vec + 2, nk)
-    tl.store(vec + 3, nv)
-    tl.store(vec + 4, s_e)
-    tl.store(vec + 5, s_a)
-    tl.store(vec + 6, b_w)
-    tl.store(vec + 7, b_dlr)
-    tl.store(vec + 8, b_dLD)
-    tl.store(vec + 9, tl.zeros([BL], dtype=tl.float32) + dgL)
+    b_q = _tokens(q, n, i_bh // H, i_bh % H, period, T, o_t, o_d, o_d < D, H, D, UPCAST)[3]
+    b_C = _decays(tl.load(vec + 1), o_t)[1]
+    b_QK = tl.dot(b_q, tl.trans(tl.load(_scr(scr, 8 * BD, o_t, o_d, SW)).to(b_q.dtype)))
+    b_dC = b_QK * tl.load(_scr(scr, 15 * BD, o_t, o_t, SW)) * b_C
+    b_dLD = tl.load(vec + 8) + tl.sum(b_dC, 1) - tl.sum(b_dC, 0)
+    b_At = tl.trans((b_QK * b_C).to(b_q.dtype))
     tl.debug_barrier()
-    _block_backward_rest(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, scale, H, D, W, BD, BV, BL, ONLINE,
-                         UPCAST)
+    tl.store(_scr(scr, 15 * BD, o_t, o_t, SW), b_At.to(tl.float32))
+    tl.store(vec + 8, b_dLD)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -457,13 +492,12 @@ def _handed_over(dM0, scr0, n, T, period, H: tl.constexpr, D: tl.constexpr, W: t
             (o_t < period) & (t0 + o_t < T), (i_b.to(tl.int64) * T + t0 + o_t) * H + i_h, scr + o_t * SW + 14 * BD)
 
 
-@triton.jit(noinline=True)
-def _block_backward_rest(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, scale, H: tl.constexpr,
-                         D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
-                         ONLINE: tl.constexpr, UPCAST: tl.constexpr):
-    """The second half of _block_backward (a function of its own, so that each half has the registers to
-    itself), from what the first half left in the scratch: Y and dX, G, dE (dR) and dMbar over the tiles, then
-    the keys, values and log decays."""
+@triton.jit
+def _block_backward_y(src, dM0, scr0, q, do, n, T, period, scale, H: tl.constexpr, D: tl.constexpr,
+                      W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, ONLINE: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    """The fourth part of a block's backward, from what the first three left in the scratch: Y and dX over the
+    tiles, staged as lr Y and dY, and d lr."""
     NS: tl.constexpr = BD // BV
     SW: tl.constexpr = (15 + ONLINE) * BD + BL
     dM, scr, o_t, o_d, o_v, m_d, m_t, rows, vec = _handed_over(dM0, scr0, n, T, period, H, D, W, BD, BV, BL, SW)
@@ -472,9 +506,6 @@ def _block_backward_rest(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, 
         dt = tl.float32
     b_lr = tl.load(vec)
     b_dlr = tl.load(vec + 7)
-    dgL = tl.sum(tl.where(o_t == 0, tl.load(vec + 9), 0.), 0)
-    b_Gt = tl.load(_scr_t(scr, 11 * BD, o_t, o_d, SW))
-    b_dEt = tl.load(_scr_t(scr, 12 * BD, o_t, o_d, SW))
     b_At = tl.load(_scr(scr, 15 * BD, o_t, o_t, SW)).to(dt)
     # then M_end's column tiles t (on mem, dX and dMbar get the read's A^T do' and q^T (gamma do')). First Y and
     # dX = (w k) dM_end (+ A^T do'), staged as lr Y and dY = lr dX ...
@@ -496,8 +527,25 @@ def _block_backward_rest(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, 
             b_dlr += tl.sum(b_dX * b_Y, 1)
             tl.store(_scr(scr, 2 * BD + t * BV, o_t, o_v, SW), (b_lr[:, None] * b_Y).to(dt).to(tl.float32))
             tl.store(_scr(scr, 5 * BD + t * BV, o_t, o_v, SW), (b_lr[:, None] * b_dX).to(dt).to(tl.float32))
+    tl.store(vec + 7, b_dlr)
     tl.debug_barrier()
-    # ... then G, dE and dMbar = gamma_L dM_end + E^T dY (+ q^T (gamma do')) (ONLINE: dR and R^T dX on mem)
+
+
+@triton.jit
+def _block_backward_g(src, dM0, scr0, q, n, T, period, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                      BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, ONLINE: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    """The fifth part of a block's backward: G = X dM_end^T and dE = dY Mbar^T (ONLINE: dR on the mem tiles),
+    summed transposed over the tiles onto what _block_backward left, and d gamma_L."""
+    NS: tl.constexpr = BD // BV
+    SW: tl.constexpr = (15 + ONLINE) * BD + BL
+    dM, scr, o_t, o_d, o_v, m_d, m_t, rows, vec = _handed_over(dM0, scr0, n, T, period, H, D, W, BD, BV, BL, SW)
+    dt = q.dtype.element_ty
+    if UPCAST:
+        dt = tl.float32
+    dgL = tl.sum(tl.where(o_t == 0, tl.load(vec + 9), 0.), 0)
+    b_Gt = tl.load(_scr_t(scr, 11 * BD, o_t, o_d, SW))
+    b_dEt = tl.load(_scr_t(scr, 12 * BD, o_t, o_d, SW))
     if ONLINE:
         b_dRt = tl.zeros([BD, BL], dtype=tl.float32)
     for t in range(0, 3 * NS):
@@ -518,19 +566,16 @@ def _block_backward_rest(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, 
     tl.store(_scr_t(scr, 12 * BD, o_t, o_d, SW), b_dEt)
     if ONLINE:
         tl.store(_scr_t(scr, 2 * BD, o_t, o_d, SW), b_dRt)      # over lr Y, spent
-    tl.store(vec + 7, b_dlr)
     tl.store(vec + 9, tl.zeros([BL], dtype=tl.float32) + dgL)
     tl.debug_barrier()
-    _block_backward_tail(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, scale, H, D, W, BD, BV, BL, ONLINE,
-                         UPCAST)
 
 
-@triton.jit(noinline=True)
+@triton.jit
 def _block_backward_tail(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, scale, H: tl.constexpr,
                          D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
                          ONLINE: tl.constexpr, UPCAST: tl.constexpr):
-    """The last part of _block_backward, from the scratch: dMbar over the tiles, then the keys, values and log
-    decays, then the rows (_rows_backward)."""
+    """The sixth part of a block's backward, from the scratch: dMbar over the tiles, then the keys', values' and
+    log decays' gradients (dr for _rows_backward)."""
     NS: tl.constexpr = BD // BV
     SW: tl.constexpr = (15 + ONLINE) * BD + BL
     i_bh = tl.program_id(0)
@@ -596,44 +641,74 @@ def _block_backward_tail(src, dM0, scr0, q, u, do, du, dlrb, ddb, n, T, period, 
     tl.store(dlrb + i_bh, tl.load(dlrb + i_bh) + tl.sum(d_e, 0))
     tl.store(ddb + i_bh, tl.load(ddb + i_bh) + tl.sum(d_a, 0))
     tl.debug_barrier()
-    _rows_backward(src, dM, scr, u, du, n, i_bh // H, i_bh % H, T, period, H, D, W, BD, BV, BL, SW, UPCAST)
 
 
-@triton.jit(noinline=True)
-def _backward_step(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
-                   lr_c, eps, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                   BL: tl.constexpr, ONLINE: tl.constexpr, UPCAST: tl.constexpr):
-    """Step k of the backward kernel (`left` steps after it), one block's replay or backward; the kernel holds
-    nothing but `left` across the steps (the memories' slots are found here from the program id). The first (NCK - 1) S steps replay blocks
-    n = k to the checkpoints (slot NCK the running memory); then the segments in reverse, a segment g of nb blocks
-    in 2 nb - 1 steps j: the replay of its blocks i = j < nb - 1 to slot NCK + j + 1, then the backward of its
-    blocks i = 2 nb - 2 - j, last to first (the last segment, nb = NL, first)."""
+@triton.jit
+def _step(st, k, NB, S, NCK, D: tl.constexpr, W: tl.constexpr):
+    """Step k of the backward kernel's (NCK - 1) S + 2 NB - NCK: (replay, n, src, dst), block n's replay from the
+    memory at src to dst, or (replay False) its backward from its start memory at src. The first (NCK - 1) S
+    steps replay blocks n = k to the checkpoints (slot NCK the running memory); then the segments in reverse, a
+    segment g of nb blocks in 2 nb - 1 steps j: the replay of its blocks i = j < nb - 1 to slot NCK + j + 1, then
+    the backward of its blocks i = 2 nb - 2 - j, last to first (the last segment, nb = NL, first)."""
     DW: tl.constexpr = D * W
     base = st + tl.program_id(0).to(tl.int64) * (NCK + S) * DW
     R = (NCK - 1) * S
-    k = R + 2 * NB - NCK - 1 - left
-    if k < R:
-        i_src = tl.where(k % S == 0, k // S, NCK)
-        i_dst = tl.where((k + 1) % S == 0, (k + 1) // S, NCK)
-        _block_forward(base + i_src * DW, base + i_dst * DW, q, u, q, lr_bias, decay_bias, k, T, period,
-                       scale, lr_c, eps, H, D, W, BD, BV, BL, False, ONLINE, UPCAST)
-    else:
-        r = k - R
-        NL = NB - (NCK - 1) * S
-        F = 2 * NL - 1
-        last = r < F
-        g = tl.where(last, NCK - 1, NCK - 2 - (r - F) // (2 * S - 1))
-        j = tl.where(last, r, (r - F) % (2 * S - 1))
-        nb = tl.where(last, NL, S)
-        if j < nb - 1:
-            i_src = tl.where(j == 0, g, NCK + j)
-            _block_forward(base + i_src * DW, base + (NCK + j + 1) * DW, q, u, q, lr_bias, decay_bias, g * S + j,
-                           T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, False, ONLINE, UPCAST)
+    r = k - R
+    F = 2 * (NB - R) - 1
+    last = r < F
+    g = tl.where(last, NCK - 1, NCK - 2 - (r - F) // (2 * S - 1))
+    j = tl.where(last, r, (r - F) % (2 * S - 1))
+    nb = tl.where(last, NB - R, S)
+    i = tl.where(j < nb - 1, j, 2 * nb - 2 - j)
+    i_src = tl.where(k < R, tl.where(k % S == 0, k // S, NCK), tl.where(i == 0, g, NCK + i))
+    i_dst = tl.where(k < R, tl.where((k + 1) % S == 0, (k + 1) // S, NCK), NCK + j + 1)
+    return (k < R) | (j < nb - 1), tl.where(k < R, k, g * S + i), base + i_src * DW, base + i_dst * DW
+
+
+@triton.jit(noinline=True)
+def _forward_step(n, state, q, u, o, lr_bias, decay_bias, T, period, scale, lr_c, eps, H: tl.constexpr,
+                  D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
+                  ONLINE: tl.constexpr, UPCAST: tl.constexpr):
+    """Block n of the forward kernel, its memory in place."""
+    _block_forward(state, state, q, u, o, lr_bias, decay_bias, n, T, period, scale, lr_c, eps, H, D, W, BD, BV, BL,
+                   True, ONLINE, UPCAST)
+
+
+@triton.jit(noinline=True)
+def _backward_part(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period,
+                   scale, lr_c, eps, PART: tl.constexpr, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                   BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, ONLINE: tl.constexpr, UPCAST: tl.constexpr):
+    """Part PART (of seven) of the backward kernel's step k = #steps - 1 - (left - 1) // 7, `left` the parts
+    still to run: a replay runs in part 0 (the others pass), a block's backward in all seven (module docstring).
+    Returns left - 1, so that the kernel's one value comes back from each call instead of being held across it."""
+    replay, n, src, dst = _step(st, (NCK - 1) * S + 2 * NB - NCK - 1 - (left - 1) // 7, NB, S, NCK, D, W)
+    if PART == 0:
+        if replay:
+            _block_forward(src, dst, q, u, q, lr_bias, decay_bias, n, T, period, scale, lr_c, eps, H, D, W, BD, BV,
+                           BL, False, ONLINE, UPCAST)
         else:
-            i = 2 * nb - 2 - j
-            i_src = tl.where(i == 0, g, NCK + i)
-            _block_backward(base + i_src * DW, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, g * S + i,
-                            T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, ONLINE, UPCAST)
+            _block_backward(src, dM0, scr, u, lr_bias, decay_bias, n, T, period, lr_c, eps, H, D, W, BD, BV, BL,
+                            ONLINE, UPCAST)
+    elif PART == 1:
+        if not replay:
+            _block_backward_read(src, dM0, scr, q, do, dq, n, T, period, scale, H, D, W, BD, BV, BL, ONLINE, UPCAST)
+    elif PART == 2:
+        if not replay:
+            _block_backward_qk(scr, q, n, T, period, H, D, BD, BL, ONLINE, UPCAST)
+    elif PART == 3:
+        if not replay:
+            _block_backward_y(src, dM0, scr, q, do, n, T, period, scale, H, D, W, BD, BV, BL, ONLINE, UPCAST)
+    elif PART == 4:
+        if not replay:
+            _block_backward_g(src, dM0, scr, q, n, T, period, H, D, W, BD, BV, BL, ONLINE, UPCAST)
+    elif PART == 5:
+        if not replay:
+            _block_backward_tail(src, dM0, scr, q, u, do, du, dlrb, ddb, n, T, period, scale, H, D, W, BD, BV, BL,
+                                 ONLINE, UPCAST)
+    else:
+        if not replay:
+            _rows_backward(src, dM0, scr, u, du, n, T, period, H, D, W, BD, BV, BL, ONLINE, UPCAST)
+    return left - 1
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -648,8 +723,8 @@ def selfmod_fwd_kernel(q, u, lr_bias, decay_bias, M0, o, MT, T, NB, period, scal
     _copy(M0 + i_bh.to(tl.int64) * D * W, state, D * W, True, 1024)
     tl.debug_barrier()
     for n in range(0, NB):
-        _block_forward(state, state, q, u, o, lr_bias, decay_bias, n, T, period, scale, lr_c, eps,
-                       H, D, W, BD, BV, BL, True, ONLINE, UPCAST)
+        _forward_step(n, state, q, u, o, lr_bias, decay_bias, T, period, scale, lr_c, eps, H, D, W, BD, BV, BL, ONLINE,
+                      UPCAST)
 
 
 @autotune(BWD_CONFIGS, key=["H", "D", "BL", "USE_FINAL_GRAD", "ONLINE"])
@@ -669,11 +744,11 @@ def selfmod_bwd_kernel(q, u, lr_bias, decay_bias, M0, do, dMT, dq, du, dlrb, ddb
     tl.store(dlrb + i_bh, 0.)
     tl.store(ddb + i_bh, 0.)
     tl.debug_barrier()
-    left = (NCK - 1) * S + 2 * NB - NCK
-    while left > 0:  # the steps still to run, counted down: the kernel's only value live across the calls
-        left -= 1
-        _backward_step(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S, NCK, period, scale,
-                       lr_c, eps, H, D, W, BD, BV, BL, ONLINE, UPCAST)
+    left = 7 * ((NCK - 1) * S + 2 * NB - NCK)
+    while left > 0:  # the parts still to run, counted down by the calls
+        for part in tl.static_range(7):
+            left = _backward_part(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dlrb, ddb, T, NB, S,
+                                  NCK, period, scale, lr_c, eps, part, H, D, W, BD, BV, BL, ONLINE, UPCAST)
 
 
 # ----------------------------------------------------------------------------- launchers
