@@ -19,7 +19,6 @@ SPECS, PROBLEMS = cc.collect_specs(cc.KERNEL_MODULES, strict=False)
 # must not spill.
 KNOWN_SPILLS = {
     ("cms.bwd[K=128,V=128,M=4,fp16,mix=token]", 90): 24,
-    ("titans.chunk_grad_wy,current[K=64,V=64,fp32,nodecay]", 90): 16,
 }
 
 

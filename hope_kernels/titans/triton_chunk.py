@@ -407,8 +407,6 @@ def titans_chunk_grad_wy_kernel(k, v, lr, decay, x, h, dr, dk_o, dld_o, dlb_o, d
     rows = (t0 + o_t) * H + i_h
     b_k = load_tile(k + rows[:, None] * K + o_k[None, :], m_tk, UPCAST)
     dt = b_k.dtype
-    b_lr = tl.load(lr + rows, mask=m_t, other=0.)
-    b_ld, b_lb, bl, b_lg = _log_decays(decay, rows, m_t, o_t, period, HAS_DECAY)
     p_hs = h + (((i_c - cw).to(tl.int64) * H + i_h) * K * V)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)      # -(dr x^T)
     b_dks = tl.zeros([BT, BK], dtype=tl.float32)     # dr Hs^T
@@ -427,6 +425,8 @@ def titans_chunk_grad_wy_kernel(k, v, lr, decay, x, h, dr, dk_o, dld_o, dlb_o, d
         b_dlb += tl.sum(b_dr * b_ks, 1)
         b_dks += tl.dot(b_dr.to(dt), tl.trans(b_hs))
         b_dA -= tl.dot(b_dr.to(dt), tl.trans(b_x))
+    b_lr = tl.load(lr + rows, mask=m_t, other=0.)
+    b_ld, b_lb, bl, b_lg = _log_decays(decay, rows, m_t, o_t, period, HAS_DECAY)
     b_elb = tl.exp(b_lb)
     b_dlr -= b_elb * b_dlb
     b_dlb = -b_lr * b_elb * b_dlb
