@@ -347,17 +347,10 @@ def _block_backward(src, dM0, scr0, u, lr_bias, decay_bias, n, T, period, lr_c, 
     their [BL, D] factor (E, w k, dr) from the scratch `scr` inside the loop (module docstring; dr_k | dr_v |
     d r_eta, d r_a go over lr Y once it is spent; with ONLINE a last BD holds R, whose tiles X[mem] = R Mbar[mem]
     stage X and dX in place of lr Y and dY), [D, *] ones contract over the block's rows or a tile's columns."""
-    NS: tl.constexpr = BD // BV
     SW: tl.constexpr = (15 + ONLINE) * BD + BL
-    i_bh = tl.program_id(0)
-    i_b, i_h = i_bh // H, i_bh % H
-    dM = dM0 + i_bh.to(tl.int64) * D * W
-    scr = scr0 + i_bh.to(tl.int64) * BL * SW
-    o_t = tl.arange(0, BL)
-    o_d = tl.arange(0, BD)
-    o_v = tl.arange(0, BV)
-    m_d = o_d < D
-    rows, m_t, m_td, b_u = _tokens(u, n, i_b, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)
+    dM, scr, o_t, o_d, o_v, m_d, m_t, rows, vec = _handed_over(dM0, scr0, n, T, period, H, D, W, BD, BV, BL, SW)
+    i_h = tl.program_id(0) % H
+    b_u = _tokens(u, n, tl.program_id(0) // H, i_h, period, T, o_t, o_d, m_d, H, D, UPCAST)[3]
     dt = b_u.dtype
     b_k, b_v, nk, nv, b_E, b_lr, s_e, b_ld, s_a = _project(src, u, rows, b_u, tl.load(lr_bias + i_h),
                                                            tl.load(decay_bias + i_h), lr_c, eps, m_t, o_d, m_d, D,
@@ -397,7 +390,6 @@ def _block_backward(src, dM0, scr0, u, lr_bias, decay_bias, n, T, period, lr_c, 
     # what the next parts need waits in the scratch: G^T and dE^T so far, the per-token vectors
     tl.store(_scr_t(scr, 11 * BD, o_t, o_d, SW), b_Gt)
     tl.store(_scr_t(scr, 12 * BD, o_t, o_d, SW), b_dEt)
-    vec = scr + o_t * SW + 14 * BD
     tl.store(vec, b_lr)
     tl.store(vec + 1, b_ld)
     tl.store(vec + 2, nk)
@@ -454,17 +446,15 @@ def _block_backward_read(src, dM0, scr0, q, do, dq, n, T, period, scale, H: tl.c
 
 
 @triton.jit
-def _block_backward_qk(scr0, q, n, T, period, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
-                       ONLINE: tl.constexpr, UPCAST: tl.constexpr):
+def _block_backward_qk(dM0, scr0, q, n, T, period, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                       BD: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, ONLINE: tl.constexpr,
+                       UPCAST: tl.constexpr):
     """The third part of a block's backward: the read's A = (q k^T) * C to d LD (through C, with P from
     _block_backward_read) and A^T for the later parts."""
     SW: tl.constexpr = (15 + ONLINE) * BD + BL
+    dM, scr, o_t, o_d, o_v, m_d, m_t, rows, vec = _handed_over(dM0, scr0, n, T, period, H, D, W, BD, BV, BL, SW)
     i_bh = tl.program_id(0)
-    scr = scr0 + i_bh.to(tl.int64) * BL * SW
-    o_t = tl.arange(0, BL)
-    o_d = tl.arange(0, BD)
-    vec = scr + o_t * SW + 14 * BD
-    b_q = _tokens(q, n, i_bh // H, i_bh % H, period, T, o_t, o_d, o_d < D, H, D, UPCAST)[3]
+    b_q = _tokens(q, n, i_bh // H, i_bh % H, period, T, o_t, o_d, m_d, H, D, UPCAST)[3]
     b_C = _decays(tl.load(vec + 1), o_t)[1]
     b_QK = tl.dot(b_q, tl.trans(tl.load(_scr(scr, 8 * BD, o_t, o_d, SW)).to(b_q.dtype)))
     b_dC = b_QK * tl.load(_scr(scr, 15 * BD, o_t, o_t, SW)) * b_C
@@ -479,7 +469,7 @@ def _block_backward_qk(scr0, q, n, T, period, H: tl.constexpr, D: tl.constexpr, 
 @triton.jit
 def _handed_over(dM0, scr0, n, T, period, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr,
                  BV: tl.constexpr, BL: tl.constexpr, SW: tl.constexpr):
-    """What the later parts of a block's backward find again from the program id and the block number: the
+    """What every part of a block's backward finds from the program id and the block number: the
     program's dM and scratch, the index ranges and masks, the block's rows and the scratch's per-token vectors
     (column c of them at vec + c: lr, ld, nk, nv, sigmoid of the step's logit, of the decay's, w, d lr, d LD, dgL)."""
     i_bh = tl.program_id(0)
@@ -694,7 +684,7 @@ def _backward_part(left, st, dM0, scr, q, u, do, dq, du, lr_bias, decay_bias, dl
             _block_backward_read(src, dM0, scr, q, do, dq, n, T, period, scale, H, D, W, BD, BV, BL, ONLINE, UPCAST)
     elif PART == 2:
         if not replay:
-            _block_backward_qk(scr, q, n, T, period, H, D, BD, BL, ONLINE, UPCAST)
+            _block_backward_qk(dM0, scr, q, n, T, period, H, D, W, BD, BV, BL, ONLINE, UPCAST)
     elif PART == 3:
         if not replay:
             _block_backward_y(src, dM0, scr, q, do, n, T, period, scale, H, D, W, BD, BV, BL, ONLINE, UPCAST)
